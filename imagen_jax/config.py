@@ -1,0 +1,116 @@
+"""Config layout shared by every ``configs/*.py`` file, and loading by path.
+
+A config describes a cascade::
+
+  config.text         frozen text encoder (T5) and the text length
+  config.stage_order  names of the stages, generation order
+  config.stages.NAME  one stage: resolution, lowres_resolution, model, diffusion, sample
+  config.mesh         device mesh shape and sharding strategy
+  config.train        optimisation and run-length settings shared by the stages
+
+``config.stages.NAME.model`` holds the fields of ``imagen_jax.models.UNetConfig``.
+Files return ``get_config()`` (big_vision style); command lines override with
+``--config.a.b=value``.
+"""
+
+import importlib.util
+import os
+from typing import Optional
+
+import ml_collections
+
+
+def stage_config(name: str, resolution: int, model: dict,
+                 lowres_resolution: Optional[int] = None) -> ml_collections.ConfigDict:
+  """A stage with default diffusion and sampling settings."""
+  stage = ml_collections.ConfigDict()
+  stage.name = name
+  stage.resolution = resolution
+  stage.lowres_resolution = lowres_resolution
+  stage.model = ml_collections.ConfigDict(model)
+  stage.diffusion = ml_collections.ConfigDict(dict(
+      prediction="v",            # 'eps' | 'x0' | 'v'
+      schedule="cosine",         # continuous log-SNR schedule of training noise
+      logsnr_min=-20.0,
+      logsnr_max=20.0,
+      min_snr_gamma=0.0,         # > 0 turns on Min-SNR-γ loss weighting
+      cond_drop=0.1,             # classifier-free guidance text dropout
+      aug_schedule="linear",     # schedule of the low-resolution noise augmentation
+      aug_max=0.5,               # training samples aug levels t_aug ~ U[0, aug_max]
+  ))
+  stage.sample = ml_collections.ConfigDict(dict(
+      sampler="ddim",            # 'ddim' | 'ddpm'
+      steps=64,
+      eta=0.0,
+      guidance=5.0,
+      threshold="dynamic",       # 'none' | 'static' | 'dynamic'
+      quantile=0.995,
+      aug_level=0.1,             # noise-augmentation level of the low-res input
+  ))
+  return stage
+
+
+def efficient_unet(channels, blocks, lowest_attention, text_dim):
+  """``config.model`` of an Imagen super-resolution Efficient UNet (sr256, sr1024, demo)."""
+  return dict(
+      channels=channels,
+      num_res_blocks=blocks,
+      attention=("none",) * (len(channels) - 1) + (lowest_attention,),
+      mid_block=False,
+      efficient=True,
+      skip_scale=2 ** -0.5,
+      lowres_cond=True,
+      aug_embed=True,
+      head_dim=64,
+      text_dim=text_dim,
+      text_proj_dim=channels[-1],
+      text_pool="attention",
+      text_pool_projected=True,
+      dtype="bfloat16",
+      param_dtype="float32",
+      remat=True,
+  )
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Top-level groups with defaults; the stage files fill ``stages``."""
+  config = ml_collections.ConfigDict()
+  config.text = ml_collections.ConfigDict(dict(
+      path="",                   # local Hugging Face T5 directory; '' = random init
+      dim=4096,
+      max_length=128,
+      dtype="bfloat16",
+  ))
+  config.stage_order = ()
+  config.stages = ml_collections.ConfigDict()
+  config.mesh = ml_collections.ConfigDict(dict(shape={"data": 1, "fsdp": -1, "tensor": 1},
+                                               strategy="fsdp"))
+  config.train = ml_collections.ConfigDict(dict(
+      num_steps=100_000,
+      batch_size=256,
+      lr=1e-4,
+      warmup_steps=10_000,
+      seed=0,
+  ))
+  return config
+
+
+def add_stage(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict) -> None:
+  """Appends ``stage`` to the cascade."""
+  config.stages[stage.name] = stage
+  config.stage_order = tuple(config.stage_order) + (stage.name,)
+
+
+def load_config(path: str) -> ml_collections.ConfigDict:
+  """Loads ``get_config()`` from a Python file; ``path`` may end with ``:arg``."""
+  arg = None
+  if ":" in os.path.basename(path):
+    path, arg = path.rsplit(":", 1)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path!r} does not exist")
+  spec = importlib.util.spec_from_file_location("_imagen_jax_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"config file {path!r} defines no get_config()")
+  return module.get_config() if arg is None else module.get_config(arg)

@@ -1,0 +1,103 @@
+"""The device mesh and the logical-axis rule presets (dp, fsdp, tp, fsdp_tp).
+
+Parameters and activations carry logical axis names (``imagen_jax.axes``); a
+strategy is a rules table mapping those names to the mesh axes
+``('data', 'fsdp', 'tensor')``. The same model code runs under every strategy;
+only the table changes.
+"""
+
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from imagen_jax import axes
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Activations are always split over the batch on both data-parallel axes.
+_BATCH_RULES = ((axes.BATCH, ("data", "fsdp")),)
+_NEVER_SHARDED = ((axes.LENGTH, None), (axes.HEIGHT, None), (axes.WIDTH, None),
+                  (axes.KERNEL, None), (axes.NORM, None), (axes.KV, None),
+                  (axes.RELPOS, None))
+
+STRATEGIES = {
+    # Parameters and optimizer state replicated on every device.
+    "dp": (),
+    # Parameters and optimizer state split along their widest model axis.
+    "fsdp": ((axes.EMBED, "fsdp"), (axes.TEXT_EMBED, "fsdp"), (axes.VOCAB, "fsdp"),
+             (axes.MLP, "fsdp"), (axes.HEADS, "fsdp")),
+    # Megatron-style: hidden channels, heads and vocabulary split over `tensor`.
+    "tp": ((axes.MLP, "tensor"), (axes.HEADS, "tensor"), (axes.VOCAB, "tensor")),
+    "fsdp_tp": ((axes.MLP, "tensor"), (axes.HEADS, "tensor"), (axes.VOCAB, "tensor"),
+                (axes.EMBED, "fsdp"), (axes.TEXT_EMBED, "fsdp")),
+}
+
+
+def logical_rules(strategy: str) -> tuple[tuple[str, Any], ...]:
+  """Returns the logical-axis → mesh-axis rules of a named strategy.
+
+  Args:
+    strategy: one of ``STRATEGIES`` ('dp', 'fsdp', 'tp', 'fsdp_tp').
+
+  Returns:
+    A tuple of ``(logical_name, mesh_axis or None)`` pairs for
+    ``nn.logical_axis_rules`` / ``nn.logical_to_mesh_sharding``. A logical name
+    listed several times takes the first rule whose mesh axis is still free
+    inside one array (flax's semantics), so fallbacks come after preferences.
+  """
+  if strategy not in STRATEGIES:
+    raise ValueError(f"unknown sharding strategy {strategy!r}; "
+                     f"expected one of {sorted(STRATEGIES)}")
+  return _BATCH_RULES + STRATEGIES[strategy] + _NEVER_SHARDED
+
+
+def _resolve_shape(shape: Mapping[str, int], num_devices: int) -> list[int]:
+  sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+  unknown = [a for a in shape if a not in MESH_AXES]
+  if unknown:
+    raise ValueError(f"unknown mesh axes {unknown}; expected a subset of {MESH_AXES}")
+  if sizes.count(-1) > 1:
+    raise ValueError(f"at most one mesh axis may be -1, got {dict(shape)}")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f"{num_devices} devices do not divide by the fixed mesh "
+                       f"axes {dict(shape)} (product {known})")
+    sizes[sizes.index(-1)] = num_devices // known
+  if int(np.prod(sizes)) != num_devices:
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs "
+                     f"{int(np.prod(sizes))} devices, {num_devices} are present")
+  return sizes
+
+
+def make_mesh(mesh_config: Any = None,
+              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """Builds the ('data', 'fsdp', 'tensor') mesh.
+
+  Args:
+    mesh_config: a mapping or ConfigDict with ``shape`` ({axis: size}, one size
+      may be -1 for "the rest"); missing axes have size 1. ``None`` puts every
+      device on ``data`` (plain data parallelism).
+    devices: devices to use (default: all of ``jax.devices()``).
+
+  Returns:
+    A ``jax.sharding.Mesh`` with axis names ``MESH_AXES``.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  shape = {"data": -1}
+  if mesh_config is not None:
+    shape = dict(mesh_config.get("shape", None) or shape)
+  sizes = _resolve_shape(shape, len(devices))
+  device_array = np.asarray(devices, dtype=object).reshape(sizes)
+  return jax.sharding.Mesh(device_array, MESH_AXES)
+
+
+def logical_shardings(tree: Any, mesh: jax.sharding.Mesh, rules) -> Any:
+  """NamedShardings for a (possibly abstract) pytree of ``nn.Partitioned`` leaves.
+
+  Leaves without logical names are replicated.
+  """
+  specs = nn.get_partition_spec(tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
