@@ -1,0 +1,361 @@
+"""UNet building blocks: ResBlock, attention with text keys/values, attention
+pooling, timestep embeddings, resampling.
+
+Every parameter carries logical axis names (``imagen_jax.axes``) so that one
+rules table decides how it shards. Every layer takes a compute ``dtype`` and a
+storage ``param_dtype``; normalization statistics and softmax run in float32.
+
+The blocks are written so that DeepFloyd IF's diffusers UNet (ResnetBlock2D
+with scale-shift, AttnAddedKVProcessor attention, TextTimeEmbedding pooling)
+maps onto them tensor for tensor; see ``imagen_jax/convert``.
+"""
+
+import math
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from imagen_jax import axes
+
+Dtype = Any
+
+_ACTIVATIONS = {
+    "silu": nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),   # exact, as torch nn.GELU()
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": nn.relu,
+}
+
+
+def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  """Returns the activation function called ``name``."""
+  if name not in _ACTIVATIONS:
+    raise ValueError(f"unknown activation {name!r}; expected one of {sorted(_ACTIVATIONS)}")
+  return _ACTIVATIONS[name]
+
+
+def _named(init: Callable, names: tuple[Optional[str], ...]) -> Callable:
+  return nn.with_logical_partitioning(init, names)
+
+
+def dense(features, names, *, dtype, param_dtype, use_bias=True, zero_init=False,
+          name=None) -> nn.Dense:
+  """nn.Dense whose kernel has logical names ``names = (in_axis, out_axis)``."""
+  kinit = nn.initializers.zeros_init() if zero_init else nn.linear.default_kernel_init
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                  kernel_init=_named(kinit, names),
+                  bias_init=_named(nn.initializers.zeros_init(), names[-1:]),
+                  name=name)
+
+
+def conv(features, names, *, kernel=3, stride=1, dtype, param_dtype, zero_init=False,
+         name=None) -> nn.Conv:
+  """A 2-D convolution with symmetric (PyTorch-style) padding of ``kernel // 2``.
+
+  ``names = (in_axis, out_axis)``; the spatial kernel axes are never sharded.
+  Symmetric padding matters for stride 2: 'SAME' would pad (0, 1) instead.
+  """
+  kinit = nn.initializers.zeros_init() if zero_init else nn.linear.default_kernel_init
+  pad = kernel // 2
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=((pad, pad), (pad, pad)), dtype=dtype, param_dtype=param_dtype,
+                 kernel_init=_named(kinit, (axes.KERNEL, axes.KERNEL) + tuple(names)),
+                 bias_init=_named(nn.initializers.zeros_init(), tuple(names[-1:])),
+                 name=name)
+
+
+def group_norm(groups: int, eps: float, *, param_dtype, name=None) -> nn.GroupNorm:
+  """GroupNorm computed in float32 (its output is float32)."""
+  return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=jnp.float32,
+                      param_dtype=param_dtype,
+                      scale_init=_named(nn.initializers.ones_init(), (axes.NORM,)),
+                      bias_init=_named(nn.initializers.zeros_init(), (axes.NORM,)),
+                      name=name)
+
+
+def layer_norm(eps: float, *, param_dtype, name=None) -> nn.LayerNorm:
+  """LayerNorm computed in float32 (its output is float32)."""
+  return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype,
+                      scale_init=_named(nn.initializers.ones_init(), (axes.NORM,)),
+                      bias_init=_named(nn.initializers.zeros_init(), (axes.NORM,)),
+                      name=name)
+
+
+def upsample_nearest(x: jax.Array) -> jax.Array:
+  """x: [B, H, W, C] → [B, 2H, 2W, C] by repetition (nearest neighbour)."""
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def downsample_avg(x: jax.Array) -> jax.Array:
+  """x: [B, H, W, C] → [B, H/2, W/2, C] by 2×2 average pooling."""
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+def space_to_depth(x: jax.Array, p: int) -> jax.Array:
+  """x: [B, H, W, C] → [B, H/p, W/p, p·p·C]."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h // p, w // p, p * p * c)
+
+
+def depth_to_space(x: jax.Array, p: int) -> jax.Array:
+  """Inverse of ``space_to_depth``: [B, h, w, p·p·C] → [B, h·p, w·p, C]."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h, w, p, p, c // (p * p)).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h * p, w * p, c // (p * p))
+
+
+def timestep_embedding(t: jax.Array, dim: int, *, flip_sin_to_cos: bool = True,
+                       freq_shift: float = 0., max_period: float = 10000.) -> jax.Array:
+  """Sinusoidal embedding of a scalar per example (timestep or noise level).
+
+  Args:
+    t: [B] float or int, the value to embed (e.g. 1000·t for continuous time,
+      or IF's integer timesteps 0–999).
+    dim: embedding width.
+    flip_sin_to_cos: put the cosines first (diffusers' convention in IF).
+    freq_shift: the ``downscale_freq_shift`` of diffusers' ``Timesteps``.
+    max_period: the longest period of the frequencies.
+
+  Returns:
+    [B, dim] float32.
+  """
+  half = dim // 2
+  exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+  args = jnp.asarray(t, jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+  sin, cos = jnp.sin(args), jnp.cos(args)
+  emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+class TimestepMLP(nn.Module):
+  """Two dense layers over a sinusoidal embedding (diffusers' TimestepEmbedding)."""
+  features: int
+  act: str = "silu"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, emb: jax.Array) -> jax.Array:
+    """emb: [B, D_in] → [B, features]."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = dense(self.features, (axes.NORM, axes.EMBED), name="linear_1", **kw)(emb)
+    h = get_activation(self.act)(h)
+    return dense(self.features, (axes.EMBED, axes.EMBED), name="linear_2", **kw)(h)
+
+
+def _masked_softmax_attention(q, k, v, mask):
+  """q: [B, T, N, D], k/v: [B, S, N, D], mask: [B, S] bool or None → [B, T, N, D].
+
+  q is expected pre-scaled. Logits and softmax in float32.
+  """
+  logits = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bnts,bsnd->btnd", weights, v)
+
+
+class AttentionPool(nn.Module):
+  """Pools text embeddings into one vector with a learned query (IF's
+  TextTimeEmbedding): LayerNorm → attention pooling → dense → LayerNorm.
+
+  The query is the (masked) mean token plus a learned position embedding; it
+  attends over itself and every (unmasked) token.
+  """
+  features: int
+  num_heads: int
+  eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, text: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+    """text: [B, L, D], mask: [B, L] bool or None → [B, features]."""
+    b, _, d = text.shape
+    if d % self.num_heads:
+      raise ValueError(f"text width {d} is not divisible by {self.num_heads} pooling heads")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = layer_norm(self.eps, param_dtype=self.param_dtype, name="norm_in")(text)
+    if mask is None:
+      mean = x.mean(axis=1, keepdims=True)
+    else:
+      m = mask[..., None].astype(x.dtype)
+      mean = (x * m).sum(1, keepdims=True) / jnp.maximum(m.sum(1, keepdims=True), 1.)
+      mask = jnp.concatenate([jnp.ones((b, 1), bool), mask.astype(bool)], axis=1)
+    pos = self.param("pos_embed", _named(nn.initializers.normal(d ** -0.5),
+                                         (None, axes.TEXT_EMBED)), (1, d), self.param_dtype)
+    cls = mean + pos.astype(x.dtype)
+    x = jnp.concatenate([cls, x], axis=1)
+    dh = d // self.num_heads
+    proj = lambda n: dense(d, (axes.TEXT_EMBED, axes.TEXT_EMBED), name=n, **kw)
+    q = proj("q")(cls).reshape(b, 1, self.num_heads, dh) * dh ** -0.5
+    k = proj("k")(x).reshape(b, -1, self.num_heads, dh)
+    v = proj("v")(x).reshape(b, -1, self.num_heads, dh)
+    pooled = _masked_softmax_attention(q, k, v, mask).reshape(b, d)
+    h = dense(self.features, (axes.TEXT_EMBED, axes.EMBED), name="proj", **kw)(pooled)
+    return layer_norm(self.eps, param_dtype=self.param_dtype, name="norm_out")(h)
+
+
+class ResBlock(nn.Module):
+  """GroupNorm → act → [resample] → conv → scale-shift(time) → act → conv, plus skip.
+
+  Attributes:
+    features: output channels.
+    resample: None, 'up' (nearest ×2) or 'down' (2×2 average), applied to both
+      branches after the first activation (BigGAN / IF style).
+    time_act: apply the activation to the embedding before its projection
+      (False where the UNet already activated it: IF's ``skip_time_act``).
+    out_scale: the sum is divided by this (IF's ``output_scale_factor``).
+  """
+  features: int
+  groups: int = 32
+  eps: float = 1e-5
+  act: str = "silu"
+  resample: Optional[str] = None
+  time_act: bool = True
+  out_scale: float = 1.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
+    """x: [B, H, W, C], emb: [B, E] → [B, H', W', features]."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    act = get_activation(self.act)
+    h = act(group_norm(self.groups, self.eps, param_dtype=self.param_dtype, name="norm1")(x))
+    skip = x
+    if self.resample == "up":
+      h, skip = upsample_nearest(h), upsample_nearest(skip)
+    elif self.resample == "down":
+      h, skip = downsample_avg(h), downsample_avg(skip)
+    elif self.resample is not None:
+      raise ValueError(f"unknown resample {self.resample!r}; expected None, 'up' or 'down'")
+    h = conv(self.features, (axes.EMBED, axes.MLP), name="conv1", **kw)(h)
+    h = nn.with_logical_constraint(h, (axes.BATCH, axes.HEIGHT, axes.WIDTH, axes.MLP))
+    e = act(emb) if self.time_act else emb
+    e = dense(2 * self.features, (axes.EMBED, axes.MLP), name="time_proj", **kw)(e)
+    scale, shift = jnp.split(e[:, None, None, :].astype(jnp.float32), 2, axis=-1)
+    h = group_norm(self.groups, self.eps, param_dtype=self.param_dtype, name="norm2")(h)
+    h = act(h * (1 + scale) + shift)
+    h = conv(self.features, (axes.MLP, axes.EMBED), zero_init=True, name="conv2", **kw)(h)
+    if x.shape[-1] != self.features:
+      skip = conv(self.features, (axes.EMBED, axes.EMBED), kernel=1, name="skip", **kw)(skip)
+    out = (skip.astype(h.dtype) + h) / self.out_scale
+    return nn.with_logical_constraint(out, (axes.BATCH, axes.HEIGHT, axes.WIDTH, axes.EMBED))
+
+
+class AttentionBlock(nn.Module):
+  """Multi-head attention over image tokens, text tokens, or both, with a residual.
+
+  kind:
+    'self'       — keys/values from the image tokens;
+    'cross'      — keys/values from the text tokens only;
+    'self_cross' — keys/values from text tokens AND image tokens (Imagen's text
+                   conditioning; IF's AttnAddedKVProcessor).
+  Queries always come from the GroupNorm-ed image tokens. ``text_norm`` optionally
+  normalizes the text before its key/value projections ('layer_norm' or
+  'group_norm', IF's ``cross_attention_norm``).
+  """
+  kind: str
+  head_dim: int = 64
+  num_heads: Optional[int] = None
+  groups: int = 32
+  eps: float = 1e-5
+  text_norm: Optional[str] = None
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _heads(self, channels: int) -> tuple[int, int]:
+    if self.num_heads:
+      if channels % self.num_heads:
+        raise ValueError(f"{channels} channels do not split into {self.num_heads} heads")
+      return self.num_heads, channels // self.num_heads
+    if channels % self.head_dim:
+      raise ValueError(f"{channels} channels do not split into heads of {self.head_dim}")
+    return channels // self.head_dim, self.head_dim
+
+  @nn.compact
+  def __call__(self, x: jax.Array, text: Optional[jax.Array] = None,
+               text_mask: Optional[jax.Array] = None) -> jax.Array:
+    """x: [B, H, W, C], text: [B, L, Dt] or None, text_mask: [B, L] bool or None."""
+    if self.kind not in ("self", "cross", "self_cross"):
+      raise ValueError(f"unknown attention kind {self.kind!r}; "
+                       "expected 'self', 'cross' or 'self_cross'")
+    b, hgt, wid, c = x.shape
+    heads, dh = self._heads(c)
+    proj = lambda n, in_axis: nn.DenseGeneral(
+        (heads, dh), name=n, dtype=self.dtype, param_dtype=self.param_dtype,
+        use_bias=self.use_bias,
+        kernel_init=_named(nn.linear.default_kernel_init, (in_axis, axes.HEADS, axes.KV)),
+        bias_init=_named(nn.initializers.zeros_init(), (axes.HEADS, axes.KV)))
+    h = group_norm(self.groups, self.eps, param_dtype=self.param_dtype, name="norm")(x)
+    h = h.reshape(b, hgt * wid, c)
+    q = proj("q", axes.EMBED)(h) * dh ** -0.5
+    keys, values, masks = [], [], []
+    if self.kind in ("cross", "self_cross"):
+      if text is None:
+        raise ValueError(f"'{self.kind}' attention needs text embeddings, got None")
+      ctx = text
+      if self.text_norm == "layer_norm":
+        ctx = layer_norm(1e-5, param_dtype=self.param_dtype, name="text_norm")(ctx)
+      elif self.text_norm == "group_norm":
+        ctx = group_norm(self.groups, 1e-5, param_dtype=self.param_dtype, name="text_norm")(ctx)
+      elif self.text_norm is not None:
+        raise ValueError(f"unknown text_norm {self.text_norm!r}")
+      keys.append(proj("text_k", axes.TEXT_EMBED)(ctx))
+      values.append(proj("text_v", axes.TEXT_EMBED)(ctx))
+      masks.append(jnp.ones(ctx.shape[:2], bool) if text_mask is None
+                   else text_mask.astype(bool))
+    if self.kind in ("self", "self_cross"):
+      keys.append(proj("k", axes.EMBED)(h))
+      values.append(proj("v", axes.EMBED)(h))
+      masks.append(jnp.ones((b, hgt * wid), bool))
+    mask = None if text_mask is None else jnp.concatenate(masks, axis=1)
+    out = _masked_softmax_attention(q.astype(self.dtype), jnp.concatenate(keys, 1),
+                                    jnp.concatenate(values, 1), mask)
+    out = nn.DenseGeneral(
+        c, axis=(-2, -1), name="out", dtype=self.dtype, param_dtype=self.param_dtype,
+        use_bias=self.use_bias,
+        kernel_init=_named(nn.initializers.zeros_init(), (axes.HEADS, axes.KV, axes.EMBED)),
+        bias_init=_named(nn.initializers.zeros_init(), (axes.EMBED,)))(out)
+    return x + out.reshape(b, hgt, wid, c).astype(x.dtype)
+
+
+class Downsample(nn.Module):
+  """Halves the resolution: a stride-2 3×3 conv ('conv') or 2×2 average pooling
+  followed by a 1×1 conv when the width changes ('avgpool')."""
+  features: int
+  kind: str = "conv"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.kind == "conv":
+      return conv(self.features, (axes.EMBED, axes.EMBED), stride=2, name="conv", **kw)(x)
+    if self.kind == "avgpool":
+      x = downsample_avg(x)
+      if x.shape[-1] != self.features:
+        x = conv(self.features, (axes.EMBED, axes.EMBED), kernel=1, name="conv", **kw)(x)
+      return x
+    raise ValueError(f"unknown downsample kind {self.kind!r}; expected 'conv' or 'avgpool'")
+
+
+class Upsample(nn.Module):
+  """Doubles the resolution: nearest neighbour then a 3×3 conv."""
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return conv(self.features, (axes.EMBED, axes.EMBED), name="conv", dtype=self.dtype,
+                param_dtype=self.param_dtype)(upsample_nearest(x))
