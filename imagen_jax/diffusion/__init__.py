@@ -1,0 +1,10 @@
+"""Diffusion math as pure functions: schedules, losses, guidance, samplers.
+
+No Flax and no model code here: samplers take a denoise function
+`model_fn(x_t, t, args) -> prediction` (see `samplers`).
+"""
+
+from imagen_jax.diffusion import guidance
+from imagen_jax.diffusion import losses
+from imagen_jax.diffusion import samplers
+from imagen_jax.diffusion import schedules

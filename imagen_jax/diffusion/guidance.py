@@ -1,0 +1,119 @@
+"""Classifier-free guidance and x0 thresholding (static and dynamic).
+
+Thresholding acts on the predicted clean image `x0_hat: [B, H, W, C]` before
+a sampler uses it. Dynamic thresholding (Imagen, Saharia et al. 2022) takes
+s = quantile(|x0_hat|) per example, s = max(s, 1) (DeepFloyd IF also caps it:
+s = min(s, max_value)), and returns clip(x0_hat, -s, s) / s. The numbers
+(quantile, max_value) may be traced jnp scalars; only `mode` is static.
+"""
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "THRESHOLD_MODES",
+    "apply_threshold",
+    "cfg_predict",
+    "check_threshold_mode",
+    "dynamic_threshold",
+    "static_threshold",
+]
+
+THRESHOLD_MODES = ("none", "static", "dynamic")
+
+
+def check_threshold_mode(mode: str) -> None:
+  """Raises ValueError unless `mode` is one of THRESHOLD_MODES."""
+  if mode not in THRESHOLD_MODES:
+    raise ValueError(
+        f"Unknown threshold mode {mode!r}; valid: {list(THRESHOLD_MODES)}.")
+
+
+def static_threshold(x0_hat) -> jax.Array:
+  """Clips x0_hat to [-1, 1].
+
+  Args:
+    x0_hat: [B, ...] float.
+
+  Returns:
+    [B, ...] float, clipped.
+  """
+  return jnp.clip(x0_hat, -1.0, 1.0)
+
+
+def dynamic_threshold(x0_hat, quantile=0.995, max_value=None) -> jax.Array:
+  """Dynamic thresholding: clip to [-s, s] and divide by s, per example.
+
+  s = quantile(|x0_hat[b]|, quantile) over all of example b's entries (linear
+  interpolation, as torch.quantile), then s = max(s, 1) and, when max_value is
+  given, s = min(s, max_value). With s = 1 this is static clipping.
+
+  Args:
+    x0_hat: [B, ...] float.
+    quantile: scalar in [0, 1]; may be a traced value.
+    max_value: None (no cap) or a scalar (may be traced; +inf means no cap).
+
+  Returns:
+    [B, ...] float32, in [-1, 1] when s >= the largest |x0_hat|.
+  """
+  x0_hat = jnp.asarray(x0_hat, jnp.float32)
+  flat = jnp.abs(x0_hat.reshape(x0_hat.shape[0], -1))
+  s = jnp.quantile(flat, jnp.asarray(quantile, jnp.float32), axis=1)
+  s = jnp.maximum(s, 1.0)
+  if max_value is not None:
+    s = jnp.minimum(s, jnp.asarray(max_value, jnp.float32))
+  s = s.reshape(s.shape + (1,) * (x0_hat.ndim - 1))
+  return jnp.clip(x0_hat, -s, s) / s
+
+
+def apply_threshold(x0_hat, mode: str, quantile=0.995,
+                    max_value=None) -> jax.Array:
+  """Applies thresholding `mode` ('none', 'static' or 'dynamic') to x0_hat.
+
+  Args:
+    x0_hat: [B, ...] float.
+    mode: static Python str.
+    quantile: dynamic mode only; scalar, may be traced.
+    max_value: dynamic mode only; None or scalar, may be traced.
+
+  Returns:
+    [B, ...] float32.
+  """
+  check_threshold_mode(mode)
+  x0_hat = jnp.asarray(x0_hat, jnp.float32)
+  if mode == "none":
+    return x0_hat
+  if mode == "static":
+    return static_threshold(x0_hat)
+  return dynamic_threshold(x0_hat, quantile, max_value)
+
+
+def cfg_predict(model_fn: Callable[..., jax.Array], x_t, t, args: Any,
+                guidance_scale) -> jax.Array:
+  """Classifier-free guidance from one model call on the doubled batch.
+
+  The model sees concat([x_t, x_t]) and concat([t, t]); the caller arranges
+  `args` (e.g. text embeddings) so that rows [0, B) are unconditional and rows
+  [B, 2B) conditional. The first C = x_t.shape[-1] output channels are guided,
+  uncond + w (cond - uncond); any further channels (DeepFloyd IF's
+  learned-variance channels) come from the conditional half unchanged.
+
+  Args:
+    model_fn: (x [2B, ...], t [2B], args) -> out [2B, ..., C'] with C' >= C.
+    x_t: [B, H, W, C] float.
+    t: [B] timesteps (float or int).
+    args: pytree passed through to model_fn.
+    guidance_scale: w, scalar (may be traced); w = 1 is the conditional model.
+
+  Returns:
+    [B, H, W, C'] float32.
+  """
+  out = model_fn(jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]), args)
+  out = jnp.asarray(out, jnp.float32)
+  out_uncond, out_cond = jnp.split(out, 2, axis=0)
+  c = x_t.shape[-1]
+  guided = out_uncond[..., :c] + guidance_scale * (
+      out_cond[..., :c] - out_uncond[..., :c])
+  return jnp.concatenate([guided, out_cond[..., c:]], axis=-1)
