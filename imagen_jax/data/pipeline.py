@@ -1,0 +1,229 @@
+"""Grain input pipeline over TFDS data sources, one process's share of it.
+
+  source (tfds ArrayRecord data source: {'image': bytes, 'caption': bytes})
+    -> this process's shard (examples process_index, +process_count, ...)
+    -> seeded global shuffle, re-shuffled every epoch    (train)
+    -> repeat forever                                    (train)
+    -> decode (PIL) + resize shorter side + crop to [R, R, 3]
+       (random crop along the longer side for train, center crop for eval)
+    -> batches {'image': uint8 [B, R, R, 3], 'caption': object [B] of str}
+
+No horizontal flips: shapes captions say "left" and "right".
+
+The iterator (`iter(dataset)`) is a grain `DatasetIterator`: `get_state()`
+returns a small dict to store with a checkpoint, and `set_state(state)` on a
+fresh iterator of the same pipeline reproduces the same following batches.
+Reading never imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+from typing import Any, Mapping, Sequence
+
+import grain
+import numpy as np
+from PIL import Image
+
+from imagen_jax.data import datasets
+
+Batch = dict[str, np.ndarray]
+
+
+def decode_image(image: Any) -> np.ndarray:
+  """Encoded image bytes (or an already decoded array) -> uint8 [H, W, 3]."""
+  if isinstance(image, (bytes, np.bytes_)):
+    with Image.open(io.BytesIO(image)) as img:
+      return np.asarray(img.convert('RGB'), dtype=np.uint8)
+  image = np.asarray(image, dtype=np.uint8)
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.shape[-1] == 1:
+    image = np.repeat(image, 3, axis=-1)
+  return image[..., :3]
+
+
+def resize_and_crop(image: np.ndarray, resolution: int,
+                    rng: np.random.Generator | None = None) -> np.ndarray:
+  """Resizes the shorter side to `resolution`, then crops a square.
+
+  Args:
+    image: uint8 [H, W, 3].
+    resolution: output side R.
+    rng: random crop offset along the longer side; None: center crop.
+
+  Returns:
+    uint8 [R, R, 3].
+  """
+  h, w = image.shape[:2]
+  if min(h, w) != resolution:
+    scale = resolution / min(h, w)
+    size = (max(resolution, round(w * scale)),
+            max(resolution, round(h * scale)))
+    image = np.asarray(Image.fromarray(image).resize(
+        size, Image.Resampling.BICUBIC, reducing_gap=3.0))
+    h, w = image.shape[:2]
+  dy, dx = h - resolution, w - resolution
+  if rng is None:
+    top, left = dy // 2, dx // 2
+  else:
+    top, left = int(rng.integers(dy + 1)), int(rng.integers(dx + 1))
+  return image[top:top + resolution, left:left + resolution]
+
+
+def _caption(value: Any) -> str:
+  return value.decode('utf-8') if isinstance(value, bytes) else str(value)
+
+
+def _preprocess(example: Mapping[str, Any], rng: np.random.Generator | None,
+                *, resolution: int, image_key: str, caption_key: str) -> dict:
+  """Decodes and crops one example (module-level, so grain can pickle it)."""
+  image = resize_and_crop(decode_image(example[image_key]), resolution, rng)
+  return {'image': image, 'caption': _caption(example[caption_key])}
+
+
+def _batch_fn(examples: Sequence[dict]) -> Batch:
+  """Stacks images to uint8 [B, R, R, 3]; captions to an object array [B]."""
+  captions = np.empty((len(examples),), dtype=object)
+  captions[:] = [e['caption'] for e in examples]
+  return {'image': np.stack([e['image'] for e in examples]),
+          'caption': captions}
+
+
+def shard(source: Sequence[Any], process_index: int,
+          process_count: int) -> grain.MapDataset:
+  """This process's examples: index `process_index` + k * `process_count`.
+
+  The source is first cut to a multiple of `process_count` (dropping at most
+  `process_count - 1` examples) so that every process has as many examples
+  per epoch and all processes step in lockstep.
+  """
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} is not in '
+                     f'[0, process_count={process_count}).')
+  n = len(source) // process_count * process_count
+  if n == 0:
+    raise ValueError(f'The source has {len(source)} examples, fewer than '
+                     f'process_count={process_count}.')
+  ds = grain.MapDataset.source(source)
+  return ds[:n][process_index::process_count]
+
+
+def make_dataset(source: Sequence[Any], *, resolution: int, batch_size: int,
+                 train: bool, seed: int = 0, process_index: int = 0,
+                 process_count: int = 1, num_epochs: int | None = None,
+                 drop_remainder: bool | None = None,
+                 read_threads: int | None = None,
+                 image_key: str = 'image',
+                 caption_key: str = 'caption') -> grain.IterDataset:
+  """Builds the per-process input pipeline.
+
+  Args:
+    source: random-access examples (`builder.as_data_source(split)`,
+      `tfds.data_source(...)[split]`), dicts with encoded image bytes or
+      uint8 [H, W, 3] arrays under `image_key` and text under `caption_key`.
+    resolution: side R of the produced images.
+    batch_size: examples per batch on this process (global batch divided by
+      `process_count`).
+    train: shuffle, repeat and random-crop; else keep order, center-crop.
+    seed: seeds the shuffle and the crops; same seed, same batches.
+    process_index: this process (`jax.process_index()`).
+    process_count: number of processes (`jax.process_count()`).
+    num_epochs: None repeats forever; default None for train, 1 for eval.
+    drop_remainder: drop a last partial batch; default True for train.
+    read_threads: threads decoding batches (default min(4, CPUs)).
+    image_key: feature holding the image.
+    caption_key: feature holding the caption.
+
+  Returns:
+    A grain IterDataset of `{'image': uint8 [B, R, R, 3], 'caption': object
+    [B] of str}`; `iter()` it for a checkpointable iterator.
+  """
+  if batch_size < 1 or resolution < 1:
+    raise ValueError(f'batch_size ({batch_size}) and resolution '
+                     f'({resolution}) must be positive.')
+  num_epochs = (None if train else 1) if num_epochs is None else num_epochs
+  if drop_remainder is None:
+    drop_remainder = train
+  ds = shard(source, process_index, process_count)
+  if train:
+    ds = ds.shuffle(seed=seed)
+  if num_epochs != 1:
+    ds = ds.repeat(num_epochs)
+  preprocess = functools.partial(_preprocess, resolution=resolution,
+                                 image_key=image_key, caption_key=caption_key)
+  if train:
+    ds = ds.random_map(preprocess, seed=seed)
+  else:
+    ds = ds.map(functools.partial(preprocess, rng=None))
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=_batch_fn)
+  if read_threads is None:
+    read_threads = min(4, os.cpu_count() or 1)
+  return ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=read_threads, prefetch_buffer_size=max(2, read_threads)))
+
+
+def build_input(name: str, data_dir: str | os.PathLike, split: str, *,
+                resolution: int, batch_size: int, train: bool, seed: int = 0,
+                process_index: int = 0, process_count: int = 1,
+                builder_kwargs: Mapping[str, Any] | None = None,
+                **kwargs) -> grain.IterDataset:
+  """Loads a prepared dataset and builds its pipeline.
+
+  Args:
+    name: `shapes`, `image_captions` or another TFDS name.
+    data_dir: TFDS data directory where it was prepared.
+    split: e.g. `train`, `test`, `holdout`, `train[:90%]`.
+    resolution: side R of the produced images (the stage's resolution).
+    batch_size: per-process batch size.
+    train: training (shuffled, repeated) or evaluation order.
+    seed: pipeline seed.
+    process_index: this process.
+    process_count: number of processes.
+    builder_kwargs: builder settings as in `datasets.load_builder`.
+    **kwargs: passed on to `make_dataset`.
+
+  Returns:
+    As `make_dataset`.
+
+  Raises:
+    FileNotFoundError: `data_dir` missing, empty, or the dataset unprepared.
+  """
+  builder = datasets.load_builder(name, data_dir, **(builder_kwargs or {}))
+  datasets.require_prepared(builder)
+  datasets.check_resolution(builder, resolution)
+  source = builder.as_data_source(split=split)
+  return make_dataset(source, resolution=resolution, batch_size=batch_size,
+                      train=train, seed=seed, process_index=process_index,
+                      process_count=process_count, **kwargs)
+
+
+def make_global_batch(batch: Mapping[str, Any], mesh: Any,
+                      partition_spec: Any) -> dict[str, Any]:
+  """Assembles global jax Arrays from every process's local batch.
+
+  Numeric leaves become `jax.Array`s of global shape [B * process_count, ...]
+  sharded as `partition_spec` on `mesh`; string leaves (captions) stay local
+  numpy arrays, since they must be tokenized or embedded first.
+
+  Args:
+    batch: this process's batch, e.g. {'image': uint8 [B, R, R, 3], ...}.
+    mesh: a `jax.sharding.Mesh`.
+    partition_spec: a `jax.sharding.PartitionSpec` for the leading batch axis,
+      e.g. `P(('data', 'fsdp'))`.
+
+  Returns:
+    The same keys, numeric values as global `jax.Array`s.
+  """
+  import jax  # pylint: disable=g-import-not-at-top  (keep reading jax-free)
+  sharding = jax.sharding.NamedSharding(mesh, partition_spec)
+  out = {}
+  for key, value in batch.items():
+    value = np.asarray(value)
+    if value.dtype.kind in 'OUS':
+      out[key] = value
+    else:
+      out[key] = jax.make_array_from_process_local_data(sharding, value)
+  return out
