@@ -1,0 +1,278 @@
+"""Reading Hugging Face T5 checkpoint directories without PyTorch.
+
+A checkpoint directory holds ``config.json`` and either ``model.safetensors``
+or a sharded ``model.safetensors.index.json`` with its shard files. Tensors are
+read one at a time (safetensors with numpy), converted to the Flax layout,
+cast, and placed on device with their target sharding before the next one is
+read, so a T5-XXL checkpoint never has two copies in host memory. Decoder
+tensors are never read.
+"""
+
+import json
+import os
+from typing import Any, Callable, Iterator, Mapping
+
+import flax.linen as nn
+import jax
+import numpy as np
+from safetensors import safe_open
+
+from imagen_jax.text.t5 import T5Config
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+# Hugging Face model types whose encoder is the plain T5 encoder.
+T5_MODEL_TYPES = ("t5", "mt5")
+# transformers' `T5Config` defaults, for keys an (old) config.json leaves out.
+HF_DEFAULTS = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048,
+                   num_layers=6, num_heads=8, relative_attention_num_buckets=32,
+                   relative_attention_max_distance=128, layer_norm_epsilon=1e-6,
+                   feed_forward_proj="relu")
+
+
+def read_config(path: str) -> T5Config:
+  """Reads and validates ``config.json`` of a Hugging Face T5 directory.
+
+  Args:
+    path: the checkpoint directory.
+
+  Returns:
+    The encoder's `T5Config`.
+
+  Raises:
+    FileNotFoundError: no directory or no config.json.
+    ValueError: the config is not a T5 config.
+  """
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"T5 checkpoint directory {path!r} does not exist")
+  config_file = os.path.join(path, CONFIG_FILE)
+  if not os.path.isfile(config_file):
+    raise FileNotFoundError(f"{config_file} not found: a Hugging Face T5 "
+                            "directory needs config.json")
+  with open(config_file) as f:
+    raw = json.load(f)
+  model_type = raw.get("model_type")
+  if model_type not in T5_MODEL_TYPES:
+    raise ValueError(f"{config_file}: model_type={model_type!r} is not a T5 "
+                     f"encoder (expected one of {T5_MODEL_TYPES})")
+  try:
+    return T5Config.from_dict({**HF_DEFAULTS, **raw})
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{config_file}: {e}") from e
+
+
+class SafetensorsReader:
+  """Lazy, tensor-by-tensor access to one or several safetensors files.
+
+  Use as a context manager; files are opened on first use.
+  """
+
+  def __init__(self, path: str):
+    """Finds the weight files of a checkpoint directory.
+
+    Args:
+      path: the checkpoint directory.
+
+    Raises:
+      FileNotFoundError: neither model.safetensors nor its index exists, or
+        the index names a missing shard.
+    """
+    self.path = path
+    single = os.path.join(path, WEIGHTS_FILE)
+    index = os.path.join(path, WEIGHTS_INDEX_FILE)
+    if os.path.isfile(single):
+      self._weight_map = None
+      self._files = [single]
+    elif os.path.isfile(index):
+      with open(index) as f:
+        self._weight_map = {k: os.path.join(path, v)
+                            for k, v in json.load(f)["weight_map"].items()}
+      self._files = sorted(set(self._weight_map.values()))
+      for shard in self._files:
+        if not os.path.isfile(shard):
+          raise FileNotFoundError(f"{index} names shard {shard}, which is missing")
+    else:
+      others = [f for f in sorted(os.listdir(path))
+                if f.endswith((".bin", ".pt", ".ckpt", ".h5", ".msgpack"))]
+      hint = f" (found {others}: only safetensors is supported)" if others else ""
+      raise FileNotFoundError(f"no weights in {path}: expected {WEIGHTS_FILE} or "
+                              f"{WEIGHTS_INDEX_FILE}{hint}")
+    self._handles = {}
+    self._keys = None
+
+  def __enter__(self) -> "SafetensorsReader":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def close(self) -> None:
+    for h in self._handles.values():
+      h.__exit__(None, None, None)
+    self._handles = {}
+
+  def _handle(self, file: str):
+    if file not in self._handles:
+      h = safe_open(file, framework="numpy")
+      self._handles[file] = h.__enter__()
+    return self._handles[file]
+
+  def keys(self) -> set[str]:
+    """All tensor names (read from the headers only)."""
+    if self._keys is None:
+      if self._weight_map is not None:
+        self._keys = set(self._weight_map)
+      else:
+        self._keys = set(self._handle(self._files[0]).keys())
+    return self._keys
+
+  def describe(self) -> str:
+    """The weight file(s), for error messages."""
+    return self._files[0] if self._weight_map is None else os.path.join(
+        self.path, WEIGHTS_INDEX_FILE)
+
+  def get(self, name: str) -> np.ndarray:
+    """Reads one tensor into host memory (its stored dtype)."""
+    if name not in self.keys():
+      raise KeyError(f"tensor {name!r} not found in {self.describe()}")
+    file = self._files[0] if self._weight_map is None else self._weight_map[name]
+    return self._handle(file).get_tensor(name)
+
+
+# Converters from a Hugging Face tensor to the Flax layout, given the config.
+def _linear_in(c: T5Config) -> Callable[[np.ndarray], np.ndarray]:
+  # q/k/v: torch [H*K, D] -> [D, H, K].
+  return lambda w: w.T.reshape(c.d_model, c.num_heads, c.d_kv)
+
+
+def _linear_out(c: T5Config) -> Callable[[np.ndarray], np.ndarray]:
+  # o: torch [D, H*K] -> [H, K, D].
+  return lambda w: w.T.reshape(c.num_heads, c.d_kv, c.d_model)
+
+
+def _identity(w: np.ndarray) -> np.ndarray:
+  return w
+
+
+def _transpose(w: np.ndarray) -> np.ndarray:
+  return w.T
+
+
+def hf_name_map(c: T5Config) -> dict[tuple[str, ...], tuple[tuple[str, ...], Callable]]:
+  """Maps each Flax parameter path to (HF tensor name candidates, converter).
+
+  Args:
+    c: the encoder config.
+
+  Returns:
+    ``{flax_path: (names, fn)}``; the first name present in the checkpoint is
+    read and ``fn`` turns it into the Flax layout.
+  """
+  m = {
+      ("token_embed",): (("encoder.embed_tokens.weight", "shared.weight"),
+                         _identity),
+      ("relpos_bias",): ((
+          "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",),
+                         _identity),
+      ("final_norm", "scale"): (("encoder.final_layer_norm.weight",), _identity),
+  }
+  wis = ("wi_0", "wi_1") if c.is_gated_act else ("wi",)
+  for i in range(c.num_layers):
+    pre = f"encoder.block.{i}.layer"
+    blk = f"block_{i}"
+    for p in ("q", "k", "v"):
+      m[(blk, "attn", p)] = ((f"{pre}.0.SelfAttention.{p}.weight",), _linear_in(c))
+    m[(blk, "attn", "o")] = ((f"{pre}.0.SelfAttention.o.weight",), _linear_out(c))
+    m[(blk, "attn_norm", "scale")] = ((f"{pre}.0.layer_norm.weight",), _identity)
+    m[(blk, "mlp_norm", "scale")] = ((f"{pre}.1.layer_norm.weight",), _identity)
+    for p in wis + ("wo",):
+      m[(blk, "mlp", p)] = ((f"{pre}.1.DenseReluDense.{p}.weight",), _transpose)
+  return m
+
+
+def _fit_sharding(sharding: Any, shape: tuple[int, ...]) -> Any:
+  """Drops mesh axes from dimensions they do not divide (those replicate)."""
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return sharding
+  spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+  for dim, entry in enumerate(spec):
+    names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+    size = int(np.prod([sharding.mesh.shape[n] for n in names]))
+    if names and shape[dim] % size:
+      spec[dim] = None
+  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def param_shardings(abstract_params: Any, mesh: Any, rules: Any) -> Any:
+  """Per-parameter `NamedSharding`s from logical names (None without a mesh).
+
+  Args:
+    abstract_params: the boxed (``nn.LogicallyPartitioned``) abstract params.
+    mesh: a `jax.sharding.Mesh` or None.
+    rules: logical-axis rules, e.g. ``imagen_jax.parallel.logical_rules(...)``.
+
+  Returns:
+    A pytree of plain (unboxed) structure holding shardings or None.
+  """
+  plain = nn.meta.unbox(abstract_params)
+  if mesh is None:
+    return jax.tree.map(lambda _: None, plain)
+  specs = nn.get_partition_spec(abstract_params)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, tuple(rules or ()))
+  return jax.tree.map(lambda s, a: _fit_sharding(s, a.shape), shardings, plain)
+
+
+def _flat_items(tree: Mapping[str, Any], prefix=()) -> Iterator:
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      yield from _flat_items(v, prefix + (k,))
+    else:
+      yield prefix + (k,), v
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
+
+
+def load_params(path: str, config: T5Config, abstract_params: Any,
+                shardings: Any, param_dtype: Any) -> dict:
+  """Streams encoder weights from a checkpoint into (sharded) device arrays.
+
+  Args:
+    path: the checkpoint directory.
+    config: its config (decides the name map and reshapes).
+    abstract_params: unboxed ``{'params': ...}`` ShapeDtypeStructs.
+    shardings: matching pytree of shardings (or None: default device).
+    param_dtype: storage dtype of the loaded parameters.
+
+  Returns:
+    ``{'params': ...}`` with one device array per parameter.
+
+  Raises:
+    KeyError: a needed encoder tensor is missing (named in the message).
+    ValueError: a tensor has the wrong shape for the config.
+  """
+  names = hf_name_map(config)
+  flat_shard = dict(_flat_items(shardings["params"])) if shardings else {}
+  out = {}
+  with SafetensorsReader(path) as reader:
+    keys = reader.keys()
+    for fpath, abstract in _flat_items(abstract_params["params"]):
+      candidates, convert = names[fpath]
+      found = [n for n in candidates if n in keys]
+      if not found:
+        raise KeyError(f"encoder tensor {candidates[0]!r} is missing from "
+                       f"{reader.describe()}")
+      w = convert(reader.get(found[0]))
+      if w.shape != abstract.shape:
+        raise ValueError(f"tensor {found[0]!r} in {reader.describe()} has shape "
+                         f"{w.shape} after conversion; config.json implies "
+                         f"{abstract.shape}")
+      w = np.ascontiguousarray(w.astype(np.dtype(param_dtype)))
+      _set(out, fpath, jax.device_put(w, flat_shard.get(fpath)))
+      del w
+  return {"params": out}
+
