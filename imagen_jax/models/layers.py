@@ -54,14 +54,15 @@ def conv(features, names, *, kernel=3, stride=1, dtype, param_dtype, zero_init=F
          name=None) -> nn.Conv:
   """A 2-D convolution with symmetric (PyTorch-style) padding of ``kernel // 2``.
 
-  ``names = (in_axis, out_axis)``; the spatial kernel axes are never sharded.
+  ``names = (in_axis, out_axis)``; the spatial kernel axes are never sharded
+  (unnamed: flax forbids a logical name twice in one array).
   Symmetric padding matters for stride 2: 'SAME' would pad (0, 1) instead.
   """
   kinit = nn.initializers.zeros_init() if zero_init else nn.linear.default_kernel_init
   pad = kernel // 2
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((pad, pad), (pad, pad)), dtype=dtype, param_dtype=param_dtype,
-                 kernel_init=_named(kinit, (axes.KERNEL, axes.KERNEL) + tuple(names)),
+                 kernel_init=_named(kinit, (None, None) + tuple(names)),
                  bias_init=_named(nn.initializers.zeros_init(), tuple(names[-1:])),
                  name=name)
 
@@ -146,7 +147,7 @@ class TimestepMLP(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = dense(self.features, (axes.NORM, axes.EMBED), name="linear_1", **kw)(emb)
     h = get_activation(self.act)(h)
-    return dense(self.features, (axes.EMBED, axes.EMBED), name="linear_2", **kw)(h)
+    return dense(self.features, (axes.EMBED, axes.MLP), name="linear_2", **kw)(h)
 
 
 def _masked_softmax_attention(q, k, v, mask):
@@ -193,7 +194,7 @@ class AttentionPool(nn.Module):
     cls = mean + pos.astype(x.dtype)
     x = jnp.concatenate([cls, x], axis=1)
     dh = d // self.num_heads
-    proj = lambda n: dense(d, (axes.TEXT_EMBED, axes.TEXT_EMBED), name=n, **kw)
+    proj = lambda n: dense(d, (axes.TEXT_EMBED, axes.HEADS), name=n, **kw)
     q = proj("q")(cls).reshape(b, 1, self.num_heads, dh) * dh ** -0.5
     k = proj("k")(x).reshape(b, -1, self.num_heads, dh)
     v = proj("v")(x).reshape(b, -1, self.num_heads, dh)
@@ -245,7 +246,7 @@ class ResBlock(nn.Module):
     h = act(h * (1 + scale) + shift)
     h = conv(self.features, (axes.MLP, axes.EMBED), zero_init=True, name="conv2", **kw)(h)
     if x.shape[-1] != self.features:
-      skip = conv(self.features, (axes.EMBED, axes.EMBED), kernel=1, name="skip", **kw)(skip)
+      skip = conv(self.features, (axes.EMBED, axes.MLP), kernel=1, name="skip", **kw)(skip)
     out = (skip.astype(h.dtype) + h) / self.out_scale
     return nn.with_logical_constraint(out, (axes.BATCH, axes.HEIGHT, axes.WIDTH, axes.EMBED))
 
@@ -260,7 +261,8 @@ class AttentionBlock(nn.Module):
                    conditioning; IF's AttnAddedKVProcessor).
   Queries always come from the GroupNorm-ed image tokens. ``text_norm`` optionally
   normalizes the text before its key/value projections ('layer_norm' or
-  'group_norm', IF's ``cross_attention_norm``).
+  'group_norm', IF's ``cross_attention_norm``); ``text_norm_groups`` sets the
+  groups of the latter (None: ``groups``; diffusers always uses 32).
   """
   kind: str
   head_dim: int = 64
@@ -268,6 +270,7 @@ class AttentionBlock(nn.Module):
   groups: int = 32
   eps: float = 1e-5
   text_norm: Optional[str] = None
+  text_norm_groups: Optional[int] = None
   use_bias: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -290,11 +293,11 @@ class AttentionBlock(nn.Module):
                        "expected 'self', 'cross' or 'self_cross'")
     b, hgt, wid, c = x.shape
     heads, dh = self._heads(c)
-    proj = lambda n, in_axis: nn.DenseGeneral(
-        (heads, dh), name=n, dtype=self.dtype, param_dtype=self.param_dtype,
-        use_bias=self.use_bias,
-        kernel_init=_named(nn.linear.default_kernel_init, (in_axis, axes.HEADS, axes.KV)),
-        bias_init=_named(nn.initializers.zeros_init(), (axes.HEADS, axes.KV)))
+    # Flat [in, heads·head_dim] kernels: the head split is a reshape. (flax's
+    # DenseGeneral re-runs a flat-shaped boxed init under a mesh and fails.)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias)
+    proj = lambda n, in_axis: lambda v: dense(heads * dh, (in_axis, axes.HEADS), name=n,
+                                              **kw)(v).reshape(v.shape[:2] + (heads, dh))
     h = group_norm(self.groups, self.eps, param_dtype=self.param_dtype, name="norm")(x)
     h = h.reshape(b, hgt * wid, c)
     q = proj("q", axes.EMBED)(h) * dh ** -0.5
@@ -306,7 +309,8 @@ class AttentionBlock(nn.Module):
       if self.text_norm == "layer_norm":
         ctx = layer_norm(1e-5, param_dtype=self.param_dtype, name="text_norm")(ctx)
       elif self.text_norm == "group_norm":
-        ctx = group_norm(self.groups, 1e-5, param_dtype=self.param_dtype, name="text_norm")(ctx)
+        ctx = group_norm(self.text_norm_groups or self.groups, 1e-5,
+                         param_dtype=self.param_dtype, name="text_norm")(ctx)
       elif self.text_norm is not None:
         raise ValueError(f"unknown text_norm {self.text_norm!r}")
       keys.append(proj("text_k", axes.TEXT_EMBED)(ctx))
@@ -320,11 +324,8 @@ class AttentionBlock(nn.Module):
     mask = None if text_mask is None else jnp.concatenate(masks, axis=1)
     out = _masked_softmax_attention(q.astype(self.dtype), jnp.concatenate(keys, 1),
                                     jnp.concatenate(values, 1), mask)
-    out = nn.DenseGeneral(
-        c, axis=(-2, -1), name="out", dtype=self.dtype, param_dtype=self.param_dtype,
-        use_bias=self.use_bias,
-        kernel_init=_named(nn.initializers.zeros_init(), (axes.HEADS, axes.KV, axes.EMBED)),
-        bias_init=_named(nn.initializers.zeros_init(), (axes.EMBED,)))(out)
+    out = dense(c, (axes.HEADS, axes.EMBED), zero_init=True, name="out", **kw)(
+        out.reshape(b, hgt * wid, heads * dh))
     return x + out.reshape(b, hgt, wid, c).astype(x.dtype)
 
 
@@ -340,11 +341,11 @@ class Downsample(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     if self.kind == "conv":
-      return conv(self.features, (axes.EMBED, axes.EMBED), stride=2, name="conv", **kw)(x)
+      return conv(self.features, (axes.EMBED, axes.MLP), stride=2, name="conv", **kw)(x)
     if self.kind == "avgpool":
       x = downsample_avg(x)
       if x.shape[-1] != self.features:
-        x = conv(self.features, (axes.EMBED, axes.EMBED), kernel=1, name="conv", **kw)(x)
+        x = conv(self.features, (axes.EMBED, axes.MLP), kernel=1, name="conv", **kw)(x)
       return x
     raise ValueError(f"unknown downsample kind {self.kind!r}; expected 'conv' or 'avgpool'")
 
@@ -357,5 +358,5 @@ class Upsample(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return conv(self.features, (axes.EMBED, axes.EMBED), name="conv", dtype=self.dtype,
+    return conv(self.features, (axes.EMBED, axes.MLP), name="conv", dtype=self.dtype,
                 param_dtype=self.param_dtype)(upsample_nearest(x))

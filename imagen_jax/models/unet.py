@@ -62,12 +62,14 @@ class UNetConfig:
   text_pool_heads: int = 64
   text_pool_projected: bool = False      # pool the projected text (Imagen) or the raw (IF)
   text_norm: Optional[str] = None        # norm of text before attention k/v projections
+  text_norm_groups: Optional[int] = None # groups of text_norm='group_norm' (None: norm_groups)
   lowres_cond: bool = False              # SR stage: low-res image concatenated on channels
   aug_embed: bool = False                # embed the noise-augmentation level like t
   efficient: bool = False
   resample: str = "conv"                 # 'conv' | 'avgpool' | 'resblock'
   skip_scale: float = 1.0
   resblock_out_scale: float = 1.0
+  mid_out_scale: Optional[float] = None  # out_scale of the mid ResBlocks (None: resblock_out_scale)
   norm_groups: int = 32
   norm_eps: float = 1e-5
   act: str = "silu"
@@ -136,18 +138,20 @@ class UNet(nn.Module):
   def _kw(self):
     return dict(dtype=_dtype(self.config.dtype), param_dtype=_dtype(self.config.param_dtype))
 
-  def _res(self, features, name, resample=None):
+  def _res(self, features, name, resample=None, out_scale=None):
     c = self.config
     cls = nn.remat(layers.ResBlock) if c.remat else layers.ResBlock
+    out_scale = c.resblock_out_scale if out_scale is None else out_scale
     return cls(features, groups=c.norm_groups, eps=c.norm_eps, act=c.act, resample=resample,
-               time_act=c.resblock_time_act, out_scale=c.resblock_out_scale, name=name,
+               time_act=c.resblock_time_act, out_scale=out_scale, name=name,
                **self._kw())
 
   def _attn(self, kind, name):
     c = self.config
     cls = nn.remat(layers.AttentionBlock) if c.remat else layers.AttentionBlock
     return cls(kind, head_dim=c.head_dim, num_heads=c.num_heads, groups=c.norm_groups,
-               eps=c.norm_eps, text_norm=c.text_norm, use_bias=c.attn_bias, name=name,
+               eps=c.norm_eps, text_norm=c.text_norm, text_norm_groups=c.text_norm_groups,
+               use_bias=c.attn_bias, name=name,
                **self._kw())
 
   def _check_inputs(self, x, t, text_emb, lowres, noise_level):
@@ -273,10 +277,10 @@ class UNet(nn.Module):
         skips.append(h)
 
     if c.mid_block:
-      h = self._res(c.channels[-1], "mid_res0")(h, emb)
+      h = self._res(c.channels[-1], "mid_res0", out_scale=c.mid_out_scale)(h, emb)
       if c.mid_attention != "none":
         h = self._attn(c.mid_attention, "mid_attn")(h, ctx, mask)
-      h = self._res(c.channels[-1], "mid_res1")(h, emb)
+      h = self._res(c.channels[-1], "mid_res1", out_scale=c.mid_out_scale)(h, emb)
 
     for lvl in reversed(range(n)):
       ch = c.channels[lvl]

@@ -6,7 +6,7 @@ strategy is a rules table mapping those names to the mesh axes
 only the table changes.
 """
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -94,10 +94,40 @@ def make_mesh(mesh_config: Any = None,
   return jax.sharding.Mesh(device_array, MESH_AXES)
 
 
-def logical_shardings(tree: Any, mesh: jax.sharding.Mesh, rules) -> Any:
-  """NamedShardings for a (possibly abstract) pytree of ``nn.Partitioned`` leaves.
+def fit_sharding(sharding: Any, shape: tuple[int, ...]) -> Any:
+  """Drops mesh axes from the dimensions they do not divide (those replicate).
 
-  Leaves without logical names are replicated.
+  A 3-channel conv or a 12-wide test embedding cannot split 8 ways; replicating
+  that one dimension is better than failing the whole placement.
   """
-  specs = nn.get_partition_spec(tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return sharding
+  spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+  for dim, entry in enumerate(spec):
+    names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+    size = int(np.prod([sharding.mesh.shape[n] for n in names]))
+    if names and shape[dim] % size:
+      spec[dim] = None
+  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def logical_shardings(abstract: Any, mesh: Optional[jax.sharding.Mesh], rules) -> Any:
+  """Per-leaf ``NamedSharding``s from the logical names of a boxed abstract tree.
+
+  Args:
+    abstract: a pytree whose leaves may be ``nn.Partitioned`` boxes (e.g. from
+      ``jax.eval_shape`` of an init that returns boxed params); unboxed leaves
+      are replicated.
+    mesh: the device mesh, or None.
+    rules: logical-axis rules, e.g. ``logical_rules('fsdp')``.
+
+  Returns:
+    A pytree with the structure of ``nn.unbox(abstract)`` holding shardings
+    (None everywhere when ``mesh`` is None).
+  """
+  plain = nn.unbox(abstract)
+  if mesh is None:
+    return jax.tree.map(lambda _: None, plain)
+  specs = nn.get_partition_spec(abstract)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, tuple(rules or ()))
+  return jax.tree.map(lambda s, a: fit_sharding(s, a.shape), shardings, plain)

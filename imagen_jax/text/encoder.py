@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from imagen_jax import axes
+from imagen_jax import parallel
 from imagen_jax.text import loading
 from imagen_jax.text.t5 import T5Config, T5Encoder
 
@@ -113,7 +114,7 @@ class TextEncoder:
                        param_dtype=resolve_dtype(param_dtype or dtype))
     ids = jnp.zeros((1, 8), jnp.int32)
     boxed = jax.eval_shape(module.init, jax.random.key(0), ids, ids > 0)
-    return boxed, loading.param_shardings(boxed, mesh, rules)
+    return boxed, parallel.logical_shardings(boxed, mesh, rules)
 
   @classmethod
   def from_pretrained(cls, path: str, dtype: Any = jnp.float32, *,

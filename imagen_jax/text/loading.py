@@ -12,7 +12,6 @@ import json
 import os
 from typing import Any, Callable, Iterator, Mapping
 
-import flax.linen as nn
 import jax
 import numpy as np
 from safetensors import safe_open
@@ -189,38 +188,6 @@ def hf_name_map(c: T5Config) -> dict[tuple[str, ...], tuple[tuple[str, ...], Cal
     for p in wis + ("wo",):
       m[(blk, "mlp", p)] = ((f"{pre}.1.DenseReluDense.{p}.weight",), _transpose)
   return m
-
-
-def _fit_sharding(sharding: Any, shape: tuple[int, ...]) -> Any:
-  """Drops mesh axes from dimensions they do not divide (those replicate)."""
-  if not isinstance(sharding, jax.sharding.NamedSharding):
-    return sharding
-  spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
-  for dim, entry in enumerate(spec):
-    names = (entry,) if isinstance(entry, str) else tuple(entry or ())
-    size = int(np.prod([sharding.mesh.shape[n] for n in names]))
-    if names and shape[dim] % size:
-      spec[dim] = None
-  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
-
-
-def param_shardings(abstract_params: Any, mesh: Any, rules: Any) -> Any:
-  """Per-parameter `NamedSharding`s from logical names (None without a mesh).
-
-  Args:
-    abstract_params: the boxed (``nn.LogicallyPartitioned``) abstract params.
-    mesh: a `jax.sharding.Mesh` or None.
-    rules: logical-axis rules, e.g. ``imagen_jax.parallel.logical_rules(...)``.
-
-  Returns:
-    A pytree of plain (unboxed) structure holding shardings or None.
-  """
-  plain = nn.meta.unbox(abstract_params)
-  if mesh is None:
-    return jax.tree.map(lambda _: None, plain)
-  specs = nn.get_partition_spec(abstract_params)
-  shardings = nn.logical_to_mesh_sharding(specs, mesh, tuple(rules or ()))
-  return jax.tree.map(lambda s, a: _fit_sharding(s, a.shape), shardings, plain)
 
 
 def _flat_items(tree: Mapping[str, Any], prefix=()) -> Iterator:
