@@ -1,0 +1,271 @@
+"""DeepFloyd IF (diffusers format) → imagen_jax: load, convert, read back.
+
+  model, params = load_unet("IF-I-XL-v1.0")                 # in memory
+  model.apply({'params': params}, x, t, text_emb)          # stage I
+  model.apply({'params': params}, x, t, text_emb, lowres=lowres,
+              noise_level=noise_level)                     # stage II
+  convert("IF-I-XL-v1.0", "converted/if_I", dtype="bfloat16")   # to disk
+  stage_config, params = load_converted("converted/if_I")
+
+Inputs are NHWC float images (``x`` the 3-channel noisy sample, ``lowres``
+the upscaled, noised 3-channel conditioning image), IF's integer timesteps and
+noise levels (0–999) and T5 embeddings [B, L, D]; the output is NHWC with IF's
+6 channels (ε, then the learned-range variance interpolation v). IF passes no
+text mask to its UNet: call it with ``text_mask=None``.
+
+Tensors are read one at a time (``safetensors_dir.WeightsReader``), converted
+and cast, then placed on device (``load_unet``) or into the output tree
+(``convert``), so the host never holds a second full copy of the weights.
+``convert`` writes into a temporary sibling of ``out`` and renames it into
+place only when everything succeeded.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from imagen_jax import parallel
+from imagen_jax.convert import if_config, if_weights
+from imagen_jax.convert.safetensors_dir import WeightsReader
+from imagen_jax.models import UNet, UNetConfig, dummy_inputs
+
+FORMAT = "imagen_jax/deepfloyd_if"
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+DTYPES = ("float32", "bfloat16")
+TEXT_MAX_LENGTH = 77       # IF's tokenizer length (pipeline_if.encode_prompt)
+SCHEDULES = ("squaredcos_cap_v2",)
+
+
+def _check_dtype(dtype: str) -> str:
+  name = jnp.dtype(dtype).name
+  if name not in DTYPES:
+    raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+  return name
+
+
+def _scheduler_settings(folder: if_config.IFFolder) -> dict:
+  """Sampling settings from scheduler_config.json (IF's DDPMScheduler)."""
+  s = folder.scheduler_config
+  bad = []
+  if s.get("beta_schedule") not in SCHEDULES:
+    bad.append(f"beta_schedule={s.get('beta_schedule')!r} (supported: {SCHEDULES})")
+  if s.get("prediction_type", "epsilon") != "epsilon":
+    bad.append(f"prediction_type={s['prediction_type']!r} (supported: 'epsilon')")
+  if s.get("variance_type", "fixed_small") not in ("learned_range", "fixed_small"):
+    bad.append(f"variance_type={s['variance_type']!r}")
+  if s.get("timestep_spacing", "leading") not in ("leading", "trailing", "linspace"):
+    bad.append(f"timestep_spacing={s['timestep_spacing']!r}")
+  if bad:
+    raise ValueError(f"{folder.path}/scheduler/scheduler_config.json: unsupported "
+                     + "; ".join(bad))
+  threshold = ("dynamic" if s.get("thresholding") else
+               "static" if s.get("clip_sample", True) else "none")
+  return dict(num_train_steps=int(s.get("num_train_timesteps", 1000)),
+              variance=s.get("variance_type", "fixed_small"), threshold=threshold,
+              quantile=float(s.get("dynamic_thresholding_ratio", 0.995)),
+              max_value=float(s.get("sample_max_value", 1.0)),
+              spacing=s.get("timestep_spacing", "leading"),
+              steps_offset=int(s.get("steps_offset", 0)))
+
+
+def build_stage_config(folder: if_config.IFFolder, dtype: str = "float32",
+                       lowres_resolution: Optional[int] = None) -> ml_collections.ConfigDict:
+  """The stage config of a converted IF UNet (model, diffusion, sample, text).
+
+  Args:
+    folder: the read IF folder.
+    dtype: compute and storage dtype of the converted UNet.
+    lowres_resolution: stage II's input resolution (default resolution // 4,
+      IF's ×4 super-resolution).
+  """
+  model = if_config.diffusers_config_to_model(folder.unet_config)
+  model.update(dtype=dtype, param_dtype=dtype)
+  sr = model["lowres_cond"]
+  res = int(folder.unet_config.get("sample_size", 64))
+  sched = _scheduler_settings(folder)
+  stage = ml_collections.ConfigDict()
+  stage.name = "if_II" if sr else "if_I"
+  stage.resolution = res
+  stage.lowres_resolution = (lowres_resolution or res // 4) if sr else None
+  stage.model = model
+  stage.diffusion = dict(kind="if_ddpm", prediction="eps", beta_schedule="squaredcos_cap_v2",
+                         num_train_steps=sched["num_train_steps"])
+  if sr:
+    noising = folder.noising_config or {}
+    if noising.get("beta_schedule", "squaredcos_cap_v2") not in SCHEDULES:
+      raise ValueError(f"{folder.path}/image_noising_scheduler: unsupported beta_schedule "
+                       f"{noising['beta_schedule']!r} (supported: {SCHEDULES})")
+    stage.diffusion.aug_num_train_steps = int(noising.get("num_train_timesteps", 1000))
+  # diffusers pipeline defaults: IF-I 100 steps, guidance 7; IF-II 50 steps, guidance 4.
+  stage.sample = dict(sampler="if_ddpm", steps=50 if sr else 100, timesteps="",
+                      spacing=sched["spacing"], steps_offset=sched["steps_offset"],
+                      guidance=4.0 if sr else 7.0, threshold=sched["threshold"],
+                      quantile=sched["quantile"], max_value=sched["max_value"],
+                      variance=sched["variance"], noise_level=250 if sr else 0)
+  stage.text = dict(encoder=folder.text_encoder_dir or "", tokenizer=folder.tokenizer_dir or "",
+                    max_length=TEXT_MAX_LENGTH, dim=model["text_dim"], use_mask=False)
+  return stage
+
+
+def _check_text_encoder(folder: if_config.IFFolder, text_dim: int) -> None:
+  if folder.text_encoder_dir is None:
+    return
+  with open(os.path.join(folder.text_encoder_dir, "config.json")) as f:
+    d_model = json.load(f).get("d_model")
+  if d_model is not None and d_model != text_dim:
+    raise ValueError(f"{folder.text_encoder_dir}: d_model={d_model}, but the UNet expects "
+                     f"{text_dim}-wide text embeddings (encoder_hid_dim / cross_attention_dim)")
+
+
+def abstract_params(model: UNet) -> Any:
+  """Boxed abstract parameters of ``model`` (no memory allocated)."""
+  c = model.config
+  inputs = dummy_inputs(c, 1, c.downsample_factor, 4)
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **inputs))["params"]
+
+
+def _stream(folder: if_config.IFFolder, model: UNet, boxed: Any,
+            variant: Optional[str]) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+  """Yields (our path, converted array in the param dtype), one tensor at a time."""
+  dtype = jnp.dtype(model.config.param_dtype)
+  with WeightsReader(folder.unet_dir, variant) as reader:
+    items = if_weights.plan(nn.unbox(boxed), len(model.config.channels), reader.keys(),
+                            reader.shape)
+    for path, name, shape in items:
+      array = if_weights.to_flax(path, reader.get(name), shape)
+      if array.dtype != dtype:
+        array = array.astype(np.float32).astype(dtype)
+      yield path, np.ascontiguousarray(array)
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
+
+
+def _prepare(src: str, dtype: str, lowres_resolution: Optional[int] = None):
+  folder = if_config.read_if_folder(src)
+  stage = build_stage_config(folder, _check_dtype(dtype), lowres_resolution)
+  _check_text_encoder(folder, stage.text.dim)
+  return folder, stage, UNet(UNetConfig.from_config(stage.model))
+
+
+def load_unet(src: str, *, dtype: str = "float32", variant: Optional[str] = None,
+              mesh: Any = None, rules: Any = None) -> tuple[UNet, dict]:
+  """Loads a diffusers IF UNet into our UNet, tensor by tensor.
+
+  Args:
+    src: the IF pipeline folder (model_index.json, unet/, scheduler/, ...).
+    dtype: 'float32' or 'bfloat16' (compute and storage).
+    variant: None (full precision, else the fp16 variant) or e.g. 'fp16'.
+    mesh, rules: optional mesh and logical-axis rules
+      (``parallel.logical_rules('fsdp')``); parameters are placed sharded.
+
+  Returns:
+    (model, params): ``model.apply({'params': params}, x, t, text_emb[, lowres=,
+    noise_level=])`` → [B, H, W, 6].
+  """
+  folder, _, model = _prepare(src, dtype)
+  boxed = abstract_params(model)
+  shardings = dict(if_weights.flat_params(parallel.logical_shardings(boxed, mesh, rules)))
+  params = {}
+  for path, array in _stream(folder, model, boxed, variant):
+    _set(params, path, jax.device_put(array, shardings.get(path)))
+    del array
+  return model, params
+
+
+def convert(src: str, out: str, *, dtype: str = "float32", variant: Optional[str] = None,
+            lowres_resolution: Optional[int] = None) -> str:
+  """Converts an IF pipeline folder's UNet into ``out`` (config.json + orbax params/).
+
+  Nothing appears at ``out`` unless the whole conversion succeeded.
+
+  Args:
+    src: the IF pipeline folder.
+    out: the output directory; must not exist or be empty.
+    dtype: 'float32' or 'bfloat16' storage (and compute) dtype.
+    variant: weights variant (see ``load_unet``).
+    lowres_resolution: stage II's low-resolution input size (default res // 4).
+
+  Returns:
+    The absolute output path.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  out = os.path.abspath(out)
+  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    raise FileExistsError(f"output {out} exists and is not an empty directory")
+  folder, stage, model = _prepare(src, dtype, lowres_resolution)
+  boxed = abstract_params(model)
+  parent = os.path.dirname(out)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+  try:
+    params = {}
+    with WeightsReader(folder.unet_dir, variant) as reader:
+      weights = os.path.relpath(reader.source, folder.path)
+    for path, array in _stream(folder, model, boxed, variant):
+      _set(params, path, array)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(tmp, PARAMS_DIR), params)
+    checkpointer.wait_until_finished()
+    meta = dict(format=FORMAT, version=1, source=folder.path, pipeline=folder.pipeline,
+                weights=weights, stage=stage.to_dict())
+    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+      json.dump(meta, f, indent=2)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)   # mkdtemp made it private
+    if os.path.isdir(out):
+      os.rmdir(out)
+    os.rename(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return out
+
+
+def load_converted(out_dir: str, *, mesh: Any = None,
+                   rules: Any = None) -> tuple[ml_collections.ConfigDict, dict]:
+  """Reads a ``convert`` output back.
+
+  Args:
+    out_dir: the directory ``convert`` wrote.
+    mesh, rules: optional mesh and logical-axis rules to restore sharded.
+
+  Returns:
+    (stage_config, params): ``UNet(UNetConfig.from_config(stage_config.model))``
+    applies to ``{'params': params}``.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  config_file = os.path.join(out_dir, CONFIG_FILE)
+  if not os.path.isfile(config_file):
+    raise FileNotFoundError(f"{config_file} not found: not a converted IF stage")
+  with open(config_file) as f:
+    meta = json.load(f)
+  if meta.get("format") != FORMAT:
+    raise ValueError(f"{config_file}: format {meta.get('format')!r}, expected {FORMAT!r}")
+  stage = ml_collections.ConfigDict(meta["stage"])
+  model = UNet(UNetConfig.from_config(stage.model))
+  boxed = abstract_params(model)
+  target = nn.unbox(boxed)
+  if mesh is not None:
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          target, parallel.logical_shardings(boxed, mesh, rules))
+  params = ocp.StandardCheckpointer().restore(
+      os.path.abspath(os.path.join(out_dir, PARAMS_DIR)), target)
+  if mesh is None:
+    params = jax.tree.map(jnp.asarray, params)
+  return stage, params
