@@ -27,6 +27,7 @@ def stage_config(name: str, resolution: int, model: dict,
   stage.name = name
   stage.resolution = resolution
   stage.lowres_resolution = lowres_resolution
+  stage.steps_scale = 1.0        # this stage trains round(train.num_steps · steps_scale)
   stage.model = ml_collections.ConfigDict(model)
   stage.diffusion = ml_collections.ConfigDict(dict(
       prediction="v",            # 'eps' | 'x0' | 'v'
@@ -77,20 +78,46 @@ def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.text = ml_collections.ConfigDict(dict(
       path="",                   # local Hugging Face T5 directory; '' = random init
-      dim=4096,
-      max_length=128,
+      dim=4096,                  # width of the embeddings the UNets expect
+      max_length=128,            # tokens per caption (longer ones are truncated)
       dtype="bfloat16",
+      seed=0,                    # random init only
+      # T5Config fields of the random-init encoder (used when path is '').
+      random=dict(vocab_size=384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                  num_heads=64),
+  ))
+  config.data = ml_collections.ConfigDict(dict(
+      name="shapes",             # 'shapes' | 'image_captions' | a prepared TFDS name
+      data_dir="data",
+      split="train",
+      builder_kwargs={},         # e.g. shapes: resolution, num_train, holdout
+      prepare=True,              # prepare shapes/image_captions when missing
+      src="",                    # image_captions: the folder of images
+      seed=0,
   ))
   config.stage_order = ()
   config.stages = ml_collections.ConfigDict()
   config.mesh = ml_collections.ConfigDict(dict(shape={"data": 1, "fsdp": -1, "tensor": 1},
                                                strategy="fsdp"))
   config.train = ml_collections.ConfigDict(dict(
-      num_steps=100_000,
-      batch_size=256,
+      num_steps=100_000,         # per stage, times the stage's steps_scale
+      batch_size=256,            # global
+      optimizer="adamw",         # 'adamw' | 'adafactor'
       lr=1e-4,
       warmup_steps=10_000,
+      end_lr_frac=0.1,           # cosine decay ends at lr · end_lr_frac
+      weight_decay=0.0,
+      b1=0.9,
+      b2=0.99,
+      grad_clip=1.0,
+      ema_decay=0.9999,
       seed=0,
+      log_every=50,
+      checkpoint_every=1000,
+      keep_checkpoints=2,
+      async_checkpoint=True,
+      sample_every=0,            # 0: no sample grids during training
+      sample_prompts=(),         # captions of the training sample grids
   ))
   return config
 

@@ -7,4 +7,5 @@ from imagen_jax.parallel.sharding import (  # noqa: F401
     logical_rules,
     logical_shardings,
     make_mesh,
+    run_init,
 )

@@ -131,3 +131,21 @@ def logical_shardings(abstract: Any, mesh: Optional[jax.sharding.Mesh], rules) -
   specs = nn.get_partition_spec(abstract)
   shardings = nn.logical_to_mesh_sharding(specs, mesh, tuple(rules or ()))
   return jax.tree.map(lambda s, a: fit_sharding(s, a.shape), shardings, plain)
+
+
+# XLA:CPU spends seconds optimizing run-once init programs (threefry hashes);
+# unoptimized code compiles several times faster and draws the same numbers.
+_CPU_INIT_OPTIONS = {"xla_backend_optimization_level": 0,
+                     "xla_llvm_disable_expensive_passes": True}
+
+
+def run_init(init_fn, rng: jax.Array, out_shardings: Any = None,
+             mesh: Optional[jax.sharding.Mesh] = None) -> Any:
+  """Runs a one-off init function jitted with ``out_shardings`` (created sharded).
+
+  On CPU it compiles with optimizations off: init runs once, compiles dominate.
+  """
+  jitted = jax.jit(init_fn, out_shardings=out_shardings)
+  devices = list(mesh.devices.flat) if mesh is not None else jax.devices()
+  opts = _CPU_INIT_OPTIONS if all(d.platform == "cpu" for d in devices) else {}
+  return jitted.lower(rng).compile(compiler_options=opts)(rng)

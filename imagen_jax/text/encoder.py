@@ -29,8 +29,6 @@ logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32,
            "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
-_CPU_INIT_OPTIONS = {"xla_backend_optimization_level": 0,
-                     "xla_llvm_disable_expensive_passes": True}
 _TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
 
 
@@ -177,14 +175,8 @@ class TextEncoder:
       params = nn.meta.unbox(T5Encoder(config).init(rng, ids, ids > 0))
       return jax.tree.map(lambda p: p.astype(store), params)
 
-    init = jax.jit(init, out_shardings=shardings) if mesh is not None else (
-        jax.jit(init))
-    key = jax.random.key(seed)
-    devices = mesh.devices.flat if mesh is not None else jax.devices()
-    # XLA:CPU spends seconds optimizing the threefry hashes of a run-once
-    # init; unoptimized code compiles ~5x faster and draws the same numbers.
-    opts = _CPU_INIT_OPTIONS if all(d.platform == "cpu" for d in devices) else {}
-    params = init.lower(key).compile(compiler_options=opts)(key)
+    params = parallel.run_init(init, jax.random.key(seed),
+                               shardings if mesh is not None else None, mesh)
     tok = tokenizer if tokenizer is not None else _byt5_tokenizer()
     return cls(config, params, tok, dtype=dtype, param_dtype=param_dtype,
                mesh=mesh, rules=rules)

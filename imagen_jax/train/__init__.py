@@ -1,0 +1,1 @@
+"""Training: sharded TrainState, the pure train step, checkpoints, the trainer loop."""

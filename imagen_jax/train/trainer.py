@@ -1,0 +1,302 @@
+"""The training loop: data → frozen T5 → sharded train step → metrics, samples, checkpoints.
+
+``train_and_evaluate(config, workdir, stages)`` trains the named stages (all of
+them, in cascade order, by default). Re-running the same command resumes every
+stage from its last checkpoint, with the data iterator where it was; SIGTERM
+(preemption) saves a checkpoint and returns ``preempted=True``.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
+
+from imagen_jax import parallel
+from imagen_jax.data import datasets, pipeline
+from imagen_jax.stages import Stage
+from imagen_jax.text import TextEncoder
+from imagen_jax.train import checkpoint as ckpt_lib
+from imagen_jax.train import optim, state as state_lib, step as step_lib
+
+_log = logging.getLogger(__name__)
+
+
+def make_text_encoder(text_config: Any, mesh=None, rules=None) -> TextEncoder:
+  """The frozen text encoder of ``config.text``: a local HF T5, or a random one."""
+  if text_config.path:
+    enc = TextEncoder.from_pretrained(text_config.path, dtype=text_config.dtype,
+                                      mesh=mesh, rules=rules)
+  else:
+    enc = TextEncoder.random_init(dict(text_config.random), seed=text_config.seed,
+                                  dtype=text_config.dtype, mesh=mesh, rules=rules)
+  if enc.embed_dim != text_config.dim:
+    raise ValueError(f"config.text.dim={text_config.dim} but the text encoder gives "
+                     f"{enc.embed_dim}-wide embeddings")
+  return enc
+
+
+def stage_train_config(config: Any, stage_name: str) -> Any:
+  """``config.train`` with this stage's step count (num_steps · steps_scale)."""
+  tc = config.train.copy_and_resolve_references()
+  scale = float(config.stages[stage_name].get("steps_scale", 1.0))
+  tc.num_steps = max(1, int(round(config.train.num_steps * scale)))
+  return tc
+
+
+class _StopFlag:
+  """Set by SIGTERM; the loop saves a checkpoint and stops at the next step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    def handler(signum, frame):
+      del frame
+      _log.warning("signal %d: saving a checkpoint and stopping", signum)
+      self.requested = True
+    try:
+      self._previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: no preemption handling
+      self._previous = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+class MetricWriter:
+  """metrics.jsonl + TensorBoard event files, written by process 0 only."""
+
+  def __init__(self, directory: str):
+    self.enabled = jax.process_index() == 0
+    self._jsonl = self._tb = None
+    if self.enabled:
+      os.makedirs(directory, exist_ok=True)
+      self._jsonl = open(os.path.join(directory, "metrics.jsonl"), "a")
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+        self._tb = SummaryWriter(directory)
+      except ImportError:  # optional: metrics.jsonl always exists
+        _log.warning("tensorboardX is not installed: no TensorBoard events")
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in metrics.items():
+        self._tb.add_scalar(k, v, step)
+
+  def close(self) -> None:
+    if self._jsonl:
+      self._jsonl.close()
+    if self._tb:
+      self._tb.close()
+
+
+@dataclasses.dataclass
+class StageResult:
+  stage: str
+  step: int
+  preempted: bool
+  last_metrics: dict
+
+
+def _data_iterator(config, stage: Stage, per_process_batch: int):
+  d = config.data
+  if d.prepare and d.name in ("shapes", "image_captions"):
+    kwargs = dict(d.builder_kwargs)
+    if d.name == "image_captions":
+      datasets.prepare(d.name, d.data_dir, src=d.src or None, **kwargs)
+    else:
+      datasets.prepare(d.name, d.data_dir, **kwargs)
+  ds = pipeline.build_input(d.name, d.data_dir, d.split, resolution=stage.resolution,
+                            batch_size=per_process_batch, train=True, seed=d.seed,
+                            process_index=jax.process_index(),
+                            process_count=jax.process_count(),
+                            builder_kwargs=dict(d.builder_kwargs))
+  return iter(ds)
+
+
+def _check_batch(batch_size: int, mesh) -> int:
+  """The per-process batch; the global batch must split over the data axes."""
+  dp = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch_size % dp:
+    raise ValueError(f"config.train.batch_size={batch_size} is not divisible by the "
+                     f"data-parallel size {dp} (mesh data×fsdp)")
+  if batch_size % jax.process_count():
+    raise ValueError(f"config.train.batch_size={batch_size} is not divisible by the "
+                     f"{jax.process_count()} processes")
+  return batch_size // jax.process_count()
+
+
+def _restore_or_init(ckpt, stage, tx, mesh, rules, config, text_len, rng):
+  """(state, shardings, data_state or None): a fresh state or the last checkpoint."""
+  state, shardings = state_lib.create_train_state(rng, stage, tx, mesh, rules, text_len)
+  latest = ckpt.latest_step()
+  if latest is None:
+    return state, shardings, None
+  meta = ckpt.restore_meta(latest)
+  want = ckpt_lib.config_fingerprint(config.stages[stage.name])
+  if meta.get("config_fingerprint") != want:
+    raise ValueError(
+        f"{ckpt.directory} holds checkpoints of a different model config for stage "
+        f"{stage.name!r} (fingerprint {meta.get('config_fingerprint')} vs {want}); use "
+        f"another --workdir or remove that directory. Nothing was overwritten.")
+  abstract = ckpt_lib.abstract_with_shardings(
+      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state), shardings)
+  del state
+  state, data_state, _ = ckpt.restore(latest, abstract)
+  _log.info("stage %s: resumed from step %d", stage.name, latest)
+  return state, shardings, data_state
+
+
+def train_stage(config: Any, workdir: str, stage_name: str, text_encoder: TextEncoder,
+                mesh=None, rules=None, sample_fn=None) -> StageResult:
+  """Trains one stage to its step count, resuming from its last checkpoint."""
+  stage = Stage(config.stages[stage_name], text_dim=text_encoder.embed_dim)
+  tc = stage_train_config(config, stage_name)
+  per_process = _check_batch(tc.batch_size, mesh)
+  tx, lr_fn = optim.make_optimizer(tc), optim.lr_schedule(tc)
+  text_len = config.text.max_length
+  stage_rng = jax.random.fold_in(jax.random.PRNGKey(tc.seed),
+                                 list(config.stage_order).index(stage_name))
+  init_rng, rng = jax.random.split(stage_rng)
+  ckpt = ckpt_lib.StageCheckpointer(workdir, stage_name, keep=tc.keep_checkpoints,
+                                    async_save=tc.async_checkpoint)
+  state, shardings, data_state = _restore_or_init(ckpt, stage, tx, mesh, rules, config,
+                                                  text_len, init_rng)
+  it = _data_iterator(config, stage, per_process)
+  if data_state is not None:
+    it.set_state(data_state)
+  step = int(state.step)
+  meta = {"stage": stage_name, "config_fingerprint":
+          ckpt_lib.config_fingerprint(config.stages[stage_name])}
+  if step >= tc.num_steps:
+    ckpt.close()
+    print(f"stage {stage_name}: already trained ({step}/{tc.num_steps} steps)")
+    return StageResult(stage_name, step, False, {})
+
+  uncond_emb, uncond_mask = text_encoder.encode([""], text_len)
+  uncond = {"text_emb": jnp.asarray(uncond_emb[0]), "text_mask": jnp.asarray(uncond_mask[0])}
+  step_fn = step_lib.jit_train_step(stage, tx, tc, shardings, mesh, rules, lr_fn)
+  writer = MetricWriter(ckpt_lib.stage_dir(workdir, stage_name))
+  last, preempted, window_start, window_images = {}, False, time.perf_counter(), 0
+  bar = tqdm(total=tc.num_steps, initial=step, desc=f"train {stage_name}", unit="step",
+             disable=jax.process_index() != 0)
+  with _StopFlag() as stop:
+    while step < tc.num_steps:
+      batch = _global_batch(next(it), text_encoder, text_len, mesh)
+      t0 = time.perf_counter()
+      state, metrics = step_fn(state, batch, rng, uncond)
+      step += 1
+      window_images += tc.batch_size
+      bar.update(1)
+      if step % tc.log_every == 0 or step == tc.num_steps:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        elapsed = time.perf_counter() - window_start
+        metrics.update(images_per_sec=window_images / elapsed,
+                       step_time=time.perf_counter() - t0)
+        window_start, window_images = time.perf_counter(), 0
+        writer.write(step, metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+        last = metrics
+      final = step == tc.num_steps or stop.requested
+      if step % tc.checkpoint_every == 0 or final:
+        ckpt.save(step, state, it.get_state(), dict(meta, step=step), force=True)
+      if sample_fn is not None and tc.sample_every and (step % tc.sample_every == 0 or final):
+        sample_fn(stage, state.ema_params, step)
+      if stop.requested:
+        preempted = True
+        break
+  bar.close()
+  ckpt.close()
+  writer.close()
+  return StageResult(stage_name, step, preempted, last)
+
+
+def _global_batch(local: dict, text_encoder: TextEncoder, text_len: int, mesh) -> dict:
+  """Encodes the captions with the frozen T5 and assembles global arrays."""
+  emb, mask = text_encoder.encode([str(c) for c in local["caption"]], text_len)
+  batch = {"image": np.asarray(local["image"]), "text_emb": np.asarray(emb),
+           "text_mask": np.asarray(mask)}
+  if mesh is None:
+    return batch
+  return pipeline.make_global_batch(batch, mesh, P(step_lib.BATCH_AXES))
+
+
+def train_and_evaluate(config: Any, workdir: str,
+                       stages: Optional[Sequence[str]] = None,
+                       sample_fn=None) -> list[StageResult]:
+  """Trains the given stages (default: all, in cascade order) of ``config``.
+
+  Args:
+    config: the cascade config (see ``imagen_jax.config``).
+    workdir: where checkpoints, metrics and samples go.
+    stages: stage names; None trains every stage in ``config.stage_order``.
+    sample_fn: optional ``(stage, ema_params, step) -> None`` called every
+      ``config.train.sample_every`` steps.
+
+  Returns:
+    One ``StageResult`` per stage trained; training stops after a preempted stage.
+  """
+  names = list(stages or config.stage_order)
+  for name in names:
+    if name not in config.stages:
+      raise ValueError(f"unknown stage {name!r}; the config has {list(config.stage_order)}")
+  _check_workdir_config(workdir, config)
+  if jax.process_index() == 0:
+    ckpt_lib.write_config(workdir, config)
+  mesh = parallel.make_mesh(config.mesh)
+  rules = parallel.logical_rules(config.mesh.strategy)
+  text_encoder = make_text_encoder(config.text, mesh, rules)
+  results = []
+  for name in names:
+    result = train_stage(config, workdir, name, text_encoder, mesh, rules, sample_fn)
+    results.append(result)
+    if result.preempted:
+      break
+  return results
+
+
+def _check_workdir_config(workdir: str, config: Any) -> None:
+  """Refuses a workdir whose stages were trained with other model configs."""
+  path = os.path.join(workdir, ckpt_lib.CONFIG_FILE)
+  if not os.path.isfile(path):
+    return
+  old = ckpt_lib.read_config(workdir)
+  for name in config.stage_order:
+    if name in old.get("stages", {}):
+      a = ckpt_lib.config_fingerprint(old.stages[name])
+      b = ckpt_lib.config_fingerprint(config.stages[name])
+      if a != b:
+        raise ValueError(f"{workdir} was trained with a different model for stage "
+                         f"{name!r} ({path}); use another --workdir. Nothing was "
+                         f"overwritten.")
+
+
+def maybe_initialize_distributed() -> None:
+  """``jax.distributed.initialize()`` when launched as one of several processes.
+
+  Cloud TPU pods and SLURM/Open MPI launches are detected by JAX itself; an
+  explicit coordinator is given with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
+  and JAX_PROCESS_ID.
+  """
+  env = os.environ
+  if any(k in env for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
+                            "TPU_WORKER_HOSTNAMES")):
+    if env.get("SLURM_NTASKS", "2") == "1" and "JAX_COORDINATOR_ADDRESS" not in env:
+      return
+    jax.distributed.initialize()
