@@ -1,0 +1,519 @@
+"""The cascade sampler: prompts → T5 → stage 1 → stage 2 (→ stage 3) → images.
+
+    cascade = Cascade.from_workdir("runs/demo")          # config + EMA params
+    out = cascade.sample(["a red circle in the top left"], jax.random.key(0),
+                         num_per_prompt=4)
+    out.final            # uint8 [4, R, R, 3], the last stage's images
+    out.images["base"]   # every stage's images, uint8 [4, R_stage, R_stage, 3]
+    out.timings          # per stage: compile and run seconds
+
+Prompts are encoded once (the empty prompt, for classifier-free guidance,
+once per cascade). Each stage samples with its own ``config.stages.NAME.sample``
+settings (sampler, steps, eta, guidance, thresholding), steps and guidance
+overridable per call; stage k > 1 conditions on stage k-1's output resized by
+``Stage.resize_lowres`` and noise-augmented at ``sample.aug_level`` (the same
+level goes to the UNet). Each stage's whole denoising loop is ONE jitted call
+(the sampler's); under a mesh its batch is split over the data-parallel axes
+(padded to a multiple of their size, cut back afterwards). Image i of the output
+is sample ``i % num_per_prompt`` of prompt ``i // num_per_prompt``.
+
+Guidance: a scale of 1 (or 'off' / 'none'; None in the config) samples the
+conditional model alone (one forward pass on B rows; w = 1 is exactly that);
+any other scale runs classifier-free guidance, one forward pass on the doubled
+[uncond; cond] batch. Changing one guided scale to another does not
+recompile; switching guidance on or off does. Sampling runs in one process
+(the images come back to the host with ``np.asarray``).
+"""
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from PIL import Image
+from tqdm.auto import tqdm
+
+from imagen_jax import axes, parallel
+from imagen_jax.diffusion import samplers
+from imagen_jax.stages import Stage, to_uint8
+from imagen_jax.text import TextEncoder
+from imagen_jax.train import checkpoint as ckpt_lib
+
+_log = logging.getLogger(__name__)
+
+CONTINUOUS_SAMPLERS = ("ddim", "ddpm")
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSampling:
+  """The resolved sampling settings of one stage (``config.stages.NAME.sample``)."""
+  sampler: str                 # 'ddim' | 'ddpm'
+  steps: int
+  eta: float                   # DDIM stochasticity
+  guidance: Optional[float]    # None: no classifier-free guidance
+  threshold: str               # 'none' | 'static' | 'dynamic'
+  quantile: float              # dynamic thresholding quantile
+  aug_level: float             # noise-augmentation level of the low-res input
+
+  @property
+  def guided(self) -> bool:
+    return self.guidance is not None
+
+
+@dataclasses.dataclass
+class StageTiming:
+  """Wall time of one stage in one ``sample`` call."""
+  compile_s: float = 0.0       # tracing + lowering + XLA compilation
+  run_s: float = 0.0           # the rest: sampling itself (and transfers)
+  compiles: int = 0            # XLA compilations (0: every program was cached)
+  calls: int = 0               # jitted sampler calls (batches)
+
+
+@dataclasses.dataclass
+class CascadeOutput:
+  """What ``Cascade.sample`` returns; N = len(prompts) · num_per_prompt."""
+  prompts: list                # the P prompts, in order
+  num_per_prompt: int
+  images: dict                 # stage name → uint8 [N, R, R, 3]
+  timings: dict                # stage name → StageTiming
+  settings: dict               # stage name → StageSampling
+
+  @property
+  def final(self) -> np.ndarray:
+    """uint8 [N, R, R, 3], the last stage's images."""
+    return self.images[list(self.images)[-1]]
+
+
+class _CompileTimer:
+  """Sums the durations of JAX's compile events while active (a context manager)."""
+
+  def __enter__(self):
+    self.seconds, self.count = 0.0, 0
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+    return self
+
+  def _listen(self, event: str, duration: float, **kwargs) -> None:
+    del kwargs
+    if event in _COMPILE_EVENTS:
+      self.seconds += duration
+      self.count += event == _COMPILE_EVENTS[-1]
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+def per_stage(value: Any, names: Sequence[str], what: str) -> list:
+  """Expands a per-stage override to one entry per stage.
+
+  Args:
+    value: None (config values everywhere), a scalar (every stage), a sequence
+      of len(names) entries, or a mapping {stage name: value} (others None).
+    names: the stage names, cascade order.
+    what: the option's name, for error messages.
+
+  Returns:
+    A list of len(names) entries (None = keep the config's value).
+
+  Raises:
+    ValueError: a sequence of the wrong length, or an unknown stage name.
+  """
+  if value is None or isinstance(value, (int, float, str)):
+    return [value] * len(names)
+  if isinstance(value, Mapping):
+    unknown = sorted(set(value) - set(names))
+    if unknown:
+      raise ValueError(f"{what}: unknown stages {unknown}; the cascade has {list(names)}")
+    return [value.get(n) for n in names]
+  value = list(value)
+  if len(value) != len(names):
+    raise ValueError(f"{what} has {len(value)} value{'s' * (len(value) != 1)} but the "
+                     f"cascade has {len(names)} stages ({', '.join(names)}): give one "
+                     "value per stage")
+  return value
+
+
+def _guidance_value(value: Any) -> Optional[float]:
+  """None for 'no guidance' (None, 'none', 'off', or a scale of 1), else the scale."""
+  if value is None or (isinstance(value, str) and value.lower() in ("none", "off")):
+    return None
+  value = float(value)
+  return None if value == 1.0 else value
+
+
+def stage_sampling(sample_config: Any, steps: Optional[int] = None,
+                   guidance: Optional[float] = None) -> StageSampling:
+  """The settings of ``config.stages.NAME.sample`` with optional overrides."""
+  s = dict(sample_config)
+  settings = StageSampling(
+      sampler=str(s.get("sampler", "ddim")),
+      steps=int(s.get("steps", 64) if steps is None else steps),
+      eta=float(s.get("eta", 0.0)),
+      guidance=_guidance_value(s.get("guidance") if guidance is None else guidance),
+      threshold=str(s.get("threshold", "dynamic")),
+      quantile=float(s.get("quantile", 0.995)),
+      aug_level=float(s.get("aug_level", 0.0)))
+  if settings.sampler not in CONTINUOUS_SAMPLERS:
+    raise ValueError(f"sampler {settings.sampler!r} is not one of {CONTINUOUS_SAMPLERS}")
+  if settings.steps < 1:
+    raise ValueError(f"steps must be >= 1, got {settings.steps}")
+  return settings
+
+
+def batch_axes(mesh: Optional[jax.sharding.Mesh], rules: Sequence) -> tuple:
+  """(mesh axes the batch is split over, their total size) under the rules."""
+  if mesh is None:
+    return (), 1
+  entry = nn.logical_to_mesh_axes((axes.BATCH,), tuple(rules or ()))[0]
+  names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+  return names, int(np.prod([mesh.shape[a] for a in names]))
+
+
+def sampling_mesh(config: Any) -> tuple[Optional[jax.sharding.Mesh], tuple]:
+  """(mesh, rules) for sampling on this host's devices.
+
+  One device: no mesh. Otherwise the run's ``config.mesh`` when it fits the
+  devices present, else every device on ``data`` with the 'dp' rules.
+  """
+  if jax.device_count() == 1:
+    return None, ()
+  try:
+    return parallel.make_mesh(config.mesh), parallel.logical_rules(config.mesh.strategy)
+  except (ValueError, AttributeError, KeyError) as e:
+    _log.warning("config.mesh does not fit the %d devices present (%s); sampling "
+                 "data-parallel over all of them", jax.device_count(), e)
+    return parallel.make_mesh(None), parallel.logical_rules("dp")
+
+
+def load_stage_params(workdir: str, stages: Mapping[str, Stage], mesh=None,
+                      rules=None) -> tuple[dict, dict]:
+  """Every stage's EMA params and checkpoint step.
+
+  Raises:
+    FileNotFoundError: naming every stage without a checkpoint and the
+      commands that train them.
+  """
+  params, steps, missing = {}, {}, []
+  for name, stage in stages.items():
+    try:
+      params[name], steps[name] = ckpt_lib.load_ema_params(workdir, stage, mesh, rules)
+    except FileNotFoundError as e:
+      missing.append(str(e))
+  if missing:
+    raise FileNotFoundError("\n".join(missing))
+  return params, steps
+
+
+def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
+  """Pads [b, ...] to [size, ...] by repeating the last row."""
+  if len(x) == size:
+    return x
+  return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)])
+
+
+class Cascade:
+  """Text → stage 1 → ... → last stage, sharded over a mesh when one is given.
+
+  Attributes:
+    config: the cascade config.
+    stage_names: stage names, generation order.
+    stages: name → ``Stage`` (one object per stage: the jitted loops key on it).
+    params: name → the stage's (EMA) params, placed on the mesh.
+    text_encoder: the frozen ``TextEncoder``.
+    text_len: L, tokens per prompt (``config.text.max_length``).
+    num_shards: how many ways the batch splits (1 without a mesh).
+    checkpoint_steps: name → checkpoint step (``from_workdir`` only).
+  """
+
+  def __init__(self, config: Any, params: Mapping[str, Any], text_encoder: TextEncoder,
+               mesh: Optional[jax.sharding.Mesh] = None, rules: Optional[Sequence] = None,
+               *, stages: Optional[Mapping[str, Stage]] = None):
+    """Builds the cascade.
+
+    Args:
+      config: the cascade config (``imagen_jax.config`` layout).
+      params: stage name → params (boxed or plain); every stage needs an entry.
+      text_encoder: encodes prompts; its width must match the stages' text_dim.
+      mesh: optional mesh; the batch splits over its data-parallel axes and
+        each stage's params are placed by their logical names.
+      rules: logical-axis rules for the mesh (``parallel.logical_rules``).
+      stages: optional prebuilt ``Stage`` objects (default: built from config).
+    """
+    self.config = config
+    self.stage_names = tuple(config.stage_order)
+    if not self.stage_names:
+      raise ValueError("config.stage_order is empty: the cascade has no stages")
+    missing = [n for n in self.stage_names if n not in params]
+    if missing:
+      raise ValueError(f"no params for stages {missing}")
+    self.stages = dict(stages) if stages is not None else {
+        n: Stage(config.stages[n], text_dim=text_encoder.embed_dim)
+        for n in self.stage_names}
+    first = self.stages[self.stage_names[0]]
+    if first.is_sr:
+      raise ValueError(f"the first stage {first.name!r} is a super-resolution stage; "
+                       "it needs a lower-resolution stage before it")
+    self.text_encoder = text_encoder
+    self.text_len = int(config.text.max_length)
+    self.mesh = mesh
+    self.rules = tuple(rules or ()) if mesh is not None else ()
+    self._batch_axes, self.num_shards = batch_axes(mesh, self.rules)
+    self.params = {n: self._place_params(self.stages[n], params[n])
+                   for n in self.stage_names}
+    self.checkpoint_steps = {}
+    self._uncond = None
+    self._lowres_fns = {}
+
+  @classmethod
+  def from_workdir(cls, workdir: str, *, mesh: Any = "auto", rules=None) -> "Cascade":
+    """The cascade of a trained run: its config.json and every stage's EMA params.
+
+    Args:
+      workdir: the run's workdir (``train.py --workdir``).
+      mesh: "auto" (``sampling_mesh``), None (one device) or a mesh.
+      rules: logical-axis rules when a mesh is given.
+
+    Raises:
+      FileNotFoundError: no config.json, or stages without a checkpoint (the
+        message names them and the command that trains them).
+    """
+    from imagen_jax.train import trainer  # pylint: disable=g-import-not-at-top
+    config = ckpt_lib.read_config(workdir)
+    if mesh == "auto":
+      mesh, rules = sampling_mesh(config)
+    stages = {n: Stage(config.stages[n], text_dim=config.text.get("dim"))
+              for n in config.stage_order}
+    params, steps = load_stage_params(workdir, stages, mesh, rules)
+    encoder = trainer.make_text_encoder(config.text, mesh, rules)
+    cascade = cls(config, params, encoder, mesh, rules, stages=stages)
+    cascade.checkpoint_steps = steps
+    return cascade
+
+  def _place_params(self, stage: Stage, params: Any) -> Any:
+    params = nn.unbox(params)
+    if self.mesh is None:
+      return params
+    boxed = jax.eval_shape(stage.init, jax.random.PRNGKey(0))
+    return jax.device_put(params, parallel.logical_shardings(boxed, self.mesh, self.rules))
+
+  def _put(self, x: Any) -> jax.Array:
+    """Places a host array with its leading (batch) axis split over the mesh."""
+    if self.mesh is None:
+      return jnp.asarray(x)
+    return jax.device_put(x, NamedSharding(self.mesh, P(self._batch_axes)))
+
+  def _context(self):
+    """The mesh and logical-axis rules that the UNet's constraints resolve under."""
+    if self.mesh is None:
+      return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(nn.logical_axis_rules(self.rules))
+    return stack
+
+  def settings(self, steps: Any = None, guidance: Any = None) -> dict:
+    """name → StageSampling: the config's settings with per-stage overrides.
+
+    Args:
+      steps, guidance: None, one value for every stage, one per stage, or a
+        mapping {stage name: value} (see ``per_stage``).
+    """
+    steps = per_stage(steps, self.stage_names, "steps")
+    guidance = per_stage(guidance, self.stage_names, "guidance")
+    return {n: stage_sampling(self.config.stages[n].sample, s, g)
+            for n, s, g in zip(self.stage_names, steps, guidance)}
+
+  def uncond_text(self) -> tuple[np.ndarray, np.ndarray]:
+    """The empty prompt's (emb [L, D], mask [L]), encoded once per cascade."""
+    if self._uncond is None:
+      emb, mask = self.text_encoder.encode([""], self.text_len)
+      self._uncond = (np.asarray(emb)[0], np.asarray(mask)[0])
+    return self._uncond
+
+  def sample(self, prompts: Sequence[str], rng: jax.Array, *, steps: Any = None,
+             guidance: Any = None, num_per_prompt: int = 1,
+             batch_size: Optional[int] = None, progress: bool = True) -> CascadeOutput:
+    """Generates num_per_prompt images per prompt through every stage.
+
+    Args:
+      prompts: P strings (longer than text_len tokens: truncated, with a warning).
+      rng: PRNG key; the same key, prompts and batch size give the same images.
+      steps: per-stage step counts (see ``settings``); None: the config's.
+      guidance: per-stage guidance scales; None: the config's.
+      num_per_prompt: images per prompt.
+      batch_size: images per jitted call (default: all N at once); rounded up
+        to a multiple of the data-parallel size. Every call of a stage has the
+        same shape, so the stage compiles once.
+      progress: show a tqdm bar per stage.
+
+    Returns:
+      A ``CascadeOutput``: each stage's uint8 [N, R, R, 3] images (N = P ·
+      num_per_prompt, prompt-major), per-stage timings and settings.
+    """
+    if isinstance(prompts, str) or not prompts:
+      raise ValueError("prompts must be a non-empty list of strings")
+    if num_per_prompt < 1:
+      raise ValueError(f"num_per_prompt must be >= 1, got {num_per_prompt}")
+    settings = self.settings(steps, guidance)
+    emb, mask = self.text_encoder.encode(list(prompts), self.text_len)
+    emb = np.repeat(np.asarray(emb), num_per_prompt, axis=0)
+    mask = np.repeat(np.asarray(mask), num_per_prompt, axis=0)
+    n = len(emb)
+    chunk = min(batch_size or n, n)
+    chunk = -(-chunk // self.num_shards) * self.num_shards
+    starts = list(range(0, n, chunk))
+    images, timings, prev = {}, {}, None
+    for k, name in enumerate(self.stage_names):
+      stage, s = self.stages[name], settings[name]
+      timing, outs = StageTiming(), []
+      desc = (f"stage {k + 1}/{len(self.stage_names)} {name} ({stage.resolution}px, "
+              f"{s.steps} steps)")
+      for c, start in enumerate(tqdm(starts, desc=desc, unit="batch", disable=not progress)):
+        rows = slice(start, start + chunk)
+        key = jax.random.fold_in(jax.random.fold_in(rng, k), c)
+        outs.append(self._run_stage(stage, s, _pad_rows(emb[rows], chunk),
+                                    _pad_rows(mask[rows], chunk),
+                                    None if prev is None else prev[c], key, timing))
+      images[name] = np.concatenate(
+          [np.asarray(to_uint8(x))[:min(chunk, n - start)] for x, start in zip(outs, starts)])
+      timings[name], prev = timing, outs
+    return CascadeOutput(prompts=list(prompts), num_per_prompt=num_per_prompt,
+                         images=images, timings=timings, settings=settings)
+
+  def _run_stage(self, stage: Stage, s: StageSampling, emb: np.ndarray, mask: np.ndarray,
+                 prev: Optional[jax.Array], rng: jax.Array, timing: StageTiming) -> jax.Array:
+    """One batch through one stage: x0 float32 [b, R, R, C] in [-1, 1].
+
+    Args:
+      emb: [b, L, D] and mask: [b, L], the batch's text (b divides over the mesh).
+      prev: the previous stage's x0 [b, r, r, C] (None for the first stage).
+    """
+    rng_aug, rng_sample = jax.random.split(rng)
+    with _CompileTimer() as timer:
+      start = time.perf_counter()
+      args = {"params": self.params[stage.name]}
+      if s.guided:
+        u_emb, u_mask = self.uncond_text()
+        emb = np.concatenate([np.broadcast_to(u_emb, emb.shape).astype(emb.dtype), emb])
+        mask = np.concatenate([np.broadcast_to(u_mask, mask.shape), mask])
+      args["text_emb"], args["text_mask"] = self._put(emb), self._put(mask)
+      if stage.is_sr:
+        args["lowres"], args["aug_t"] = self._lowres_fn(stage, s.guided)(
+            prev, jnp.float32(s.aug_level), rng_aug)
+      with self._context():
+        x0 = self._sampler_call(stage, s, args, rng_sample, len(mask) // (1 + s.guided))
+      x0 = jnp.clip(x0, -1.0, 1.0).block_until_ready()
+      wall = time.perf_counter() - start
+    timing.compile_s += timer.seconds
+    timing.run_s += max(wall - timer.seconds, 0.0)
+    timing.compiles += timer.count
+    timing.calls += 1
+    return x0
+
+  @staticmethod
+  def _sampler_call(stage: Stage, s: StageSampling, args: dict, rng: jax.Array,
+                    batch: int) -> jax.Array:
+    """The stage's sampler: its whole loop is one jitted call."""
+    kwargs = dict(num_steps=s.steps, prediction=stage.prediction, schedule=stage.logsnr_fn,
+                  guidance_scale=float(s.guidance) if s.guided else None,
+                  threshold=s.threshold, quantile=s.quantile)
+    if s.sampler == "ddim":
+      kwargs["eta"] = s.eta
+    shape = (batch, stage.resolution, stage.resolution, stage.unet_config.in_channels)
+    return samplers.get_sampler(s.sampler)(stage.model_fn, shape, rng, args, **kwargs)
+
+  def _lowres_fn(self, stage: Stage, doubled: bool):
+    """Jitted (prev x0 [b, r, r, C], level [], rng) → (lowres, aug_t) model inputs.
+
+    lowres: [b', R, R, C] resized and noise-augmented; aug_t: [b'] = level;
+    b' = 2b (the [uncond; cond] rows) when doubled.
+    """
+    key = (stage.name, doubled)
+    if key not in self._lowres_fns:
+      def fn(prev, level, rng):
+        lowres = stage.resize_lowres(prev)
+        aug_t = jnp.full((prev.shape[0],), level, jnp.float32)
+        lowres = stage.augment_lowres(lowres, aug_t, rng)
+        if doubled:
+          lowres, aug_t = jnp.concatenate([lowres, lowres]), jnp.concatenate([aug_t, aug_t])
+        return lowres, aug_t
+      out = None
+      if self.mesh is not None:
+        out = (NamedSharding(self.mesh, P(self._batch_axes)),) * 2
+      self._lowres_fns[key] = jax.jit(fn, out_shardings=out)
+    return self._lowres_fns[key]
+
+
+def make_grid(images: np.ndarray, cols: Optional[int] = None, pad: int = 2,
+              borders: Optional[Sequence[tuple]] = None) -> np.ndarray:
+  """Tiles images into one picture.
+
+  Args:
+    images: uint8 [N, R, R, 3].
+    cols: images per row (default: ceil(sqrt(N))).
+    pad: pixels between images (and around them).
+    borders: optional RGB color per image, drawn in its padding.
+
+  Returns:
+    uint8 [rows · (R + pad) + pad, cols · (R + pad) + pad, 3].
+  """
+  n, r = images.shape[0], images.shape[1]
+  cols = cols or math.ceil(math.sqrt(n))
+  rows = math.ceil(n / cols)
+  grid = np.full((rows * (r + pad) + pad, cols * (r + pad) + pad, 3), 32, np.uint8)
+  for i, image in enumerate(images):
+    y, x = (i // cols) * (r + pad) + pad, (i % cols) * (r + pad) + pad
+    if borders is not None and pad:
+      grid[y - pad:y + r + pad, x - pad:x + r + pad] = borders[i]
+    grid[y:y + r, x:x + r] = image
+  return grid
+
+
+def save_outputs(out: CascadeOutput, out_dir: str) -> dict:
+  """Writes the images of a sample call.
+
+  Files: ``{prompt:03d}_{sample:02d}.png`` per final image, ``grid.png`` (the
+  final images, one row per prompt when num_per_prompt > 1), ``grid_{stage}.png``
+  per stage, ``prompts.json`` (the prompts, in order).
+
+  Returns:
+    {'dir', 'images': [paths], 'grid', 'prompts'}.
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  paths = []
+  for i, image in enumerate(out.final):
+    p, k = divmod(i, out.num_per_prompt)
+    paths.append(os.path.join(out_dir, f"{p:03d}_{k:02d}.png"))
+    Image.fromarray(image).save(paths[-1])
+  cols = out.num_per_prompt if out.num_per_prompt > 1 else None
+  for name, images in out.images.items():
+    Image.fromarray(make_grid(images, cols)).save(os.path.join(out_dir, f"grid_{name}.png"))
+  grid = os.path.join(out_dir, "grid.png")
+  Image.fromarray(make_grid(out.final, cols)).save(grid)
+  prompts = os.path.join(out_dir, "prompts.json")
+  with open(prompts, "w") as f:
+    json.dump(out.prompts, f, indent=1)
+  return {"dir": out_dir, "images": paths, "grid": grid, "prompts": prompts}
+
+
+def timings_table(out: CascadeOutput) -> str:
+  """One line per stage: images, steps, guidance, compile and run seconds."""
+  n = len(out.final)
+  lines = []
+  for name, t in out.timings.items():
+    s = out.settings[name]
+    lines.append(f"{name}: {n} images, {s.sampler} {s.steps} steps, guidance "
+                 f"{s.guidance if s.guided else 'off'}, compile {t.compile_s:.1f}s, "
+                 f"run {t.run_s:.1f}s ({t.calls} call{'s' * (t.calls > 1)})")
+  return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Evaluation of generated images (the shapes demo's pixel checker)."""
