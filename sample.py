@@ -3,6 +3,7 @@
   python sample.py --workdir runs/demo --prompt "a red circle in the top left"
       [--prompt ...] [--prompts_file F] [--num_per_prompt N] [--seed S]
       [--steps 64,32] [--guidance 5,3] [--batch_size B] [--out DIR]
+  python sample.py --cascade if_I,if_II [--t5 T5_DIR] --prompt "..."   # DeepFloyd IF
 
 Writes ``{prompt:03d}_{sample:02d}.png`` per final image, ``grid.png``,
 ``grid_{stage}.png`` per stage and ``prompts.json`` (default directory:
@@ -22,6 +23,7 @@ from typing import Optional, Sequence
 import jax
 
 from imagen_jax import cascade as cascade_lib
+from imagen_jax.convert import if_sampling
 from imagen_jax.train import checkpoint as ckpt_lib
 
 
@@ -31,7 +33,12 @@ class UsageError(Exception):
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--workdir", required=True, help="the run's workdir (train.py --workdir)")
+  p.add_argument("--workdir", help="the run's workdir (train.py --workdir)")
+  p.add_argument("--cascade", help="instead of --workdir: converted DeepFloyd IF stage "
+                 "directories, comma-separated, stage I first (python -m imagen_jax.convert)")
+  p.add_argument("--t5", help="with --cascade: a local T5 directory (default: the "
+                 "text_encoder/ recorded at conversion)")
+  p.add_argument("--t5_dtype", default="float32", help="with --cascade: float32 or bfloat16")
   p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
   p.add_argument("--prompts_file", help="a text file with one prompt per line")
   p.add_argument("--num_per_prompt", type=int, default=1, help="images per prompt")
@@ -86,11 +93,19 @@ def check_inputs(args: argparse.Namespace):
   Returns:
     (prompts, config, steps, guidance).
   """
+  if bool(args.workdir) == bool(args.cascade):
+    raise UsageError("give exactly one of --workdir (a trained run) or --cascade "
+                     "(converted DeepFloyd IF stages)")
   prompts = read_prompts(args.prompt, args.prompts_file)
   if args.num_per_prompt < 1:
     raise UsageError(f"--num_per_prompt must be >= 1, got {args.num_per_prompt}")
   if args.batch_size is not None and args.batch_size < 1:
     raise UsageError(f"--batch_size must be >= 1, got {args.batch_size}")
+  if args.cascade:
+    dirs = [d for d in args.cascade.split(",") if d]
+    names = [os.path.basename(os.path.normpath(d)) for d in dirs]
+    return (prompts, None, parse_per_stage(args.steps, "steps", int, names),
+            parse_per_stage(args.guidance, "guidance", float, names))
   config = ckpt_lib.read_config(args.workdir)
   names = list(config.stage_order)
   steps = parse_per_stage(args.steps, "steps", int, names)
@@ -107,15 +122,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices
   try:
     prompts, _, steps, guidance = check_inputs(args)
-    cascade = cascade_lib.Cascade.from_workdir(args.workdir)
+    if args.cascade:
+      out = if_sampling.sample_converted_cascade(
+          [d for d in args.cascade.split(",") if d], prompts, jax.random.key(args.seed),
+          t5=args.t5, t5_dtype=args.t5_dtype, num_per_prompt=args.num_per_prompt,
+          steps=steps, guidance=guidance)
+    else:
+      cascade = cascade_lib.Cascade.from_workdir(args.workdir)
   except (UsageError, FileNotFoundError, ValueError) as e:
     print(f"sample.py: error: {e}", file=sys.stderr)
     return 2
-  out = cascade.sample(prompts, jax.random.key(args.seed), steps=steps, guidance=guidance,
-                       num_per_prompt=args.num_per_prompt, batch_size=args.batch_size)
-  out_dir = args.out or os.path.join(args.workdir, time.strftime("samples_%Y%m%d_%H%M%S"))
+  if not args.cascade:
+    out = cascade.sample(prompts, jax.random.key(args.seed), steps=steps,
+                         guidance=guidance, num_per_prompt=args.num_per_prompt,
+                         batch_size=args.batch_size)
+  base_dir = args.workdir or os.path.dirname(os.path.abspath(args.cascade.split(",")[0]))
+  out_dir = args.out or os.path.join(base_dir, time.strftime("samples_%Y%m%d_%H%M%S"))
   files = cascade_lib.save_outputs(out, out_dir)
-  print(cascade_lib.timings_table(out))
+  if out.timings:
+    print(cascade_lib.timings_table(out))
   print(f"wrote {len(files['images'])} images, {os.path.basename(files['grid'])} and "
         f"prompts.json to {files['dir']}")
   return 0

@@ -288,14 +288,13 @@ class Cascade:
       FileNotFoundError: no config.json, or stages without a checkpoint (the
         message names them and the command that trains them).
     """
-    from imagen_jax.train import trainer  # pylint: disable=g-import-not-at-top
     config = ckpt_lib.read_config(workdir)
     if mesh == "auto":
       mesh, rules = sampling_mesh(config)
     stages = {n: Stage(config.stages[n], text_dim=config.text.get("dim"))
               for n in config.stage_order}
     params, steps = load_stage_params(workdir, stages, mesh, rules)
-    encoder = trainer.make_text_encoder(config.text, mesh, rules)
+    encoder = TextEncoder.from_config(config.text, mesh, rules)
     cascade = cls(config, params, encoder, mesh, rules, stages=stages)
     cascade.checkpoint_steps = steps
     return cascade
@@ -306,6 +305,10 @@ class Cascade:
       return params
     boxed = jax.eval_shape(stage.init, jax.random.PRNGKey(0))
     return jax.device_put(params, parallel.logical_shardings(boxed, self.mesh, self.rules))
+
+  def set_params(self, name: str, params: Any) -> None:
+    """Replaces one stage's params (e.g. the EMA params during training)."""
+    self.params[name] = self._place_params(self.stages[name], params)
 
   def _put(self, x: Any) -> jax.Array:
     """Places a host array with its leading (batch) axis split over the mesh."""

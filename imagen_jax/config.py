@@ -34,6 +34,7 @@ def stage_config(name: str, resolution: int, model: dict,
       schedule="cosine",         # continuous log-SNR schedule of training noise
       logsnr_min=-20.0,
       logsnr_max=20.0,
+      logsnr_shift=0.0,          # added to λ(t); > 0 trains (and samples) more at low noise
       min_snr_gamma=0.0,         # > 0 turns on Min-SNR-γ loss weighting
       cond_drop=0.1,             # classifier-free guidance text dropout
       aug_schedule="linear",     # schedule of the low-resolution noise augmentation

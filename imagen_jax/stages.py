@@ -40,6 +40,11 @@ def resize(x: jax.Array, size: int) -> jax.Array:
   return jax.image.resize(x, (b, size, size, c), method="linear", antialias=True)
 
 
+def _shifted_logsnr(t, *, logsnr_fn, shift):
+  """λ(t) + shift: a positive shift spends more of t ∈ [0, 1] at high SNR."""
+  return logsnr_fn(t) + shift
+
+
 class Stage:
   """A cascade stage built from ``config.stages.NAME``.
 
@@ -64,8 +69,11 @@ class Stage:
     d = stage_config.diffusion
     self.prediction = d.prediction
     losses.check_prediction_kind(self.prediction)
-    self.logsnr_fn = functools.partial(schedules.get_logsnr_fn(d.schedule),
-                                       logsnr_min=d.logsnr_min, logsnr_max=d.logsnr_max)
+    logsnr_fn = functools.partial(schedules.get_logsnr_fn(d.schedule),
+                                  logsnr_min=d.logsnr_min, logsnr_max=d.logsnr_max)
+    shift = float(d.get("logsnr_shift", 0.0))
+    self.logsnr_fn = (functools.partial(_shifted_logsnr, logsnr_fn=logsnr_fn, shift=shift)
+                      if shift else logsnr_fn)
     self.aug_logsnr_fn = schedules.get_logsnr_fn(d.aug_schedule)
 
   @property

@@ -4,6 +4,7 @@ and bad input (nothing is written to --out unless everything succeeded)."""
 import json
 import os
 import shutil
+import sys
 
 import jax
 import numpy as np
@@ -14,6 +15,9 @@ from imagen_jax.convert import __main__ as cli
 from imagen_jax.convert import deepfloyd_if, if_sampling
 from imagen_jax.convert.safetensors_dir import WeightsReader
 from imagen_jax.text import TextEncoder
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sample as sample_cli  # noqa: E402  (the repo-root script)
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 T5 = os.path.join(FIXTURES, "t5_v1_1")
@@ -64,6 +68,17 @@ def test_cli_end_to_end(tmp_path):
   for x in (x64, x256):
     x = np.asarray(x)
     assert np.isfinite(x).all() and np.abs(x).max() <= 1.0 + 1e-6
+
+  # sample.py on the converted cascade: stage I, then stage II on its output.
+  out = tmp_path / "samples"
+  assert sample_cli.main(["--cascade", f"{out1},{out2}", "--prompt", "a red cube",
+                          "--prompt", "two blue spheres", "--steps", "3,2",
+                          "--guidance", "7,off", "--out", str(out)]) == 0
+  files = sorted(os.listdir(out))
+  assert files == ["000_00.png", "001_00.png", "grid.png", "grid_if_I.png", "grid_if_II.png",
+                   "prompts.json"], files
+  assert sample_cli.main(["--cascade", f"{out1},{out2}", "--prompt", "x", "--steps", "3",
+                          "--out", str(out)]) == 2
 
 
 def assert_fails(src, out, capsys, *needles):

@@ -121,7 +121,8 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
   cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config",
          os.path.join(ROOT, "configs/demo.py:tiny"), "--workdir", str(workdir), "--stage",
          "base", f"--config.data.data_dir={tmp_path / 'data'}",
-         "--config.train.num_steps=100000", "--config.train.checkpoint_every=100000"]
+         "--config.train.num_steps=100000", "--config.train.checkpoint_every=100000",
+         "--config.train.sample_every=1"]
   proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   metrics = workdir / "base" / "metrics.jsonl"
   deadline = time.time() + 240
@@ -134,6 +135,8 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
   assert b"preempted, checkpoint saved" in out
   params, step = _final_params(str(workdir))
   assert step >= 2
+  grids = sorted(os.listdir(workdir / "base" / "samples"))
+  assert grids and grids[0] == "step_0000001.png", grids
   assert np.isfinite(np.concatenate([np.ravel(x) for x in jax.tree.leaves(params)])).all()
 
 

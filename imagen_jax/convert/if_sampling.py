@@ -164,3 +164,57 @@ def sample_stage(stage_config: Any, params: Any, text_emb: jax.Array,
       timesteps=stage_timesteps(s, timesteps, num_train), num_train_steps=num_train,
       guidance_scale=scale, threshold=s.threshold, quantile=s.quantile,
       max_value=s.max_value if max_value is None else max_value, variance=s.variance)
+
+
+def sample_converted_cascade(stage_dirs: Sequence[str], prompts: Sequence[str],
+                             rng: jax.Array, *, t5: Optional[str] = None,
+                             t5_dtype: str = "float32", num_per_prompt: int = 1,
+                             steps: Optional[Sequence[Any]] = None,
+                             guidance: Optional[Sequence[Any]] = None):
+  """Prompts → converted IF stage I (64px) → stage II (256px), like sample.py.
+
+  Args:
+    stage_dirs: ``convert`` outputs in cascade order (stage I first).
+    prompts: P prompts.
+    rng: PRNG key.
+    t5: a local T5 directory (default: the ``text_encoder/`` recorded at
+      conversion, with its ``tokenizer/``).
+    t5_dtype: compute dtype of the text encoder ('float32' or 'bfloat16').
+    num_per_prompt: images per prompt.
+    steps, guidance: per-stage overrides (None entries keep the stage's default;
+      a step count gives "leading"-spaced timesteps).
+
+  Returns:
+    An ``imagen_jax.cascade.CascadeOutput`` (uint8 images of every stage).
+  """
+  # Wiring-level imports: convert/ may use the cascade's output type and T5.
+  from imagen_jax import cascade as cascade_lib  # pylint: disable=g-import-not-at-top
+  from imagen_jax.convert import deepfloyd_if  # pylint: disable=g-import-not-at-top
+  from imagen_jax.stages import to_uint8  # pylint: disable=g-import-not-at-top
+  from imagen_jax.text import TextEncoder  # pylint: disable=g-import-not-at-top
+
+  loaded = [deepfloyd_if.load_converted(d) for d in stage_dirs]
+  if loaded[0][0].model.get("lowres_cond"):
+    raise ValueError(f"{stage_dirs[0]} is a super-resolution stage; stage I comes first")
+  names = [sc.name for sc, _ in loaded]
+  steps = cascade_lib.per_stage(steps, names, "steps")
+  guidance = cascade_lib.per_stage(guidance, names, "guidance")
+  text = loaded[0][0].text
+  encoder = TextEncoder.from_pretrained(t5 or text.encoder, dtype=t5_dtype,
+                                        tokenizer=None if t5 else text.tokenizer)
+  rows = [p for p in prompts for _ in range(num_per_prompt)]
+  emb, _ = encoder.encode(rows, int(text.max_length))
+  uncond, _ = encoder.encode([""] * len(rows), int(text.max_length))
+  images, prev = {}, None
+  for k, ((sc, params), n, g) in enumerate(zip(loaded, steps, guidance)):
+    if n is not None:
+      sc = sc.copy_and_resolve_references()
+      sc.sample.steps, sc.sample.timesteps = int(n), ""
+    off = isinstance(g, str) and g.lower() in ("off", "none")
+    x0 = sample_stage(sc, params, emb.astype(jnp.float32),
+                      None if off else uncond.astype(jnp.float32),
+                      jax.random.fold_in(rng, k), lowres=prev,
+                      guidance_scale=None if (g is None or off) else float(g))
+    images[sc.name], prev = np.asarray(to_uint8(x0)), x0
+  return cascade_lib.CascadeOutput(prompts=list(prompts), num_per_prompt=num_per_prompt,
+                                   images=images, timings={}, settings={})

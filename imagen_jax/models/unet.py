@@ -10,8 +10,9 @@ One module, configured by ``UNetConfig`` (built from ``config.model``):
   block counts, skips scaled by 1/√2 (``skip_scale``), downsampling BEFORE a
   level's blocks on the way down and upsampling AFTER them on the way up, one
   skip per level (the level's output, concatenated before the first up block
-  of the same level); attention only at the lowest level ('cross' for the
-  no-self-attention 256→1024 variant).
+  of the same level) plus the stem's output joined after the last upsample by a
+  full-resolution ResBlock ('final_res'); attention only at the lowest level
+  ('cross' for the no-self-attention 256→1024 variant).
 * DeepFloyd IF (diffusers UNet2DConditionModel with ResnetDownsampleBlock2D /
   SimpleCrossAttn blocks): ``efficient=False``, ``resample='resblock'``, exact
   GELU, ``time_act='gelu'``, ``resblock_time_act=False``, a text projection,
@@ -262,6 +263,7 @@ class UNet(nn.Module):
   def _down_mid_up(self, h, emb, ctx, mask):
     c = self.config
     n = len(c.channels)
+    stem = h
     skips = [] if c.efficient else [h]
     for lvl, ch in enumerate(c.channels):
       if c.efficient:
@@ -291,6 +293,12 @@ class UNet(nn.Module):
         h = self._block(h, emb, ctx, mask, ch, c.attention[lvl], f"up{lvl}_{i}")
       if lvl > 0 or c.efficient:
         h = self._resample(h, emb, ch, "up", f"up{lvl}_upsample")
+    if c.efficient:
+      # Every level of an Efficient UNet runs below full resolution; without this
+      # full-resolution skip, x_t reaches the output only through a stride-2 path
+      # and low-noise denoising (near-identity) is out of reach.
+      h = jnp.concatenate([h, stem * c.skip_scale if c.skip_scale != 1 else stem], -1)
+      h = self._res(c.channels[0], "final_res")(h, emb)
     assert not skips, "every kept tensor is consumed"
     return h
 

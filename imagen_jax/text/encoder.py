@@ -145,6 +145,28 @@ class TextEncoder:
                mesh=mesh, rules=rules)
 
   @classmethod
+  def from_config(cls, text_config: Any, mesh: Any = None,
+                  rules: Sequence[tuple[str, Any]] | None = None) -> "TextEncoder":
+    """The frozen encoder a cascade config names (``config.text``).
+
+    Args:
+      text_config: ``path`` (a local Hugging Face T5 directory, or '' for a
+        random encoder built from ``random`` and ``seed``), ``dtype`` and
+        ``dim`` (the width the UNets expect; checked).
+      mesh, rules: as in `from_pretrained`.
+    """
+    if text_config.get("path"):
+      enc = cls.from_pretrained(text_config.path, dtype=text_config.dtype, mesh=mesh,
+                                rules=rules)
+    else:
+      enc = cls.random_init(dict(text_config.random), seed=text_config.seed,
+                            dtype=text_config.dtype, mesh=mesh, rules=rules)
+    if text_config.get("dim") is not None and enc.embed_dim != text_config.dim:
+      raise ValueError(f"config.text.dim={text_config.dim} but the text encoder gives "
+                       f"{enc.embed_dim}-wide embeddings")
+    return enc
+
+  @classmethod
   def random_init(cls, config: T5Config | Mapping[str, Any] | None = None,
                   seed: int = 0, *, dtype: Any = jnp.float32,
                   param_dtype: Any = None, mesh: Any = None,

@@ -16,10 +16,13 @@ from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from PIL import Image
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from imagen_jax import cascade as cascade_lib
 from imagen_jax import parallel
 from imagen_jax.data import datasets, pipeline
 from imagen_jax.stages import Stage
@@ -28,20 +31,6 @@ from imagen_jax.train import checkpoint as ckpt_lib
 from imagen_jax.train import optim, state as state_lib, step as step_lib
 
 _log = logging.getLogger(__name__)
-
-
-def make_text_encoder(text_config: Any, mesh=None, rules=None) -> TextEncoder:
-  """The frozen text encoder of ``config.text``: a local HF T5, or a random one."""
-  if text_config.path:
-    enc = TextEncoder.from_pretrained(text_config.path, dtype=text_config.dtype,
-                                      mesh=mesh, rules=rules)
-  else:
-    enc = TextEncoder.random_init(dict(text_config.random), seed=text_config.seed,
-                                  dtype=text_config.dtype, mesh=mesh, rules=rules)
-  if enc.embed_dim != text_config.dim:
-    raise ValueError(f"config.text.dim={text_config.dim} but the text encoder gives "
-                     f"{enc.embed_dim}-wide embeddings")
-  return enc
 
 
 def stage_train_config(config: Any, stage_name: str) -> Any:
@@ -237,6 +226,53 @@ def _global_batch(local: dict, text_encoder: TextEncoder, text_len: int, mesh) -
   return pipeline.make_global_batch(batch, mesh, P(step_lib.BATCH_AXES))
 
 
+def make_sample_grid_fn(config: Any, workdir: str, text_encoder: TextEncoder, mesh=None,
+                        rules=None):
+  """A ``sample_fn(stage, ema_params, step)`` writing STAGE/samples/step_N.png.
+
+  It samples ``config.train.sample_prompts`` through the cascade up to the
+  stage being trained: earlier stages from their checkpoints, this one from the
+  given EMA params. A stage whose earlier stages have no checkpoint yet gets
+  no grids (one warning).
+  """
+  cascades = {}
+
+  def build(stage: Stage, ema_params: Any):
+    order = list(config.stage_order)
+    upto = order[:order.index(stage.name) + 1]
+    sub = ml_collections.ConfigDict(config.to_dict())
+    sub.stage_order = tuple(upto)
+    stages, params = {stage.name: stage}, {}
+    for name in upto[:-1]:
+      stages[name] = Stage(config.stages[name], text_dim=text_encoder.embed_dim)
+      try:
+        params[name], _ = ckpt_lib.load_ema_params(workdir, stages[name], mesh, rules)
+      except FileNotFoundError:
+        _log.warning("no sample grids for stage %s: stage %s is not trained yet",
+                     stage.name, name)
+        return None
+    params[stage.name] = ema_params
+    return cascade_lib.Cascade(sub, params, text_encoder, mesh, rules, stages=stages)
+
+  def sample_fn(stage: Stage, ema_params: Any, step: int) -> None:
+    prompts = list(config.train.sample_prompts)
+    if not prompts or jax.process_index() != 0:
+      return
+    if stage.name not in cascades:
+      cascades[stage.name] = build(stage, ema_params)
+    cascade = cascades[stage.name]
+    if cascade is None:
+      return
+    cascade.set_params(stage.name, ema_params)
+    out = cascade.sample(prompts, jax.random.PRNGKey(config.train.seed), progress=False)
+    directory = os.path.join(ckpt_lib.stage_dir(workdir, stage.name), "samples")
+    os.makedirs(directory, exist_ok=True)
+    Image.fromarray(cascade_lib.make_grid(out.final)).save(
+        os.path.join(directory, f"step_{step:07d}.png"))
+
+  return sample_fn
+
+
 def train_and_evaluate(config: Any, workdir: str,
                        stages: Optional[Sequence[str]] = None,
                        sample_fn=None) -> list[StageResult]:
@@ -246,8 +282,8 @@ def train_and_evaluate(config: Any, workdir: str,
     config: the cascade config (see ``imagen_jax.config``).
     workdir: where checkpoints, metrics and samples go.
     stages: stage names; None trains every stage in ``config.stage_order``.
-    sample_fn: optional ``(stage, ema_params, step) -> None`` called every
-      ``config.train.sample_every`` steps.
+    sample_fn: ``(stage, ema_params, step) -> None`` called every
+      ``config.train.sample_every`` steps (default: ``make_sample_grid_fn``).
 
   Returns:
     One ``StageResult`` per stage trained; training stops after a preempted stage.
@@ -261,7 +297,9 @@ def train_and_evaluate(config: Any, workdir: str,
     ckpt_lib.write_config(workdir, config)
   mesh = parallel.make_mesh(config.mesh)
   rules = parallel.logical_rules(config.mesh.strategy)
-  text_encoder = make_text_encoder(config.text, mesh, rules)
+  text_encoder = TextEncoder.from_config(config.text, mesh, rules)
+  if sample_fn is None and config.train.sample_every:
+    sample_fn = make_sample_grid_fn(config, workdir, text_encoder, mesh, rules)
   results = []
   for name in names:
     result = train_stage(config, workdir, name, text_encoder, mesh, rules, sample_fn)
