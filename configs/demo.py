@@ -1,7 +1,7 @@
 """The CPU demo cascade on the synthetic shapes data: 32×32 base → 64×64 SR.
 
 A frozen, randomly initialized small T5 over ByT5 bytes (no files needed), a
-~5M-parameter base UNet with a 2×2 space-to-depth stem and single-head text
+~5.0M-parameter base UNet with a 2×2 space-to-depth stem and single-head text
 attention at 4×4, and a ~1.7M-parameter Efficient-UNet super-resolution stage. Sized so that
 training both stages and sampling a grid takes under 20 minutes on 2 CPU cores.
 

@@ -202,12 +202,15 @@ def train_stage(config: Any, workdir: str, stage_name: str, text_encoder: TextEn
         writer.write(step, metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         last = metrics
-      final = step == tc.num_steps or stop.requested
-      if step % tc.checkpoint_every == 0 or final:
-        ckpt.save(step, state, it.get_state(), dict(meta, step=step), force=True)
-      if sample_fn is not None and tc.sample_every and (step % tc.sample_every == 0 or final):
+      if sample_fn is not None and tc.sample_every and (
+          step % tc.sample_every == 0 or step == tc.num_steps):
         sample_fn(stage, state.ema_params, step)
-      if stop.requested:
+      # Read the stop flag after the (slow) sampling: a SIGTERM that arrived
+      # during it must still be followed by a checkpoint.
+      stopping = stop.requested  # read once: save and stop on the same value
+      if step % tc.checkpoint_every == 0 or step == tc.num_steps or stopping:
+        ckpt.save(step, state, it.get_state(), dict(meta, step=step), force=True)
+      if stopping:
         preempted = True
         break
   bar.close()
