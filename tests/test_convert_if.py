@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 
 from imagen_jax import parallel
 from imagen_jax.convert import deepfloyd_if, if_config, if_sampling, if_weights
-from imagen_jax.convert.safetensors_dir import WeightsReader
+from imagen_jax.safetensors_dir import WeightsReader
 from imagen_jax.diffusion import samplers, schedules
 from imagen_jax.models import UNet, UNetConfig
 

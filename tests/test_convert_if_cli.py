@@ -13,7 +13,7 @@ from safetensors.numpy import save_file
 
 from imagen_jax.convert import __main__ as cli
 from imagen_jax.convert import deepfloyd_if, if_sampling
-from imagen_jax.convert.safetensors_dir import WeightsReader
+from imagen_jax.safetensors_dir import WeightsReader
 from imagen_jax.text import TextEncoder
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

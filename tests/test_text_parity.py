@@ -96,13 +96,13 @@ def test_truncation_warns_once(fp32, caplog):
 
 def test_decoder_not_read(monkeypatch):
   read = []
-  get = loading.SafetensorsReader.get
+  get = loading.WeightsReader.get
 
   def spy(self, name):
     read.append(name)
     return get(self, name)
 
-  monkeypatch.setattr(loading.SafetensorsReader, "get", spy)
+  monkeypatch.setattr(loading.WeightsReader, "get", spy)
   TextEncoder.from_pretrained(os.path.join(FIXTURES, "t5_v1_0"))
   assert read and not [n for n in read if n.startswith("decoder.")]
 

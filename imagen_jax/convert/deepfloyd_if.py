@@ -13,7 +13,7 @@ noise levels (0–999) and T5 embeddings [B, L, D]; the output is NHWC with IF's
 6 channels (ε, then the learned-range variance interpolation v). IF passes no
 text mask to its UNet: call it with ``text_mask=None``.
 
-Tensors are read one at a time (``safetensors_dir.WeightsReader``), converted
+Tensors are read one at a time (``imagen_jax.safetensors_dir.WeightsReader``), converted
 and cast, then placed on device (``load_unet``) or into the output tree
 (``convert``), so the host never holds a second full copy of the weights.
 ``convert`` writes into a temporary sibling of ``out`` and renames it into
@@ -34,7 +34,7 @@ import numpy as np
 
 from imagen_jax import parallel
 from imagen_jax.convert import if_config, if_weights
-from imagen_jax.convert.safetensors_dir import WeightsReader
+from imagen_jax.safetensors_dir import WeightsReader
 from imagen_jax.models import UNet, UNetConfig, dummy_inputs
 
 FORMAT = "imagen_jax/deepfloyd_if"

@@ -14,13 +14,12 @@ from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import numpy as np
-from safetensors import safe_open
 
+from imagen_jax.safetensors_dir import WeightsReader
 from imagen_jax.text.t5 import T5Config
 
 CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+WEIGHTS_NAME = "model"  # model[.fp16].safetensors or its sharded index
 # Hugging Face model types whose encoder is the plain T5 encoder.
 T5_MODEL_TYPES = ("t5", "mt5")
 # transformers' `T5Config` defaults, for keys an (old) config.json leaves out.
@@ -59,84 +58,6 @@ def read_config(path: str) -> T5Config:
     return T5Config.from_dict({**HF_DEFAULTS, **raw})
   except (TypeError, ValueError) as e:
     raise ValueError(f"{config_file}: {e}") from e
-
-
-class SafetensorsReader:
-  """Lazy, tensor-by-tensor access to one or several safetensors files.
-
-  Use as a context manager; files are opened on first use.
-  """
-
-  def __init__(self, path: str):
-    """Finds the weight files of a checkpoint directory.
-
-    Args:
-      path: the checkpoint directory.
-
-    Raises:
-      FileNotFoundError: neither model.safetensors nor its index exists, or
-        the index names a missing shard.
-    """
-    self.path = path
-    single = os.path.join(path, WEIGHTS_FILE)
-    index = os.path.join(path, WEIGHTS_INDEX_FILE)
-    if os.path.isfile(single):
-      self._weight_map = None
-      self._files = [single]
-    elif os.path.isfile(index):
-      with open(index) as f:
-        self._weight_map = {k: os.path.join(path, v)
-                            for k, v in json.load(f)["weight_map"].items()}
-      self._files = sorted(set(self._weight_map.values()))
-      for shard in self._files:
-        if not os.path.isfile(shard):
-          raise FileNotFoundError(f"{index} names shard {shard}, which is missing")
-    else:
-      others = [f for f in sorted(os.listdir(path))
-                if f.endswith((".bin", ".pt", ".ckpt", ".h5", ".msgpack"))]
-      hint = f" (found {others}: only safetensors is supported)" if others else ""
-      raise FileNotFoundError(f"no weights in {path}: expected {WEIGHTS_FILE} or "
-                              f"{WEIGHTS_INDEX_FILE}{hint}")
-    self._handles = {}
-    self._keys = None
-
-  def __enter__(self) -> "SafetensorsReader":
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
-
-  def close(self) -> None:
-    for h in self._handles.values():
-      h.__exit__(None, None, None)
-    self._handles = {}
-
-  def _handle(self, file: str):
-    if file not in self._handles:
-      h = safe_open(file, framework="numpy")
-      self._handles[file] = h.__enter__()
-    return self._handles[file]
-
-  def keys(self) -> set[str]:
-    """All tensor names (read from the headers only)."""
-    if self._keys is None:
-      if self._weight_map is not None:
-        self._keys = set(self._weight_map)
-      else:
-        self._keys = set(self._handle(self._files[0]).keys())
-    return self._keys
-
-  def describe(self) -> str:
-    """The weight file(s), for error messages."""
-    return self._files[0] if self._weight_map is None else os.path.join(
-        self.path, WEIGHTS_INDEX_FILE)
-
-  def get(self, name: str) -> np.ndarray:
-    """Reads one tensor into host memory (its stored dtype)."""
-    if name not in self.keys():
-      raise KeyError(f"tensor {name!r} not found in {self.describe()}")
-    file = self._files[0] if self._weight_map is None else self._weight_map[name]
-    return self._handle(file).get_tensor(name)
 
 
 # Converters from a Hugging Face tensor to the Flax layout, given the config.
@@ -225,17 +146,17 @@ def load_params(path: str, config: T5Config, abstract_params: Any,
   names = hf_name_map(config)
   flat_shard = dict(_flat_items(shardings["params"])) if shardings else {}
   out = {}
-  with SafetensorsReader(path) as reader:
+  with WeightsReader(path, weights_name=WEIGHTS_NAME) as reader:
     keys = reader.keys()
     for fpath, abstract in _flat_items(abstract_params["params"]):
       candidates, convert = names[fpath]
       found = [n for n in candidates if n in keys]
       if not found:
         raise KeyError(f"encoder tensor {candidates[0]!r} is missing from "
-                       f"{reader.describe()}")
+                       f"{reader.source}")
       w = convert(reader.get(found[0]))
       if w.shape != abstract.shape:
-        raise ValueError(f"tensor {found[0]!r} in {reader.describe()} has shape "
+        raise ValueError(f"tensor {found[0]!r} in {reader.source} has shape "
                          f"{w.shape} after conversion; config.json implies "
                          f"{abstract.shape}")
       w = np.ascontiguousarray(w.astype(np.dtype(param_dtype)))

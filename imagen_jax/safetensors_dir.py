@@ -1,4 +1,4 @@
-"""Tensor-by-tensor reading of a diffusers model folder's safetensors weights.
+"""Tensor-by-tensor reading of the safetensors weights of a Hugging Face folder.
 
 A diffusers model folder (e.g. ``unet/``) holds its weights as one of
 
@@ -6,6 +6,10 @@ A diffusers model folder (e.g. ``unet/``) holds its weights as one of
   diffusion_pytorch_model.safetensors.index.json      sharded (+ the shard files)
   diffusion_pytorch_model.fp16.safetensors            the "fp16" variant
   diffusion_pytorch_model.safetensors.index.fp16.json its sharded form
+
+and a transformers checkpoint (e.g. T5) the same with ``model`` for
+``diffusion_pytorch_model`` (``weights_name``). A dependency-free leaf: the text
+encoder and the DeepFloyd IF converter both read through it.
 
 ``WeightsReader`` finds them, reads headers only until a tensor is asked for,
 and returns one NumPy array at a time. bfloat16 tensors come back as
@@ -23,36 +27,39 @@ from safetensors import safe_open
 WEIGHTS_NAME = "diffusion_pytorch_model"
 
 
-def _candidates(variant: Optional[str]) -> list[tuple[str, str]]:
+def _candidates(variant: Optional[str], weights_name: str) -> list[tuple[str, str]]:
   """(kind, file name) pairs to look for, in order of preference."""
   names = []
   for v in ([variant] if variant else [None, "fp16"]):
     infix = f".{v}" if v else ""
-    names.append(("single", f"{WEIGHTS_NAME}{infix}.safetensors"))
-    names.append(("index", f"{WEIGHTS_NAME}.safetensors.index{infix}.json"))
+    names.append(("single", f"{weights_name}{infix}.safetensors"))
+    names.append(("index", f"{weights_name}.safetensors.index{infix}.json"))
   return names
 
 
 class WeightsReader:
-  """Lazy access to the safetensors weights of one diffusers model folder.
+  """Lazy access to the safetensors weights of one model folder.
 
   Use as a context manager; each file is opened (memory-mapped) on first use.
   """
 
-  def __init__(self, path: str, variant: Optional[str] = None):
+  def __init__(self, path: str, variant: Optional[str] = None,
+               weights_name: str = WEIGHTS_NAME):
     """Finds the weight files.
 
     Args:
       path: the model folder (e.g. ``<pipeline>/unet``).
       variant: None (full precision, falling back to the fp16 variant) or a
         variant name such as 'fp16' (only that variant).
+      weights_name: the files' stem: 'diffusion_pytorch_model' (diffusers) or
+        'model' (transformers).
 
     Raises:
       FileNotFoundError: no safetensors weights, or the index names a missing shard.
     """
     self.path = path
     self._weight_map = None
-    for kind, name in _candidates(variant):
+    for kind, name in _candidates(variant, weights_name):
       file = os.path.join(path, name)
       if not os.path.isfile(file):
         continue
@@ -70,9 +77,9 @@ class WeightsReader:
       break
     else:
       found = sorted(os.listdir(path)) if os.path.isdir(path) else []
-      others = [f for f in found if f.endswith((".bin", ".pt", ".ckpt", ".msgpack"))]
+      others = [f for f in found if f.endswith((".bin", ".pt", ".ckpt", ".h5", ".msgpack"))]
       hint = f"; found {others}, but only safetensors is supported" if others else ""
-      wanted = [n for _, n in _candidates(variant)]
+      wanted = [n for _, n in _candidates(variant, weights_name)]
       raise FileNotFoundError(f"no safetensors weights in {path}: expected one of "
                               f"{wanted}{hint}")
     self._handles = {}
