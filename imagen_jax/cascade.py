@@ -269,6 +269,7 @@ class Cascade:
     self.mesh = mesh
     self.rules = tuple(rules or ()) if mesh is not None else ()
     self._batch_axes, self.num_shards = batch_axes(mesh, self.rules)
+    self._param_shardings = {}
     self.params = {n: self._place_params(self.stages[n], params[n])
                    for n in self.stage_names}
     self.checkpoint_steps = {}
@@ -303,8 +304,11 @@ class Cascade:
     params = nn.unbox(params)
     if self.mesh is None:
       return params
-    boxed = jax.eval_shape(stage.init, jax.random.PRNGKey(0))
-    return jax.device_put(params, parallel.logical_shardings(boxed, self.mesh, self.rules))
+    if stage.name not in self._param_shardings:  # traced once per stage, not per call
+      boxed = jax.eval_shape(stage.init, jax.random.PRNGKey(0))
+      self._param_shardings[stage.name] = parallel.logical_shardings(boxed, self.mesh,
+                                                                     self.rules)
+    return jax.device_put(params, self._param_shardings[stage.name])
 
   def set_params(self, name: str, params: Any) -> None:
     """Replaces one stage's params (e.g. the EMA params during training)."""

@@ -127,5 +127,4 @@ def jit_train_step(stage: Stage, tx, train_config, state_shardings, mesh, rules,
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       return jitted(state, batch, rng, uncond)
 
-  run.jitted = jitted
   return run
