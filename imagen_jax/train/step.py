@@ -112,7 +112,8 @@ def jit_train_step(stage: Stage, tx, train_config, state_shardings, mesh, rules,
   """``train_step`` jitted once with explicit shardings and the state donated.
 
   Returns a function ``(state, batch, rng, uncond) -> (state, metrics)`` that
-  traces and runs under the mesh and the logical-axis rules.
+  traces and runs under the mesh and the logical-axis rules; its ``lower``
+  attribute lowers ahead of time with the same arguments (benchmarks, memory).
   """
   fn = functools.partial(train_step, stage=stage, tx=tx, train_config=train_config,
                          lr_fn=lr_fn)
@@ -127,4 +128,10 @@ def jit_train_step(stage: Stage, tx, train_config, state_shardings, mesh, rules,
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       return jitted(state, batch, rng, uncond)
 
+  def lower(state, batch, rng, uncond):
+    """AOT lowering (arrays or ShapeDtypeStructs) under the mesh and the rules."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return jitted.lower(state, batch, rng, uncond)
+
+  run.lower = lower
   return run

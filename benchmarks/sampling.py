@@ -1,0 +1,135 @@
+"""Compile and run time of a cascade's sampler, at several step counts.
+
+  python -m benchmarks.sampling --config configs/demo.py --steps 25,50,100,200 \\
+      [--batch 16] [--workdir runs/demo] [--json out.json]
+
+Each step count gets a fresh ``Cascade`` (new stage objects, so every jitted
+sampler loop is traced and compiled again) and samples ``--batch`` images
+through every stage, all stages at that step count. Reported per stage: the
+compile time (tracing + lowering + XLA, from JAX's compile events) and the run
+time of the sampling itself. Whole loops are jitted, so compile time should
+not grow with the step count.
+
+Parameters come from ``--workdir`` (a trained run) or, without it, from a
+random initialization: compile and run time do not depend on the values.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+
+from imagen_jax import cascade as cascade_lib
+from imagen_jax import config as config_lib
+from imagen_jax.stages import Stage
+from imagen_jax.text import TextEncoder
+
+
+def random_params(config: Any, seed: int = 0) -> dict:
+  """Stage name → randomly initialized params."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  out = {}
+  for k, name in enumerate(config.stage_order):
+    stage = Stage(config.stages[name], text_dim=config.text.get("dim"))
+    init = jax.jit(lambda r, s=stage: nn.unbox(s.init(r, int(config.text.max_length))))
+    out[name] = init(jax.random.PRNGKey(seed + k))
+  return out
+
+
+def measure(config: Any, steps_list: Sequence[int], batch: int,
+            workdir: Optional[str] = None, prompts: Optional[Sequence[str]] = None,
+            progress: bool = False) -> list[dict]:
+  """One row per step count: per-stage compile/run seconds and compile counts."""
+  prompts = list(prompts or config.train.get("sample_prompts") or ("a red circle",))
+  prompts = (prompts * batch)[:batch]
+  if workdir:
+    params = cascade_lib.load_stage_params(
+        workdir, {n: Stage(config.stages[n], text_dim=config.text.get("dim"))
+                  for n in config.stage_order})[0]
+  else:
+    params = random_params(config)
+  encoder = TextEncoder.from_config(config.text)
+  rows = []
+  for steps in steps_list:
+    cascade = cascade_lib.Cascade(config, params, encoder)
+    start = time.perf_counter()
+    out = cascade.sample(prompts, jax.random.PRNGKey(0), steps=int(steps), progress=progress)
+    wall = time.perf_counter() - start
+    stages = {name: {"compile_s": t.compile_s, "run_s": t.run_s, "compiles": t.compiles}
+              for name, t in out.timings.items()}
+    rows.append({"steps": int(steps), "batch": batch, "wall_s": wall, "stages": stages,
+                 "compile_s": sum(s["compile_s"] for s in stages.values()),
+                 "run_s": sum(s["run_s"] for s in stages.values()),
+                 "finite": bool(np.isfinite(out.final.astype(np.float32)).all())})
+  return rows
+
+
+def format_table(rows: Sequence[dict]) -> str:
+  names = list(rows[0]["stages"]) if rows else []
+  head = ["steps", "cascade compile s", "cascade run s"]
+  for n in names:
+    head += [f"{n} compile s", f"{n} run s"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    cells = [str(r["steps"]), f"{r['compile_s']:.1f}", f"{r['run_s']:.1f}"]
+    for n in names:
+      cells += [f"{r['stages'][n]['compile_s']:.1f}", f"{r['stages'][n]['run_s']:.1f}"]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown CPU"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.sampling",
+                                   description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", required=True, help="cascade config, path.py[:variant]")
+  parser.add_argument("--steps", default="25,50,100,200",
+                      help="comma-separated step counts (every stage uses each)")
+  parser.add_argument("--batch", type=int, default=16, help="images per sample call")
+  parser.add_argument("--workdir", default=None, help="trained run (default: random params)")
+  parser.add_argument("--json", default=None, help="also write the rows to this file")
+  args = parser.parse_args(argv)
+  try:
+    steps = [int(s) for s in args.steps.split(",") if s.strip()]
+    if not steps or min(steps) < 1:
+      raise ValueError(f"--steps must list positive integers, got {args.steps!r}")
+    if args.batch < 1:
+      raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    config = config_lib.load_config(args.config)
+  except (ValueError, FileNotFoundError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  rows = measure(config, steps, args.batch, args.workdir)
+  device = jax.devices()[0]
+  machine = (f"{_cpu_model()}, {os.cpu_count()} cores" if device.platform == "cpu"
+             else f"{jax.device_count()} × {device.device_kind}")
+  print(f"\npython -m benchmarks.sampling {' '.join(argv or sys.argv[1:])}\n"
+        f"{datetime.date.today()}, {machine}, jax {jax.__version__}, batch {args.batch}, "
+        f"params {'from ' + args.workdir if args.workdir else 'random'}\n")
+  print(format_table(rows))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"machine": machine, "date": str(datetime.date.today()),
+                 "jax": jax.__version__, "rows": rows}, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

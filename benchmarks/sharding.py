@@ -1,0 +1,474 @@
+"""Sharding strategies compared on one cascade stage's real, jitted train step.
+
+  python -m benchmarks.sharding --config configs/demo.py --stage base --devices 8 \\
+      --strategies dp,fsdp,tp,fsdp_tp [--batch 32] [--json out.json] \\
+      [--config.stages.base.model.dtype=bfloat16]
+
+For each strategy the stage's train step (``imagen_jax.train.step``, the one
+``train.py`` runs) is compiled ahead of time on a mesh of the first N devices,
+then run on random data. One row per strategy:
+
+* step time: the median of ``--steps`` steps after ``--warmup`` steps, and images/s;
+* per-device bytes: params + EMA + optimizer state as placed (exact, from the
+  shardings), and the compiled program's argument / temporary bytes and peak
+  estimate (XLA's memory analysis);
+* collective bytes per step and device: the operand sizes of every all-gather,
+  reduce-scatter, all-reduce, all-to-all and collective-permute in the compiled
+  HLO (each instruction counted once: ops inside a loop body are not multiplied
+  by the trip count);
+* compile time (lowering + XLA);
+* model FLOPs per step (XLA's cost analysis of the unpartitioned step with
+  rematerialization off, so recomputation is not counted) → achieved TFLOP/s,
+  and MFU when the device's peak is known (bf16 dense peaks; see ``PEAK_FLOPS``).
+
+Meshes: dp = (data N), fsdp = (fsdp N), tp = (data N/T, tensor T),
+fsdp_tp = (fsdp N/T, tensor T), T = ``--tensor`` (default 2). A strategy whose
+compiled program exceeds the device memory, or whose run fails with an
+out-of-memory error, is reported as such; the other rows still run.
+
+On a CPU, ``--devices N`` makes N host devices (XLA's
+``--xla_force_host_platform_device_count``); they share the machine's cores, so
+their step times compare the strategies' overheads, not a pod's speed.
+"""
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import re
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+
+def _requested_devices(argv: Sequence[str]) -> Optional[int]:
+  for i, arg in enumerate(argv):
+    if arg.startswith("--devices="):
+      return int(arg.split("=", 1)[1])
+    if arg == "--devices" and i + 1 < len(argv):
+      return int(argv[i + 1])
+  return None
+
+
+if __name__ == "__main__":
+  # Must happen before jax is imported: N fake host devices on a CPU.
+  _n = _requested_devices(sys.argv[1:])
+  if _n:
+    _flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                    os.environ.get("XLA_FLAGS", ""))
+    os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count={_n}".strip()
+
+# pylint: disable=wrong-import-position
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+from imagen_jax import parallel  # noqa: E402
+from imagen_jax.stages import Stage  # noqa: E402
+from imagen_jax.train import optim, state as state_lib, step as step_lib  # noqa: E402
+from imagen_jax.train.trainer import stage_train_config  # noqa: E402
+
+STRATEGIES = ("dp", "fsdp", "tp", "fsdp_tp")
+
+# Dense bf16 peak FLOP/s per chip, by a substring of ``device.device_kind``
+# (first match wins, so the more specific names come first).
+PEAK_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989.4e12),
+    ("H200", 989.4e12),
+    ("GH200", 989.4e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("L4", 121e12),
+    ("TPU v4", 275e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12),
+    ("TPU v5", 459e12),
+    ("TPU v6 lite", 918e12),
+    ("TPU v6e", 918e12),
+)
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
+               "collective-permute")
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
+                "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1}
+_ARRAY_RE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
+# "%name = <shape> opcode(operands), attrs" (ROOT optional); shape may be a tuple.
+_INSTR_RE = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.+?)\s+([a-z][\w\-]*)\((.*)$")
+
+
+def peak_flops(device_kind: str) -> Optional[float]:
+  """The known dense bf16 peak of one chip, or None (CPUs, unknown chips)."""
+  for name, flops in PEAK_FLOPS:
+    if name.lower() in device_kind.lower():
+      return flops
+  return None
+
+
+def shape_bytes(shape_text: str) -> int:
+  """Bytes of an HLO shape such as ``f32[8,16]{1,0}`` or ``(f32[4], bf16[2,2])``."""
+  total = 0
+  for dtype, dims in _ARRAY_RE.findall(shape_text):
+    if dtype not in _DTYPE_BYTES:
+      continue
+    n = 1
+    for d in filter(None, dims.split(",")):
+      n *= int(d)
+    total += n * _DTYPE_BYTES[dtype]
+  return total
+
+
+def _operand_names(rest: str) -> list[str]:
+  """The %names inside an instruction's top-level operand parentheses."""
+  depth, end = 1, len(rest)
+  for i, ch in enumerate(rest):
+    if ch in "([{":
+      depth += 1
+    elif ch in ")]}":
+      depth -= 1
+      if depth == 0:
+        end = i
+        break
+  return re.findall(r"%([\w.\-]+)", rest[:end])
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+  """Operand bytes of each collective kind in a compiled (per-device) HLO module.
+
+  Async pairs count once (the ``-start``; ``-done`` is skipped). Operands are
+  looked up by name, since optimized HLO prints them without their shapes.
+  """
+  shapes, found = {}, []
+  for line in hlo_text.splitlines():
+    m = _INSTR_RE.match(line)
+    if not m:
+      continue
+    name, shape, opcode, rest = m.groups()
+    shapes[name] = shape
+    kind = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
+    if kind in COLLECTIVES:
+      found.append((kind, _operand_names(rest)))
+  out = {k: 0 for k in COLLECTIVES}
+  for kind, operands in found:
+    out[kind] += sum(shape_bytes(shapes.get(op, "")) for op in operands)
+  return out
+
+
+def mesh_shape(strategy: str, num_devices: int, tensor: int) -> dict[str, int]:
+  """The mesh of a strategy on N devices (see the module docstring)."""
+  if strategy not in STRATEGIES:
+    raise ValueError(f"unknown strategy {strategy!r}; expected some of {STRATEGIES}")
+  if strategy == "dp":
+    return {"data": num_devices}
+  if strategy == "fsdp":
+    return {"fsdp": num_devices}
+  if tensor < 1 or num_devices % tensor:
+    raise ValueError(f"--tensor={tensor} does not divide {num_devices} devices")
+  outer = "data" if strategy == "tp" else "fsdp"
+  return {outer: num_devices // tensor, "tensor": tensor}
+
+
+def _tree_bytes(abstract: Any, shardings: Any = None) -> int:
+  """Bytes of a tree of arrays, whole or (with shardings) one device's shard."""
+  total = 0
+  leaves = jax.tree.leaves(abstract)
+  shards = jax.tree.leaves(shardings) if shardings is not None else [None] * len(leaves)
+  for a, s in zip(leaves, shards):
+    shape = s.shard_shape(a.shape) if s is not None else a.shape
+    total += int(np.prod(shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize
+  return total
+
+
+def _is_oom(err: Exception) -> bool:
+  text = str(err)
+  return any(s in text for s in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory",
+                                 "OOM"))
+
+
+@dataclasses.dataclass
+class Row:
+  """One strategy's measurements (bytes per device unless named total)."""
+  strategy: str
+  mesh: dict
+  status: str = "ok"                 # 'ok', 'does not fit: ...', 'OOM: ...', 'error: ...'
+  batch: int = 0
+  step_s: Optional[float] = None     # median step time
+  step_s_min: Optional[float] = None
+  images_per_s: Optional[float] = None
+  compile_s: Optional[float] = None
+  state_bytes: int = 0               # params + EMA + optimizer state on one device
+  state_bytes_total: int = 0         # the same, whole (all devices together)
+  state_ratio: Optional[float] = None  # state_bytes / (total / N); 1.0 = perfectly split
+  argument_bytes: Optional[int] = None
+  temp_bytes: Optional[int] = None
+  peak_bytes: Optional[int] = None   # argument + output - aliased + temporaries
+  collective_bytes: dict = dataclasses.field(default_factory=dict)
+  model_flops: Optional[float] = None  # per step, all devices together
+  tflops_per_s: Optional[float] = None  # achieved model TFLOP/s, all devices
+  mfu: Optional[float] = None
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      tree, shardings)
+
+
+def _batch_abstract(batch: int, stage: Stage, text_len: int, text_dim: int,
+                    shardings: Any) -> dict:
+  r = stage.resolution
+  return {"image": jax.ShapeDtypeStruct((batch, r, r, 3), jnp.uint8,
+                                        sharding=shardings["image"]),
+          "text_emb": jax.ShapeDtypeStruct((batch, text_len, text_dim), jnp.float32,
+                                           sharding=shardings["text_emb"]),
+          "text_mask": jax.ShapeDtypeStruct((batch, text_len), jnp.bool_,
+                                            sharding=shardings["text_mask"])}
+
+
+def _random_batch(abstract: dict, seed: int = 0) -> dict:
+  rs = np.random.RandomState(seed)
+  image = abstract["image"]
+  b, l = abstract["text_mask"].shape
+  host = {"image": rs.randint(0, 256, image.shape).astype(np.uint8),
+          "text_emb": rs.randn(*abstract["text_emb"].shape).astype(np.float32),
+          "text_mask": np.arange(l)[None, :].repeat(b, 0) < rs.randint(1, l + 1, (b, 1))}
+  return {k: jax.device_put(v, abstract[k].sharding) for k, v in host.items()}
+
+
+def _uncond(text_len: int, text_dim: int, sharding) -> dict:
+  return {"text_emb": jax.device_put(np.zeros((text_len, text_dim), np.float32), sharding),
+          "text_mask": jax.device_put(np.arange(text_len) < 1, sharding)}
+
+
+def model_flops(config: Any, stage_name: str, batch: int) -> Optional[float]:
+  """FLOPs of one train step of the whole batch, rematerialization off (XLA cost model)."""
+  cfg = config.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.stages[stage_name].model.remat = False
+  stage = Stage(cfg.stages[stage_name])
+  tc = stage_train_config(cfg, stage_name)
+  tx = optim.make_optimizer(tc)
+  text_len, text_dim = int(cfg.text.max_length), int(cfg.text.dim)
+  _, abstract = state_lib.state_shardings(stage, tx, None, None, text_len)
+  fn = step_lib.jit_train_step(stage, tx, tc, None, None, None)
+  none = {"image": None, "text_emb": None, "text_mask": None}
+  lowered = fn.lower(abstract, _batch_abstract(batch, stage, text_len, text_dim, none),
+                     jax.ShapeDtypeStruct((2,), jnp.uint32),
+                     {"text_emb": jax.ShapeDtypeStruct((text_len, text_dim), jnp.float32),
+                      "text_mask": jax.ShapeDtypeStruct((text_len,), jnp.bool_)})
+  cost = lowered.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def bench_strategy(config: Any, stage_name: str, strategy: str,
+                   devices: Sequence[jax.Device], *, batch: int, tensor: int = 2,
+                   steps: int = 5, warmup: int = 2, flops: Optional[float] = None,
+                   seed: int = 0) -> Row:
+  """Compiles and runs the stage's train step under one strategy; never raises for OOM."""
+  n = len(devices)
+  row = Row(strategy=strategy, mesh=mesh_shape(strategy, n, tensor), batch=batch)
+  mesh = parallel.make_mesh({"shape": row.mesh}, devices)
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch % dp:
+    row.status = f"error: batch {batch} does not split over the {dp} data-parallel devices"
+    return row
+  rules = parallel.logical_rules(strategy)
+  stage = Stage(config.stages[stage_name])
+  tc = stage_train_config(config, stage_name)
+  tx, lr_fn = optim.make_optimizer(tc), optim.lr_schedule(tc)
+  text_len, text_dim = int(config.text.max_length), int(config.text.dim)
+  shardings, abstract = state_lib.state_shardings(stage, tx, mesh, rules, text_len)
+  row.state_bytes = _tree_bytes(abstract, shardings)
+  row.state_bytes_total = _tree_bytes(abstract)
+  row.state_ratio = row.state_bytes / (row.state_bytes_total / n)
+  step_fn = step_lib.jit_train_step(stage, tx, tc, shardings, mesh, rules, lr_fn)
+  replicated = NamedSharding(mesh, P())
+  batch_abs = _batch_abstract(batch, stage, text_len, text_dim,
+                              step_lib.batch_shardings(mesh))
+  rng = jax.device_put(jax.random.PRNGKey(seed), replicated)
+  uncond = _uncond(text_len, text_dim, replicated)
+  try:
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(_abstract(abstract, shardings), batch_abs, rng, uncond).compile()
+    row.compile_s = time.perf_counter() - t0
+  except Exception as err:  # pylint: disable=broad-except
+    row.status = ("OOM at compile: " if _is_oom(err) else "error at compile: ") + \
+        str(err).splitlines()[0][:200]
+    return row
+  mem = compiled.memory_analysis()
+  if mem is not None:
+    row.argument_bytes = int(mem.argument_size_in_bytes)
+    row.temp_bytes = int(mem.temp_size_in_bytes)
+    row.peak_bytes = int(mem.argument_size_in_bytes + mem.output_size_in_bytes
+                         - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
+  row.collective_bytes = collective_bytes(compiled.as_text())
+  limit = _memory_limit(devices[0])
+  if limit and row.peak_bytes and row.peak_bytes > limit:
+    row.status = (f"does not fit: needs ~{row.peak_bytes / 2**30:.1f} GiB per device, "
+                  f"{limit / 2**30:.1f} GiB available")
+    return row
+  try:
+    state, _ = state_lib.create_train_state(jax.random.PRNGKey(seed), stage, tx, mesh,
+                                            rules, text_len)
+    data = _random_batch(batch_abs, seed)
+    times = []
+    for i in range(warmup + steps):
+      t0 = time.perf_counter()
+      state, metrics = compiled(state, data, rng, uncond)
+      jax.block_until_ready((state, metrics))
+      if i >= warmup:
+        times.append(time.perf_counter() - t0)
+    if not np.isfinite(float(metrics["loss"])):
+      row.status = "error: non-finite loss"
+    del state
+  except Exception as err:  # pylint: disable=broad-except
+    if not _is_oom(err):
+      raise
+    row.status = "OOM at run: " + str(err).splitlines()[0][:200]
+    return row
+  row.step_s = float(np.median(times))
+  row.step_s_min = float(np.min(times))
+  row.images_per_s = batch / row.step_s
+  if flops:
+    row.model_flops = flops
+    row.tflops_per_s = flops / row.step_s / 1e12
+    peak = peak_flops(devices[0].device_kind)
+    if peak:
+      row.mfu = flops / row.step_s / (peak * n)
+  return row
+
+
+def _memory_limit(device: jax.Device) -> Optional[int]:
+  try:
+    stats = device.memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+
+
+def machine_description(devices: Sequence[jax.Device]) -> str:
+  d = devices[0]
+  if d.platform == "cpu":
+    model = platform.processor() or "CPU"
+    try:
+      with open("/proc/cpuinfo") as f:
+        for line in f:
+          if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    except OSError:
+      pass
+    return (f"{len(devices)} host devices (fake) on {model}, {os.cpu_count()} cores")
+  return f"{len(devices)} × {d.device_kind}"
+
+
+def _mib(x: Optional[int]) -> str:
+  return "—" if x is None else f"{x / 2**20:.1f}"
+
+
+def format_table(rows: Sequence[Row]) -> str:
+  head = ("strategy", "mesh", "step ms", "img/s", "compile s", "state MiB/dev",
+          "state ×(total/N)", "temp MiB", "peak MiB", "collective MiB/step", "TFLOP/s",
+          "MFU", "status")
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    coll = sum(r.collective_bytes.values()) if r.collective_bytes else None
+    kinds = ", ".join(f"{k} {v / 2**20:.1f}" for k, v in r.collective_bytes.items() if v)
+    cells = (
+        r.strategy, "×".join(f"{k} {v}" for k, v in r.mesh.items()),
+        "—" if r.step_s is None else f"{1e3 * r.step_s:.1f}",
+        "—" if r.images_per_s is None else f"{r.images_per_s:.1f}",
+        "—" if r.compile_s is None else f"{r.compile_s:.1f}",
+        _mib(r.state_bytes), "—" if r.state_ratio is None else f"{r.state_ratio:.3f}",
+        _mib(r.temp_bytes), _mib(r.peak_bytes),
+        "—" if coll is None else (f"{coll / 2**20:.1f}" + (f" ({kinds})" if kinds else "")),
+        "—" if r.tflops_per_s is None else f"{r.tflops_per_s:.3f}",
+        "—" if r.mfu is None else f"{100 * r.mfu:.1f}%", r.status)
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def _versions() -> dict:
+  import flax  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  import jaxlib  # pylint: disable=import-outside-toplevel
+  return {"python": platform.python_version(), "jax": jax.__version__,
+          "jaxlib": jaxlib.__version__, "flax": flax.__version__, "optax": optax.__version__}
+
+
+def run(config: Any, stage_name: Optional[str], strategies: Sequence[str], *,
+        num_devices: Optional[int] = None, batch: Optional[int] = None, tensor: int = 2,
+        steps: int = 5, warmup: int = 2, progress=print) -> dict:
+  """Benchmarks the strategies; returns {'meta': ..., 'rows': [Row as dict, ...]}."""
+  stage_name = stage_name or config.stage_order[0]
+  if stage_name not in config.stages:
+    raise ValueError(f"no stage {stage_name!r} in the config; it has {list(config.stages)}")
+  unknown = [s for s in strategies if s not in STRATEGIES]
+  if unknown:
+    raise ValueError(f"unknown strategies {unknown}; expected some of {STRATEGIES}")
+  devices = jax.devices()
+  if num_devices:
+    if num_devices > len(devices):
+      raise ValueError(f"--devices={num_devices} but only {len(devices)} "
+                       f"{devices[0].platform} devices are present")
+    devices = devices[:num_devices]
+  batch = int(batch or config.train.batch_size)
+  flops = model_flops(config, stage_name, batch)
+  rows = []
+  for strategy in strategies:
+    progress(f"[{stage_name}] {strategy} ...")
+    rows.append(bench_strategy(config, stage_name, strategy, devices, batch=batch,
+                               tensor=tensor, steps=steps, warmup=warmup, flops=flops))
+  meta = {"stage": stage_name, "batch": batch, "devices": len(devices),
+          "machine": machine_description(devices), "device_kind": devices[0].device_kind,
+          "date": datetime.date.today().isoformat(), "versions": _versions(),
+          "steps": steps, "warmup": warmup, "model_flops_per_step": flops,
+          "command": " ".join([os.path.basename(sys.executable), "-m", "benchmarks.sharding"]
+                              + sys.argv[1:])}
+  return {"meta": meta, "rows": [dataclasses.asdict(r) for r in rows], "_rows": rows}
+
+
+def main(argv: Sequence[str]) -> int:
+  # Flags are defined here so that importing this module defines none.
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
+  config_flag = config_flags.DEFINE_config_file("config", None, "cascade config file")
+  stage = flags.DEFINE_string("stage", None, "stage to benchmark (default: the first)")
+  flags.DEFINE_integer("devices", None, "use the first N devices (CPU: N fake devices)")
+  strategies = flags.DEFINE_list("strategies", list(STRATEGIES), "strategies to compare")
+  batch = flags.DEFINE_integer("batch", None, "global batch (default: config.train)")
+  tensor = flags.DEFINE_integer("tensor", 2, "tensor-parallel size of tp and fsdp_tp")
+  steps = flags.DEFINE_integer("steps", 5, "timed steps per strategy")
+  warmup = flags.DEFINE_integer("warmup", 2, "untimed steps after compiling")
+  out = flags.DEFINE_string("json", None, "also write the results to this JSON file")
+  flags.mark_flag_as_required("config")
+  rest = flags.FLAGS(list(argv))
+  if len(rest) > 1:
+    print(f"unexpected arguments: {rest[1:]}", file=sys.stderr)
+    return 2
+  try:
+    result = run(config_flag.value, stage.value, strategies.value,
+                 num_devices=flags.FLAGS.devices, batch=batch.value, tensor=tensor.value,
+                 steps=steps.value, warmup=warmup.value)
+  except ValueError as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  meta = result["meta"]
+  print(f"\n{meta['command']}\n{meta['date']}, {meta['machine']}, stage {meta['stage']}, "
+        f"batch {meta['batch']}, jax {meta['versions']['jax']}, "
+        f"model FLOPs/step {meta['model_flops_per_step'] or 0:.3e}\n")
+  print(format_table(result["_rows"]))
+  if out.value:
+    with open(out.value, "w") as f:
+      json.dump({k: v for k, v in result.items() if k != "_rows"}, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))
