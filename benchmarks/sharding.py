@@ -307,7 +307,7 @@ def bench_strategy(config: Any, stage_name: str, strategy: str,
     row.peak_bytes = int(mem.argument_size_in_bytes + mem.output_size_in_bytes
                          - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
   row.collective_bytes = collective_bytes(compiled.as_text())
-  limit = _memory_limit(devices[0])
+  limit = _memory_limit(devices[0], n)
   if limit and row.peak_bytes and row.peak_bytes > limit:
     row.status = (f"does not fit: needs ~{row.peak_bytes / 2**30:.1f} GiB per device, "
                   f"{limit / 2**30:.1f} GiB available")
@@ -343,7 +343,18 @@ def bench_strategy(config: Any, stage_name: str, strategy: str,
   return row
 
 
-def _memory_limit(device: jax.Device) -> Optional[int]:
+def _memory_limit(device: jax.Device, num_devices: int = 1) -> Optional[int]:
+  """Bytes one device may use: its allocator's limit, or for host (CPU) devices,
+  which share the machine's memory, MemAvailable / num_devices."""
+  if device.platform == "cpu":
+    try:
+      with open("/proc/meminfo") as f:
+        for line in f:
+          if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024 // max(num_devices, 1)
+    except OSError:
+      return None
+    return None
   try:
     stats = device.memory_stats()
   except Exception:  # pylint: disable=broad-except

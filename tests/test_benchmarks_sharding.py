@@ -85,7 +85,7 @@ def test_fsdp_row_splits_state_and_runs(tiny_config):
 
 
 def test_a_strategy_that_does_not_fit_is_reported(tiny_config, monkeypatch):
-  monkeypatch.setattr(bench, "_memory_limit", lambda device: 1024)
+  monkeypatch.setattr(bench, "_memory_limit", lambda device, n=1: 1024)
   row = bench.bench_strategy(tiny_config, "base", "dp", jax.devices()[:8], batch=8,
                              steps=1, warmup=0)
   assert row.status.startswith("does not fit"), row.status

@@ -1,0 +1,145 @@
+"""The kernels behind the peer ratios: 3×3 convolution and attention, JAX vs PyTorch.
+
+  python -m benchmarks.kernels [--json out.json]          # JAX only
+  PEERS_VENV/bin/python -m benchmarks.kernels             # JAX and PyTorch side by side
+
+Shapes are those of the IF-shaped network of ``benchmarks.peers`` (width 64,
+64×64, guided sampling's 2B = 8 rows): the 3×3 convolutions of each level and
+the self+cross attention at 32×32 (1024 image tokens + 77 text tokens, 2 heads
+of 64). Each kernel is timed forward, and forward + backward (gradients of a
+sum of squares with respect to every input: what a train step pays). fp32, the
+median of ``--repeats`` calls after a warm-up. PyTorch uses its defaults:
+oneDNN convolutions and ``scaled_dot_product_attention`` (a fused, flash-style
+kernel on CPU); XLA:CPU compiles the same math from ``lax.conv`` and einsums.
+"""
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+CONVS = ((8, 64, 64, 64), (8, 32, 128, 128), (8, 16, 192, 192), (8, 8, 256, 256))
+ATTENTION = (8, 1024, 77, 2, 64)   # batch, image tokens, text tokens, heads, head dim
+
+
+def _median_ms(fn, repeats: int) -> float:
+  fn()
+  runs = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    runs.append(time.perf_counter() - t0)
+  return 1e3 * statistics.median(runs)
+
+
+def _jax_conv(x, w):
+  return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _jax_attention(q, k, v):
+  # The math of imagen_jax.models.layers._masked_softmax_attention (no mask).
+  logits = jnp.einsum("btnd,bsnd->bnts", q, k)
+  return jnp.einsum("bnts,bsnd->btnd", jax.nn.softmax(logits, axis=-1), v)
+
+
+def _jax_pair(fn, *args, repeats):
+  fwd = jax.jit(fn)
+  grad = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) ** 2), argnums=tuple(range(len(args)))))
+  return (_median_ms(lambda: jax.block_until_ready(fwd(*args)), repeats),
+          _median_ms(lambda: jax.block_until_ready(grad(*args)), repeats))
+
+
+def _torch_pair(fn, *shapes, repeats):
+  import torch  # pylint: disable=import-outside-toplevel
+  args = [torch.randn(*s, requires_grad=True) for s in shapes]
+
+  def fwd():
+    with torch.no_grad():
+      fn(*args)
+
+  def both():
+    for a in args:
+      a.grad = None
+    fn(*args).pow(2).sum().backward()
+
+  return _median_ms(fwd, repeats), _median_ms(both, repeats)
+
+
+def run(repeats: int = 10, with_torch: bool = True) -> list[dict]:
+  rows = []
+  torch = None
+  if with_torch:
+    try:
+      import torch  # pylint: disable=import-outside-toplevel,redefined-outer-name
+    except ImportError:
+      torch = None
+  rng = np.random.default_rng(0)
+  for b, r, c, o in CONVS:
+    x = jnp.asarray(rng.standard_normal((b, r, r, c), np.float32))
+    w = jnp.asarray(0.05 * rng.standard_normal((3, 3, c, o), np.float32))
+    row = {"kernel": f"conv3x3 {b}×{r}×{r}×{c}→{o}",
+           "gflop_fwd": 2 * b * r * r * c * o * 9 / 1e9}
+    row["jax_fwd_ms"], row["jax_fwd_bwd_ms"] = _jax_pair(_jax_conv, x, w, repeats=repeats)
+    if torch is not None:
+      conv = lambda x, w: torch.nn.functional.conv2d(x, w, padding=1)
+      row["torch_fwd_ms"], row["torch_fwd_bwd_ms"] = _torch_pair(
+          conv, (b, c, r, r), (o, c, 3, 3), repeats=repeats)
+    rows.append(row)
+  b, t, l, n, d = ATTENTION
+  q = jnp.asarray(rng.standard_normal((b, t, n, d), np.float32) * d ** -0.5)
+  k = jnp.asarray(rng.standard_normal((b, t + l, n, d), np.float32))
+  v = jnp.asarray(rng.standard_normal((b, t + l, n, d), np.float32))
+  row = {"kernel": f"attention {b}×{n} heads, {t} queries × {t + l} keys, d {d}",
+         "gflop_fwd": 4 * b * n * t * (t + l) * d / 1e9}
+  row["jax_fwd_ms"], row["jax_fwd_bwd_ms"] = _jax_pair(_jax_attention, q, k, v,
+                                                       repeats=repeats)
+  if torch is not None:
+    sdpa = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    row["torch_fwd_ms"], row["torch_fwd_bwd_ms"] = _torch_pair(
+        sdpa, (b, n, t, d), (b, n, t + l, d), (b, n, t + l, d), repeats=repeats)
+  rows.append(row)
+  return rows
+
+
+def format_table(rows: list[dict]) -> str:
+  has_torch = any("torch_fwd_ms" in r for r in rows)
+  head = ["kernel", "GFLOP fwd", "JAX fwd ms", "JAX fwd+bwd ms"]
+  if has_torch:
+    head += ["torch fwd ms", "torch fwd+bwd ms", "JAX/torch fwd", "JAX/torch fwd+bwd"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    cells = [r["kernel"], f"{r['gflop_fwd']:.2f}", f"{r['jax_fwd_ms']:.1f}",
+             f"{r['jax_fwd_bwd_ms']:.1f}"]
+    if has_torch:
+      cells += [f"{r['torch_fwd_ms']:.1f}", f"{r['torch_fwd_bwd_ms']:.1f}",
+                f"{r['jax_fwd_ms'] / r['torch_fwd_ms']:.2f}",
+                f"{r['jax_fwd_bwd_ms'] / r['torch_fwd_bwd_ms']:.2f}"]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.kernels",
+                                   description=__doc__.split("\n\n")[0])
+  parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--no-torch", action="store_true", help="time JAX only")
+  parser.add_argument("--json", default=None)
+  args = parser.parse_args(argv)
+  rows = run(args.repeats, with_torch=not args.no_torch)
+  print(f"{datetime.date.today()}, jax {jax.__version__}, {jax.devices()[0].device_kind}")
+  print(format_table(rows))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"date": str(datetime.date.today()), "jax": jax.__version__, "rows": rows},
+                f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
