@@ -2,7 +2,7 @@
 
   python -m benchmarks.op_profile [--batch 8] [--width 64] [--json out.json]
 
-Builds our UNet in the IF-I block structure of ``benchmarks.peers`` (no PyTorch
+Builds our UNet in the IF-I block structure of ``benchmarks.peer_if`` (no PyTorch
 needed: the diffusers config is mapped by ``if_config.diffusers_config_to_model``,
 random weights), then traces ``--calls`` jitted forwards (2B rows, as guided
 sampling runs it) and train steps (ε-MSE + AdamW, as ``benchmarks.peers``) under
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks import peers
+from benchmarks import peer_if, peers
 from imagen_jax.convert import if_config
 from imagen_jax.diffusion import schedules
 from imagen_jax.models import UNet, UNetConfig
@@ -93,7 +93,7 @@ def profile(fn, args, calls: int) -> tuple[dict, float]:
 
 
 def build(width: int, res: int, batch: int):
-  cfg = if_config.diffusers_config_to_model(peers.if_unet_config(width, res))
+  cfg = if_config.diffusers_config_to_model(peer_if.if_unet_config(width, res))
   model = UNet(UNetConfig.from_config(cfg))
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((batch, res, res, 3), np.float32))
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
   results[f"forward (B={args.batch})"] = profile(fwd, (params, x, t, text), args.calls)
   ac = schedules.alphas_cumprod(schedules.betas_squaredcos_cap_v2(1000)).astype(np.float32)
   tx = optax.adamw(peers.LR, b1=peers.BETAS[0], b2=peers.BETAS[1], weight_decay=peers.WD)
-  step = peers.jax_if_train_step(model, tx, ac)
+  step = peer_if.jax_if_train_step(model, tx, ac)
   b = args.train_batch
   state = (params, tx.init(params))
   step_args = (*state, jax.random.PRNGKey(1), jnp.tanh(x[:b]), text[:b])
