@@ -79,6 +79,21 @@ def test_strategies_match_single_device(tmp_path):
     assert max(jax.tree.leaves(moved)) > 1e-4
 
 
+def test_adafactor_steps_under_fsdp_like_on_one_device(tmp_path):
+  """Adafactor's factored moments (not shaped like the params, so replicated) step
+  under FSDP exactly as on one device, and the step moves the parameters."""
+  config = _tiny_config(tmp_path, optimizer="adafactor", warmup_steps=0, lr=1e-2,
+                        weight_decay=0.0)
+  ref_params, ref_loss = _one_step(config, None)
+  params, loss = _one_step(config, "fsdp")
+  assert np.isfinite(loss) and abs(loss - ref_loss) < 1e-5
+  diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params, ref_params)
+  assert max(jax.tree.leaves(diffs)) < 1e-5
+  init = nn.unbox(Stage(config.stages.base).init(jax.random.PRNGKey(0), 6))
+  moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params, init)
+  assert max(jax.tree.leaves(moved)) > 1e-4
+
+
 def test_fsdp_splits_params_and_optimizer_state(tmp_path):
   config = _tiny_config(tmp_path)
   stage = Stage(config.stages.base)

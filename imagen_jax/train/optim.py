@@ -26,7 +26,12 @@ def make_optimizer(train_config: Any) -> optax.GradientTransformation:
   if c.optimizer == "adamw":
     opt = optax.adamw(schedule, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay)
   elif c.optimizer == "adafactor":
-    opt = optax.adafactor(schedule, weight_decay_rate=c.weight_decay or None)
+    # Absolute step sizes, as with AdamW: optax's default relative step (updates
+    # scaled by max(RMS(param), 1e-3)) barely moves the UNets' zero-initialized
+    # output layers (1e-5 per step at lr 1e-2, measured), and those layers gate
+    # every other gradient at the start of training.
+    opt = optax.adafactor(schedule, multiply_by_parameter_scale=False,
+                          weight_decay_rate=c.weight_decay or None)
   else:
     raise ValueError(f"unknown optimizer {c.optimizer!r}; expected 'adamw' or 'adafactor'")
   if c.grad_clip and c.grad_clip > 0:
