@@ -159,3 +159,24 @@ def test_cli_prints_table_and_total(capsys):
   assert any("down4 attention" in line for line in lines)
   total = int(lines[-1].removeprefix("total params: "))
   assert 360e6 <= total <= 440e6
+
+
+@pytest.mark.parametrize("shape, groups", [((2, 8, 8, 32), 8), ((3, 5, 40), 4),
+                                           ((2, 4, 4, 4, 16), 16)])
+def test_group_norm_matches_flax(shape, groups):
+  """Our GroupNorm (per-channel sums first) is flax's GroupNorm, values and gradients."""
+  from imagen_jax.models.layers import GroupNorm  # pylint: disable=import-outside-toplevel
+  x = jax.random.normal(jax.random.PRNGKey(0), shape) * 3.0 + 1.0
+  ours = GroupNorm(num_groups=groups, epsilon=1e-5)
+  params = nn.unbox(ours.init(jax.random.PRNGKey(1), x))
+  params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.PRNGKey(2), a.shape),
+                        params)
+  ref = nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=jnp.float32)
+  loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))
+  np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), atol=5e-6)
+  g_ours = jax.grad(loss(ours), argnums=(0, 1))(params, x)
+  g_ref = jax.grad(loss(ref), argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4)
+  with pytest.raises(ValueError, match="do not split into"):
+    GroupNorm(num_groups=3).init(jax.random.PRNGKey(0), x)

@@ -67,13 +67,46 @@ def conv(features, names, *, kernel=3, stride=1, dtype, param_dtype, zero_init=F
                  name=name)
 
 
-def group_norm(groups: int, eps: float, *, param_dtype, name=None) -> nn.GroupNorm:
+class GroupNorm(nn.Module):
+  """GroupNorm of [B, ..., C] over the middle axes and each group's channels,
+  computed in float32 (the output is float32); parameters ``scale`` and ``bias``
+  as in ``flax.linen.GroupNorm``, and the same math (variance E[x²] − E[x]²).
+
+  The statistics are reduced per channel over the middle axes first (channels
+  stay the contiguous minor dimension), then over each group's channels:
+  ``benchmarks/kernels``-style timing on the 2-core CPU gave 1.5 ms instead of
+  flax's 7.3 ms for an 8×64×64×64 forward, 4.4 instead of 7.7 ms with its backward.
+  """
+  num_groups: int
+  epsilon: float = 1e-5
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, c = x.shape[0], x.shape[-1]
+    if c % self.num_groups:
+      raise ValueError(f"{c} channels do not split into {self.num_groups} groups")
+    per_group = c // self.num_groups
+    scale = self.param("scale", _named(nn.initializers.ones_init(), (axes.NORM,)), (c,),
+                       self.param_dtype)
+    bias = self.param("bias", _named(nn.initializers.zeros_init(), (axes.NORM,)), (c,),
+                      self.param_dtype)
+    x = x.astype(jnp.float32)
+    middle = tuple(range(1, x.ndim - 1))
+    count = per_group * math.prod(x.shape[1:-1])
+    group_sum = lambda v: v.sum(middle).reshape(b, self.num_groups, per_group).sum(-1)
+    mean = group_sum(x) / count
+    var = jnp.maximum(group_sum(jnp.square(x)) / count - jnp.square(mean), 0.0)
+    inv = jnp.repeat(jax.lax.rsqrt(var + self.epsilon), per_group, axis=1)   # [B, C]
+    mul = inv * scale.astype(jnp.float32)
+    add = bias.astype(jnp.float32) - jnp.repeat(mean, per_group, axis=1) * mul
+    bshape = (b,) + (1,) * len(middle) + (c,)
+    return x * mul.reshape(bshape) + add.reshape(bshape)
+
+
+def group_norm(groups: int, eps: float, *, param_dtype, name=None) -> GroupNorm:
   """GroupNorm computed in float32 (its output is float32)."""
-  return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=jnp.float32,
-                      param_dtype=param_dtype,
-                      scale_init=_named(nn.initializers.ones_init(), (axes.NORM,)),
-                      bias_init=_named(nn.initializers.zeros_init(), (axes.NORM,)),
-                      name=name)
+  return GroupNorm(num_groups=groups, epsilon=eps, param_dtype=param_dtype, name=name)
 
 
 def layer_norm(eps: float, *, param_dtype, name=None) -> nn.LayerNorm:
