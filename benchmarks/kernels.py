@@ -1,13 +1,15 @@
-"""The kernels behind the peer ratios: 3×3 convolution and attention, JAX vs PyTorch.
+"""The kernels behind the peer ratios: convolution, group norm and attention, JAX vs PyTorch.
 
   python -m benchmarks.kernels [--json out.json]          # JAX only
   PEERS_VENV/bin/python -m benchmarks.kernels             # JAX and PyTorch side by side
 
 Shapes are those of the IF-shaped network of ``benchmarks.peers`` (width 64,
-64×64, guided sampling's 2B = 8 rows): the 3×3 convolutions of each level and
-the self+cross attention at 32×32 (1024 image tokens + 77 text tokens, 2 heads
-of 64). Each kernel is timed forward, and forward + backward (gradients of a
-sum of squares with respect to every input: what a train step pays). fp32, the
+64×64, guided sampling's 2B = 8 rows): the 3×3 convolutions of each level (the
+first also with only its weight gradient), the group norm at 64×64 (flax's
+``nn.GroupNorm`` and ours), and the self+cross attention at 32×32 (1024 image
+tokens + 77 text tokens, 2 heads of 64). Each kernel is timed forward, and
+forward + backward (gradients of a sum of squares with respect to every input
+unless the row says otherwise: what a train step pays). fp32, the
 median of ``--repeats`` calls after a warm-up. PyTorch uses its defaults:
 oneDNN convolutions and ``scaled_dot_product_attention`` (a fused, flash-style
 kernel on CPU); XLA:CPU compiles the same math from ``lax.conv`` and einsums.
@@ -19,11 +21,16 @@ import json
 import statistics
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import markdown_table
+from imagen_jax.models import layers
+
 CONVS = ((8, 64, 64, 64), (8, 32, 128, 128), (8, 16, 192, 192), (8, 8, 256, 256))
+GROUP_NORM = (8, 64, 64, 32)      # batch, size, channels (64), groups
 ATTENTION = (8, 1024, 77, 2, 64)   # batch, image tokens, text tokens, heads, head dim
 
 
@@ -48,16 +55,20 @@ def _jax_attention(q, k, v):
   return jnp.einsum("bnts,bsnd->btnd", jax.nn.softmax(logits, axis=-1), v)
 
 
-def _jax_pair(fn, *args, repeats):
+def _jax_pair(fn, *args, repeats, argnums=None):
+  """(forward ms, forward + gradient ms) of ``fn``; gradients w.r.t. ``argnums`` (all)."""
+  argnums = tuple(range(len(args))) if argnums is None else argnums
   fwd = jax.jit(fn)
-  grad = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) ** 2), argnums=tuple(range(len(args)))))
+  grad = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) ** 2), argnums=argnums))
   return (_median_ms(lambda: jax.block_until_ready(fwd(*args)), repeats),
           _median_ms(lambda: jax.block_until_ready(grad(*args)), repeats))
 
 
-def _torch_pair(fn, *shapes, repeats):
+def _torch_pair(fn, *shapes, repeats, grads=None):
+  """The same in PyTorch; ``grads``: which inputs need a gradient (all)."""
   import torch  # pylint: disable=import-outside-toplevel
-  args = [torch.randn(*s, requires_grad=True) for s in shapes]
+  grads = (True,) * len(shapes) if grads is None else grads
+  args = [torch.randn(*s, requires_grad=g) for s, g in zip(shapes, grads)]
 
   def fwd():
     with torch.no_grad():
@@ -65,7 +76,7 @@ def _torch_pair(fn, *shapes, repeats):
 
   def both():
     for a in args:
-      a.grad = None
+      a.grad = None   # (inputs without a gradient keep None)
     fn(*args).pow(2).sum().backward()
 
   return _median_ms(fwd, repeats), _median_ms(both, repeats)
@@ -80,16 +91,33 @@ def run(repeats: int = 10, with_torch: bool = True) -> list[dict]:
     except ImportError:
       torch = None
   rng = np.random.default_rng(0)
-  for b, r, c, o in CONVS:
+  conv = lambda x, w: torch.nn.functional.conv2d(x, w, padding=1)
+  for k, (b, r, c, o) in enumerate(CONVS):
     x = jnp.asarray(rng.standard_normal((b, r, r, c), np.float32))
     w = jnp.asarray(0.05 * rng.standard_normal((3, 3, c, o), np.float32))
-    row = {"kernel": f"conv3x3 {b}×{r}×{r}×{c}→{o}",
-           "gflop_fwd": 2 * b * r * r * c * o * 9 / 1e9}
-    row["jax_fwd_ms"], row["jax_fwd_bwd_ms"] = _jax_pair(_jax_conv, x, w, repeats=repeats)
+    name = f"conv3x3 {b}×{r}×{r}×{c}→{o}"
+    # The first shape also alone with its weight gradient (the slow part on XLA:CPU).
+    for what, argnums, grads in ((name, None, None),) + (
+        ((f"{name}, weight gradient only", (1,), (False, True)),) if k == 0 else ()):
+      row = {"kernel": what, "gflop_fwd": 2 * b * r * r * c * o * 9 / 1e9}
+      row["jax_fwd_ms"], row["jax_fwd_bwd_ms"] = _jax_pair(_jax_conv, x, w, repeats=repeats,
+                                                           argnums=argnums)
+      if torch is not None:
+        row["torch_fwd_ms"], row["torch_fwd_bwd_ms"] = _torch_pair(
+            conv, (b, c, r, r), (o, c, 3, 3), repeats=repeats, grads=grads)
+      rows.append(row)
+  b, r, c, g = GROUP_NORM
+  x = jnp.asarray(rng.standard_normal((b, r, r, c), np.float32))
+  for label, module in (("flax nn.GroupNorm", nn.GroupNorm(num_groups=g)),
+                        ("imagen_jax GroupNorm", layers.GroupNorm(num_groups=g))):
+    params = nn.unbox(module.init(jax.random.PRNGKey(0), x))
+    row = {"kernel": f"group norm ({label}) {b}×{r}×{r}×{c}, {g} groups", "gflop_fwd": 0.0}
+    row["jax_fwd_ms"], row["jax_fwd_bwd_ms"] = _jax_pair(
+        lambda p, x, m=module: m.apply(p, x), params, x, repeats=repeats)
     if torch is not None:
-      conv = lambda x, w: torch.nn.functional.conv2d(x, w, padding=1)
+      norm = torch.nn.GroupNorm(g, c)
       row["torch_fwd_ms"], row["torch_fwd_bwd_ms"] = _torch_pair(
-          conv, (b, c, r, r), (o, c, 3, 3), repeats=repeats)
+          norm, (b, c, r, r), repeats=repeats)
     rows.append(row)
   b, t, l, n, d = ATTENTION
   q = jnp.asarray(rng.standard_normal((b, t, n, d), np.float32) * d ** -0.5)
@@ -112,16 +140,17 @@ def format_table(rows: list[dict]) -> str:
   head = ["kernel", "GFLOP fwd", "JAX fwd ms", "JAX fwd+bwd ms"]
   if has_torch:
     head += ["torch fwd ms", "torch fwd+bwd ms", "JAX/torch fwd", "JAX/torch fwd+bwd"]
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  table = []
   for r in rows:
-    cells = [r["kernel"], f"{r['gflop_fwd']:.2f}", f"{r['jax_fwd_ms']:.1f}",
+    cells = [r["kernel"], f"{r['gflop_fwd']:.2f}" if r["gflop_fwd"] else "—",
+             f"{r['jax_fwd_ms']:.1f}",
              f"{r['jax_fwd_bwd_ms']:.1f}"]
     if has_torch:
       cells += [f"{r['torch_fwd_ms']:.1f}", f"{r['torch_fwd_bwd_ms']:.1f}",
                 f"{r['jax_fwd_ms'] / r['torch_fwd_ms']:.2f}",
                 f"{r['jax_fwd_bwd_ms'] / r['torch_fwd_bwd_ms']:.2f}"]
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+    table.append(cells)
+  return markdown_table(head, table)
 
 
 def main(argv=None) -> int:

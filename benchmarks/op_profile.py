@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from benchmarks import peer_if, peers
+from benchmarks.common import hlo_instructions, markdown_table
 from imagen_jax.convert import if_config
 from imagen_jax.diffusion import schedules
 from imagen_jax.models import UNet, UNetConfig
@@ -38,16 +39,7 @@ def op_kinds(hlo_text: str) -> dict[str, str]:
   """HLO instruction name → kind, for every instruction of a compiled module."""
   kinds, calls = {}, {}
   bodies = collections.defaultdict(set)
-  computation = None
-  for line in hlo_text.splitlines():
-    head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
-    if head and not line.startswith(" "):
-      computation = head.group(1)
-      continue
-    m = re.match(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*.+?\s([a-z][\w\-]*)\((.*)$", line)
-    if not m:
-      continue
-    name, opcode, rest = m.groups()
+  for computation, name, _, opcode, rest in hlo_instructions(hlo_text):
     bodies[computation].add(opcode)
     kinds[name] = opcode
     c = re.search(r"calls=%([\w.\-]+)", rest)
@@ -120,22 +112,20 @@ def main(argv=None) -> int:
   results[f"forward (B={args.batch})"] = profile(fwd, (params, x, t, text), args.calls)
   ac = schedules.alphas_cumprod(schedules.betas_squaredcos_cap_v2(1000)).astype(np.float32)
   tx = optax.adamw(peers.LR, b1=peers.BETAS[0], b2=peers.BETAS[1], weight_decay=peers.WD)
-  step = peer_if.jax_if_train_step(model, tx, ac)
+  # Not donated: the profiler calls it several times on the same arguments.
+  step = peer_if.jax_if_train_step(model, tx, ac, donate=False)
   b = args.train_batch
-  state = (params, tx.init(params))
-  step_args = (*state, jax.random.PRNGKey(1), jnp.tanh(x[:b]), text[:b])
-  # Not donated here: the profiler calls the same arguments several times.
-  step = jax.jit(step.__wrapped__) if hasattr(step, "__wrapped__") else step
+  step_args = (params, tx.init(params), jax.random.PRNGKey(1), jnp.tanh(x[:b]), text[:b])
   results[f"train step (B={b})"] = profile(step, step_args, args.calls)
   print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, IF-I shape width "
         f"{args.width}, {args.resolution}×{args.resolution}; seconds per call by op kind")
   head = ["call", "wall s"] + list(_KINDS)
-  print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+  table = []
   for name, (totals, wall) in results.items():
     busy = sum(totals.values())
-    cells = [name, f"{wall:.3f}"] + [
-        f"{totals.get(k, 0.0):.3f} ({100 * totals.get(k, 0.0) / busy:.0f}%)" for k in _KINDS]
-    print("| " + " | ".join(cells) + " |")
+    table.append([name, f"{wall:.3f}"] + [
+        f"{totals.get(k, 0.0):.3f} ({100 * totals.get(k, 0.0) / busy:.0f}%)" for k in _KINDS])
+  print(markdown_table(head, table))
   if args.json:
     with open(args.json, "w") as f:
       json.dump({k: {"by_kind_s": v[0], "wall_s": v[1]} for k, v in results.items()}, f,

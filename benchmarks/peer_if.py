@@ -93,8 +93,9 @@ def torch_if_train_step(unet, opt, x0, text, alphas_cumprod):
   return loss.detach()
 
 
-def jax_if_train_step(model, tx, alphas_cumprod):
-  """The same step in JAX: one jit of value_and_grad + optax AdamW, state donated."""
+def jax_if_train_step(model, tx, alphas_cumprod, donate: bool = True):
+  """The same step in JAX: one jit of value_and_grad + optax AdamW, the params and
+  optimizer state donated (``donate=False`` to call it again on the same arguments)."""
   ac = jnp.asarray(alphas_cumprod, jnp.float32)
 
   def step(params, opt_state, rng, x0, text):
@@ -113,7 +114,7 @@ def jax_if_train_step(model, tx, alphas_cumprod):
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  return jax.jit(step, donate_argnums=(0, 1))
+  return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
 def bench_if(args, workdir: str) -> dict:

@@ -46,6 +46,8 @@ import time
 
 import jax
 
+from benchmarks.common import cpu_model
+
 PEERS = {"if": ("torch", "diffusers"), "imagen": ("torch", "torchvision", "imagen_pytorch")}
 INSTALL_HINT = ("install the peers in a venv that sees this environment: python -m venv "
                 "--system-site-packages VENV && VENV/bin/pip install -r "
@@ -170,12 +172,7 @@ def opt_kind(opt) -> str:
 
 def machine_info() -> dict:
   import importlib.metadata as md
-  cpu = platform.processor()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
-  except OSError:
-    pass
+  cpu = cpu_model()
   versions = {}
   for dist in ("jax", "jaxlib", "flax", "optax", "torch", "diffusers", "imagen-pytorch"):
     try:

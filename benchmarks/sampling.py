@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 from typing import Any, Optional, Sequence
@@ -26,6 +25,7 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
+from benchmarks.common import cpu_model, markdown_table
 from imagen_jax import cascade as cascade_lib
 from imagen_jax import config as config_lib
 from imagen_jax.stages import Stage
@@ -76,24 +76,13 @@ def format_table(rows: Sequence[dict]) -> str:
   head = ["steps", "cascade compile s", "cascade run s"]
   for n in names:
     head += [f"{n} compile s", f"{n} run s"]
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  table = []
   for r in rows:
     cells = [str(r["steps"]), f"{r['compile_s']:.1f}", f"{r['run_s']:.1f}"]
     for n in names:
       cells += [f"{r['stages'][n]['compile_s']:.1f}", f"{r['stages'][n]['run_s']:.1f}"]
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines)
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown CPU"
+    table.append(cells)
+  return markdown_table(head, table)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -118,7 +107,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 2
   rows = measure(config, steps, args.batch, args.workdir)
   device = jax.devices()[0]
-  machine = (f"{_cpu_model()}, {os.cpu_count()} cores" if device.platform == "cpu"
+  machine = (f"{cpu_model()}, {os.cpu_count()} cores" if device.platform == "cpu"
              else f"{jax.device_count()} × {device.device_kind}")
   print(f"\npython -m benchmarks.sampling {' '.join(argv or sys.argv[1:])}\n"
         f"{datetime.date.today()}, {machine}, jax {jax.__version__}, batch {args.batch}, "

@@ -39,6 +39,7 @@ import platform
 import re
 import sys
 import time
+import types
 from typing import Any, Optional, Sequence
 
 
@@ -65,6 +66,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
+from benchmarks.common import cpu_model, hlo_instructions, markdown_table  # noqa: E402
 from imagen_jax import parallel  # noqa: E402
 from imagen_jax.stages import Stage  # noqa: E402
 from imagen_jax.train import optim, state as state_lib, step as step_lib  # noqa: E402
@@ -97,8 +99,6 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16
                 "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
                 "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1}
 _ARRAY_RE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
-# "%name = <shape> opcode(operands), attrs" (ROOT optional); shape may be a tuple.
-_INSTR_RE = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.+?)\s+([a-z][\w\-]*)\((.*)$")
 
 
 def peak_flops(device_kind: str) -> Optional[float]:
@@ -143,11 +143,7 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
   looked up by name, since optimized HLO prints them without their shapes.
   """
   shapes, found = {}, []
-  for line in hlo_text.splitlines():
-    m = _INSTR_RE.match(line)
-    if not m:
-      continue
-    name, shape, opcode, rest = m.groups()
+  for _, name, shape, opcode, rest in hlo_instructions(hlo_text):
     shapes[name] = shape
     kind = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
     if kind in COLLECTIVES:
@@ -243,23 +239,37 @@ def _uncond(text_len: int, text_dim: int, sharding) -> dict:
           "text_mask": jax.device_put(np.arange(text_len) < 1, sharding)}
 
 
+def _step_setup(config: Any, stage_name: str, batch: int, mesh, rules,
+                seed: int = 0) -> types.SimpleNamespace:
+  """The stage's jitted train step and the arguments to lower it with (abstract
+  state and batch, concrete rng and empty-caption text), on ``mesh`` or on none."""
+  stage = Stage(config.stages[stage_name])
+  tc = stage_train_config(config, stage_name)
+  tx = optim.make_optimizer(tc)
+  text_len, text_dim = int(config.text.max_length), int(config.text.dim)
+  shardings, abstract = state_lib.state_shardings(stage, tx, mesh, rules, text_len)
+  step_fn = step_lib.jit_train_step(stage, tx, tc, shardings, mesh, rules,
+                                    optim.lr_schedule(tc))
+  replicated = None if mesh is None else NamedSharding(mesh, P())
+  batch_shardings = (step_lib.batch_shardings(mesh)
+                     or dict.fromkeys(("image", "text_emb", "text_mask")))
+  batch_abs = _batch_abstract(batch, stage, text_len, text_dim, batch_shardings)
+  rng = jax.device_put(jax.random.PRNGKey(seed), replicated)
+  uncond = _uncond(text_len, text_dim, replicated)
+  return types.SimpleNamespace(
+      stage=stage, tx=tx, text_len=text_len, abstract=abstract, shardings=shardings,
+      step_fn=step_fn, batch=batch_abs, rng=rng, uncond=uncond,
+      args=(abstract if mesh is None else _abstract(abstract, shardings), batch_abs, rng,
+            uncond))
+
+
 def model_flops(config: Any, stage_name: str, batch: int) -> Optional[float]:
   """FLOPs of one train step of the whole batch, rematerialization off (XLA cost model)."""
   cfg = config.copy_and_resolve_references()
   with cfg.unlocked():
     cfg.stages[stage_name].model.remat = False
-  stage = Stage(cfg.stages[stage_name])
-  tc = stage_train_config(cfg, stage_name)
-  tx = optim.make_optimizer(tc)
-  text_len, text_dim = int(cfg.text.max_length), int(cfg.text.dim)
-  _, abstract = state_lib.state_shardings(stage, tx, None, None, text_len)
-  fn = step_lib.jit_train_step(stage, tx, tc, None, None, None)
-  none = {"image": None, "text_emb": None, "text_mask": None}
-  lowered = fn.lower(abstract, _batch_abstract(batch, stage, text_len, text_dim, none),
-                     jax.ShapeDtypeStruct((2,), jnp.uint32),
-                     {"text_emb": jax.ShapeDtypeStruct((text_len, text_dim), jnp.float32),
-                      "text_mask": jax.ShapeDtypeStruct((text_len,), jnp.bool_)})
-  cost = lowered.cost_analysis()
+  setup = _step_setup(cfg, stage_name, batch, None, None)
+  cost = setup.step_fn.lower(*setup.args).cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
   return float(cost["flops"]) if cost and "flops" in cost else None
@@ -278,23 +288,13 @@ def bench_strategy(config: Any, stage_name: str, strategy: str,
     row.status = f"error: batch {batch} does not split over the {dp} data-parallel devices"
     return row
   rules = parallel.logical_rules(strategy)
-  stage = Stage(config.stages[stage_name])
-  tc = stage_train_config(config, stage_name)
-  tx, lr_fn = optim.make_optimizer(tc), optim.lr_schedule(tc)
-  text_len, text_dim = int(config.text.max_length), int(config.text.dim)
-  shardings, abstract = state_lib.state_shardings(stage, tx, mesh, rules, text_len)
-  row.state_bytes = _tree_bytes(abstract, shardings)
-  row.state_bytes_total = _tree_bytes(abstract)
+  setup = _step_setup(config, stage_name, batch, mesh, rules, seed)
+  row.state_bytes = _tree_bytes(setup.abstract, setup.shardings)
+  row.state_bytes_total = _tree_bytes(setup.abstract)
   row.state_ratio = row.state_bytes / (row.state_bytes_total / n)
-  step_fn = step_lib.jit_train_step(stage, tx, tc, shardings, mesh, rules, lr_fn)
-  replicated = NamedSharding(mesh, P())
-  batch_abs = _batch_abstract(batch, stage, text_len, text_dim,
-                              step_lib.batch_shardings(mesh))
-  rng = jax.device_put(jax.random.PRNGKey(seed), replicated)
-  uncond = _uncond(text_len, text_dim, replicated)
   try:
     t0 = time.perf_counter()
-    compiled = step_fn.lower(_abstract(abstract, shardings), batch_abs, rng, uncond).compile()
+    compiled = setup.step_fn.lower(*setup.args).compile()
     row.compile_s = time.perf_counter() - t0
   except Exception as err:  # pylint: disable=broad-except
     row.status = ("OOM at compile: " if _is_oom(err) else "error at compile: ") + \
@@ -313,13 +313,13 @@ def bench_strategy(config: Any, stage_name: str, strategy: str,
                   f"{limit / 2**30:.1f} GiB available")
     return row
   try:
-    state, _ = state_lib.create_train_state(jax.random.PRNGKey(seed), stage, tx, mesh,
-                                            rules, text_len)
-    data = _random_batch(batch_abs, seed)
+    state, _ = state_lib.create_train_state(jax.random.PRNGKey(seed), setup.stage,
+                                            setup.tx, mesh, rules, setup.text_len)
+    data = _random_batch(setup.batch, seed)
     times = []
     for i in range(warmup + steps):
       t0 = time.perf_counter()
-      state, metrics = compiled(state, data, rng, uncond)
+      state, metrics = compiled(state, data, setup.rng, setup.uncond)
       jax.block_until_ready((state, metrics))
       if i >= warmup:
         times.append(time.perf_counter() - t0)
@@ -365,16 +365,7 @@ def _memory_limit(device: jax.Device, num_devices: int = 1) -> Optional[int]:
 def machine_description(devices: Sequence[jax.Device]) -> str:
   d = devices[0]
   if d.platform == "cpu":
-    model = platform.processor() or "CPU"
-    try:
-      with open("/proc/cpuinfo") as f:
-        for line in f:
-          if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    except OSError:
-      pass
-    return (f"{len(devices)} host devices (fake) on {model}, {os.cpu_count()} cores")
+    return f"{len(devices)} host devices (fake) on {cpu_model()}, {os.cpu_count()} cores"
   return f"{len(devices)} × {d.device_kind}"
 
 
@@ -386,7 +377,7 @@ def format_table(rows: Sequence[Row]) -> str:
   head = ("strategy", "mesh", "step ms", "img/s", "compile s", "state MiB/dev",
           "state ×(total/N)", "temp MiB", "peak MiB", "collective MiB/step", "TFLOP/s",
           "MFU", "status")
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  table = []
   for r in rows:
     coll = sum(r.collective_bytes.values()) if r.collective_bytes else None
     kinds = ", ".join(f"{k} {v / 2**20:.1f}" for k, v in r.collective_bytes.items() if v)
@@ -400,8 +391,8 @@ def format_table(rows: Sequence[Row]) -> str:
         "—" if coll is None else (f"{coll / 2**20:.1f}" + (f" ({kinds})" if kinds else "")),
         "—" if r.tflops_per_s is None else f"{r.tflops_per_s:.3f}",
         "—" if r.mfu is None else f"{100 * r.mfu:.1f}%", r.status)
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+    table.append(cells)
+  return markdown_table(head, table)
 
 
 def _versions() -> dict:
@@ -414,8 +405,8 @@ def _versions() -> dict:
 
 def run(config: Any, stage_name: Optional[str], strategies: Sequence[str], *,
         num_devices: Optional[int] = None, batch: Optional[int] = None, tensor: int = 2,
-        steps: int = 5, warmup: int = 2, progress=print) -> dict:
-  """Benchmarks the strategies; returns {'meta': ..., 'rows': [Row as dict, ...]}."""
+        steps: int = 5, warmup: int = 2, progress=print) -> tuple[dict, list[Row]]:
+  """Benchmarks the strategies; returns (meta: the run's settings and machine, rows)."""
   stage_name = stage_name or config.stage_order[0]
   if stage_name not in config.stages:
     raise ValueError(f"no stage {stage_name!r} in the config; it has {list(config.stages)}")
@@ -441,7 +432,7 @@ def run(config: Any, stage_name: Optional[str], strategies: Sequence[str], *,
           "steps": steps, "warmup": warmup, "model_flops_per_step": flops,
           "command": " ".join([os.path.basename(sys.executable), "-m", "benchmarks.sharding"]
                               + sys.argv[1:])}
-  return {"meta": meta, "rows": [dataclasses.asdict(r) for r in rows], "_rows": rows}
+  return meta, rows
 
 
 def main(argv: Sequence[str]) -> int:
@@ -464,20 +455,19 @@ def main(argv: Sequence[str]) -> int:
     print(f"unexpected arguments: {rest[1:]}", file=sys.stderr)
     return 2
   try:
-    result = run(config_flag.value, stage.value, strategies.value,
+    meta, rows = run(config_flag.value, stage.value, strategies.value,
                  num_devices=flags.FLAGS.devices, batch=batch.value, tensor=tensor.value,
                  steps=steps.value, warmup=warmup.value)
   except ValueError as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
-  meta = result["meta"]
   print(f"\n{meta['command']}\n{meta['date']}, {meta['machine']}, stage {meta['stage']}, "
         f"batch {meta['batch']}, jax {meta['versions']['jax']}, "
         f"model FLOPs/step {meta['model_flops_per_step'] or 0:.3e}\n")
-  print(format_table(result["_rows"]))
+  print(format_table(rows))
   if out.value:
     with open(out.value, "w") as f:
-      json.dump({k: v for k, v in result.items() if k != "_rows"}, f, indent=1)
+      json.dump({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
   return 0
 
 

@@ -36,7 +36,10 @@ def test_profile_attributes_time_to_the_ops():
 def test_kernel_table_without_torch(monkeypatch):
   monkeypatch.setattr(kernels, "CONVS", ((1, 8, 8, 8),))
   monkeypatch.setattr(kernels, "ATTENTION", (1, 16, 4, 2, 8))
+  monkeypatch.setattr(kernels, "GROUP_NORM", (1, 8, 8, 4))
   rows = kernels.run(repeats=1, with_torch=False)
-  assert [r["kernel"].split()[0] for r in rows] == ["conv3x3", "attention"]
+  assert [r["kernel"].split()[0] for r in rows] == ["conv3x3", "conv3x3", "group", "group",
+                                                    "attention"]
+  assert rows[1]["kernel"].endswith("weight gradient only")
   assert all(r["jax_fwd_ms"] > 0 and r["jax_fwd_bwd_ms"] > 0 for r in rows)
   assert "torch" not in kernels.format_table(rows)
