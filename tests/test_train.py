@@ -65,18 +65,24 @@ def _one_step(config, strategy):
   return jax.device_get(state.params), float(metrics["loss"])
 
 
+def _max_abs_diff(a, b) -> float:
+  return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a, b)))
+
+
+def _initial_params(config):
+  return nn.unbox(Stage(config.stages.base).init(jax.random.PRNGKey(0), 6))
+
+
 def test_strategies_match_single_device(tmp_path):
   config = _tiny_config(tmp_path, warmup_steps=0, lr=1e-2)
   ref_params, ref_loss = _one_step(config, None)
+  init = _initial_params(config)
   for strategy in ("dp", "fsdp", "tp", "fsdp_tp"):
     params, loss = _one_step(config, strategy)
     assert abs(loss - ref_loss) < 1e-5, strategy
-    diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params, ref_params)
-    assert max(jax.tree.leaves(diffs)) < 1e-5, strategy
+    assert _max_abs_diff(params, ref_params) < 1e-5, strategy
     # The step changed the parameters (not a no-op that trivially agrees).
-    init = nn.unbox(Stage(config.stages.base).init(jax.random.PRNGKey(0), 6))
-    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params, init)
-    assert max(jax.tree.leaves(moved)) > 1e-4
+    assert _max_abs_diff(params, init) > 1e-4
 
 
 def test_adafactor_steps_under_fsdp_like_on_one_device(tmp_path):
@@ -87,11 +93,8 @@ def test_adafactor_steps_under_fsdp_like_on_one_device(tmp_path):
   ref_params, ref_loss = _one_step(config, None)
   params, loss = _one_step(config, "fsdp")
   assert np.isfinite(loss) and abs(loss - ref_loss) < 1e-5
-  diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params, ref_params)
-  assert max(jax.tree.leaves(diffs)) < 1e-5
-  init = nn.unbox(Stage(config.stages.base).init(jax.random.PRNGKey(0), 6))
-  moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params, init)
-  assert max(jax.tree.leaves(moved)) > 1e-4
+  assert _max_abs_diff(params, ref_params) < 1e-5
+  assert _max_abs_diff(params, _initial_params(config)) > 1e-4
 
 
 def test_fsdp_splits_params_and_optimizer_state(tmp_path):
