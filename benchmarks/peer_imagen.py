@@ -51,7 +51,7 @@ def bench_imagen(args, workdir: str) -> dict:  # pylint: disable=unused-argument
   from imagen_jax import config as config_lib
   from imagen_jax.diffusion import samplers
   from imagen_jax.models.unet import count_params
-  from imagen_jax.stages import Stage
+  from imagen_jax.stages import build_stage
   from imagen_jax.train import optim, state as state_lib, step as step_lib
 
   b, res, steps, text_dim = args.batch, args.resolution, args.steps, 768
@@ -66,7 +66,7 @@ def bench_imagen(args, workdir: str) -> dict:  # pylint: disable=unused-argument
   stage_cfg = config_lib.stage_config("base", res, ours_cfg)
   stage_cfg.diffusion.update(dict(prediction="eps", schedule="cosine", min_snr_gamma=5.0,
                                   cond_drop=0.1))
-  stage = Stage(stage_cfg)
+  stage = build_stage(stage_cfg)
   train_cfg = config_lib.base_config().train
   train_cfg.update(dict(lr=LR, warmup_steps=0, num_steps=10 ** 9, end_lr_frac=1.0,
                         weight_decay=0.0, b1=BETAS[0], b2=BETAS[1], grad_clip=1.0,

@@ -28,7 +28,8 @@ import numpy as np
 from benchmarks.common import cpu_model, markdown_table
 from imagen_jax import cascade as cascade_lib
 from imagen_jax import config as config_lib
-from imagen_jax.stages import Stage
+from imagen_jax import run as run_lib
+from imagen_jax.stages import build_stage
 from imagen_jax.text import TextEncoder
 
 
@@ -37,7 +38,7 @@ def random_params(config: Any, seed: int = 0) -> dict:
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   out = {}
   for k, name in enumerate(config.stage_order):
-    stage = Stage(config.stages[name], text_dim=config.text.get("dim"))
+    stage = build_stage(config.stages[name], text_dim=config.text.get("dim"))
     init = jax.jit(lambda r, s=stage: nn.unbox(s.init(r, int(config.text.max_length))))
     out[name] = init(jax.random.PRNGKey(seed + k))
   return out
@@ -50,9 +51,9 @@ def measure(config: Any, steps_list: Sequence[int], batch: int,
   prompts = list(prompts or config.train.get("sample_prompts") or ("a red circle",))
   prompts = (prompts * batch)[:batch]
   if workdir:
-    params = cascade_lib.load_stage_params(
-        workdir, {n: Stage(config.stages[n], text_dim=config.text.get("dim"))
-                  for n in config.stage_order})[0]
+    params = {n: run_lib.load_ema_params(
+        workdir, build_stage(config.stages[n], text_dim=config.text.get("dim")))[0]
+              for n in config.stage_order}
   else:
     params = random_params(config)
   encoder = TextEncoder.from_config(config.text)

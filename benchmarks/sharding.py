@@ -67,10 +67,10 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from benchmarks.common import cpu_model, hlo_instructions, markdown_table  # noqa: E402
+from imagen_jax import config as config_lib  # noqa: E402
 from imagen_jax import parallel  # noqa: E402
-from imagen_jax.stages import Stage  # noqa: E402
+from imagen_jax.stages import Stage, build_stage  # noqa: E402
 from imagen_jax.train import optim, state as state_lib, step as step_lib  # noqa: E402
-from imagen_jax.train.trainer import stage_train_config  # noqa: E402
 
 STRATEGIES = ("dp", "fsdp", "tp", "fsdp_tp")
 
@@ -243,8 +243,8 @@ def _step_setup(config: Any, stage_name: str, batch: int, mesh, rules,
                 seed: int = 0) -> types.SimpleNamespace:
   """The stage's jitted train step and the arguments to lower it with (abstract
   state and batch, concrete rng and empty-caption text), on ``mesh`` or on none."""
-  stage = Stage(config.stages[stage_name])
-  tc = stage_train_config(config, stage_name)
+  stage = build_stage(config.stages[stage_name])
+  tc = config_lib.stage_train_config(config, stage_name)
   tx = optim.make_optimizer(tc)
   text_len, text_dim = int(config.text.max_length), int(config.text.dim)
   shardings, abstract = state_lib.state_shardings(stage, tx, mesh, rules, text_len)
@@ -283,7 +283,7 @@ def bench_strategy(config: Any, stage_name: str, strategy: str,
   n = len(devices)
   row = Row(strategy=strategy, mesh=mesh_shape(strategy, n, tensor), batch=batch)
   mesh = parallel.make_mesh({"shape": row.mesh}, devices)
-  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  _, dp = parallel.batch_axes(mesh)
   if batch % dp:
     row.status = f"error: batch {batch} does not split over the {dp} data-parallel devices"
     return row

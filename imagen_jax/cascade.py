@@ -1,6 +1,10 @@
 """The cascade sampler: prompts → T5 → stage 1 → stage 2 (→ stage 3) → images.
 
+Any mix of stages drives through it: Imagen's continuous-time stages and
+converted DeepFloyd IF stages alike (``imagen_jax.stages``).
+
     cascade = Cascade.from_workdir("runs/demo")          # config + EMA params
+    cascade = Cascade.from_workdir("if_I,if_II")         # converted IF stages
     out = cascade.sample(["a red circle in the top left"], jax.random.key(0),
                          num_per_prompt=4)
     out.final            # uint8 [4, R, R, 3], the last stage's images
@@ -8,11 +12,11 @@
     out.timings          # per stage: compile and run seconds
 
 Prompts are encoded once (the empty prompt, for classifier-free guidance,
-once per cascade). Each stage samples with its own ``config.stages.NAME.sample``
-settings (sampler, steps, eta, guidance, thresholding), steps and guidance
-overridable per call; stage k > 1 conditions on stage k-1's output resized by
-``Stage.resize_lowres`` and noise-augmented at ``sample.aug_level`` (the same
-level goes to the UNet). Each stage's whole denoising loop is ONE jitted call
+once per cascade; or the negative prompts). Each stage samples with its own
+``config.stages.NAME.sample`` settings (sampler, steps, guidance,
+thresholding, ...), sampler, steps and guidance overridable per call; stage
+k > 1 conditions on stage k-1's output through ``Stage.lowres_inputs`` (resized
+and noise-augmented at the stage's level). Each stage's whole denoising loop is ONE jitted call
 (the sampler's); under a mesh its batch is split over the data-parallel axes
 (padded to a multiple of their size, cut back afterwards). Image i of the output
 is sample ``i % num_per_prompt`` of prompt ``i // num_per_prompt``.
@@ -38,38 +42,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from imagen_jax import axes, parallel
-from imagen_jax.diffusion import samplers
-from imagen_jax.stages import Stage, to_uint8
+from imagen_jax import parallel
+from imagen_jax import run as run_lib
+from imagen_jax.diffusion import guidance as guidance_lib
+from imagen_jax.stages import SampleSettings, Stage, build_stage, to_uint8
 from imagen_jax.text import TextEncoder
-from imagen_jax.train import checkpoint as ckpt_lib
 
 _log = logging.getLogger(__name__)
 
-CONTINUOUS_SAMPLERS = ("ddim", "ddpm")
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                    "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
-
-
-@dataclasses.dataclass(frozen=True)
-class StageSampling:
-  """The resolved sampling settings of one stage (``config.stages.NAME.sample``)."""
-  sampler: str                 # 'ddim' | 'ddpm'
-  steps: int
-  eta: float                   # DDIM stochasticity
-  guidance: Optional[float]    # None: no classifier-free guidance
-  threshold: str               # 'none' | 'static' | 'dynamic'
-  quantile: float              # dynamic thresholding quantile
-  aug_level: float             # noise-augmentation level of the low-res input
-
-  @property
-  def guided(self) -> bool:
-    return self.guidance is not None
 
 
 @dataclasses.dataclass
@@ -88,7 +74,7 @@ class CascadeOutput:
   num_per_prompt: int
   images: dict                 # stage name → uint8 [N, R, R, 3]
   timings: dict                # stage name → StageTiming
-  settings: dict               # stage name → StageSampling
+  settings: dict               # stage name → SampleSettings
 
   @property
   def final(self) -> np.ndarray:
@@ -144,42 +130,6 @@ def per_stage(value: Any, names: Sequence[str], what: str) -> list:
   return value
 
 
-def _guidance_value(value: Any) -> Optional[float]:
-  """None for 'no guidance' (None, 'none', 'off', or a scale of 1), else the scale."""
-  if value is None or (isinstance(value, str) and value.lower() in ("none", "off")):
-    return None
-  value = float(value)
-  return None if value == 1.0 else value
-
-
-def stage_sampling(sample_config: Any, steps: Optional[int] = None,
-                   guidance: Optional[float] = None) -> StageSampling:
-  """The settings of ``config.stages.NAME.sample`` with optional overrides."""
-  s = dict(sample_config)
-  settings = StageSampling(
-      sampler=str(s.get("sampler", "ddim")),
-      steps=int(s.get("steps", 64) if steps is None else steps),
-      eta=float(s.get("eta", 0.0)),
-      guidance=_guidance_value(s.get("guidance") if guidance is None else guidance),
-      threshold=str(s.get("threshold", "dynamic")),
-      quantile=float(s.get("quantile", 0.995)),
-      aug_level=float(s.get("aug_level", 0.0)))
-  if settings.sampler not in CONTINUOUS_SAMPLERS:
-    raise ValueError(f"sampler {settings.sampler!r} is not one of {CONTINUOUS_SAMPLERS}")
-  if settings.steps < 1:
-    raise ValueError(f"steps must be >= 1, got {settings.steps}")
-  return settings
-
-
-def batch_axes(mesh: Optional[jax.sharding.Mesh], rules: Sequence) -> tuple:
-  """(mesh axes the batch is split over, their total size) under the rules."""
-  if mesh is None:
-    return (), 1
-  entry = nn.logical_to_mesh_axes((axes.BATCH,), tuple(rules or ()))[0]
-  names = (entry,) if isinstance(entry, str) else tuple(entry or ())
-  return names, int(np.prod([mesh.shape[a] for a in names]))
-
-
 def sampling_mesh(config: Any) -> tuple[Optional[jax.sharding.Mesh], tuple]:
   """(mesh, rules) for sampling on this host's devices.
 
@@ -189,30 +139,11 @@ def sampling_mesh(config: Any) -> tuple[Optional[jax.sharding.Mesh], tuple]:
   if jax.device_count() == 1:
     return None, ()
   try:
-    return parallel.make_mesh(config.mesh), parallel.logical_rules(config.mesh.strategy)
+    return parallel.make_mesh(config.mesh), parallel.config_rules(config.mesh)
   except (ValueError, AttributeError, KeyError) as e:
     _log.warning("config.mesh does not fit the %d devices present (%s); sampling "
                  "data-parallel over all of them", jax.device_count(), e)
     return parallel.make_mesh(None), parallel.logical_rules("dp")
-
-
-def load_stage_params(workdir: str, stages: Mapping[str, Stage], mesh=None,
-                      rules=None) -> tuple[dict, dict]:
-  """Every stage's EMA params and checkpoint step.
-
-  Raises:
-    FileNotFoundError: naming every stage without a checkpoint and the
-      commands that train them.
-  """
-  params, steps, missing = {}, {}, []
-  for name, stage in stages.items():
-    try:
-      params[name], steps[name] = ckpt_lib.load_ema_params(workdir, stage, mesh, rules)
-    except FileNotFoundError as e:
-      missing.append(str(e))
-  if missing:
-    raise FileNotFoundError("\n".join(missing))
-  return params, steps
 
 
 def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
@@ -247,7 +178,7 @@ class Cascade:
       text_encoder: encodes prompts; its width must match the stages' text_dim.
       mesh: optional mesh; the batch splits over its data-parallel axes and
         each stage's params are placed by their logical names.
-      rules: logical-axis rules for the mesh (``parallel.logical_rules``).
+      rules: logical-axis rules for the mesh (``parallel.config_rules``).
       stages: optional prebuilt ``Stage`` objects (default: built from config).
     """
     self.config = config
@@ -258,7 +189,7 @@ class Cascade:
     if missing:
       raise ValueError(f"no params for stages {missing}")
     self.stages = dict(stages) if stages is not None else {
-        n: Stage(config.stages[n], text_dim=text_encoder.embed_dim)
+        n: build_stage(config.stages[n], text_dim=text_encoder.embed_dim)
         for n in self.stage_names}
     first = self.stages[self.stage_names[0]]
     if first.is_sr:
@@ -268,7 +199,7 @@ class Cascade:
     self.text_len = int(config.text.max_length)
     self.mesh = mesh
     self.rules = tuple(rules or ()) if mesh is not None else ()
-    self._batch_axes, self.num_shards = batch_axes(mesh, self.rules)
+    self._batch_axes, self.num_shards = parallel.batch_axes(mesh, self.rules)
     self._param_shardings = {}
     self.params = {n: self._place_params(self.stages[n], params[n])
                    for n in self.stage_names}
@@ -277,11 +208,16 @@ class Cascade:
     self._lowres_fns = {}
 
   @classmethod
-  def from_workdir(cls, workdir: str, *, mesh: Any = "auto", rules=None) -> "Cascade":
-    """The cascade of a trained run: its config.json and every stage's EMA params.
+  def from_workdir(cls, workdir: str, *, config: Any = None, mesh: Any = "auto",
+                   rules=None) -> "Cascade":
+    """The cascade of a run: a training workdir or converted DeepFloyd IF stages.
 
     Args:
-      workdir: the run's workdir (``train.py --workdir``).
+      workdir: the run's workdir (``train.py --workdir``), a converted IF
+        stage folder, 'if_I,if_II', or a folder holding converted stages
+        (``imagen_jax.run``).
+      config: the run's config as ``run.read_config`` gives it, possibly edited
+        (e.g. another text encoder); default: read it.
       mesh: "auto" (``sampling_mesh``), None (one device) or a mesh.
       rules: logical-axis rules when a mesh is given.
 
@@ -289,12 +225,19 @@ class Cascade:
       FileNotFoundError: no config.json, or stages without a checkpoint (the
         message names them and the command that trains them).
     """
-    config = ckpt_lib.read_config(workdir)
+    config = run_lib.read_config(workdir) if config is None else config
     if mesh == "auto":
       mesh, rules = sampling_mesh(config)
-    stages = {n: Stage(config.stages[n], text_dim=config.text.get("dim"))
+    stages = {n: build_stage(config.stages[n], text_dim=config.text.get("dim"))
               for n in config.stage_order}
-    params, steps = load_stage_params(workdir, stages, mesh, rules)
+    params, steps, missing = {}, {}, []
+    for name, stage in stages.items():
+      try:
+        params[name], steps[name] = run_lib.load_ema_params(workdir, stage, mesh, rules)
+      except FileNotFoundError as e:
+        missing.append(str(e))
+    if missing:
+      raise FileNotFoundError("\n".join(missing))
     encoder = TextEncoder.from_config(config.text, mesh, rules)
     cascade = cls(config, params, encoder, mesh, rules, stages=stages)
     cascade.checkpoint_steps = steps
@@ -305,9 +248,8 @@ class Cascade:
     if self.mesh is None:
       return params
     if stage.name not in self._param_shardings:  # traced once per stage, not per call
-      boxed = jax.eval_shape(stage.init, jax.random.PRNGKey(0))
-      self._param_shardings[stage.name] = parallel.logical_shardings(boxed, self.mesh,
-                                                                     self.rules)
+      self._param_shardings[stage.name] = parallel.logical_shardings(
+          stage.abstract_params(), self.mesh, self.rules)
     return jax.device_put(params, self._param_shardings[stage.name])
 
   def set_params(self, name: str, params: Any) -> None:
@@ -318,7 +260,7 @@ class Cascade:
     """Places a host array with its leading (batch) axis split over the mesh."""
     if self.mesh is None:
       return jnp.asarray(x)
-    return jax.device_put(x, NamedSharding(self.mesh, P(self._batch_axes)))
+    return jax.device_put(x, parallel.batch_sharding(self.mesh, self.rules))
 
   def _context(self):
     """The mesh and logical-axis rules that the UNet's constraints resolve under."""
@@ -329,17 +271,21 @@ class Cascade:
     stack.enter_context(nn.logical_axis_rules(self.rules))
     return stack
 
-  def settings(self, steps: Any = None, guidance: Any = None) -> dict:
-    """name → StageSampling: the config's settings with per-stage overrides.
+  def settings(self, steps: Any = None, guidance: Any = None, sampler: Any = None) -> dict:
+    """name → SampleSettings: the config's settings with per-stage overrides.
 
     Args:
-      steps, guidance: None, one value for every stage, one per stage, or a
-        mapping {stage name: value} (see ``per_stage``).
+      steps, guidance, sampler: None, one value for every stage, one per
+        stage, or a mapping {stage name: value} (see ``per_stage``).
+
+    Raises:
+      ValueError: a setting no stage can run (names the stage).
     """
     steps = per_stage(steps, self.stage_names, "steps")
     guidance = per_stage(guidance, self.stage_names, "guidance")
-    return {n: stage_sampling(self.config.stages[n].sample, s, g)
-            for n, s, g in zip(self.stage_names, steps, guidance)}
+    sampler = per_stage(sampler, self.stage_names, "sampler")
+    return {n: self.stages[n].sample_settings(self.config.stages[n].sample, st, g, sa)
+            for n, st, g, sa in zip(self.stage_names, steps, guidance, sampler)}
 
   def uncond_text(self) -> tuple[np.ndarray, np.ndarray]:
     """The empty prompt's (emb [L, D], mask [L]), encoded once per cascade."""
@@ -348,9 +294,24 @@ class Cascade:
       self._uncond = (np.asarray(emb)[0], np.asarray(mask)[0])
     return self._uncond
 
+  def _negative_text(self, negative: Any, num_prompts: int, num_per_prompt: int):
+    """(emb [N, L, D], mask [N, L]) of the unconditional rows, or None for the empty prompt."""
+    if negative is None or negative == "" or negative == []:
+      return None
+    negative = [negative] if isinstance(negative, str) else list(negative)
+    if len(negative) not in (1, num_prompts):
+      raise ValueError(f"negative prompts: give one for all prompts or one per prompt "
+                       f"({num_prompts}), got {len(negative)}")
+    if len(negative) == 1:
+      negative = negative * num_prompts
+    emb, mask = self.text_encoder.encode(negative, self.text_len)
+    return (np.repeat(np.asarray(emb), num_per_prompt, axis=0),
+            np.repeat(np.asarray(mask), num_per_prompt, axis=0))
+
   def sample(self, prompts: Sequence[str], rng: jax.Array, *, steps: Any = None,
-             guidance: Any = None, num_per_prompt: int = 1,
-             batch_size: Optional[int] = None, progress: bool = True) -> CascadeOutput:
+             guidance: Any = None, sampler: Any = None, negative_prompt: Any = None,
+             num_per_prompt: int = 1, batch_size: Optional[int] = None,
+             progress: bool = True) -> CascadeOutput:
     """Generates num_per_prompt images per prompt through every stage.
 
     Args:
@@ -358,6 +319,9 @@ class Cascade:
       rng: PRNG key; the same key, prompts and batch size give the same images.
       steps: per-stage step counts (see ``settings``); None: the config's.
       guidance: per-stage guidance scales; None: the config's.
+      sampler: per-stage sampler names; None: the config's.
+      negative_prompt: one string for every prompt, or P strings: replaces the
+        empty prompt as the unconditional branch of guidance.
       num_per_prompt: images per prompt.
       batch_size: images per jitted call (default: all N at once); rounded up
         to a multiple of the data-parallel size. Every call of a stage has the
@@ -372,10 +336,17 @@ class Cascade:
       raise ValueError("prompts must be a non-empty list of strings")
     if num_per_prompt < 1:
       raise ValueError(f"num_per_prompt must be >= 1, got {num_per_prompt}")
-    settings = self.settings(steps, guidance)
+    if batch_size is not None and batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    settings = self.settings(steps, guidance, sampler)
     emb, mask = self.text_encoder.encode(list(prompts), self.text_len)
     emb = np.repeat(np.asarray(emb), num_per_prompt, axis=0)
     mask = np.repeat(np.asarray(mask), num_per_prompt, axis=0)
+    negative = self._negative_text(negative_prompt, len(prompts), num_per_prompt)
+    if negative is None:
+      u_emb, u_mask = self.uncond_text()
+      negative = (np.broadcast_to(u_emb, emb.shape).astype(emb.dtype),
+                  np.broadcast_to(u_mask, mask.shape))
     n = len(emb)
     chunk = min(batch_size or n, n)
     chunk = -(-chunk // self.num_shards) * self.num_shards
@@ -388,9 +359,11 @@ class Cascade:
               f"{s.steps} steps)")
       for c, start in enumerate(tqdm(starts, desc=desc, unit="batch", disable=not progress)):
         rows = slice(start, start + chunk)
+        text = {"text_emb": _pad_rows(emb[rows], chunk), "text_mask": _pad_rows(mask[rows], chunk)}
+        uncond = {"text_emb": _pad_rows(negative[0][rows], chunk),
+                  "text_mask": _pad_rows(negative[1][rows], chunk)}
         key = jax.random.fold_in(jax.random.fold_in(rng, k), c)
-        outs.append(self._run_stage(stage, s, _pad_rows(emb[rows], chunk),
-                                    _pad_rows(mask[rows], chunk),
+        outs.append(self._run_stage(stage, s, text, uncond,
                                     None if prev is None else prev[c], key, timing))
       images[name] = np.concatenate(
           [np.asarray(to_uint8(x))[:min(chunk, n - start)] for x, start in zip(outs, starts)])
@@ -398,28 +371,27 @@ class Cascade:
     return CascadeOutput(prompts=list(prompts), num_per_prompt=num_per_prompt,
                          images=images, timings=timings, settings=settings)
 
-  def _run_stage(self, stage: Stage, s: StageSampling, emb: np.ndarray, mask: np.ndarray,
+  def _run_stage(self, stage: Stage, s: SampleSettings, text: dict, uncond: dict,
                  prev: Optional[jax.Array], rng: jax.Array, timing: StageTiming) -> jax.Array:
     """One batch through one stage: x0 float32 [b, R, R, C] in [-1, 1].
 
     Args:
-      emb: [b, L, D] and mask: [b, L], the batch's text (b divides over the mesh).
+      text, uncond: {'text_emb' [b, L, D], 'text_mask' [b, L]}: the prompts and
+        the unconditional (empty or negative) prompts; b divides over the mesh.
       prev: the previous stage's x0 [b, r, r, C] (None for the first stage).
     """
     rng_aug, rng_sample = jax.random.split(rng)
+    batch = len(text["text_mask"])
     with _CompileTimer() as timer:
       start = time.perf_counter()
-      args = {"params": self.params[stage.name]}
       if s.guided:
-        u_emb, u_mask = self.uncond_text()
-        emb = np.concatenate([np.broadcast_to(u_emb, emb.shape).astype(emb.dtype), emb])
-        mask = np.concatenate([np.broadcast_to(u_mask, mask.shape), mask])
-      args["text_emb"], args["text_mask"] = self._put(emb), self._put(mask)
+        text = guidance_lib.cfg_batch(text, uncond)
+      args = {k: self._put(v) for k, v in text.items()}
+      args["params"] = self.params[stage.name]
       if stage.is_sr:
-        args["lowres"], args["aug_t"] = self._lowres_fn(stage, s.guided)(
-            prev, jnp.float32(s.aug_level), rng_aug)
+        args.update(self._lowres_fn(stage, s)(prev, rng_aug))
       with self._context():
-        x0 = self._sampler_call(stage, s, args, rng_sample, len(mask) // (1 + s.guided))
+        x0 = stage.sample(args, s, batch, rng_sample)
       x0 = jnp.clip(x0, -1.0, 1.0).block_until_ready()
       wall = time.perf_counter() - start
     timing.compile_s += timer.seconds
@@ -428,36 +400,21 @@ class Cascade:
     timing.calls += 1
     return x0
 
-  @staticmethod
-  def _sampler_call(stage: Stage, s: StageSampling, args: dict, rng: jax.Array,
-                    batch: int) -> jax.Array:
-    """The stage's sampler: its whole loop is one jitted call."""
-    kwargs = dict(num_steps=s.steps, prediction=stage.prediction, schedule=stage.logsnr_fn,
-                  guidance_scale=float(s.guidance) if s.guided else None,
-                  threshold=s.threshold, quantile=s.quantile)
-    if s.sampler == "ddim":
-      kwargs["eta"] = s.eta
-    shape = (batch, stage.resolution, stage.resolution, stage.unet_config.in_channels)
-    return samplers.get_sampler(s.sampler)(stage.model_fn, shape, rng, args, **kwargs)
+  def _lowres_fn(self, stage: Stage, s: SampleSettings):
+    """Jitted (prev x0 [b, r, r, C], rng) → the stage's low-res model inputs.
 
-  def _lowres_fn(self, stage: Stage, doubled: bool):
-    """Jitted (prev x0 [b, r, r, C], level [], rng) → (lowres, aug_t) model inputs.
-
-    lowres: [b', R, R, C] resized and noise-augmented; aug_t: [b'] = level;
-    b' = 2b (the [uncond; cond] rows) when doubled.
+    Doubled to the [uncond; cond] rows when the stage samples with guidance.
+    Only the low-res level and whether guidance is on shape it: another
+    guidance scale reuses the compiled function.
     """
-    key = (stage.name, doubled)
+    key = (stage.name, s.guided, s.aug_level)
     if key not in self._lowres_fns:
-      def fn(prev, level, rng):
-        lowres = stage.resize_lowres(prev)
-        aug_t = jnp.full((prev.shape[0],), level, jnp.float32)
-        lowres = stage.augment_lowres(lowres, aug_t, rng)
-        if doubled:
-          lowres, aug_t = jnp.concatenate([lowres, lowres]), jnp.concatenate([aug_t, aug_t])
-        return lowres, aug_t
+      def fn(prev, rng):
+        inputs = stage.lowres_inputs(prev, s, rng)
+        return guidance_lib.cfg_batch(inputs) if s.guided else inputs
       out = None
       if self.mesh is not None:
-        out = (NamedSharding(self.mesh, P(self._batch_axes)),) * 2
+        out = parallel.batch_sharding(self.mesh, self.rules)
       self._lowres_fns[key] = jax.jit(fn, out_shardings=out)
     return self._lowres_fns[key]
 

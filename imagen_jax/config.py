@@ -79,6 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.text = ml_collections.ConfigDict(dict(
       path="",                   # local Hugging Face T5 directory; '' = random init
+      tokenizer="",              # tokenizer directory ('' = path's, or ByT5 bytes if random)
       dim=4096,                  # width of the embeddings the UNets expect
       max_length=128,            # tokens per caption (longer ones are truncated)
       dtype="bfloat16",
@@ -98,8 +99,11 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   config.stage_order = ()
   config.stages = ml_collections.ConfigDict()
-  config.mesh = ml_collections.ConfigDict(dict(shape={"data": 1, "fsdp": -1, "tensor": 1},
-                                               strategy="fsdp"))
+  config.mesh = ml_collections.ConfigDict(dict(
+      shape={"data": 1, "fsdp": -1, "tensor": 1},
+      strategy="fsdp",           # a preset of imagen_jax.parallel.STRATEGIES
+      rules="",                  # overrides of the preset, e.g. 'mlp=tensor;embed=none'
+  ))
   config.train = ml_collections.ConfigDict(dict(
       num_steps=100_000,         # per stage, times the stage's steps_scale
       batch_size=256,            # global
@@ -127,6 +131,15 @@ def add_stage(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDic
   """Appends ``stage`` to the cascade."""
   config.stages[stage.name] = stage
   config.stage_order = tuple(config.stage_order) + (stage.name,)
+
+
+def stage_train_config(config: ml_collections.ConfigDict,
+                       stage_name: str) -> ml_collections.ConfigDict:
+  """``config.train`` with this stage's step count (num_steps · steps_scale)."""
+  tc = config.train.copy_and_resolve_references()
+  scale = float(config.stages[stage_name].get("steps_scale", 1.0))
+  tc.num_steps = max(1, int(round(config.train.num_steps * scale)))
+  return tc
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:

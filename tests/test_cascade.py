@@ -11,7 +11,7 @@ import pytest
 from imagen_jax import cascade as cascade_lib
 from imagen_jax import config as config_lib
 from imagen_jax import parallel
-from imagen_jax.stages import Stage
+from imagen_jax.stages import build_stage
 from imagen_jax.text import TextEncoder
 
 TEXT_DIM = 32
@@ -70,7 +70,7 @@ def tiny_cascade_parts(config=None, seed=0):
   """(config, text encoder, {stage: random params}) for a tiny cascade."""
   config = config or tiny_config()
   encoder = TextEncoder.random_init(dict(config.text.random), seed=config.text.seed)
-  params = {name: random_params(Stage(config.stages[name], text_dim=TEXT_DIM), seed + i)
+  params = {name: random_params(build_stage(config.stages[name], text_dim=TEXT_DIM), seed + i)
             for i, name in enumerate(config.stage_order)}
   return config, encoder, params
 

@@ -18,7 +18,8 @@ import pytest
 from safetensors.numpy import save_file
 
 from imagen_jax import parallel
-from imagen_jax.convert import deepfloyd_if, if_config, if_sampling, if_weights
+from imagen_jax import stages
+from imagen_jax.convert import deepfloyd_if, if_config, if_weights
 from imagen_jax.safetensors_dir import WeightsReader
 from imagen_jax.diffusion import samplers, schedules
 from imagen_jax.models import UNet, UNetConfig
@@ -111,8 +112,8 @@ def test_leading_timesteps_match_diffusers():
 
 def test_stage2_conditioning_matches_diffusers():
   ref = reference("if_stage2")
-  up = if_sampling.upscale_align_corners(ref["up_lowres"], ref["up_out"].shape[1])
-  out = if_sampling.noise_lowres(up, int(ref["up_noise_level"]), ref["up_noise"])
+  up = stages.upscale_align_corners(ref["up_lowres"], ref["up_out"].shape[1])
+  out = stages.noise_lowres(up, int(ref["up_noise_level"]), ref["up_noise"])
   err = max_err(out, ref["up_out"])
   print(f"stage II upscale + add_noise max abs error {err:.2e}")
   assert err < 1e-5

@@ -12,7 +12,8 @@ import pytest
 from safetensors.numpy import save_file
 
 from imagen_jax.convert import __main__ as cli
-from imagen_jax.convert import deepfloyd_if, if_sampling
+from imagen_jax.cascade import Cascade
+from imagen_jax.convert import deepfloyd_if
 from imagen_jax.safetensors_dir import WeightsReader
 from imagen_jax.text import TextEncoder
 
@@ -56,29 +57,35 @@ def test_cli_end_to_end(tmp_path):
   assert all(jax.tree.leaves(same))
   assert {x.dtype for x in jax.tree.leaves(p2)} == {np.dtype("bfloat16")}
 
-  encoder = TextEncoder.from_pretrained(st1.text.encoder, tokenizer=st1.text.tokenizer)
-  emb, _ = encoder.encode(["a red cube", "two blue spheres"], 8)
-  uncond, _ = encoder.encode(["", ""], 8)
-  rng = jax.random.PRNGKey(0)
-  x64 = if_sampling.sample_stage(st1, p1, emb, uncond, rng, timesteps=(999, 500, 0))
-  assert x64.shape == (2, 16, 16, 3)
-  x256 = if_sampling.sample_stage(st2, p2, emb, uncond, rng, lowres=x64[:, ::2, ::2],
-                                  timesteps="fast27")
-  assert x256.shape == (2, 16, 16, 3)
-  for x in (x64, x256):
-    x = np.asarray(x)
-    assert np.isfinite(x).all() and np.abs(x).max() <= 1.0 + 1e-6
+  # The converted pair is a run: the same Cascade that samples trained runs,
+  # with the stages' own IF settings (a named schedule for stage II).
+  cascade = Cascade.from_workdir(f"{out1},{out2}")
+  assert [s.kind for s in cascade.stages.values()] == ["discrete", "discrete"]
+  assert cascade.text_len == 77 and not cascade.stages["if_I"].use_text_mask
+  cascade.config.stages.if_II.sample.timesteps = "fast27"
+  out = cascade.sample(["a red cube", "two blue spheres"], jax.random.PRNGKey(0),
+                       steps={"if_I": 3}, batch_size=2, progress=False)
+  assert out.settings["if_I"].timesteps == (666, 333, 0)      # leading spacing
+  assert len(out.settings["if_II"].timesteps) == 27
+  assert out.images["if_I"].shape == (2, 16, 16, 3)
+  assert out.images["if_II"].shape == (2, 16, 16, 3)
+  assert out.timings["if_II"].calls == 1 and out.timings["if_II"].run_s > 0
 
-  # sample.py on the converted cascade: stage I, then stage II on its output.
+  # sample.py on the converted cascade: stage I, then stage II on its output
+  # (--cascade is a synonym of --workdir).
   out = tmp_path / "samples"
-  assert sample_cli.main(["--cascade", f"{out1},{out2}", "--prompt", "a red cube",
-                          "--prompt", "two blue spheres", "--steps", "3,2",
-                          "--guidance", "7,off", "--out", str(out)]) == 0
+  for flag in ("--workdir", "--cascade"):
+    assert sample_cli.main([flag, f"{out1},{out2}", "--prompt", "a red cube",
+                            "--prompt", "two blue spheres", "--steps", "3,2",
+                            "--guidance", "7,off", "--out", str(out)]) == 0
   files = sorted(os.listdir(out))
   assert files == ["000_00.png", "001_00.png", "grid.png", "grid_if_I.png", "grid_if_II.png",
                    "prompts.json"], files
-  assert sample_cli.main(["--cascade", f"{out1},{out2}", "--prompt", "x", "--steps", "3",
+  assert sample_cli.main(["--workdir", f"{out1},{out2}", "--prompt", "x", "--steps", "3",
                           "--out", str(out)]) == 2
+  # A folder holding the converted stages is a run too.
+  assert sample_cli.main(["--workdir", str(tmp_path / "conv"), "--prompt", "x",
+                          "--steps", "2,2", "--out", str(out)]) == 0
 
 
 def assert_fails(src, out, capsys, *needles):

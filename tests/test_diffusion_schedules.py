@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imagen_jax.diffusion import schedules
+from imagen_jax.diffusion import if_schedules, schedules
 
 
 def _cosine_reference(t, logsnr_min=-20.0, logsnr_max=20.0):
@@ -122,16 +122,16 @@ def test_if_named_schedules():
   expected_lengths = {"fast27": 27, "smart27": 27, "smart50": 50,
                       "smart100": 100, "smart185": 185, "super27": 27,
                       "super40": 40, "super100": 100}
-  assert set(schedules.IF_SCHEDULES) == set(expected_lengths)
+  assert set(if_schedules.IF_SCHEDULES) == set(expected_lengths)
   for name, length in expected_lengths.items():
-    steps = schedules.named_if_timesteps(name)
+    steps = if_schedules.named_if_timesteps(name)
     assert len(steps) == length, name
     assert steps[0] == 999 and steps[-1] == 0, name
     assert all(a > b for a, b in zip(steps, steps[1:])), name
-  assert schedules.IF_SCHEDULES["fast27"][:5] == (999, 800, 799, 600, 599)
-  assert schedules.IF_SCHEDULES["smart50"][-3:] == (22, 11, 0)
+  assert if_schedules.IF_SCHEDULES["fast27"][:5] == (999, 800, 799, 600, 599)
+  assert if_schedules.IF_SCHEDULES["smart50"][-3:] == (22, 11, 0)
   with pytest.raises(ValueError, match="smart7"):
-    schedules.named_if_timesteps("smart7")
+    if_schedules.named_if_timesteps("smart7")
 
 
 def test_previous_timesteps():

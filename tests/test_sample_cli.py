@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from imagen_jax.eval import shapes as eval_shapes
+from imagen_jax import run as run_lib
 from imagen_jax.train import checkpoint as ckpt_lib
 from imagen_jax.train.state import TrainState
 
@@ -25,7 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def make_run(workdir, stages=None, step=7):
   """A run dir as train.py leaves it: config.json and EMA checkpoints of `stages`."""
   config, _, params = tiny_cascade_parts()
-  ckpt_lib.write_config(str(workdir), config)
+  run_lib.write_config(str(workdir), config)
   for name in stages if stages is not None else config.stage_order:
     state = TrainState(step=jnp.asarray(step, jnp.int32), params=params[name],
                        ema_params=params[name], opt_state=())

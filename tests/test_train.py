@@ -16,7 +16,8 @@ import pytest
 
 from imagen_jax import config as config_lib
 from imagen_jax import parallel
-from imagen_jax.stages import Stage
+from imagen_jax import run as run_lib
+from imagen_jax.stages import build_stage
 from imagen_jax.train import checkpoint as ckpt_lib
 from imagen_jax.train import optim, state as state_lib, step as step_lib, trainer
 
@@ -49,7 +50,7 @@ def _fake_batch(config, b=8):
 
 
 def _one_step(config, strategy):
-  stage = Stage(config.stages.base)
+  stage = build_stage(config.stages.base)
   tc = config.train
   tx = optim.make_optimizer(tc)
   mesh = None if strategy is None else _mesh(strategy)
@@ -70,7 +71,7 @@ def _max_abs_diff(a, b) -> float:
 
 
 def _initial_params(config):
-  return nn.unbox(Stage(config.stages.base).init(jax.random.PRNGKey(0), 6))
+  return nn.unbox(build_stage(config.stages.base).init(jax.random.PRNGKey(0), 6))
 
 
 def test_strategies_match_single_device(tmp_path):
@@ -99,7 +100,7 @@ def test_adafactor_steps_under_fsdp_like_on_one_device(tmp_path):
 
 def test_fsdp_splits_params_and_optimizer_state(tmp_path):
   config = _tiny_config(tmp_path)
-  stage = Stage(config.stages.base)
+  stage = build_stage(config.stages.base)
   tx = optim.make_optimizer(config.train)
   state, _ = state_lib.create_train_state(jax.random.PRNGKey(0), stage, tx, _mesh("fsdp"),
                                           parallel.logical_rules("fsdp"), 6)
@@ -111,8 +112,8 @@ def test_fsdp_splits_params_and_optimizer_state(tmp_path):
 
 
 def _final_params(workdir, stage="base"):
-  cfg = ckpt_lib.read_config(workdir)
-  params, step = ckpt_lib.load_ema_params(workdir, Stage(cfg.stages[stage]))
+  cfg = run_lib.read_config(workdir)
+  params, step = run_lib.load_ema_params(workdir, build_stage(cfg.stages[stage]))
   return jax.device_get(params), step
 
 

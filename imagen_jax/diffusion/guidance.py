@@ -7,7 +7,8 @@ s = min(s, max_value)), and returns clip(x0_hat, -s, s) / s. The numbers
 (quantile, max_value) may be traced jnp scalars; only `mode` is static.
 """
 
-from typing import Any, Callable
+import math
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -15,13 +16,53 @@ import jax.numpy as jnp
 __all__ = [
     "THRESHOLD_MODES",
     "apply_threshold",
+    "cfg_batch",
     "cfg_predict",
     "check_threshold_mode",
     "dynamic_threshold",
+    "parse_guidance",
     "static_threshold",
 ]
 
 THRESHOLD_MODES = ("none", "static", "dynamic")
+GUIDANCE_OFF = ("none", "off")
+
+
+def parse_guidance(value: Any) -> Optional[float]:
+  """A guidance setting → None (no guidance) or the scale w.
+
+  None, 'none' / 'off' (any case) and a scale of 1 (the conditional model
+  alone: one forward pass on B rows) all mean no guidance.
+
+  Raises:
+    ValueError: not a number, negative or not finite.
+  """
+  if value is None or (isinstance(value, str) and value.strip().lower() in GUIDANCE_OFF):
+    return None
+  try:
+    value = float(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"guidance {value!r} is not a number or one of {GUIDANCE_OFF}") from None
+  if not math.isfinite(value) or value < 0:
+    raise ValueError(f"guidance must be a finite number >= 0, got {value}")
+  return None if value == 1.0 else value
+
+
+def cfg_batch(cond: Any, uncond: Any = None) -> Any:
+  """The doubled [uncond; cond] batch that ``cfg_predict``'s model call expects.
+
+  Args:
+    cond: a pytree of arrays with a leading batch axis B.
+    uncond: the same structure for the unconditional rows (e.g. the empty or
+      negative prompt's embeddings), or None to repeat ``cond`` (inputs that
+      do not differ between the halves, such as a low-res image).
+
+  Returns:
+    The pytree with every leaf [2B, ...]: rows [0, B) unconditional.
+  """
+  uncond = cond if uncond is None else uncond
+  return jax.tree.map(lambda u, c: jnp.concatenate([jnp.asarray(u), jnp.asarray(c)]),
+                      uncond, cond)
 
 
 def check_threshold_mode(mode: str) -> None:

@@ -82,3 +82,15 @@ IF_SCHEDULES = types.MappingProxyType({
     "super40": _SUPER40,
     "super100": _SUPER100,
 })
+
+
+def named_if_timesteps(name: str) -> tuple[int, ...]:
+  """Returns DeepFloyd IF's named schedule, e.g. 'smart50' (see IF_SCHEDULES).
+
+  Raises:
+    ValueError: for an unknown name.
+  """
+  if name not in IF_SCHEDULES:
+    raise ValueError(
+        f"Unknown IF timestep schedule {name!r}; known: {sorted(IF_SCHEDULES)}.")
+  return IF_SCHEDULES[name]

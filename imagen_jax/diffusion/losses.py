@@ -196,3 +196,61 @@ def noise_augment(x_lowres, aug_t, eps, logsnr_fn) -> jax.Array:
     x_aug: [B, H, W, C] float32, alpha x_lowres + sigma eps at logsnr_fn(aug_t).
   """
   return q_sample(x_lowres, eps, logsnr_fn(aug_t))
+
+
+def _normal_kl(mean1, logvar1, mean2, logvar2) -> jax.Array:
+  """KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)), elementwise, in nats."""
+  return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
+                + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
+
+
+def _discretized_gaussian_nll(x0, mean, logvar) -> jax.Array:
+  """-log P(x0) of 8-bit data in [-1, 1] (bins of width 2/255) under N(mean, e^logvar)."""
+  inv_std = jnp.exp(-0.5 * logvar)
+  upper = jax.scipy.stats.norm.cdf(inv_std * (x0 - mean + 1.0 / 255.0))
+  lower = jax.scipy.stats.norm.cdf(inv_std * (x0 - mean - 1.0 / 255.0))
+  tiny = 1e-12
+  log_p = jnp.where(x0 < -0.999, jnp.log(jnp.maximum(upper, tiny)),
+                    jnp.where(x0 > 0.999, jnp.log(jnp.maximum(1.0 - lower, tiny)),
+                              jnp.log(jnp.maximum(upper - lower, tiny))))
+  return -log_p
+
+
+def learned_range_vb(eps_hat, v, x0, x_t, t, alphas_cumprod) -> jax.Array:
+  """The variational-bound term that trains a learned-range variance (discrete DDPM).
+
+  The model's reverse step p(x_{t-1} | x_t) has the posterior mean computed from
+  ``eps_hat`` (pass it through ``stop_gradient`` so that this term trains only
+  the variance) and log variance f log β_t + (1 - f) log β̃_t, f = (v + 1) / 2,
+  with β̃_0 replaced by β̃_1 (its log would be -inf). The term is
+  KL(q(x_{t-1} | x_t, x0) ‖ p) for t > 0 and the discretized decoder NLL at
+  t = 0, in bits per dimension, averaged per example.
+
+  Args:
+    eps_hat: [B, H, W, C] float, predicted noise.
+    v: [B, H, W, C] float in [-1, 1], the variance channels.
+    x0: [B, H, W, C] float, clean data in [-1, 1].
+    x_t: [B, H, W, C] float, the noised input.
+    t: [B] int timesteps in [0, N).
+    alphas_cumprod: [N] float (schedules.alphas_cumprod).
+
+  Returns:
+    [B] float32.
+  """
+  ac = jnp.asarray(alphas_cumprod, jnp.float32)
+  ac_prev = jnp.concatenate([jnp.ones((1,), jnp.float32), ac[:-1]])
+  betas = 1.0 - ac / ac_prev
+  post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
+  post_logvar = jnp.log(jnp.concatenate([post_var[1:2], post_var[1:]]))
+  coef_x0 = betas * jnp.sqrt(ac_prev) / (1.0 - ac)
+  coef_xt = (1.0 - ac_prev) * jnp.sqrt(1.0 - betas) / (1.0 - ac)
+  pick = lambda table: expand_to(table[t], x0)
+  x0_hat = (x_t - jnp.sqrt(1.0 - pick(ac)) * eps_hat) / jnp.sqrt(pick(ac))
+  true_mean = pick(coef_x0) * x0 + pick(coef_xt) * x_t
+  model_mean = pick(coef_x0) * x0_hat + pick(coef_xt) * x_t
+  frac = (jnp.asarray(v, jnp.float32) + 1.0) / 2.0
+  model_logvar = frac * jnp.log(pick(betas)) + (1.0 - frac) * pick(post_logvar)
+  kl = _normal_kl(true_mean, pick(post_logvar), model_mean, model_logvar)
+  nll = _discretized_gaussian_nll(x0, model_mean, model_logvar)
+  per_dim = jnp.where(expand_to(t, x0) == 0, nll, kl) / jnp.log(2.0)
+  return jnp.mean(per_dim.reshape(per_dim.shape[0], -1), axis=1)

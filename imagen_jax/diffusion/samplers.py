@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from imagen_jax.diffusion import guidance as guidance_lib
-from imagen_jax.diffusion import losses
+from imagen_jax.diffusion import if_schedules, losses
 from imagen_jax.diffusion import schedules
 
 __all__ = [
@@ -388,7 +388,7 @@ def if_ddpm_sample(model_fn: ModelFn, shape, rng, args, *, timesteps,
     x0: [B, H, W, C] float32.
   """
   if isinstance(timesteps, str):
-    timesteps = schedules.named_if_timesteps(timesteps)
+    timesteps = if_schedules.named_if_timesteps(timesteps)
   timesteps = tuple(int(s) for s in timesteps)
   if not timesteps:
     raise ValueError("timesteps must hold at least one step, got none.")

@@ -8,7 +8,7 @@ x_t = alpha x0 + sigma eps.
 
 Discrete time (DeepFloyd IF / diffusers `DDPMScheduler`): integer timesteps
 0..N-1, betas from the squared-cosine alpha-bar ("squaredcos_cap_v2"), and
-inference timestep lists (`if_timesteps`, `IF_SCHEDULES`).
+inference timestep lists (`if_timesteps`; IF's named lists are in `if_schedules`).
 
 Everything here computes in float32 (jnp) or float64 (NumPy, discrete tables).
 """
@@ -21,10 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imagen_jax.diffusion.if_schedules import IF_SCHEDULES
 
 __all__ = [
-    "IF_SCHEDULES",
     "LOGSNR_SCHEDULES",
     "SPACINGS",
     "alpha_sigma",
@@ -34,7 +32,6 @@ __all__ = [
     "if_timesteps",
     "logsnr_cosine",
     "logsnr_linear",
-    "named_if_timesteps",
     "previous_timesteps",
 ]
 
@@ -221,18 +218,6 @@ def if_timesteps(num_inference_steps: int, num_train_steps: int = 1000,
     raise ValueError(
         f"Unknown timestep spacing {spacing!r}; known: {list(SPACINGS)}.")
   return tuple(int(s) for s in steps.astype(np.int64))
-
-
-def named_if_timesteps(name: str) -> tuple[int, ...]:
-  """Returns DeepFloyd IF's named schedule, e.g. 'smart50' (see IF_SCHEDULES).
-
-  Raises:
-    ValueError: for an unknown name.
-  """
-  if name not in IF_SCHEDULES:
-    raise ValueError(
-        f"Unknown IF timestep schedule {name!r}; known: {sorted(IF_SCHEDULES)}.")
-  return IF_SCHEDULES[name]
 
 
 def previous_timesteps(timesteps) -> tuple[int, ...]:

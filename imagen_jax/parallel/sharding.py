@@ -15,9 +15,10 @@ import numpy as np
 from imagen_jax import axes
 
 MESH_AXES = ("data", "fsdp", "tensor")
+# The mesh axes that split the batch (activations, data, samples) by default.
+BATCH_MESH_AXES = ("data", "fsdp")
 
-# Activations are always split over the batch on both data-parallel axes.
-_BATCH_RULES = ((axes.BATCH, ("data", "fsdp")),)
+_BATCH_RULES = ((axes.BATCH, BATCH_MESH_AXES),)
 _NEVER_SHARDED = ((axes.LENGTH, None), (axes.HEIGHT, None), (axes.WIDTH, None),
                   (axes.KERNEL, None), (axes.NORM, None), (axes.KV, None),
                   (axes.RELPOS, None))
@@ -51,6 +52,61 @@ def logical_rules(strategy: str) -> tuple[tuple[str, Any], ...]:
     raise ValueError(f"unknown sharding strategy {strategy!r}; "
                      f"expected one of {sorted(STRATEGIES)}")
   return _BATCH_RULES + STRATEGIES[strategy] + _NEVER_SHARDED
+
+
+def _parse_mesh_axes(value: Any, name: str) -> Any:
+  """A rule's right-hand side from a config: None/'' → None, 'a,b' → ('a', 'b')."""
+  if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+    return None
+  names = tuple(v.strip() for v in value.split(",")) if isinstance(value, str) else tuple(value)
+  bad = [n for n in names if n not in MESH_AXES]
+  if bad:
+    raise ValueError(f"config.mesh.rules.{name}: unknown mesh axes {bad}; expected "
+                     f"names from {MESH_AXES}")
+  return names[0] if len(names) == 1 else names
+
+
+def config_rules(mesh_config: Any) -> tuple[tuple[str, Any], ...]:
+  """The rules of ``config.mesh``: its strategy's preset, with ``mesh.rules`` first.
+
+  ``config.mesh.rules`` maps logical names to mesh axes and overrides the
+  preset: a string ``'mlp=tensor;embed=none'`` (several axes: ``'batch=data,fsdp'``),
+  as given on the command line with ``--config.mesh.rules=...``, or a mapping.
+  """
+  overrides = mesh_config.get("rules", None) or {}
+  if isinstance(overrides, str):
+    items = [r.split("=", 1) for r in overrides.split(";") if r.strip()]
+    if any(len(i) != 2 for i in items):
+      raise ValueError(f"config.mesh.rules={overrides!r}: expected 'name=axes;name=axes', "
+                       "e.g. 'mlp=tensor;embed=none'")
+    overrides = {k.strip(): v for k, v in items}
+  overrides = dict(overrides)
+  unknown = [k for k in overrides if k not in axes.ALL]
+  if unknown:
+    raise ValueError(f"config.mesh.rules: unknown logical axes {unknown}; expected "
+                     f"names from {axes.ALL}")
+  first = tuple((k, _parse_mesh_axes(v, k)) for k, v in overrides.items())
+  return first + logical_rules(mesh_config.strategy)
+
+
+def batch_axes(mesh: Optional[jax.sharding.Mesh], rules: Sequence = ()) -> tuple:
+  """(mesh axes the batch is split over, their total size) under the rules.
+
+  Without rules, the default ``BATCH_MESH_AXES``; without a mesh, ((), 1).
+  """
+  if mesh is None:
+    return (), 1
+  entry = nn.logical_to_mesh_axes((axes.BATCH,), tuple(rules or _BATCH_RULES))[0]
+  names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+  return names, int(np.prod([mesh.shape[a] for a in names]))
+
+
+def batch_sharding(mesh: Optional[jax.sharding.Mesh], rules: Sequence = ()) -> Any:
+  """The NamedSharding that splits an array's leading (batch) axis; None without a mesh."""
+  if mesh is None:
+    return None
+  names, _ = batch_axes(mesh, rules)
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(names))
 
 
 def _resolve_shape(shape: Mapping[str, int], num_devices: int) -> list[int]:

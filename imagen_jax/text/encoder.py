@@ -151,16 +151,19 @@ class TextEncoder:
 
     Args:
       text_config: ``path`` (a local Hugging Face T5 directory, or '' for a
-        random encoder built from ``random`` and ``seed``), ``dtype`` and
-        ``dim`` (the width the UNets expect; checked).
+        random encoder built from ``random`` and ``seed``), ``tokenizer`` (a
+        tokenizer directory; '' = the one in ``path``, or ByT5 bytes for a
+        random encoder), ``dtype`` and ``dim`` (the width the UNets expect; checked).
       mesh, rules: as in `from_pretrained`.
     """
+    tokenizer = text_config.get("tokenizer") or None
     if text_config.get("path"):
       enc = cls.from_pretrained(text_config.path, dtype=text_config.dtype, mesh=mesh,
-                                rules=rules)
+                                rules=rules, tokenizer=tokenizer)
     else:
       enc = cls.random_init(dict(text_config.random), seed=text_config.seed,
-                            dtype=text_config.dtype, mesh=mesh, rules=rules)
+                            dtype=text_config.dtype, mesh=mesh, rules=rules,
+                            tokenizer=_load_tokenizer(tokenizer) if tokenizer else None)
     if text_config.get("dim") is not None and enc.embed_dim != text_config.dim:
       raise ValueError(f"config.text.dim={text_config.dim} but the text encoder gives "
                        f"{enc.embed_dim}-wide embeddings")

@@ -2,9 +2,8 @@
 
 ``train_step(state, batch, rng, uncond) -> (state, metrics)``:
 classifier-free-guidance text dropout (dropped rows get the empty caption's
-embedding), for super-resolution stages a resized and noise-augmented
-low-resolution input at a random level per example, continuous t, ε/x0/v
-objective with optional Min-SNR-γ weighting, optax update, EMA.
+embedding), the stage's own loss (``Stage.loss``: noise level, low-res
+conditioning and objective of its kind), optax update, EMA.
 """
 
 import functools
@@ -16,17 +15,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from imagen_jax.diffusion import losses
+from imagen_jax import parallel
 from imagen_jax.stages import Stage, to_float
 from imagen_jax.train.state import TrainState
-
-BATCH_AXES = ("data", "fsdp")
-
-
-def _uniform_t(rng: jax.Array, batch: int) -> jax.Array:
-  """Low-discrepancy t ∈ [0, 1): one random offset, evenly spaced (VDM)."""
-  u = jax.random.uniform(rng, ())
-  return jnp.mod(u + jnp.arange(batch, dtype=jnp.float32) / batch, 1.0)
 
 
 def _drop_text(rng, text_emb, text_mask, uncond, p):
@@ -62,28 +53,14 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, uncond: dict, *,
   Returns:
     (new state, metrics {'loss', 'grad_norm', 'lr'} as float32 scalars).
   """
-  d = stage.config.diffusion
   rng = jax.random.fold_in(rng, state.step)
-  r_t, r_eps, r_drop, r_aug_t, r_aug = jax.random.split(rng, 5)
+  r_drop, r_loss = jax.random.split(rng)
   x0 = to_float(batch["image"])
-  b = x0.shape[0]
   text_emb, text_mask = _drop_text(r_drop, batch["text_emb"], batch["text_mask"], uncond,
-                                   d.cond_drop)
-  lowres = aug_t = None
-  if stage.is_sr:
-    aug_t = jax.random.uniform(r_aug_t, (b,)) * d.aug_max
-    lowres = stage.augment_lowres(stage.resize_lowres(x0), aug_t, r_aug)
-  t = _uniform_t(r_t, b)
-  logsnr = stage.logsnr_fn(t)
-  eps = jax.random.normal(r_eps, x0.shape, jnp.float32)
-  x_t = losses.q_sample(x0, eps, logsnr)
-  target = losses.get_target(stage.prediction, x0, eps, logsnr)
-  weight = (losses.min_snr_weight(logsnr, stage.prediction, d.min_snr_gamma)
-            if d.min_snr_gamma > 0 else None)
+                                   stage.config.diffusion.cond_drop)
 
   def loss_fn(params):
-    pred = stage.apply(params, x_t, t, text_emb, text_mask, lowres, aug_t)
-    return losses.diffusion_loss(pred.astype(jnp.float32), target, weight).mean()
+    return stage.loss(params, x0, text_emb, text_mask, r_loss).mean()
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -103,7 +80,7 @@ def batch_shardings(mesh: Optional[jax.sharding.Mesh]) -> Any:
   """Shardings of a batch dict: the leading axis split over (data, fsdp)."""
   if mesh is None:
     return None
-  split = NamedSharding(mesh, P(BATCH_AXES))
+  split = parallel.batch_sharding(mesh)
   return {"image": split, "text_emb": split, "text_mask": split}
 
 

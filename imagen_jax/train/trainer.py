@@ -19,26 +19,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from PIL import Image
-from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from imagen_jax import cascade as cascade_lib
+from imagen_jax import config as config_lib
 from imagen_jax import parallel
+from imagen_jax import run as run_lib
 from imagen_jax.data import datasets, pipeline
-from imagen_jax.stages import Stage
+from imagen_jax.stages import Stage, build_stage
 from imagen_jax.text import TextEncoder
 from imagen_jax.train import checkpoint as ckpt_lib
 from imagen_jax.train import optim, state as state_lib, step as step_lib
 
 _log = logging.getLogger(__name__)
-
-
-def stage_train_config(config: Any, stage_name: str) -> Any:
-  """``config.train`` with this stage's step count (num_steps · steps_scale)."""
-  tc = config.train.copy_and_resolve_references()
-  scale = float(config.stages[stage_name].get("steps_scale", 1.0))
-  tc.num_steps = max(1, int(round(config.train.num_steps * scale)))
-  return tc
 
 
 class _StopFlag:
@@ -121,10 +114,10 @@ def _data_iterator(config, stage: Stage, per_process_batch: int):
 
 def _check_batch(batch_size: int, mesh) -> int:
   """The per-process batch; the global batch must split over the data axes."""
-  dp = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+  names, dp = parallel.batch_axes(mesh)
   if batch_size % dp:
     raise ValueError(f"config.train.batch_size={batch_size} is not divisible by the "
-                     f"data-parallel size {dp} (mesh data×fsdp)")
+                     f"data-parallel size {dp} (mesh axes {'×'.join(names)})")
   if batch_size % jax.process_count():
     raise ValueError(f"config.train.batch_size={batch_size} is not divisible by the "
                      f"{jax.process_count()} processes")
@@ -138,13 +131,13 @@ def _restore_or_init(ckpt, stage, tx, mesh, rules, config, text_len, rng):
   if latest is None:
     return state, shardings, None
   meta = ckpt.restore_meta(latest)
-  want = ckpt_lib.config_fingerprint(config.stages[stage.name])
+  want = run_lib.config_fingerprint(config.stages[stage.name])
   if meta.get("config_fingerprint") != want:
     raise ValueError(
         f"{ckpt.directory} holds checkpoints of a different model config for stage "
         f"{stage.name!r} (fingerprint {meta.get('config_fingerprint')} vs {want}); use "
         f"another --workdir or remove that directory. Nothing was overwritten.")
-  abstract = ckpt_lib.abstract_with_shardings(
+  abstract = run_lib.abstract_with_shardings(
       jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state), shardings)
   del state
   state, data_state, _ = ckpt.restore(latest, abstract)
@@ -155,8 +148,8 @@ def _restore_or_init(ckpt, stage, tx, mesh, rules, config, text_len, rng):
 def train_stage(config: Any, workdir: str, stage_name: str, text_encoder: TextEncoder,
                 mesh=None, rules=None, sample_fn=None) -> StageResult:
   """Trains one stage to its step count, resuming from its last checkpoint."""
-  stage = Stage(config.stages[stage_name], text_dim=text_encoder.embed_dim)
-  tc = stage_train_config(config, stage_name)
+  stage = build_stage(config.stages[stage_name], text_dim=text_encoder.embed_dim)
+  tc = config_lib.stage_train_config(config, stage_name)
   per_process = _check_batch(tc.batch_size, mesh)
   tx, lr_fn = optim.make_optimizer(tc), optim.lr_schedule(tc)
   text_len = config.text.max_length
@@ -172,7 +165,7 @@ def train_stage(config: Any, workdir: str, stage_name: str, text_encoder: TextEn
     it.set_state(data_state)
   step = int(state.step)
   meta = {"stage": stage_name, "config_fingerprint":
-          ckpt_lib.config_fingerprint(config.stages[stage_name])}
+          run_lib.config_fingerprint(config.stages[stage_name])}
   if step >= tc.num_steps:
     ckpt.close()
     print(f"stage {stage_name}: already trained ({step}/{tc.num_steps} steps)")
@@ -181,7 +174,7 @@ def train_stage(config: Any, workdir: str, stage_name: str, text_encoder: TextEn
   uncond_emb, uncond_mask = text_encoder.encode([""], text_len)
   uncond = {"text_emb": jnp.asarray(uncond_emb[0]), "text_mask": jnp.asarray(uncond_mask[0])}
   step_fn = step_lib.jit_train_step(stage, tx, tc, shardings, mesh, rules, lr_fn)
-  writer = MetricWriter(ckpt_lib.stage_dir(workdir, stage_name))
+  writer = MetricWriter(run_lib.stage_dir(workdir, stage_name))
   last, preempted, window_start, window_images = {}, False, time.perf_counter(), 0
   bar = tqdm(total=tc.num_steps, initial=step, desc=f"train {stage_name}", unit="step",
              disable=jax.process_index() != 0)
@@ -226,7 +219,7 @@ def _global_batch(local: dict, text_encoder: TextEncoder, text_len: int, mesh) -
            "text_mask": np.asarray(mask)}
   if mesh is None:
     return batch
-  return pipeline.make_global_batch(batch, mesh, P(step_lib.BATCH_AXES))
+  return pipeline.make_global_batch(batch, mesh, parallel.batch_sharding(mesh).spec)
 
 
 def make_sample_grid_fn(config: Any, workdir: str, text_encoder: TextEncoder, mesh=None,
@@ -247,9 +240,9 @@ def make_sample_grid_fn(config: Any, workdir: str, text_encoder: TextEncoder, me
     sub.stage_order = tuple(upto)
     stages, params = {stage.name: stage}, {}
     for name in upto[:-1]:
-      stages[name] = Stage(config.stages[name], text_dim=text_encoder.embed_dim)
+      stages[name] = build_stage(config.stages[name], text_dim=text_encoder.embed_dim)
       try:
-        params[name], _ = ckpt_lib.load_ema_params(workdir, stages[name], mesh, rules)
+        params[name], _ = run_lib.load_ema_params(workdir, stages[name], mesh, rules)
       except FileNotFoundError:
         _log.warning("no sample grids for stage %s: stage %s is not trained yet",
                      stage.name, name)
@@ -268,7 +261,7 @@ def make_sample_grid_fn(config: Any, workdir: str, text_encoder: TextEncoder, me
       return
     cascade.set_params(stage.name, ema_params)
     out = cascade.sample(prompts, jax.random.PRNGKey(config.train.seed), progress=False)
-    directory = os.path.join(ckpt_lib.stage_dir(workdir, stage.name), "samples")
+    directory = os.path.join(run_lib.stage_dir(workdir, stage.name), "samples")
     os.makedirs(directory, exist_ok=True)
     Image.fromarray(cascade_lib.make_grid(out.final)).save(
         os.path.join(directory, f"step_{step:07d}.png"))
@@ -297,9 +290,9 @@ def train_and_evaluate(config: Any, workdir: str,
       raise ValueError(f"unknown stage {name!r}; the config has {list(config.stage_order)}")
   _check_workdir_config(workdir, config)
   if jax.process_index() == 0:
-    ckpt_lib.write_config(workdir, config)
+    run_lib.write_config(workdir, config)
   mesh = parallel.make_mesh(config.mesh)
-  rules = parallel.logical_rules(config.mesh.strategy)
+  rules = parallel.config_rules(config.mesh)
   text_encoder = TextEncoder.from_config(config.text, mesh, rules)
   if sample_fn is None and config.train.sample_every:
     sample_fn = make_sample_grid_fn(config, workdir, text_encoder, mesh, rules)
@@ -314,14 +307,14 @@ def train_and_evaluate(config: Any, workdir: str,
 
 def _check_workdir_config(workdir: str, config: Any) -> None:
   """Refuses a workdir whose stages were trained with other model configs."""
-  path = os.path.join(workdir, ckpt_lib.CONFIG_FILE)
+  path = os.path.join(workdir, run_lib.CONFIG_FILE)
   if not os.path.isfile(path):
     return
-  old = ckpt_lib.read_config(workdir)
+  old = run_lib.read_config(workdir)
   for name in config.stage_order:
     if name in old.get("stages", {}):
-      a = ckpt_lib.config_fingerprint(old.stages[name])
-      b = ckpt_lib.config_fingerprint(config.stages[name])
+      a = run_lib.config_fingerprint(old.stages[name])
+      b = run_lib.config_fingerprint(config.stages[name])
       if a != b:
         raise ValueError(f"{workdir} was trained with a different model for stage "
                          f"{name!r} ({path}); use another --workdir. Nothing was "
