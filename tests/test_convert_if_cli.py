@@ -4,7 +4,6 @@ and bad input (nothing is written to --out unless everything succeeded)."""
 import json
 import os
 import shutil
-import sys
 
 import jax
 import numpy as np
@@ -15,9 +14,7 @@ from imagen_jax.convert import __main__ as cli
 from imagen_jax.cascade import Cascade
 from imagen_jax.convert import deepfloyd_if
 from imagen_jax.safetensors_dir import WeightsReader
-from imagen_jax.text import TextEncoder
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sample as sample_cli  # noqa: E402  (the repo-root script)
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")

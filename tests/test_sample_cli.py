@@ -15,8 +15,6 @@ from imagen_jax import run as run_lib
 from imagen_jax.train import checkpoint as ckpt_lib
 from imagen_jax.train.state import TrainState
 
-sys.path.insert(0, os.path.dirname(__file__))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sample  # noqa: E402  pylint: disable=wrong-import-position
 from test_cascade import tiny_cascade_parts  # noqa: E402  pylint: disable=wrong-import-position
 

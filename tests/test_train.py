@@ -18,7 +18,6 @@ from imagen_jax import config as config_lib
 from imagen_jax import parallel
 from imagen_jax import run as run_lib
 from imagen_jax.stages import build_stage
-from imagen_jax.train import checkpoint as ckpt_lib
 from imagen_jax.train import optim, state as state_lib, step as step_lib, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

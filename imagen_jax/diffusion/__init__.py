@@ -8,3 +8,5 @@ from imagen_jax.diffusion import guidance
 from imagen_jax.diffusion import losses
 from imagen_jax.diffusion import samplers
 from imagen_jax.diffusion import schedules
+
+__all__ = ["guidance", "losses", "samplers", "schedules"]

@@ -1,0 +1,113 @@
+"""The stage interface: both kinds build from one schema, train and validate settings."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from imagen_jax import config as config_lib
+from imagen_jax import run as run_lib
+from imagen_jax.convert import deepfloyd_if, if_config
+from imagen_jax.diffusion import losses, schedules
+from imagen_jax.stages import ContinuousStage, DiscreteStage, build_stage
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def if_stage_config(name="if_stage1"):
+  """The converted IF stage-I fixture's config in the common stage schema."""
+  folder = if_config.read_if_folder(os.path.join(FIXTURES, name))
+  stage = deepfloyd_if.build_stage_config(folder)
+  return ml_collections.ConfigDict(run_lib.normalize_converted_stage(stage.to_dict()))
+
+
+def test_vb_term_vanishes_at_the_true_posterior():
+  ac = schedules.alphas_cumprod(schedules.betas_squaredcos_cap_v2(1000))
+  rng = np.random.default_rng(0)
+  x0 = np.tanh(rng.standard_normal((3, 4, 4, 3))).astype(np.float32)
+  eps = rng.standard_normal(x0.shape).astype(np.float32)
+  t = np.array([5, 400, 999])
+  abar = ac[t][:, None, None, None]
+  x_t = np.sqrt(abar) * x0 + np.sqrt(1 - abar) * eps
+  # v = -1 puts the model's variance at the posterior's (log β̃_t); ε̂ = ε gives
+  # the posterior mean: the KL is zero.
+  vb = losses.learned_range_vb(eps, -np.ones_like(x0), x0, x_t, t, ac)
+  np.testing.assert_allclose(vb, 0.0, atol=1e-4)
+  # v = +1 (variance β_t) is off the posterior where β_t and β̃_t differ (small t).
+  off = losses.learned_range_vb(eps, np.ones_like(x0), x0, x_t, t, ac)
+  assert off[0] > 1e-3 and off[0] > 10 * abs(float(vb[0])) + 1e-3
+  # At t = 0 it is the decoder's NLL: positive, finite.
+  nll = losses.learned_range_vb(eps, np.zeros_like(x0), x0, x_t, np.zeros(3, int), ac)
+  assert np.isfinite(nll).all() and (np.asarray(nll) > 0).all()
+
+
+def test_kinds_from_one_schema():
+  stage = build_stage(if_stage_config())
+  assert isinstance(stage, DiscreteStage) and stage.kind == "discrete"
+  assert stage.variance == "learned_range" and not stage.use_text_mask
+  s = stage.sample_settings(stage.config.sample, steps=4, guidance="off")
+  assert s.timesteps == (750, 500, 250, 0) and not s.guided
+  s = stage.sample_settings(stage.config.sample)
+  assert s.steps == 100 and s.guidance == 7.0 and s.max_value == 1.5
+  legacy = if_stage_config()
+  legacy.diffusion.kind = "if_ddpm"
+  assert isinstance(build_stage(legacy), DiscreteStage)
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(sampler="euler_x"), "sampler 'euler_x'"),
+    (dict(steps=0), "steps must be >= 1"),
+    (dict(guidance=float("nan")), "guidance must be a finite number"),
+    (dict(guidance=-2), "guidance must be a finite number"),
+])
+def test_bad_settings_name_the_stage(override, message):
+  stage = build_stage(if_stage_config())
+  with pytest.raises(ValueError, match=message):
+    stage.sample_settings(stage.config.sample, **override)
+  bad = if_stage_config()
+  bad.diffusion.kind = "flow"
+  with pytest.raises(ValueError, match="diffusion.kind='flow'"):
+    build_stage(bad)
+
+
+def test_if_stage_fine_tunes():
+  """IF's objective (ε MSE + vb) on one batch: Adam steps lower the loss."""
+  stage = build_stage(if_stage_config())
+  params = jax.tree.map(jnp.asarray, deepfloyd_if.load_unet(
+      os.path.join(FIXTURES, "if_stage1"))[1])
+  rng = np.random.default_rng(1)
+  x0 = jnp.asarray(np.tanh(rng.standard_normal((4, 16, 16, 3))), jnp.float32)
+  text = jnp.asarray(rng.standard_normal((4, 6, 40)), jnp.float32)
+  mask = jnp.ones((4, 6), bool)
+  tx = optax.adam(3e-3)
+
+  @jax.jit
+  def step(params, opt_state):
+    loss, grads = jax.value_and_grad(
+        lambda p: stage.loss(p, x0, text, mask, jax.random.PRNGKey(0)).mean())(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  opt_state = tx.init(params)
+  curve = []
+  for _ in range(12):
+    params, opt_state, loss = step(params, opt_state)
+    curve.append(float(loss))
+  assert np.isfinite(curve).all()
+  assert curve[-1] < 0.7 * curve[0], curve
+
+
+def test_continuous_stage_loss_shapes():
+  config = config_lib.load_config(os.path.join(os.path.dirname(FIXTURES), "..", "configs",
+                                               "demo.py:tiny"))
+  stage = build_stage(config.stages.sr, text_dim=config.text.dim)
+  assert isinstance(stage, ContinuousStage) and stage.is_sr
+  params = jax.tree.map(jnp.asarray, stage.init(jax.random.PRNGKey(0)))
+  x0 = jnp.zeros((2, 32, 32, 3))
+  loss = stage.loss(params, x0, jnp.zeros((2, 5, 32)), jnp.ones((2, 5), bool),
+                    jax.random.PRNGKey(1))
+  assert loss.shape == (2,) and np.isfinite(loss).all()
