@@ -1,4 +1,4 @@
-"""Tests for the ODE solvers (solvers, if_solvers) and image-to-image / inpainting.
+"""Tests for the ODE solvers and for image-to-image and inpainting.
 
 The Gaussian tests reuse test_diffusion_samplers' exact denoiser for data
 x0 ~ N(MU, S^2). Its probability-flow ODE has a closed form: on

@@ -1,4 +1,4 @@
-"""Builds tests/fixtures/dpm_solver.npz: diffusers' DPM-Solver++ on IF's schedule.
+"""Builds tests/fixtures/dpm_solver.npz: diffusers DPM-Solver++ on IF's schedule.
 
 Never run by the tests or CI; rerun by hand after changing the fixture, in a
 separate virtual environment that has PyTorch and diffusers (the system jax

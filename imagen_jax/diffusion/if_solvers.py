@@ -45,16 +45,19 @@ def _discrete_solver(rng, args, opts, num_steps, timesteps, edit, *,
                      model_fn, shape, prediction, num_train_steps, threshold,
                      use_guidance, method):
   """The jitted loop of the IF (discrete-schedule) solvers."""
-  predict = solvers.make_predictor(model_fn, args, opts, prediction=prediction,
-                       threshold=threshold, use_guidance=use_guidance)
+  predict = solvers.make_predictor(
+      model_fn, args, opts, prediction=prediction, threshold=threshold,
+      use_guidance=use_guidance)
   table = jnp.asarray(solvers.discrete_logsnr_table(num_train_steps))
   if method in ("dpmpp_2m", "ddim"):
-    logsnr_at = solvers.discrete_logsnr_fn(num_train_steps, timesteps, num_steps)
+    logsnr_at = solvers.discrete_logsnr_fn(num_train_steps, timesteps,
+                                           num_steps)
 
     def point(i):
       return timesteps[jnp.clip(i, 0, timesteps.shape[0] - 1)], logsnr_at(i)
     order = 1 if method == "ddim" else 2
-    return solvers.dpmpp_run(predict, point, rng, shape, num_steps, edit, order)
+    return solvers.dpmpp_run(predict, point, rng, shape, num_steps, edit,
+                             order)
   smin, smax = solvers.edm_bounds(opts, table[-1], table[0])
 
   def edm_point(i):
@@ -64,7 +67,7 @@ def _discrete_solver(rng, args, opts, num_steps, timesteps, edit, *,
     return t, jnp.where(sigma > 0, table[t], jnp.inf)
 
   return solvers.edm_run(predict, edm_point, rng, shape, num_steps, edit,
-                  heun=method == "heun")
+                         heun=method == "heun")
 
 
 def _padded_timesteps(timesteps, num_train_steps):
@@ -87,6 +90,7 @@ def _padded_timesteps(timesteps, num_train_steps):
 def _discrete(method, model_fn, shape, rng, args, *, timesteps, num_steps,
               num_train_steps, prediction, guidance_scale, threshold,
               quantile, max_value, x_init, strength, known, mask, **edm):
+  """Checks the options of an IF solver and runs its jitted loop."""
   losses.check_prediction_kind(prediction)
   guidance_lib.check_threshold_mode(threshold)
   if timesteps is None:

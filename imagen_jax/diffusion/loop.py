@@ -72,7 +72,7 @@ def check_continuous(num_steps, prediction, threshold, schedule):
 def predict_x0_eps(model_fn, x_t, t, logsnr, args, *, prediction: str,
                    guidance_scale=1.0, use_guidance: bool = False,
                    threshold: str = "none", quantile=0.995, max_value=None):
-  """One (guided) model call turned into thresholded x0_hat and matching eps_hat.
+  """One (guided) model call turned into thresholded x0_hat and its eps_hat.
 
   Args:
     model_fn: (x_t [N, ...], t [N], args) -> pred [N, ..., C'], C' >= C;

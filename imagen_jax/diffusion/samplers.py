@@ -15,12 +15,21 @@ Public samplers (keyword-only options after `args`):
 
   ddpm_sample(model_fn, shape, rng, args, *, num_steps, prediction='eps',
               schedule='cosine', guidance_scale=None, threshold='static',
-              quantile=0.995, max_value=None) -> x0 [shape]
+              quantile=0.995, max_value=None, x_init=None, strength=1.0,
+              known=None, mask=None) -> x0 [shape]
   ddim_sample(..., same options ..., eta=0.0) -> x0 [shape]
   if_ddpm_sample(model_fn, shape, rng, args, *, timesteps,
                  num_train_steps=1000, guidance_scale=None, threshold='dynamic',
-                 quantile=0.95, max_value=1.5,
-                 variance='learned_range') -> x0 [shape]
+                 quantile=0.95, max_value=1.5, variance='learned_range',
+                 x_init=None, strength=1.0, known=None, mask=None) -> x0
+
+and the deterministic ODE solvers of `solvers` (DPM-Solver++ 2M, Euler, Heun)
+and `if_solvers` (the same on IF's schedule, plus DDIM). `get_sampler(name)`
+returns a continuous-time sampler ('ddpm', 'ddim', 'dpmpp_2m', 'euler',
+'heun'; 'if_ddpm' too, for old callers) and `get_discrete_sampler(name)` an
+IF one ('ddpm', 'ddim', 'dpmpp_2m' take `timesteps=`; 'euler', 'heun' take
+`num_steps=`). Every sampler takes x_init / strength (image-to-image) and
+known / mask (inpainting), run by `loop.run` (see its docstring).
 
 Continuous samplers give the model t in [0, 1] ([N] float32) on a uniform grid
 from 1 to 0 (t = 0 is data); `schedule` is 'cosine', 'linear' or any callable
@@ -30,10 +39,12 @@ the model integer timesteps ([N] int32) and follows diffusers'
 
 Static (changing them recompiles): model_fn, shape, num_steps / timesteps,
 prediction, schedule, threshold mode, variance kind, and whether guidance is
-used (guidance_scale None or not). Traced (changing them does not recompile):
-rng, args, guidance_scale, quantile, max_value (None is passed as +inf), eta.
-The single-step functions (`predict_x0_eps`, `ancestral_step`, `ddim_step`,
-`if_ddpm_step`) are plain functions for cascades and parity tests.
+used (guidance_scale None or not) or inpainting (known None or not). Traced
+(changing them does not recompile): rng, args, guidance_scale, quantile,
+max_value (None is passed as +inf), eta, x_init, strength, known, mask. (The
+solvers trace the step count too.) The single-step functions
+(`predict_x0_eps`, `ancestral_step`, `ddim_step`, `if_ddpm_step`) are plain
+functions for cascades and parity tests.
 """
 
 import functools

@@ -11,9 +11,11 @@ lambda = logsnr / 2 and h = lambda_s - lambda_t:
   x_s = (sigma_s / sigma_t) x_t - alpha_s expm1(-h) D,
   D = x0_hat (first order) or x0_hat + (x0_hat - x0_prev) / (2 r),
   r = (lambda_t - lambda_prev) / h.
-The first step (also the first after an image-to-image start) is first order;
-the last step is first order when it lands on sigma = 0 or when there are
-fewer than 15 steps (diffusers' `lower_order_final`). Grids: continuous
+The first step (also the first after an image-to-image start) and the last
+step are first order: diffusers does the same with its default
+final_sigmas_type='zero' (`lower_order_final`), and on our continuous grid
+the last step spans logsnr(1 / n) to logsnr(0) = 20, a long interval over
+which a linear extrapolation of x0_hat overshoots. Grids: continuous
 stages use DDIM's uniform t grid (t_i = 1 - i / n); IF stages use the given
 integer timesteps and end at sigma = 0, as diffusers'
 `DPMSolverMultistepScheduler` (final_sigmas_type='zero'). With order=1 it is
@@ -95,12 +97,15 @@ def discrete_logsnr_fn(num_train_steps: int, timesteps, num_steps):
 
 
 def karras_sigma(i, num_steps, sigma_min, sigma_max, rho) -> jax.Array:
-  """EDM's sigma~ at grid point i of n (0 at i >= n), [] float32.
+  """EDM's sigma~ at grid point i of n.
 
   Args:
     i: [] int.
     num_steps: n, [] int.
     sigma_min, sigma_max, rho: [] float.
+
+  Returns:
+    [] float32: sigma_max at i = 0, sigma_min at i = n - 1, 0 from i = n on.
   """
   n = jnp.asarray(num_steps, jnp.int32)
   frac = i.astype(jnp.float32) / jnp.maximum(n - 1, 1).astype(jnp.float32)
@@ -133,8 +138,20 @@ def dpmpp_2m_update(x_t, x0_hat, x0_prev, logsnr_prev, logsnr_t, logsnr_s,
   return (sigma_s / sigma_t) * x_t - (alpha_s * jnp.expm1(-h)) * d
 
 
-def make_predictor(model_fn, args, opts, *, prediction, threshold, use_guidance):
-  """(x [B, ...], t_model [], logsnr []) -> (x0_hat, eps_hat)."""
+def make_predictor(model_fn, args, opts, *, prediction, threshold,
+                   use_guidance):
+  """The guided, thresholded prediction a solver calls at each grid point.
+
+  Args:
+    model_fn, args: as in `samplers`.
+    opts: from `solver_opts` (guidance_scale, quantile, max_value used).
+    prediction, threshold, use_guidance: static, as in
+      `loop.predict_x0_eps`.
+
+  Returns:
+    predict(x [B, ...], t_model [], logsnr []) -> (x0_hat, eps_hat), both
+    [B, ...] float32.
+  """
   def predict(x, t_model, logsnr):
     b = x.shape[0]
     return loop.predict_x0_eps(
@@ -146,7 +163,18 @@ def make_predictor(model_fn, args, opts, *, prediction, threshold, use_guidance)
 
 
 def dpmpp_run(predict, point, rng, shape, num_steps, edit, order):
-  """DPM-Solver++ over grid `point(i) -> (t_model, logsnr)`; call under jit."""
+  """DPM-Solver++ (order 2, or 1 = DDIM) over a grid; call under jit.
+
+  Args:
+    predict: from `make_predictor`.
+    point: i [] int32 -> (t_model [], logsnr [] float32) of grid point i,
+      for 0 <= i <= n (logsnr may be +inf at n).
+    rng, shape, num_steps, edit: as in `loop.run`.
+    order: static 1 or 2.
+
+  Returns:
+    x0: [B, H, W, C] float32.
+  """
   n = jnp.asarray(num_steps, jnp.int32)
   start = loop.start_index(n, edit.strength)
 
@@ -166,7 +194,16 @@ def dpmpp_run(predict, point, rng, shape, num_steps, edit, order):
 
 
 def edm_run(predict, point, rng, shape, num_steps, edit, heun):
-  """Euler (heun=False) or Heun over the EDM grid `point`; call under jit."""
+  """Euler (heun=False) or Heun over an EDM sigma grid; call under jit.
+
+  Args:
+    predict, point, rng, shape, num_steps, edit: as in `dpmpp_run`; point n
+      must have logsnr +inf (sigma~ = 0), where Heun takes an Euler step.
+    heun: static bool.
+
+  Returns:
+    x0: [B, H, W, C] float32.
+  """
   def step(i, x_t, extra, key):
     del key  # Deterministic.
     t_model, logsnr_t = point(i)
@@ -203,7 +240,16 @@ def _bisect_time(logsnr_fn, logsnr) -> jax.Array:
 
 
 def edm_bounds(opts, logsnr_lo, logsnr_hi):
-  """(sigma_min, sigma_max) clipped to a schedule's [logsnr_lo, logsnr_hi]."""
+  """EDM's (sigma_min, sigma_max) clipped to a schedule's log-SNR range.
+
+  Args:
+    opts: from `solver_opts` (sigma_min, sigma_max used).
+    logsnr_lo, logsnr_hi: [] float, the schedule's noisiest and cleanest
+      log-SNR.
+
+  Returns:
+    (sigma_min, sigma_max): [] float32, sigma_min <= sigma_max.
+  """
   smin = jnp.maximum(opts["sigma_min"], jnp.exp(-0.5 * logsnr_hi))
   smax = jnp.minimum(opts["sigma_max"], jnp.exp(-0.5 * logsnr_lo))
   return smin, jnp.maximum(smax, smin)
@@ -218,7 +264,7 @@ def _continuous_solver(rng, args, opts, num_steps, edit, *, model_fn, shape,
                        method):
   """The jitted loop of the continuous-time solvers."""
   predict = make_predictor(model_fn, args, opts, prediction=prediction,
-                       threshold=threshold, use_guidance=use_guidance)
+                           threshold=threshold, use_guidance=use_guidance)
   if method in ("dpmpp_2m", "ddim"):
     def point(i):
       t = 1.0 - i.astype(jnp.float32) / num_steps.astype(jnp.float32)
@@ -226,7 +272,7 @@ def _continuous_solver(rng, args, opts, num_steps, edit, *, model_fn, shape,
     order = 1 if method == "ddim" else 2
     return dpmpp_run(predict, point, rng, shape, num_steps, edit, order)
   smin, smax = edm_bounds(opts, logsnr_fn(jnp.float32(1.0)),
-                           logsnr_fn(jnp.float32(0.0)))
+                          logsnr_fn(jnp.float32(0.0)))
 
   def edm_point(i):
     sigma = karras_sigma(i, num_steps, smin, smax, opts["rho"])
@@ -234,12 +280,21 @@ def _continuous_solver(rng, args, opts, num_steps, edit, *, model_fn, shape,
     return t, jnp.where(sigma > 0, logsnr_fn(t), jnp.inf)
 
   return edm_run(predict, edm_point, rng, shape, num_steps, edit,
-                  heun=method == "heun")
+                 heun=method == "heun")
 
 
 def solver_opts(guidance_scale, quantile, max_value, sigma_min=0.002,
-          sigma_max=80.0, rho=7.0):
-  """The traced numbers of a solver call, as float32 scalars."""
+                sigma_max=80.0, rho=7.0) -> dict:
+  """The traced numbers of a solver call, as a dict of float32 scalars.
+
+  Args:
+    guidance_scale, quantile, max_value: as in `samplers` (None: 1, 0.995,
+      +inf).
+    sigma_min, sigma_max, rho: EDM's grid (Euler and Heun only).
+
+  Returns:
+    {name: [] float32} for the six names.
+  """
   return dict(guidance_scale=loop.scalar(guidance_scale, 1.0),
               quantile=loop.scalar(quantile, 0.995),
               max_value=loop.scalar(max_value, jnp.inf),
@@ -251,6 +306,7 @@ def solver_opts(guidance_scale, quantile, max_value, sigma_min=0.002,
 def _continuous(method, model_fn, shape, rng, args, *, num_steps, prediction,
                 schedule, guidance_scale, threshold, quantile, max_value,
                 x_init, strength, known, mask, **edm):
+  """Checks the options of a continuous solver and runs its jitted loop."""
   logsnr_fn = loop.check_continuous(num_steps, prediction, threshold,
                                     schedule)
   edit = loop.make_edit(shape, x_init, strength, known, mask)
