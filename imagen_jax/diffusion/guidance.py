@@ -20,6 +20,7 @@ __all__ = [
     "cfg_predict",
     "check_threshold_mode",
     "dynamic_threshold",
+    "guided_output",
     "parse_guidance",
     "static_threshold",
 ]
@@ -158,3 +159,23 @@ def cfg_predict(model_fn: Callable[..., jax.Array], x_t, t, args: Any,
   guided = out_uncond[..., :c] + guidance_scale * (
       out_cond[..., :c] - out_uncond[..., :c])
   return jnp.concatenate([guided, out_cond[..., c:]], axis=-1)
+
+
+def guided_output(model_fn: Callable[..., jax.Array], x_t, t, args: Any,
+                  guidance_scale, use_guidance: bool) -> jax.Array:
+  """The model output a sampler uses: guided when use_guidance, else plain.
+
+  Args:
+    model_fn: (x [N, ...], t [N], args) -> out [N, ..., C'].
+    x_t: [B, H, W, C] float.
+    t: [B] timesteps (float or int).
+    args: pytree passed through (2B rows, unconditional first, with guidance).
+    guidance_scale: scalar (may be traced); unused without guidance.
+    use_guidance: static Python bool.
+
+  Returns:
+    [B, H, W, C'] float32.
+  """
+  if use_guidance:
+    return cfg_predict(model_fn, x_t, t, args, guidance_scale)
+  return jnp.asarray(model_fn(x_t, t, args), jnp.float32)

@@ -15,12 +15,21 @@ Public samplers (keyword-only options after `args`):
 
   ddpm_sample(model_fn, shape, rng, args, *, num_steps, prediction='eps',
               schedule='cosine', guidance_scale=None, threshold='static',
-              quantile=0.995, max_value=None) -> x0 [shape]
+              quantile=0.995, max_value=None, x_init=None, strength=1.0,
+              known=None, mask=None) -> x0 [shape]
   ddim_sample(..., same options ..., eta=0.0) -> x0 [shape]
   if_ddpm_sample(model_fn, shape, rng, args, *, timesteps,
                  num_train_steps=1000, guidance_scale=None, threshold='dynamic',
-                 quantile=0.95, max_value=1.5,
-                 variance='learned_range') -> x0 [shape]
+                 quantile=0.95, max_value=1.5, variance='learned_range',
+                 x_init=None, strength=1.0, known=None, mask=None) -> x0
+
+and the deterministic ODE solvers of `solvers` (DPM-Solver++ 2M, Euler, Heun)
+and `if_solvers` (the same on IF's schedule, plus DDIM). `get_sampler(name)`
+returns a continuous-time sampler ('ddpm', 'ddim', 'dpmpp_2m', 'euler',
+'heun'; 'if_ddpm' too, for old callers) and `get_discrete_sampler(name)` an
+IF one ('ddpm', 'ddim', 'dpmpp_2m' take `timesteps=`; 'euler', 'heun' take
+`num_steps=`). Every sampler takes x_init / strength (image-to-image) and
+known / mask (inpainting), run by `loop.run` (see its docstring).
 
 Continuous samplers give the model t in [0, 1] ([N] float32) on a uniform grid
 from 1 to 0 (t = 0 is data); `schedule` is 'cosine', 'linear' or any callable
@@ -30,10 +39,12 @@ the model integer timesteps ([N] int32) and follows diffusers'
 
 Static (changing them recompiles): model_fn, shape, num_steps / timesteps,
 prediction, schedule, threshold mode, variance kind, and whether guidance is
-used (guidance_scale None or not). Traced (changing them does not recompile):
-rng, args, guidance_scale, quantile, max_value (None is passed as +inf), eta.
-The single-step functions (`predict_x0_eps`, `ancestral_step`, `ddim_step`,
-`if_ddpm_step`) are plain functions for cascades and parity tests.
+used (guidance_scale None or not) or inpainting (known None or not). Traced
+(changing them does not recompile): rng, args, guidance_scale, quantile,
+max_value (None is passed as +inf), eta, x_init, strength, known, mask. (The
+solvers trace the step count too.) The single-step functions
+(`predict_x0_eps`, `ancestral_step`, `ddim_step`, `if_ddpm_step`) are plain
+functions for cascades and parity tests.
 """
 
 import functools
@@ -43,16 +54,24 @@ import jax
 import jax.numpy as jnp
 
 from imagen_jax.diffusion import guidance as guidance_lib
-from imagen_jax.diffusion import if_schedules, losses
+from imagen_jax.diffusion import if_schedules
+from imagen_jax.diffusion import if_solvers
+from imagen_jax.diffusion import loop
+from imagen_jax.diffusion import losses
 from imagen_jax.diffusion import schedules
+from imagen_jax.diffusion import solvers
+
+predict_x0_eps = loop.predict_x0_eps
 
 __all__ = [
+    "DISCRETE_SAMPLERS",
     "SAMPLERS",
     "VARIANCE_KINDS",
     "ancestral_step",
     "ddim_sample",
     "ddim_step",
     "ddpm_sample",
+    "get_discrete_sampler",
     "get_sampler",
     "if_ddpm_sample",
     "if_ddpm_step",
@@ -62,44 +81,6 @@ __all__ = [
 ModelFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
 Schedule = Union[str, Callable[[jax.Array], jax.Array]]
 VARIANCE_KINDS = ("learned_range", "fixed_small")
-
-
-def _model_out(model_fn, x_t, t, args, guidance_scale, use_guidance):
-  """Model output [B, ..., C'] float32, guided when use_guidance."""
-  if use_guidance:
-    return guidance_lib.cfg_predict(model_fn, x_t, t, args, guidance_scale)
-  return jnp.asarray(model_fn(x_t, t, args), jnp.float32)
-
-
-def predict_x0_eps(model_fn: ModelFn, x_t, t, logsnr, args, *,
-                   prediction: str, guidance_scale=1.0,
-                   use_guidance: bool = False, threshold: str = "none",
-                   quantile=0.995, max_value=None):
-  """One (guided) model call turned into thresholded x0_hat and matching eps_hat.
-
-  Args:
-    model_fn: see the module docstring.
-    x_t: [B, H, W, C] float.
-    t: [B] float, continuous time given to the model.
-    logsnr: [B] float, logsnr(t).
-    args: pytree passed to model_fn.
-    prediction: 'eps', 'x0' or 'v' (what model_fn predicts).
-    guidance_scale: scalar, used when use_guidance.
-    use_guidance: static; whether to run classifier-free guidance.
-    threshold: 'none', 'static' or 'dynamic'.
-    quantile: dynamic thresholding quantile (may be traced).
-    max_value: None or the cap on the dynamic threshold (may be traced).
-
-  Returns:
-    (x0_hat, eps_hat): both [B, H, W, C] float32; eps_hat is recomputed from
-    the thresholded x0_hat so the two stay consistent with x_t.
-  """
-  out = _model_out(model_fn, x_t, t, args, guidance_scale, use_guidance)
-  pred = out[..., :x_t.shape[-1]]
-  x0_hat = losses.x0_from_pred(prediction, x_t, pred, logsnr)
-  x0_hat = guidance_lib.apply_threshold(x0_hat, threshold, quantile, max_value)
-  eps_hat = losses.eps_from_pred("x0", x_t, x0_hat, logsnr)
-  return x0_hat, eps_hat
 
 
 def ancestral_step(x_t, x0_hat, logsnr_t, logsnr_s, noise) -> jax.Array:
@@ -158,52 +139,39 @@ def ddim_step(x_t, x0_hat, eps_hat, logsnr_t, logsnr_s, noise,
     jax.jit,
     static_argnames=("model_fn", "shape", "num_steps", "prediction",
                      "logsnr_fn", "threshold", "use_guidance", "method"))
-def _continuous_loop(rng, args, guidance_scale, quantile, max_value, eta, *,
-                     model_fn, shape, num_steps, prediction, logsnr_fn,
-                     threshold, use_guidance, method):
+def _continuous_loop(rng, args, guidance_scale, quantile, max_value, eta,
+                     edit, *, model_fn, shape, num_steps, prediction,
+                     logsnr_fn, threshold, use_guidance, method):
   """The jitted loop shared by ddpm_sample ('ancestral') and ddim_sample."""
-  rng_init, rng_steps = jax.random.split(rng)
-  x_init = jax.random.normal(rng_init, shape, jnp.float32)
   batch = shape[0]
 
-  def body(i, x_t):
-    t = 1.0 - i.astype(jnp.float32) / num_steps
-    s = 1.0 - (i + 1).astype(jnp.float32) / num_steps
+  def time_at(i):
+    return 1.0 - i.astype(jnp.float32) / num_steps
+
+  def step(i, x_t, extra, key):
+    t, s = time_at(i), time_at(i + 1)
     logsnr_t, logsnr_s = logsnr_fn(t), logsnr_fn(s)
     x0_hat, eps_hat = predict_x0_eps(
         model_fn, x_t, jnp.full((batch,), t), jnp.full((batch,), logsnr_t),
         args, prediction=prediction, guidance_scale=guidance_scale,
         use_guidance=use_guidance, threshold=threshold, quantile=quantile,
         max_value=max_value)
-    noise = jax.random.normal(jax.random.fold_in(rng_steps, i), shape)
+    noise = jax.random.normal(key, shape)
     noise = jnp.where(i == num_steps - 1, 0.0, noise)  # Last step: no noise.
     if method == "ancestral":
-      return ancestral_step(x_t, x0_hat, logsnr_t, logsnr_s, noise)
-    return ddim_step(x_t, x0_hat, eps_hat, logsnr_t, logsnr_s, noise, eta)
+      return ancestral_step(x_t, x0_hat, logsnr_t, logsnr_s, noise), extra
+    return ddim_step(x_t, x0_hat, eps_hat, logsnr_t, logsnr_s, noise,
+                     eta), extra
 
-  return jax.lax.fori_loop(0, num_steps, body, x_init)
-
-
-def _scalar(value, default):
-  """A float32 scalar array (one abstract signature for every traced number)."""
-  return jnp.asarray(default if value is None else value, jnp.float32)
-
-
-def _check_continuous(num_steps, prediction, threshold, schedule):
-  """Validates static options; returns the log-SNR function."""
-  if not isinstance(num_steps, int) or num_steps < 1:
-    raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}.")
-  losses.check_prediction_kind(prediction)
-  guidance_lib.check_threshold_mode(threshold)
-  if callable(schedule):
-    return schedule
-  return schedules.get_logsnr_fn(schedule)
+  return loop.run(step, (), rng, shape, num_steps, edit,
+                  lambda i: logsnr_fn(time_at(i)))
 
 
 def ddpm_sample(model_fn: ModelFn, shape, rng, args, *, num_steps: int,
                 prediction: str = "eps", schedule: Schedule = "cosine",
                 guidance_scale=None, threshold: str = "static",
-                quantile=0.995, max_value=None) -> jax.Array:
+                quantile=0.995, max_value=None, x_init=None, strength=1.0,
+                known=None, mask=None) -> jax.Array:
   """Continuous-time ancestral sampler (VDM form), jitted as one loop.
 
   Args:
@@ -219,40 +187,51 @@ def ddpm_sample(model_fn: ModelFn, shape, rng, args, *, num_steps: int,
     threshold: 'none', 'static' or 'dynamic' (applied to x0_hat each step).
     quantile: dynamic thresholding quantile in [0, 1].
     max_value: None or the cap on the dynamic threshold s.
+    x_init: None, or [B, H, W, C] float: image-to-image from this image
+      (see `loop`); strength: s in [0, 1], the fraction of the steps run from
+      x_init noised to that level (traced: no recompile across values).
+    known, mask: None, or the inpainting image [B, H, W, C] and mask
+      [B, H, W, 1] (1 = regenerate); the output keeps known's mask-0 pixels.
 
   Returns:
     x0: [B, H, W, C] float32.
   """
-  logsnr_fn = _check_continuous(num_steps, prediction, threshold, schedule)
+  logsnr_fn = loop.check_continuous(num_steps, prediction, threshold, schedule)
+  edit = loop.make_edit(shape, x_init, strength, known, mask)
   return _continuous_loop(
-      rng, args, _scalar(guidance_scale, 1.0), _scalar(quantile, 0.995),
-      _scalar(max_value, jnp.inf), _scalar(1.0, 1.0), model_fn=model_fn,
-      shape=tuple(shape), num_steps=num_steps, prediction=prediction,
-      logsnr_fn=logsnr_fn, threshold=threshold,
-      use_guidance=guidance_scale is not None, method="ancestral")
+      rng, args, loop.scalar(guidance_scale, 1.0),
+      loop.scalar(quantile, 0.995), loop.scalar(max_value, jnp.inf),
+      loop.scalar(1.0, 1.0), edit, model_fn=model_fn, shape=tuple(shape),
+      num_steps=num_steps, prediction=prediction, logsnr_fn=logsnr_fn,
+      threshold=threshold, use_guidance=guidance_scale is not None,
+      method="ancestral")
 
 
 def ddim_sample(model_fn: ModelFn, shape, rng, args, *, num_steps: int,
                 prediction: str = "eps", schedule: Schedule = "cosine",
                 guidance_scale=None, threshold: str = "static",
-                quantile=0.995, max_value=None, eta=0.0) -> jax.Array:
+                quantile=0.995, max_value=None, eta=0.0, x_init=None,
+                strength=1.0, known=None, mask=None) -> jax.Array:
   """DDIM sampler (eta = 0 deterministic, eta = 1 ancestral), one jitted loop.
 
   Args:
     model_fn, shape, rng, args, num_steps, prediction, schedule,
-    guidance_scale, threshold, quantile, max_value: as in `ddpm_sample`.
+    guidance_scale, threshold, quantile, max_value, x_init, strength, known,
+    mask: as in `ddpm_sample`.
     eta: scalar >= 0, stochasticity (traced: changing it does not recompile).
 
   Returns:
     x0: [B, H, W, C] float32.
   """
-  logsnr_fn = _check_continuous(num_steps, prediction, threshold, schedule)
+  logsnr_fn = loop.check_continuous(num_steps, prediction, threshold, schedule)
+  edit = loop.make_edit(shape, x_init, strength, known, mask)
   return _continuous_loop(
-      rng, args, _scalar(guidance_scale, 1.0), _scalar(quantile, 0.995),
-      _scalar(max_value, jnp.inf), _scalar(eta, 0.0), model_fn=model_fn,
-      shape=tuple(shape), num_steps=num_steps, prediction=prediction,
-      logsnr_fn=logsnr_fn, threshold=threshold,
-      use_guidance=guidance_scale is not None, method="ddim")
+      rng, args, loop.scalar(guidance_scale, 1.0),
+      loop.scalar(quantile, 0.995), loop.scalar(max_value, jnp.inf),
+      loop.scalar(eta, 0.0), edit, model_fn=model_fn, shape=tuple(shape),
+      num_steps=num_steps, prediction=prediction, logsnr_fn=logsnr_fn,
+      threshold=threshold, use_guidance=guidance_scale is not None,
+      method="ddim")
 
 
 def if_ddpm_step(model_output, t, prev_t, x_t, noise, alphas_cumprod,
@@ -340,33 +319,33 @@ def _if_std(v, beta_t, beta_tilde, variance):
     jax.jit,
     static_argnames=("model_fn", "shape", "timesteps", "num_train_steps",
                      "threshold", "variance", "use_guidance"))
-def _if_loop(rng, args, guidance_scale, quantile, max_value, *, model_fn,
-             shape, timesteps, num_train_steps, threshold, variance,
+def _if_loop(rng, args, guidance_scale, quantile, max_value, edit, *,
+             model_fn, shape, timesteps, num_train_steps, threshold, variance,
              use_guidance):
   """The jitted loop of if_ddpm_sample."""
   ac = jnp.asarray(schedules.alphas_cumprod(
       schedules.betas_squaredcos_cap_v2(num_train_steps)))
   ts = jnp.asarray(timesteps, jnp.int32)
   prev_ts = jnp.asarray(schedules.previous_timesteps(timesteps), jnp.int32)
-  rng_init, rng_steps = jax.random.split(rng)
-  x_init = jax.random.normal(rng_init, shape, jnp.float32)
 
-  def body(i, x_t):
+  def step(i, x_t, extra, key):
     t = ts[i]
-    out = _model_out(model_fn, x_t, jnp.full((shape[0],), t), args,
-                     guidance_scale, use_guidance)
-    noise = jax.random.normal(jax.random.fold_in(rng_steps, i), shape)
+    out = guidance_lib.guided_output(model_fn, x_t, jnp.full((shape[0],), t),
+                                     args, guidance_scale, use_guidance)
+    noise = jax.random.normal(key, shape)
     x_prev, _ = if_ddpm_step(out, t, prev_ts[i], x_t, noise, ac, quantile,
                              max_value, threshold=threshold, variance=variance)
-    return x_prev
+    return x_prev, extra
 
-  return jax.lax.fori_loop(0, len(timesteps), body, x_init)
+  logsnr_at = solvers.discrete_logsnr_fn(num_train_steps, ts, len(timesteps))
+  return loop.run(step, (), rng, shape, len(timesteps), edit, logsnr_at)
 
 
 def if_ddpm_sample(model_fn: ModelFn, shape, rng, args, *, timesteps,
                    num_train_steps: int = 1000, guidance_scale=None,
                    threshold: str = "dynamic", quantile=0.95, max_value=1.5,
-                   variance: str = "learned_range") -> jax.Array:
+                   variance: str = "learned_range", x_init=None,
+                   strength=1.0, known=None, mask=None) -> jax.Array:
   """DeepFloyd IF's discrete DDPM sampler, one jitted loop.
 
   Args:
@@ -383,6 +362,11 @@ def if_ddpm_sample(model_fn: ModelFn, shape, rng, args, *, timesteps,
     quantile: dynamic thresholding ratio (IF: 0.95).
     max_value: cap on s (IF: 1.5 for stage I, 1.0 for stage II); None = none.
     variance: 'learned_range' or 'fixed_small'.
+    x_init: None, or [B, H, W, C] float: image-to-image from this image
+      (see `loop`); strength: s in [0, 1], the fraction of the steps run from
+      x_init noised to that level (traced: no recompile across values).
+    known, mask: None, or the inpainting image [B, H, W, C] and mask
+      [B, H, W, 1] (1 = regenerate); the output keeps known's mask-0 pixels.
 
   Returns:
     x0: [B, H, W, C] float32.
@@ -399,24 +383,52 @@ def if_ddpm_sample(model_fn: ModelFn, shape, rng, args, *, timesteps,
   if variance not in VARIANCE_KINDS:
     raise ValueError(
         f"Unknown variance kind {variance!r}; valid: {list(VARIANCE_KINDS)}.")
+  edit = loop.make_edit(shape, x_init, strength, known, mask)
   return _if_loop(
-      rng, args, _scalar(guidance_scale, 1.0), _scalar(quantile, 0.95),
-      _scalar(max_value, jnp.inf), model_fn=model_fn, shape=tuple(shape),
+      rng, args, loop.scalar(guidance_scale, 1.0), loop.scalar(quantile, 0.95),
+      loop.scalar(max_value, jnp.inf), edit, model_fn=model_fn,
+      shape=tuple(shape),
       timesteps=timesteps, num_train_steps=num_train_steps,
       threshold=threshold, variance=variance,
       use_guidance=guidance_scale is not None)
 
 
-SAMPLERS = ("ddpm", "ddim", "if_ddpm")
+SAMPLERS = ("ddpm", "ddim", "if_ddpm", "dpmpp_2m", "euler", "heun")
+DISCRETE_SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler", "heun")
 
 
 def get_sampler(name: str) -> Callable[..., jax.Array]:
-  """Returns the sampler function called `name` ('ddpm', 'ddim', 'if_ddpm').
+  """Returns the continuous-time sampler called `name` (see SAMPLERS).
+
+  'if_ddpm' (IF's discrete DDPM) stays here for old callers; the IF stages'
+  samplers come from `get_discrete_sampler`.
 
   Raises:
     ValueError: for an unknown name.
   """
-  fns = {"ddpm": ddpm_sample, "ddim": ddim_sample, "if_ddpm": if_ddpm_sample}
+  fns = {"ddpm": ddpm_sample, "ddim": ddim_sample, "if_ddpm": if_ddpm_sample,
+         "dpmpp_2m": solvers.dpmpp_2m_sample, "euler": solvers.euler_sample,
+         "heun": solvers.heun_sample}
   if name not in fns:
     raise ValueError(f"Unknown sampler {name!r}; valid: {list(SAMPLERS)}.")
+  return fns[name]
+
+
+def get_discrete_sampler(name: str) -> Callable[..., jax.Array]:
+  """Returns the DeepFloyd IF (discrete schedule) sampler called `name`.
+
+  'ddpm' is `if_ddpm_sample` (IF's own ancestral sampler), 'ddim' and
+  'dpmpp_2m' take `timesteps=` like it; 'euler' and 'heun' take
+  `num_steps=` (they build EDM's sigma grid). See DISCRETE_SAMPLERS.
+
+  Raises:
+    ValueError: for an unknown name.
+  """
+  fns = {"ddpm": if_ddpm_sample, "ddim": if_solvers.if_ddim_sample,
+         "dpmpp_2m": if_solvers.if_dpmpp_2m_sample,
+         "euler": if_solvers.if_euler_sample,
+         "heun": if_solvers.if_heun_sample}
+  if name not in fns:
+    raise ValueError(f"Unknown IF sampler {name!r}; valid: "
+                     f"{list(DISCRETE_SAMPLERS)}.")
   return fns[name]
