@@ -4,6 +4,8 @@
       [--prompt ...] [--prompts_file F] [--num_per_prompt N] [--seed S]
       [--steps 64,32] [--guidance 5,3] [--sampler ddim,ddim]
       [--negative_prompt TEXT] [--batch_size B] [--out DIR]
+      [--init_image PATH [--strength S] [--mask PATH]]       # image-to-image, inpainting
+      [--lowres_image PATH --start_stage sr]                 # super-resolve an image
   python sample.py --workdir if_I,if_II --prompt "..."   # converted DeepFloyd IF
 
 --workdir is a training run, a converted DeepFloyd IF stage folder, a
@@ -25,6 +27,8 @@ import time
 from typing import Optional, Sequence
 
 import jax
+import numpy as np
+from PIL import Image
 
 from imagen_jax import cascade as cascade_lib
 from imagen_jax import run as run_lib
@@ -55,8 +59,46 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   p.add_argument("--sampler", help="sampler per stage, e.g. ddim,ddpm (default: the config's)")
   p.add_argument("--batch_size", type=int, default=None,
                  help="images per jitted call (default: all at once)")
+  p.add_argument("--init_image", help="image-to-image: start from this image (square; "
+                 "resized to the start stage's resolution)")
+  p.add_argument("--strength", type=float, default=None,
+                 help="with --init_image: noise level to start from, 0 (the image) .. 1 "
+                 "(text-to-image; default 1 with --mask, 0.6 without)")
+  p.add_argument("--mask", help="with --init_image: inpainting mask, white = regenerate "
+                 "(square; resized to each stage's resolution, nearest neighbour)")
+  p.add_argument("--lowres_image", help="the low-resolution input of a super-resolution "
+                 "--start_stage (super-resolve your own image)")
+  p.add_argument("--start_stage", help="the first stage to run (default: the cascade's first)")
   p.add_argument("--out", help="output directory (default: WORKDIR/samples_<timestamp>)")
   return p.parse_args(argv)
+
+
+def read_image(path: Optional[str], what: str, mode: str = "RGB"):
+  """A square image file → uint8 array ([H, W, 3] for RGB, [H, W] for L); None if no path.
+
+  Alpha is composited on black; 16-bit images are scaled to 8 bits.
+  """
+  if path is None:
+    return None
+  if not os.path.isfile(path):
+    raise UsageError(f"{what} {path!r} does not exist")
+  try:
+    with Image.open(path) as im:
+      im.load()
+      if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        im = Image.fromarray((np.asarray(im, np.float64) / 257.0).round().clip(0, 255)
+                             .astype(np.uint8))
+      if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        im = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        im.alpha_composite(rgba)
+      im = im.convert(mode)
+  except (OSError, ValueError) as e:
+    raise UsageError(f"{what} {path!r} cannot be read as an image ({e})") from None
+  if im.width != im.height:
+    raise UsageError(f"{what} {path!r} is {im.width}x{im.height}: the stages are square, "
+                     "crop it to a square first")
+  return np.asarray(im)
 
 
 def read_prompts(prompts: Sequence[str], prompts_file: Optional[str]) -> list:
@@ -129,6 +171,10 @@ def check_inputs(args: argparse.Namespace):
   if len(args.negative_prompt) not in (0, 1, len(prompts)):
     raise UsageError(f"--negative_prompt given {len(args.negative_prompt)} times: give it "
                      f"once (for every prompt) or once per prompt ({len(prompts)})")
+  if args.strength is not None and not 0.0 <= args.strength <= 1.0:
+    raise UsageError(f"--strength must be in [0, 1], got {args.strength}")
+  if (args.strength is not None or args.mask) and not args.init_image:
+    raise UsageError("--strength and --mask need --init_image")
   if args.t5_dtype not in (None, "float32", "bfloat16"):
     raise UsageError(f"--t5_dtype must be float32 or bfloat16, got {args.t5_dtype!r}")
   if args.out:
@@ -139,6 +185,17 @@ def check_inputs(args: argparse.Namespace):
   if args.t5_dtype:
     config.text.dtype = args.t5_dtype
   names = list(config.stage_order)
+  if args.start_stage is not None and args.start_stage not in names:
+    raise UsageError(f"--start_stage {args.start_stage!r} is not in the cascade "
+                     f"({', '.join(names)})")
+  start = names.index(args.start_stage) if args.start_stage else 0
+  if args.lowres_image and not config.stages[names[start]].get("lowres_resolution"):
+    raise UsageError(f"--lowres_image needs a super-resolution --start_stage; "
+                     f"{names[start]!r} generates from text alone")
+  if (config.stages[names[start]].get("lowres_resolution") and not args.lowres_image
+      and not args.init_image):
+    raise UsageError(f"--start_stage {names[start]} is a super-resolution stage: give "
+                     "--lowres_image PATH")
   overrides = dict(steps=parse_per_stage(args.steps, "steps", int, names),
                    guidance=parse_per_stage(args.guidance, "guidance", float, names),
                    sampler=parse_per_stage(args.sampler, "sampler", str, names))
@@ -147,7 +204,18 @@ def check_inputs(args: argparse.Namespace):
     stage = build_stage(config.stages[name], text_dim=config.text.get("dim"))
     stage.sample_settings(config.stages[name].sample, per["steps"][i], per["guidance"][i],
                           per["sampler"][i])
-  return workdir, prompts, config, overrides
+  edits = dict(init_image=read_image(args.init_image, "--init_image"),
+               mask=read_image(args.mask, "--mask", mode="L"),
+               lowres_image=read_image(args.lowres_image, "--lowres_image"),
+               start_stage=args.start_stage)
+  if edits["mask"] is not None and edits["init_image"] is not None and (
+      edits["mask"].shape[0] != edits["init_image"].shape[0]):
+    edits["mask"] = np.asarray(Image.fromarray(edits["mask"]).resize(
+        edits["init_image"].shape[:2], Image.NEAREST))
+  if args.init_image:
+    edits["strength"] = (args.strength if args.strength is not None
+                         else 1.0 if args.mask else 0.6)
+  return workdir, prompts, config, dict(overrides, **edits)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from imagen_jax import parallel
 from imagen_jax import run as run_lib
 from imagen_jax.diffusion import guidance as guidance_lib
-from imagen_jax.stages import SampleSettings, Stage, build_stage, to_uint8
+from imagen_jax.stages import SampleSettings, Stage, build_stage, resize, to_uint8
 from imagen_jax.text import TextEncoder
 
 _log = logging.getLogger(__name__)
@@ -311,7 +311,9 @@ class Cascade:
   def sample(self, prompts: Sequence[str], rng: jax.Array, *, steps: Any = None,
              guidance: Any = None, sampler: Any = None, negative_prompt: Any = None,
              num_per_prompt: int = 1, batch_size: Optional[int] = None,
-             progress: bool = True) -> CascadeOutput:
+             init_image: Optional[np.ndarray] = None, strength: float = 1.0,
+             mask: Optional[np.ndarray] = None, lowres_image: Optional[np.ndarray] = None,
+             start_stage: Optional[str] = None, progress: bool = True) -> CascadeOutput:
     """Generates num_per_prompt images per prompt through every stage.
 
     Args:
@@ -326,6 +328,18 @@ class Cascade:
       batch_size: images per jitted call (default: all N at once); rounded up
         to a multiple of the data-parallel size. Every call of a stage has the
         same shape, so the stage compiles once.
+      init_image: uint8 [H, W, 3] (square, any size): image-to-image. The
+        start stage begins from it (resized to the stage's resolution) noised
+        to ``strength``: 0 returns it unchanged, 1 is text-to-image.
+      strength: in [0, 1], how much of the start stage's schedule runs.
+      mask: with ``init_image``, inpainting: [H', W'] (square, any size), 1 or
+        > 127 = regenerate. Every stage keeps the image outside the mask (at its
+        resolution, the mask resized by nearest neighbour) and repaints inside;
+        an all-zero mask returns the image, an all-one mask is image-to-image.
+      lowres_image: uint8 [h, w, 3]: the low-resolution input of a
+        super-resolution ``start_stage`` (super-resolve a user's image).
+      start_stage: the first stage to run (default: the cascade's first);
+        a super-resolution stage needs ``lowres_image`` (or ``init_image``).
       progress: show a tqdm bar per stage.
 
     Returns:
@@ -339,9 +353,10 @@ class Cascade:
     if batch_size is not None and batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     settings = self.settings(steps, guidance, sampler)
-    emb, mask = self.text_encoder.encode(list(prompts), self.text_len)
+    plan = self._edit_plan(init_image, strength, mask, lowres_image, start_stage)
+    emb, text_mask = self.text_encoder.encode(list(prompts), self.text_len)
     emb = np.repeat(np.asarray(emb), num_per_prompt, axis=0)
-    mask = np.repeat(np.asarray(mask), num_per_prompt, axis=0)
+    mask = np.repeat(np.asarray(text_mask), num_per_prompt, axis=0)
     negative = self._negative_text(negative_prompt, len(prompts), num_per_prompt)
     if negative is None:
       u_emb, u_mask = self.uncond_text()
@@ -352,9 +367,14 @@ class Cascade:
     chunk = -(-chunk // self.num_shards) * self.num_shards
     starts = list(range(0, n, chunk))
     images, timings, prev = {}, {}, None
+    if plan.lowres is not None:
+      prev = [jnp.broadcast_to(plan.lowres, (chunk,) + plan.lowres.shape)] * len(starts)
     for k, name in enumerate(self.stage_names):
+      if k < plan.start:
+        continue
       stage, s = self.stages[name], settings[name]
       timing, outs = StageTiming(), []
+      edit = plan.stage_edit(stage, chunk, first=k == plan.start)
       desc = (f"stage {k + 1}/{len(self.stage_names)} {name} ({stage.resolution}px, "
               f"{s.steps} steps)")
       for c, start in enumerate(tqdm(starts, desc=desc, unit="batch", disable=not progress)):
@@ -364,7 +384,7 @@ class Cascade:
                   "text_mask": _pad_rows(negative[1][rows], chunk)}
         key = jax.random.fold_in(jax.random.fold_in(rng, k), c)
         outs.append(self._run_stage(stage, s, text, uncond,
-                                    None if prev is None else prev[c], key, timing))
+                                    None if prev is None else prev[c], key, timing, edit))
       images[name] = np.concatenate(
           [np.asarray(to_uint8(x))[:min(chunk, n - start)] for x, start in zip(outs, starts)])
       timings[name], prev = timing, outs
@@ -372,13 +392,15 @@ class Cascade:
                          images=images, timings=timings, settings=settings)
 
   def _run_stage(self, stage: Stage, s: SampleSettings, text: dict, uncond: dict,
-                 prev: Optional[jax.Array], rng: jax.Array, timing: StageTiming) -> jax.Array:
+                 prev: Optional[jax.Array], rng: jax.Array, timing: StageTiming,
+                 edit: Optional[dict] = None) -> jax.Array:
     """One batch through one stage: x0 float32 [b, R, R, C] in [-1, 1].
 
     Args:
       text, uncond: {'text_emb' [b, L, D], 'text_mask' [b, L]}: the prompts and
         the unconditional (empty or negative) prompts; b divides over the mesh.
       prev: the previous stage's x0 [b, r, r, C] (None for the first stage).
+      edit: the sampler's editing inputs for this stage (``_EditPlan``).
     """
     rng_aug, rng_sample = jax.random.split(rng)
     batch = len(text["text_mask"])
@@ -390,8 +412,10 @@ class Cascade:
       args["params"] = self.params[stage.name]
       if stage.is_sr:
         args.update(self._lowres_fn(stage, s)(prev, rng_aug))
+      if edit:
+        edit = {k: (self._put(v) if getattr(v, "ndim", 0) else v) for k, v in edit.items()}
       with self._context():
-        x0 = stage.sample(args, s, batch, rng_sample)
+        x0 = stage.sample(args, s, batch, rng_sample, edit)
       x0 = jnp.clip(x0, -1.0, 1.0).block_until_ready()
       wall = time.perf_counter() - start
     timing.compile_s += timer.seconds
@@ -399,6 +423,31 @@ class Cascade:
     timing.compiles += timer.count
     timing.calls += 1
     return x0
+
+  def _edit_plan(self, init_image, strength, mask, lowres_image, start_stage) -> "_EditPlan":
+    """Validates the editing inputs of ``sample`` (ValueError naming the problem)."""
+    names = self.stage_names
+    if start_stage is not None and start_stage not in names:
+      raise ValueError(f"start stage {start_stage!r} is not in the cascade {list(names)}")
+    start = names.index(start_stage) if start_stage is not None else 0
+    if not 0.0 <= float(strength) <= 1.0:
+      raise ValueError(f"strength must be in [0, 1], got {strength}")
+    image = None if init_image is None else _image_float(init_image, "init image")
+    keep = None
+    if mask is not None:
+      if image is None:
+        raise ValueError("a mask needs an init image (inpainting)")
+      keep = _mask_keep(mask)
+    lowres = None if lowres_image is None else _image_float(lowres_image, "low-res image")
+    if self.stages[names[start]].is_sr and lowres is None:
+      if image is None:
+        raise ValueError(f"stage {names[start]!r} is a super-resolution stage: starting there "
+                         "needs a low-resolution image")
+      lowres = image
+    elif not self.stages[names[start]].is_sr and lowres is not None:
+      raise ValueError(f"stage {names[start]!r} takes no low-resolution image")
+    return _EditPlan(start=start, image=image, strength=float(strength), keep=keep,
+                     lowres=lowres)
 
   def _lowres_fn(self, stage: Stage, s: SampleSettings):
     """Jitted (prev x0 [b, r, r, C], rng) → the stage's low-res model inputs.
@@ -417,6 +466,65 @@ class Cascade:
         out = parallel.batch_sharding(self.mesh, self.rules)
       self._lowres_fns[key] = jax.jit(fn, out_shardings=out)
     return self._lowres_fns[key]
+
+
+def _image_float(image: Any, what: str) -> jax.Array:
+  """uint8 [H, W, 3] (square) → float32 [H, W, 3] in [-1, 1]."""
+  image = np.asarray(image)
+  if image.ndim != 3 or image.shape[-1] != 3:
+    raise ValueError(f"the {what} must be an RGB image [H, W, 3], got shape {image.shape}")
+  if image.shape[0] != image.shape[1]:
+    raise ValueError(f"the {what} is {image.shape[1]}x{image.shape[0]}: stages are square, "
+                     "give a square image")
+  if image.dtype != np.uint8:
+    raise ValueError(f"the {what} must be uint8, got {image.dtype}")
+  return jnp.asarray(image, jnp.float32) / 127.5 - 1.0
+
+
+def _mask_keep(mask: Any) -> Optional[jax.Array]:
+  """[H, W] (or [H, W, 1]) mask, white = regenerate → float [H, W, 1] of 1 = regenerate.
+
+  None for an all-white mask (image-to-image); an all-zero mask stays (nothing to do).
+  """
+  mask = np.asarray(mask)
+  if mask.ndim == 3 and mask.shape[-1] in (1, 3):
+    mask = mask.max(axis=-1)
+  if mask.ndim != 2 or mask.shape[0] != mask.shape[1]:
+    raise ValueError(f"the mask must be a square [H, W] image, got shape {mask.shape}")
+  regen = (mask > 127) if mask.dtype == np.uint8 else (mask > 0.5)
+  if regen.all():
+    return None
+  return jnp.asarray(regen, jnp.float32)[..., None]
+
+
+@dataclasses.dataclass
+class _EditPlan:
+  """What ``Cascade.sample`` was asked to edit: where to start, from what."""
+  start: int                           # index of the first stage to run
+  image: Optional[jax.Array]           # init image [H, W, 3] in [-1, 1]
+  strength: float
+  keep: Optional[jax.Array]            # mask [H, W, 1], 1 = regenerate (None: whole image)
+  lowres: Optional[jax.Array]          # low-res input of an SR start stage [h, w, 3]
+
+  def stage_edit(self, stage: Stage, batch: int, first: bool) -> Optional[dict]:
+    """The sampler's edit inputs for one stage at batch size ``batch``.
+
+    Inpainting acts at every stage; image-to-image (``x_init``) at the first
+    stage run only: later stages refine what it made.
+    """
+    if self.image is None or (self.keep is None and not first):
+      return None
+    r = stage.resolution
+    image = resize(self.image[None], r)[0] if self.image.shape[0] != r else self.image
+    edit = {}
+    if self.keep is not None:
+      idx = (jnp.arange(r) * self.keep.shape[0] // r)
+      mask = self.keep[idx][:, idx]
+      edit.update(known=jnp.broadcast_to(image, (batch, r, r, 3)),
+                  mask=jnp.broadcast_to(mask, (batch, r, r, 1)))
+    if first and (self.keep is None or self.strength < 1.0):
+      edit.update(x_init=jnp.broadcast_to(image, (batch, r, r, 3)), strength=self.strength)
+    return edit or None
 
 
 def make_grid(images: np.ndarray, cols: Optional[int] = None, pad: int = 2,

@@ -148,10 +148,12 @@ class Stage:
     raise NotImplementedError
 
   def sample(self, args: dict, settings: SampleSettings, batch: int,
-             rng: jax.Array) -> jax.Array:
+             rng: jax.Array, edit: Optional[dict] = None) -> jax.Array:
     """Runs the stage's sampler (one jitted loop): x0 [batch, R, R, C] float32.
 
     ``args`` holds params, text and low-res inputs, already doubled as
-    [uncond; cond] when ``settings.guided``.
+    [uncond; cond] when ``settings.guided``. ``edit``: the samplers' editing
+    inputs (``x_init`` + ``strength`` for image-to-image, ``known`` + ``mask``
+    for inpainting; see ``imagen_jax.diffusion.samplers``).
     """
     raise NotImplementedError

@@ -20,7 +20,7 @@ from imagen_jax.diffusion import losses, samplers, schedules
 from imagen_jax.stages import common
 
 TIME_SCALE = 1000.0
-SAMPLERS = ("ddim", "ddpm")
+SAMPLERS = ("ddim", "ddpm", "dpmpp_2m", "euler", "heun")
 
 
 def _shifted_logsnr(t, *, logsnr_fn, shift):
@@ -118,11 +118,11 @@ class ContinuousStage(common.Stage):
     aug_t = jnp.full((prev.shape[0],), settings.aug_level, jnp.float32)
     return {"lowres": self.augment_lowres(lowres, aug_t, rng), "aug_t": aug_t}
 
-  def sample(self, args, settings, batch, rng) -> jax.Array:
+  def sample(self, args, settings, batch, rng, edit=None) -> jax.Array:
     kwargs = dict(num_steps=settings.steps, prediction=self.prediction,
                   schedule=self.logsnr_fn, guidance_scale=settings.guidance,
                   threshold=settings.threshold, quantile=settings.quantile,
-                  max_value=settings.max_value)
+                  max_value=settings.max_value, **(edit or {}))
     if settings.sampler == "ddim":
       kwargs["eta"] = settings.eta
     return samplers.get_sampler(settings.sampler)(

@@ -27,7 +27,11 @@ from imagen_jax.diffusion import guidance as guidance_lib
 from imagen_jax.diffusion import if_schedules, losses, samplers, schedules
 from imagen_jax.stages import common
 
-SAMPLERS = ("ddpm",)
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler", "heun")
+# The deterministic solvers step on "trailing"-spaced timesteps (they start at
+# the last training step, as diffusers' DPM-Solver does); IF's ancestral DDPM
+# keeps the scheduler's own spacing.
+_SOLVER_SPACING = "trailing"
 KINDS = ("discrete", "if_ddpm")   # 'if_ddpm': the name converted folders used first
 
 
@@ -162,6 +166,8 @@ class DiscreteStage(common.Stage):
     name = "ddpm" if name == "if_ddpm" else name
     if steps is not None:   # an explicit step count replaces a named schedule
       s["steps"], s["timesteps"] = int(steps), ""
+    if name != "ddpm" and s.get("spacing", "leading") == "leading":
+      s["spacing"], s["steps_offset"] = _SOLVER_SPACING, 0
     if int(s.get("steps", 1)) < 1:
       raise ValueError(f"stage {self.name}: steps must be >= 1, got {s['steps']}")
     timesteps = stage_timesteps(s, None, self.num_train_steps)
@@ -187,9 +193,15 @@ class DiscreteStage(common.Stage):
     level = jnp.full((prev.shape[0],), settings.aug_level, jnp.int32)
     return {"lowres": self.lowres_from(prev, level, rng), "noise_level": level}
 
-  def sample(self, args, settings, batch, rng) -> jax.Array:
-    return samplers.if_ddpm_sample(
-        self.model_fn, (batch,) + self.image_shape, rng, args,
-        timesteps=settings.timesteps, num_train_steps=self.num_train_steps,
-        guidance_scale=settings.guidance, threshold=settings.threshold,
-        quantile=settings.quantile, max_value=settings.max_value, variance=self.variance)
+  def sample(self, args, settings, batch, rng, edit=None) -> jax.Array:
+    kwargs = dict(num_train_steps=self.num_train_steps, guidance_scale=settings.guidance,
+                  threshold=settings.threshold, quantile=settings.quantile,
+                  max_value=settings.max_value, **(edit or {}))
+    if settings.sampler in ("euler", "heun"):
+      kwargs["num_steps"] = settings.steps
+    else:
+      kwargs["timesteps"] = settings.timesteps
+    if settings.sampler == "ddpm":
+      kwargs["variance"] = self.variance
+    return samplers.get_discrete_sampler(settings.sampler)(
+        self.model_fn, (batch,) + self.image_shape, rng, args, **kwargs)
