@@ -150,9 +150,17 @@ class WeightsReader:
         self._keys = set(self._handle(self._files[0]).keys())
     return self._keys
 
+  def _open_for(self, name: str):
+    """(file, open handle) of the file holding ``name``."""
+    file = self._file_of(name)
+    handle = self._handle(file)
+    if self._weight_map is not None and name not in handle.keys():
+      raise KeyError(f"{self.source} maps tensor {name!r} to {file}, which does not hold it")
+    return file, handle
+
   def shape(self, name: str) -> tuple[int, ...]:
     """A tensor's shape, read from its file's header (no data is read)."""
-    return tuple(self._handle(self._file_of(name)).get_slice(name).get_shape())
+    return tuple(self._open_for(name)[1].get_slice(name).get_shape())
 
   def get(self, name: str) -> np.ndarray:
     """Reads one tensor into host memory in its stored dtype.
@@ -160,10 +168,7 @@ class WeightsReader:
     Returns:
       A NumPy array; BF16 tensors as ``ml_dtypes.bfloat16``.
     """
-    file = self._file_of(name)
-    handle = self._handle(file)
-    if name not in handle.keys():
-      raise KeyError(f"{self.source} maps tensor {name!r} to {file}, which does not hold it")
+    file, handle = self._open_for(name)
     try:
       array = handle.get_tensor(name)
     except Exception as e:  # a file changed or damaged after it was opened

@@ -87,6 +87,7 @@ def assert_fails(src, out, capsys, *needles):
   before = sorted(os.listdir(parent)) if os.path.isdir(parent) else None
   assert run_cli(src, out) == 2
   err = capsys.readouterr().err
+  assert err.startswith("error: ") and err.count("\n") == 1, err
   for needle in needles:
     assert needle in err, err
   assert not os.path.exists(out)

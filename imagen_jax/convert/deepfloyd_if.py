@@ -244,10 +244,12 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
 
 
 def _prepare(src: str, dtype: str, lowres_resolution: Optional[int] = None,
-             scheduler: Optional[str] = None):
+             scheduler: Optional[str] = None, variant: Optional[str] = None):
   folder = read_folder(src, scheduler)
   stage = build_stage_config(folder, _check_dtype(dtype), lowres_resolution)
   _check_text_encoder(folder, stage.text.dim)
+  with WeightsReader(folder.unet_dir, variant) as reader:
+    reader.keys()   # a missing or damaged weights file fails here, before any tracing
   return folder, stage, UNet(UNetConfig.from_config(stage.model))
 
 
@@ -267,7 +269,7 @@ def load_unet(src: str, *, dtype: str = "float32", variant: Optional[str] = None
     (model, params): ``model.apply({'params': params}, x, t, text_emb[, lowres=,
     noise_level=])`` → [B, H, W, 6].
   """
-  folder, _, model = _prepare(src, dtype)
+  folder, _, model = _prepare(src, dtype, variant=variant)
   boxed = abstract_params(model)
   shardings = dict(if_weights.flat_params(parallel.logical_shardings(boxed, mesh, rules)))
   params = {}
@@ -328,7 +330,7 @@ def convert(src: str, out: str, *, dtype: str = "float32", variant: Optional[str
   out = os.path.abspath(out)
   if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
     raise FileExistsError(f"output {out} exists and is not an empty directory")
-  folder, stage, model = _prepare(src, dtype, lowres_resolution, scheduler)
+  folder, stage, model = _prepare(src, dtype, lowres_resolution, scheduler, variant)
   boxed = abstract_params(model)
   with staged_output(out) as tmp:
     params = {}

@@ -23,7 +23,6 @@ import json
 import os
 from typing import Any, Optional
 
-import flax.linen as nn
 import jax
 import ml_collections
 import ml_dtypes
@@ -212,22 +211,15 @@ def read_stage(src: str, stage_name: Optional[str] = None
   return _stage_of_run(src, stage_name), False
 
 
-def _tensor_specs(model: UNet, params: Any, dtype: np.dtype) -> list:
-  """[(diffusers name, torch shape, our path)], sorted by name; checks the tree."""
-  abstract = dict(if_weights.flat_params(nn.unbox(deepfloyd_if.abstract_params(model))))
-  have = dict(if_weights.flat_params(params))
-  if set(have) != set(abstract):
-    odd = sorted("/".join(p) for p in set(have) ^ set(abstract))
-    raise ValueError(f"the params do not match the stage's model: {odd[:10]}")
-  n = len(model.config.channels)
-  specs = []
-  for path, a in abstract.items():
-    if tuple(have[path].shape) != tuple(a.shape):
-      raise ValueError(f"parameter {'/'.join(path)} has shape {tuple(have[path].shape)}, "
-                       f"the model expects {tuple(a.shape)}")
-    specs.append((if_weights.diffusers_name(path, n), if_weights.torch_shape(path, a.shape),
-                  path))
-  return sorted(specs)
+def _tensor_specs(params: Any, num_levels: int) -> list:
+  """[(diffusers name, torch shape, our path)] sorted by name.
+
+  ``params`` was restored into the model's abstract tree, so its structure and
+  shapes are the model's.
+  """
+  return sorted((if_weights.diffusers_name(path, num_levels),
+                 if_weights.torch_shape(path, tuple(a.shape)), path)
+                for path, a in if_weights.flat_params(params))
 
 
 def export(src: str, out: str, *, stage_name: Optional[str] = None,
@@ -260,8 +252,7 @@ def export(src: str, out: str, *, stage_name: Optional[str] = None,
     _, params = deepfloyd_if.load_converted(src)
   else:
     params, _ = load_ema_params(src, _UNetStage(stage))
-  model = UNet(UNetConfig.from_config(dict(stage.model)))
-  specs = _tensor_specs(model, params, OUT_DTYPES[dtype])
+  specs = _tensor_specs(params, len(stage.model.channels))
   flat = dict(if_weights.flat_params(params))
   target = np.dtype(OUT_DTYPES[dtype])
 
