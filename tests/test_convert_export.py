@@ -88,12 +88,15 @@ def test_roundtrip_fixture_to_diffusers(name, converted, tmp_path):
                                   v.astype(np.float32).view(np.uint32), err_msg=k)
   assert read_json(out / "config.json") == read_json(fixture(name, "unet", "config.json"))
 
-  # The export is a bare UNet folder: it loads back and matches diffusers' outputs.
-  model, params = deepfloyd_if.load_unet(str(out))
-  ref = reference(name)
-  err = max_err(apply(model, params, ref), ref["unet_out"])
-  print(f"{name}: exported folder vs diffusers reference, max abs error {err:.2e}")
-  assert err < TOL
+  # The export is a bare UNet folder: it loads back and matches diffusers' outputs
+  # (stage II only, to save a compile: it has every block kind stage I has, plus
+  # the low-res input, the noise-level embedding and cross-only attention).
+  if name == "if_stage2":
+    model, params = deepfloyd_if.load_unet(str(out))
+    ref = reference(name)
+    err = max_err(apply(model, params, ref), ref["unet_out"])
+    print(f"{name}: exported folder vs diffusers reference, max abs error {err:.2e}")
+    assert err < TOL
 
 
 @pytest.mark.parametrize("name", STAGES)
@@ -203,10 +206,7 @@ def copy_bare(name, dst):
 @pytest.mark.parametrize("name", STAGES)
 def test_bare_unet_folder(name, tmp_path):
   bare = copy_bare(name, tmp_path / "unet")
-  if name == "if_stage2":   # (the round trip loads stage I from a bare folder)
-    model, params = deepfloyd_if.load_unet(str(bare))
-    ref = reference(name)
-    assert max_err(apply(model, params, ref), ref["unet_out"]) < TOL
+  # (Loading a bare folder's weights: the round trip loads its export.)
   # Scheduler settings: IF's defaults for the stage, told apart by the UNet config.
   folder = deepfloyd_if.read_folder(str(bare))
   stage = deepfloyd_if.build_stage_config(folder)

@@ -1,7 +1,9 @@
-"""Checkpoint porters: DeepFloyd IF UNets (diffusers format) into our UNet.
+"""Checkpoint porters: DeepFloyd IF UNets (diffusers format) into our UNet, and back.
 
 ``python -m imagen_jax.convert deepfloyd-if --src DIR --out DIR`` converts
-one IF pipeline folder; ``deepfloyd_if.load_unet`` loads one in memory;
+one IF pipeline folder or bare UNet folder; ``deepfloyd_if.load_unet`` loads
+one in memory; ``export-diffusers`` (``if_export``) writes a diffusers UNet
+folder from a converted stage or a run's IF-layout stage;
 ``if_sampling`` samples converted IF stages. (Hugging Face T5 encoders load
 directly: ``imagen_jax.text.TextEncoder.from_pretrained``.)
 """
