@@ -221,7 +221,7 @@ def write_safetensors(file: str, specs: Sequence[tuple[str, tuple[int, ...], np.
     f.write(len(blob).to_bytes(8, "little"))
     f.write(blob)
     count = 0
-    for (name, shape, dtype), array in zip(specs, tensors):
+    for (name, shape, dtype), array in zip(specs, tensors, strict=False):  # counted below
       array = np.asarray(array)
       if tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
         raise ValueError(f"{file}: tensor {name!r} is {array.dtype}{list(array.shape)}, "

@@ -244,5 +244,7 @@ def test_bare_unet_scheduler_from_a_folder(tmp_path, capsys):
   pipe = shutil.copytree(fixture("if_stage1"), tmp_path / "pipe")
   with open(pipe / "scheduler" / "scheduler_config.json", "w") as f:
     json.dump(dict(cfg, sample_max_value=1.75), f)
+  shutil.copytree(os.path.join(FIXTURES, "t5_v1_1"), pipe / "text_encoder")
   stage = deepfloyd_if.build_stage_config(deepfloyd_if.read_folder(str(pipe / "unet")))
   assert stage.sample.max_value == 1.75
+  assert stage.text.encoder == str(pipe / "text_encoder")

@@ -24,8 +24,9 @@ scheduler/, ...) or a bare UNet folder (config.json + safetensors, what
 diffusers' training scripts save for a fine-tuned UNet, and what
 ``if_export`` writes). A bare folder takes its scheduler settings from
 ``scheduler=`` (a folder holding scheduler_config.json, or a pipeline folder),
-else from the pipeline folder around it, else from IF's own defaults for the
-stage (stage II: in_channels 6 / a timestep class embedding). The converted
+else from the pipeline folder around it (which also gives its T5), else from
+IF's own defaults for the stage (stage II: in_channels 6 / a timestep class
+embedding). The converted
 config keeps the diffusers UNet config (``stage.diffusers_unet``) so that an
 export reproduces it.
 """
@@ -177,12 +178,17 @@ def _read_bare_unet(path: str) -> if_config.IFFolder:
   sched = dict(IF_SCHEDULER, sample_max_value=IF_II_MAX_VALUE) if sr else dict(IF_SCHEDULER)
   noising = dict(IF_NOISING_SCHEDULER) if sr else None
   parent = os.path.dirname(os.path.abspath(path))
+  text_encoder = tokenizer = None
   if (os.path.isfile(os.path.join(parent, "model_index.json"))
       and os.path.isfile(os.path.join(parent, "scheduler", SCHEDULER_FILE))):
-    sched, noising = _read_schedulers(parent)   # the pipeline around it
+    sched, noising = _read_schedulers(parent)   # the pipeline around it, and its T5
+    te, tok = os.path.join(parent, "text_encoder"), os.path.join(parent, "tokenizer")
+    text_encoder = te if os.path.isfile(os.path.join(te, "config.json")) else None
+    tokenizer = tok if os.path.isdir(tok) else None
   return if_config.IFFolder(path=os.path.abspath(path), pipeline="UNet2DConditionModel",
                             unet_dir=path, unet_config=cfg, scheduler_config=sched,
-                            noising_config=noising, text_encoder_dir=None, tokenizer_dir=None)
+                            noising_config=noising, text_encoder_dir=text_encoder,
+                            tokenizer_dir=tokenizer)
 
 
 def read_folder(src: str, scheduler: Optional[str] = None) -> if_config.IFFolder:
