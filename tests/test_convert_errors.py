@@ -1,12 +1,13 @@
-"""Damaged inputs to the converter and the T5 loader: one line naming the file.
+"""Damaged inputs to the converter, the exporter and the T5 loader: one line naming the file.
 
 Each case copies a tiny fixture to tmp_path and damages it: a zero-byte or
 truncated safetensors file, a sharded index without ``weight_map`` (or not
 JSON), an invalid T5 config.json, a missing tensor, a tensor of the wrong
-shape. The converter CLI must exit 2 with one line on stderr naming the file
-and nothing written next to ``--out``; the T5 loader must raise one ValueError
-or KeyError whose one-line message names the file. (Missing, unmapped and
-misshaped UNet tensors through the CLI: test_convert_if_cli.py.)
+shape, a damaged converted checkpoint. The CLI must exit 2 with one line on
+stderr naming the file and nothing written next to ``--out``; the T5 loader
+must raise one ValueError or KeyError whose one-line message names the file.
+(Missing, unmapped and misshaped UNet tensors through the CLI:
+test_convert_if_cli.py.)
 """
 
 import json
@@ -165,3 +166,15 @@ def test_t5_wrong_shape(tmp_path):
   name = "encoder.block.0.layer.0.SelfAttention.q.weight"
   file = _rewrite_t5(path, lambda ts: ts.update({name: np.zeros((7, 40), np.float32)}))
   t5_fails(path, ValueError, file, name, "(7, 40)")
+
+
+def test_export_from_damaged_converted_params(tmp_path, capsys):
+  conv = tmp_path / "conv"
+  assert cli.main(["deepfloyd-if", "--src", os.path.join(FIXTURES, "if_stage1"),
+                   "--out", str(conv)]) == 0
+  capsys.readouterr()
+  truncate(conv / "params" / "_METADATA", 10)
+  assert cli.main(["export-diffusers", "--src", str(conv), "--out", str(tmp_path / "out")]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and str(conv / "params") in err and "cannot restore" in err, err
+  assert sorted(os.listdir(tmp_path)) == ["conv"]

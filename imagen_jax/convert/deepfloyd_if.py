@@ -381,6 +381,9 @@ def load_converted(out_dir: str, *, mesh: Any = None,
   Returns:
     (stage_config, params): ``UNet(UNetConfig.from_config(stage_config.model))``
     applies to ``{'params': params}``.
+
+  Raises:
+    FileNotFoundError, ValueError: no or a damaged config.json or params/ (named).
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
@@ -391,8 +394,12 @@ def load_converted(out_dir: str, *, mesh: Any = None,
   if mesh is not None:
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           target, parallel.logical_shardings(boxed, mesh, rules))
-  params = ocp.StandardCheckpointer().restore(
-      os.path.abspath(os.path.join(out_dir, PARAMS_DIR)), target)
+  params_dir = os.path.abspath(os.path.join(out_dir, PARAMS_DIR))
+  try:
+    params = ocp.StandardCheckpointer().restore(params_dir, target)
+  except Exception as e:  # orbax/tensorstore raise many kinds for a damaged checkpoint
+    raise ValueError(f"{params_dir}: cannot restore the converted params "
+                     f"({' '.join(str(e).split())})") from None
   if mesh is None:
     params = jax.tree.map(jnp.asarray, params)
   return stage, params

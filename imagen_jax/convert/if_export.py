@@ -251,7 +251,13 @@ def export(src: str, out: str, *, stage_name: Optional[str] = None,
   if converted:
     _, params = deepfloyd_if.load_converted(src)
   else:
-    params, _ = load_ema_params(src, _UNetStage(stage))
+    try:
+      params, _ = load_ema_params(src, _UNetStage(stage))
+    except FileNotFoundError:
+      raise
+    except Exception as e:  # orbax/tensorstore raise many kinds for a damaged checkpoint
+      raise ValueError(f"{src}: cannot restore the EMA params of stage {stage.name!r} "
+                       f"({' '.join(str(e).split())})") from None
   specs = _tensor_specs(params, len(stage.model.channels))
   flat = dict(if_weights.flat_params(params))
   target = np.dtype(OUT_DTYPES[dtype])
