@@ -13,18 +13,49 @@ encoder and the DeepFloyd IF converter both read through it.
 
 ``WeightsReader`` finds them, reads headers only until a tensor is asked for,
 and returns one NumPy array at a time. bfloat16 tensors come back as
-``ml_dtypes.bfloat16`` arrays (NumPy has no bfloat16 of its own).
+``ml_dtypes.bfloat16`` arrays (NumPy has no bfloat16 of its own). A damaged
+file (zero bytes, truncated, a bad index) is a one-line ``ValueError`` naming
+the file. ``write_safetensors`` is the other direction: it streams tensors into
+one file without holding them all in memory.
 """
 
 import json
 import os
-from typing import Optional
+from typing import Iterable, Optional, Sequence
 
 import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
+
+
+def _one_line(e: BaseException) -> str:
+  return " ".join(str(e).split()) or type(e).__name__
+
+
+def _size(file: str) -> str:
+  try:
+    return str(os.path.getsize(file))
+  except OSError:
+    return "unknown"
+
+
+def _read_index(file: str) -> dict[str, str]:
+  """A sharded checkpoint's ``weight_map`` (tensor name → shard path), validated."""
+  path = os.path.dirname(file)
+  try:
+    with open(file) as f:
+      index = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{file}: not valid JSON ({_one_line(e)})") from None
+  weight_map = index.get("weight_map") if isinstance(index, dict) else None
+  if not isinstance(weight_map, dict) or not weight_map:
+    raise ValueError(f"{file}: no 'weight_map' (tensor name -> shard file) in the index")
+  bad = [k for k, v in weight_map.items() if not isinstance(v, str)]
+  if bad:
+    raise ValueError(f"{file}: weight_map entries that name no file: {bad[:5]}")
+  return {k: os.path.join(path, v) for k, v in weight_map.items()}
 
 
 def _candidates(variant: Optional[str], weights_name: str) -> list[tuple[str, str]]:
@@ -56,6 +87,7 @@ class WeightsReader:
 
     Raises:
       FileNotFoundError: no safetensors weights, or the index names a missing shard.
+      ValueError: an index that is not JSON or has no ``weight_map``.
     """
     self.path = path
     self._weight_map = None
@@ -67,9 +99,7 @@ class WeightsReader:
       if kind == "single":
         self._files = [file]
       else:
-        with open(file) as f:
-          self._weight_map = {k: os.path.join(path, v)
-                              for k, v in json.load(f)["weight_map"].items()}
+        self._weight_map = _read_index(file)
         self._files = sorted(set(self._weight_map.values()))
         for shard in self._files:
           if not os.path.isfile(shard):
@@ -99,7 +129,11 @@ class WeightsReader:
 
   def _handle(self, file: str):
     if file not in self._handles:
-      self._handles[file] = safe_open(file, framework="numpy").__enter__()
+      try:
+        self._handles[file] = safe_open(file, framework="numpy").__enter__()
+      except Exception as e:  # SafetensorError (not importable by name), OSError
+        raise ValueError(f"{file}: not a readable safetensors file "
+                         f"({_one_line(e)}; size {_size(file)} bytes)") from None
     return self._handles[file]
 
   def _file_of(self, name: str) -> str:
@@ -116,9 +150,17 @@ class WeightsReader:
         self._keys = set(self._handle(self._files[0]).keys())
     return self._keys
 
+  def _open_for(self, name: str):
+    """(file, open handle) of the file holding ``name``."""
+    file = self._file_of(name)
+    handle = self._handle(file)
+    if self._weight_map is not None and name not in handle.keys():
+      raise KeyError(f"{self.source} maps tensor {name!r} to {file}, which does not hold it")
+    return file, handle
+
   def shape(self, name: str) -> tuple[int, ...]:
     """A tensor's shape, read from its file's header (no data is read)."""
-    return tuple(self._handle(self._file_of(name)).get_slice(name).get_shape())
+    return tuple(self._open_for(name)[1].get_slice(name).get_shape())
 
   def get(self, name: str) -> np.ndarray:
     """Reads one tensor into host memory in its stored dtype.
@@ -126,9 +168,67 @@ class WeightsReader:
     Returns:
       A NumPy array; BF16 tensors as ``ml_dtypes.bfloat16``.
     """
-    handle = self._handle(self._file_of(name))
-    array = handle.get_tensor(name)
+    file, handle = self._open_for(name)
+    try:
+      array = handle.get_tensor(name)
+    except Exception as e:  # a file changed or damaged after it was opened
+      raise ValueError(f"{file}: cannot read tensor {name!r} ({_one_line(e)})") from None
     if handle.get_slice(name).get_dtype() == "BF16" and array.dtype != ml_dtypes.bfloat16:
       # Older safetensors return the raw 16-bit words for BF16.
       array = array.view(ml_dtypes.bfloat16)
     return array
+
+
+# safetensors dtype names of the NumPy dtypes we write.
+_DTYPE_NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+                np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float64): "F64",
+                np.dtype(np.int64): "I64", np.dtype(np.int32): "I32"}
+
+
+def write_safetensors(file: str, specs: Sequence[tuple[str, tuple[int, ...], np.dtype]],
+                      tensors: Iterable[np.ndarray], metadata: Optional[dict] = None) -> int:
+  """Writes one safetensors file, one tensor at a time.
+
+  The format is an 8-byte little-endian header length, a JSON header (dtype,
+  shape and byte range of every tensor), then the raw little-endian bytes, in
+  header order. Knowing every shape up front lets the header go first, so only
+  one tensor is ever held here.
+
+  Args:
+    file: the output path (overwritten).
+    specs: [(name, shape, dtype)] in the order ``tensors`` yields them.
+    tensors: the arrays, matching ``specs`` exactly (checked).
+    metadata: optional string → string ``__metadata__``.
+
+  Returns:
+    The number of bytes written.
+
+  Raises:
+    ValueError: a tensor whose shape or dtype differs from its spec, or too few.
+  """
+  header, offset = {}, 0
+  if metadata:
+    header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+  for name, shape, dtype in specs:
+    dtype = np.dtype(dtype)
+    end = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": [int(d) for d in shape],
+                    "data_offsets": [offset, end]}
+    offset = end
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)   # the reference writer aligns the data to 8 bytes
+  with open(file, "wb") as f:
+    f.write(len(blob).to_bytes(8, "little"))
+    f.write(blob)
+    count = 0
+    for (name, shape, dtype), array in zip(specs, tensors, strict=False):  # counted below
+      array = np.asarray(array)
+      if tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
+        raise ValueError(f"{file}: tensor {name!r} is {array.dtype}{list(array.shape)}, "
+                         f"expected {np.dtype(dtype)}{list(shape)}")
+      f.write(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"),
+                                                 copy=False).tobytes())
+      count += 1
+    if count != len(specs):
+      raise ValueError(f"{file}: {len(specs)} tensors announced, {count} written")
+  return 8 + len(blob) + offset

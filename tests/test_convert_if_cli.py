@@ -86,11 +86,12 @@ def test_cli_end_to_end(tmp_path):
 
 
 def assert_fails(src, out, capsys, *needles):
-  """The CLI exits 1 naming every needle, and leaves no trace next to --out."""
+  """The CLI exits 2 naming every needle, and leaves no trace next to --out."""
   parent = os.path.dirname(str(out))
   before = sorted(os.listdir(parent)) if os.path.isdir(parent) else None
-  assert run_cli(src, out) == 1
+  assert run_cli(src, out) == 2
   err = capsys.readouterr().err
+  assert err.startswith("error: ") and err.count("\n") == 1, err
   for needle in needles:
     assert needle in err, err
   assert not os.path.exists(out)
@@ -171,7 +172,7 @@ def test_output_must_be_new_or_empty(tmp_path, capsys):
   out = tmp_path / "out"
   out.mkdir()
   (out / "keep.txt").write_text("mine")
-  assert run_cli(src, out) == 1
+  assert run_cli(src, out) == 2
   assert "exists" in capsys.readouterr().err
   assert os.listdir(out) == ["keep.txt"]
   (out / "keep.txt").unlink()

@@ -1,12 +1,21 @@
-"""Command line: convert a diffusers DeepFloyd IF pipeline folder.
+"""Command line: DeepFloyd IF UNets from diffusers, and back.
 
   python -m imagen_jax.convert deepfloyd-if --src IF-I-XL-v1.0 --out converted/if_I \
-      [--dtype bfloat16] [--variant fp16] [--lowres-resolution 64]
+      [--dtype bfloat16] [--variant fp16] [--lowres-resolution 64] [--scheduler DIR]
+  python -m imagen_jax.convert export-diffusers --src converted/if_I --out if_I_unet \
+      [--stage if_I] [--dtype float16]
 
-Writes ``--out/config.json`` (the stage config: model, diffusion, sample, text)
-and ``--out/params/`` (an orbax checkpoint); read back with
-``imagen_jax.convert.deepfloyd_if.load_converted``. ``--out`` appears only when
-the whole conversion succeeded. Exit status 1 with a one-line error otherwise.
+``deepfloyd-if`` reads a diffusers IF pipeline folder or a bare UNet folder
+(config.json + safetensors; scheduler settings from ``--scheduler DIR``, else
+IF's defaults for the stage) and writes ``--out/config.json`` (the stage
+config) and ``--out/params/`` (an orbax checkpoint); read back with
+``imagen_jax.convert.deepfloyd_if.load_converted``. ``export-diffusers`` writes
+a diffusers ``UNet2DConditionModel`` folder (config.json +
+diffusion_pytorch_model.safetensors) from a converted stage or from a
+training run's stage (its latest EMA params) whose UNet is IF-layout.
+
+``--out`` appears only when the whole command succeeded. On failure: one line
+naming the file or stage and the problem, exit status 2.
 """
 
 import argparse
@@ -14,7 +23,9 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from imagen_jax.convert import deepfloyd_if
+from imagen_jax.convert import deepfloyd_if, if_export
+
+EXIT_ERROR = 2
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -22,7 +33,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                    description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="command", required=True)
   p = sub.add_parser("deepfloyd-if", help="convert a diffusers DeepFloyd IF folder")
-  p.add_argument("--src", required=True, help="IF pipeline folder (model_index.json, unet/, ...)")
+  p.add_argument("--src", required=True,
+                 help="IF pipeline folder (model_index.json, unet/, ...) or a bare UNet "
+                      "folder (config.json + safetensors)")
   p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
   p.add_argument("--dtype", default="float32", choices=deepfloyd_if.DTYPES)
   p.add_argument("--variant", default=None,
@@ -30,20 +43,42 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       "falling back to fp16)")
   p.add_argument("--lowres-resolution", type=int, default=None,
                  help="stage II input resolution (default: resolution // 4)")
+  p.add_argument("--scheduler", default=None,
+                 help="folder with the scheduler_config.json to use (or a pipeline folder "
+                      "with scheduler/); default: the pipeline's, else IF's for the stage")
+  e = sub.add_parser("export-diffusers",
+                     help="write a diffusers UNet2DConditionModel folder from our params")
+  e.add_argument("--src", required=True,
+                 help="a converted IF folder or a training run's workdir")
+  e.add_argument("--stage", default=None,
+                 help="stage name (needed when --src holds several)")
+  e.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+  e.add_argument("--dtype", default="float32", choices=sorted(if_export.OUT_DTYPES),
+                 help="dtype of the written tensors")
   return parser.parse_args(argv)
+
+
+def _run(args: argparse.Namespace) -> str:
+  if args.command == "deepfloyd-if":
+    out = deepfloyd_if.convert(args.src, args.out, dtype=args.dtype, variant=args.variant,
+                               lowres_resolution=args.lowres_resolution,
+                               scheduler=args.scheduler)
+    return f"converted {args.src} -> {out} ({args.dtype})"
+  out = if_export.export(args.src, args.out, stage_name=args.stage, dtype=args.dtype)
+  return f"exported {args.src}{f' stage {args.stage}' if args.stage else ''} -> {out} " \
+         f"(diffusers UNet2DConditionModel, {args.dtype})"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
   start = time.time()
   try:
-    out = deepfloyd_if.convert(args.src, args.out, dtype=args.dtype, variant=args.variant,
-                               lowres_resolution=args.lowres_resolution)
-  except (FileNotFoundError, FileExistsError, KeyError, ValueError) as e:
+    done = _run(args)
+  except (OSError, KeyError, ValueError) as e:
     msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-    print(f"error: {msg}", file=sys.stderr)
-    return 1
-  print(f"converted {args.src} -> {out} ({args.dtype}) in {time.time() - start:.1f}s")
+    print("error: " + " ".join(str(msg).split()), file=sys.stderr)
+    return EXIT_ERROR
+  print(f"{done} in {time.time() - start:.1f}s")
   return 0
 
 

@@ -1,4 +1,4 @@
-"""diffusers IF UNet tensors → our UNet parameter tree: names, layouts, checks.
+"""diffusers IF UNet tensors ↔ our UNet parameter tree: names, layouts, checks.
 
 Every parameter of our UNet (from ``jax.eval_shape`` of its init) has exactly
 one diffusers tensor (``diffusers_name``); the converter walks OUR tree, so a
@@ -11,6 +11,7 @@ Layouts (PyTorch → Flax):
                splits heads: q/k/v [C, heads, dh], out [heads, dh, C])
   biases, norm weights/biases, the pooling position embedding: as stored
   (biases reshaped to our bias shape).
+``to_torch`` is the exact inverse of ``to_flax`` (the export direction).
 """
 
 import math
@@ -105,6 +106,24 @@ def to_flax(path: tuple[str, ...], tensor: np.ndarray, shape: tuple[int, ...]) -
   if path[-1] == "kernel":
     return np.transpose(tensor).reshape(shape)
   return tensor.reshape(shape)
+
+
+def to_torch(path: tuple[str, ...], array: np.ndarray) -> np.ndarray:
+  """Converts one of our parameters back to its diffusers layout (``to_flax``⁻¹).
+
+  Args:
+    path: our parameter path (decides conv / linear / other).
+    array: the parameter in our layout.
+
+  Returns:
+    The tensor in PyTorch layout, of shape ``torch_shape(path, array.shape)``.
+  """
+  shape = torch_shape(path, tuple(array.shape))
+  if _is_conv(path, array.shape):
+    return np.transpose(array, (3, 2, 0, 1))
+  if path[-1] == "kernel":
+    return np.transpose(array.reshape(shape[::-1]))
+  return array.reshape(shape)
 
 
 def flat_params(tree: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:

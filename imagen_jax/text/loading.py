@@ -27,6 +27,8 @@ HF_DEFAULTS = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048,
                    num_layers=6, num_heads=8, relative_attention_num_buckets=32,
                    relative_attention_max_distance=128, layer_norm_epsilon=1e-6,
                    feed_forward_proj="relu")
+_POSITIVE_INTS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
+                  "relative_attention_num_buckets", "relative_attention_max_distance")
 
 
 def read_config(path: str) -> T5Config:
@@ -48,16 +50,31 @@ def read_config(path: str) -> T5Config:
   if not os.path.isfile(config_file):
     raise FileNotFoundError(f"{config_file} not found: a Hugging Face T5 "
                             "directory needs config.json")
-  with open(config_file) as f:
-    raw = json.load(f)
+  try:
+    with open(config_file) as f:
+      raw = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{config_file} is not valid JSON: {' '.join(str(e).split())}") from None
+  if not isinstance(raw, dict):
+    raise ValueError(f"{config_file} holds a JSON {type(raw).__name__}, not a config object")
   model_type = raw.get("model_type")
   if model_type not in T5_MODEL_TYPES:
     raise ValueError(f"{config_file}: model_type={model_type!r} is not a T5 "
                      f"encoder (expected one of {T5_MODEL_TYPES})")
+  merged = {**HF_DEFAULTS, **raw}
+  bad = [f"{k}={merged[k]!r}" for k in _POSITIVE_INTS
+         if not isinstance(merged[k], int) or isinstance(merged[k], bool) or merged[k] < 1]
+  if not isinstance(merged["layer_norm_epsilon"], (int, float)):
+    bad.append(f"layer_norm_epsilon={merged['layer_norm_epsilon']!r}")
+  if not isinstance(merged["feed_forward_proj"], str):
+    bad.append(f"feed_forward_proj={merged['feed_forward_proj']!r}")
+  if bad:
+    raise ValueError(f"{config_file}: invalid T5 settings {', '.join(bad)} "
+                     "(sizes must be positive integers)")
   try:
-    return T5Config.from_dict({**HF_DEFAULTS, **raw})
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"{config_file}: {e}") from e
+    return T5Config.from_dict(merged)
+  except (TypeError, ValueError, KeyError) as e:
+    raise ValueError(f"{config_file}: {' '.join(str(e).split())}") from None
 
 
 # Converters from a Hugging Face tensor to the Flax layout, given the config.
@@ -141,7 +158,8 @@ def load_params(path: str, config: T5Config, abstract_params: Any,
 
   Raises:
     KeyError: a needed encoder tensor is missing (named in the message).
-    ValueError: a tensor has the wrong shape for the config.
+    ValueError: a tensor has the wrong shape for the config, or a weights file
+      is damaged (the file named).
   """
   names = hf_name_map(config)
   flat_shard = dict(_flat_items(shardings["params"])) if shardings else {}
@@ -154,11 +172,15 @@ def load_params(path: str, config: T5Config, abstract_params: Any,
       if not found:
         raise KeyError(f"encoder tensor {candidates[0]!r} is missing from "
                        f"{reader.source}")
-      w = convert(reader.get(found[0]))
-      if w.shape != abstract.shape:
+      stored = reader.get(found[0])
+      try:
+        w = convert(stored)
+      except ValueError:   # a reshape that cannot fit
+        w = None
+      if w is None or w.shape != abstract.shape:
         raise ValueError(f"tensor {found[0]!r} in {reader.source} has shape "
-                         f"{w.shape} after conversion; config.json implies "
-                         f"{abstract.shape}")
+                         f"{tuple(stored.shape)}, which does not convert to the "
+                         f"{tuple(abstract.shape)} that config.json implies")
       w = np.ascontiguousarray(w.astype(np.dtype(param_dtype)))
       _set(out, fpath, jax.device_put(w, flat_shard.get(fpath)))
       del w
