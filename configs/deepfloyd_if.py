@@ -29,6 +29,8 @@ def get_config(path: str = ""):
   config.mesh.shape = {"data": 1, "fsdp": -1, "tensor": 1}
   config.mesh.strategy = "fsdp"
   config.data.update(dict(name="image_captions", data_dir="data", src=""))
+  config.data.builder_kwargs = dict(
+      max_resolution=max(s.resolution for s in config.stages.values()))
   config.train.update(dict(num_steps=2000, batch_size=16, lr=1e-5, warmup_steps=100,
                            end_lr_frac=1.0, weight_decay=0.0, grad_clip=1.0,
                            ema_decay=0.999, log_every=10, checkpoint_every=200,

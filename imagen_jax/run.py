@@ -181,6 +181,20 @@ def checkpoint_manager(workdir: str, stage_name: str, *, keep: int = 2,
   return ocp.CheckpointManager(checkpoint_dir(workdir, stage_name), options=options)
 
 
+def load_converted_params(folder: str, stage: Any, mesh=None, rules=None) -> Any:
+  """The params of a converted stage folder (``python -m imagen_jax.convert``).
+
+  Args:
+    folder: the converted folder (config.json + params/).
+    stage: the ``Stage`` whose parameter tree the params fill.
+    mesh, rules: place the params sharded (None: default device).
+  """
+  target = abstract_params(stage, mesh, rules)
+  params = ocp.StandardCheckpointer().restore(
+      os.path.abspath(os.path.join(folder, CONVERTED_PARAMS)), target)
+  return jax.tree.map(jnp.asarray, params) if mesh is None else params
+
+
 def load_ema_params(workdir: str, stage: Any, mesh=None, rules=None,
                     step: Optional[int] = None) -> tuple[Any, int]:
   """The sampling parameters of one stage: a run's EMA params, or converted params.
@@ -195,12 +209,10 @@ def load_ema_params(workdir: str, stage: Any, mesh=None, rules=None,
   Returns:
     (params, step); step is 0 for converted stages.
   """
-  target = abstract_params(stage, mesh, rules)
   source = stage.config.get("source")
   if source:
-    params = ocp.StandardCheckpointer().restore(
-        os.path.abspath(os.path.join(source, CONVERTED_PARAMS)), target)
-    return (jax.tree.map(jnp.asarray, params) if mesh is None else params), 0
+    return load_converted_params(source, stage, mesh, rules), 0
+  target = abstract_params(stage, mesh, rules)
   ckpt_dir = checkpoint_dir(workdir, stage.name)
   manager = latest = None
   if os.path.isdir(ckpt_dir):

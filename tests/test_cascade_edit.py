@@ -48,8 +48,11 @@ def test_inpainting_keeps_the_unmasked_pixels_at_every_stage(cascade):
   assert (out.final[:, keep] == image[keep]).all()
   assert not (out.final[:, ~keep] == image[~keep]).all()
   base_keep = keep[::2, ::2]
-  small = to_uint8(resize(to_float(image)[None], 16))[0]
-  assert (out.images["base"][:, base_keep] == np.asarray(small)[base_keep]).all()
+  # The base stage keeps the image resized to its resolution (rounding of a
+  # resized float can differ by one level between the jitted and eager resize).
+  small = np.asarray(to_uint8(resize(to_float(image)[None], 16))[0], np.int32)
+  diff = np.abs(out.images["base"][:, base_keep].astype(np.int32) - small[base_keep])
+  assert diff.max() <= 1, diff.max()
 
 
 @pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler", "heun"])

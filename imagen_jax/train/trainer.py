@@ -145,6 +145,20 @@ def _restore_or_init(ckpt, stage, tx, mesh, rules, config, text_len, rng):
   return state, shardings, data_state
 
 
+def _init_from_converted(state, stage: Stage, mesh, rules):
+  """A fresh state whose params (and EMA) start from ``stage.init_from``, if set.
+
+  ``init_from`` names a converted stage folder (``configs/deepfloyd_if.py``):
+  fine-tuning starts from its weights; resuming reads the run's own checkpoints.
+  """
+  folder = stage.config.get("init_from")
+  if not folder or int(state.step) != 0:
+    return state
+  params = run_lib.load_converted_params(folder, stage, mesh, rules)
+  _log.warning("stage %s: initialized from the converted weights in %s", stage.name, folder)
+  return state.replace(params=params, ema_params=jax.tree.map(lambda x: x.copy(), params))
+
+
 def train_stage(config: Any, workdir: str, stage_name: str, text_encoder: TextEncoder,
                 mesh=None, rules=None, sample_fn=None) -> StageResult:
   """Trains one stage to its step count, resuming from its last checkpoint."""
@@ -160,6 +174,8 @@ def train_stage(config: Any, workdir: str, stage_name: str, text_encoder: TextEn
                                     async_save=tc.async_checkpoint)
   state, shardings, data_state = _restore_or_init(ckpt, stage, tx, mesh, rules, config,
                                                   text_len, init_rng)
+  if data_state is None:
+    state = _init_from_converted(state, stage, mesh, rules)
   it = _data_iterator(config, stage, per_process)
   if data_state is not None:
     it.set_state(data_state)
