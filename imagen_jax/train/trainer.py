@@ -97,19 +97,10 @@ class StageResult:
 
 
 def _data_iterator(config, stage: Stage, per_process_batch: int):
-  d = config.data
-  if d.prepare and d.name in ("shapes", "image_captions"):
-    kwargs = dict(d.builder_kwargs)
-    if d.name == "image_captions":
-      datasets.prepare(d.name, d.data_dir, src=d.src or None, **kwargs)
-    else:
-      datasets.prepare(d.name, d.data_dir, **kwargs)
-  ds = pipeline.build_input(d.name, d.data_dir, d.split, resolution=stage.resolution,
-                            batch_size=per_process_batch, train=True, seed=d.seed,
-                            process_index=jax.process_index(),
-                            process_count=jax.process_count(),
-                            builder_kwargs=dict(d.builder_kwargs))
-  return iter(ds)
+  return iter(pipeline.train_input(config.data, resolution=stage.resolution,
+                                   batch_size=per_process_batch,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count()))
 
 
 def _check_batch(batch_size: int, mesh) -> int:
