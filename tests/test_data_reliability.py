@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -243,11 +244,11 @@ def test_changed_source_is_prepared_again_unchanged_is_not(tmp_path, capsys,
 # --- preparation lock ------------------------------------------------------
 
 _HOLD_SCRIPT = textwrap.dedent('''
-    import sys, time
+    import sys
     from imagen_jax import lockfile
     with lockfile.hold(sys.argv[1], what='test holder'):
       print('held', flush=True)
-      time.sleep(float(sys.argv[2]))
+      sys.stdin.readline()  # Until the test says so.
 ''')
 
 
@@ -259,25 +260,28 @@ def test_two_preparations_of_one_dataset_do_not_race(tmp_path, caplog):
   lock = data_dir / 'image_captions' / 'default.lock'
   lock.parent.mkdir(parents=True)
   # Another process holds the dataset lock: refused at once with wait=0 ...
-  proc = subprocess.Popen([sys.executable, '-c', _HOLD_SCRIPT, str(lock), '1.5'],
-                          stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                          env=dict(os.environ, PYTHONPATH=ROOT))
+  proc = subprocess.Popen([sys.executable, '-c', _HOLD_SCRIPT, str(lock)],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
   try:
     assert proc.stdout.readline().strip() == 'held'
     with pytest.raises(lockfile.Locked, match=f'pid {proc.pid} on host'):
       datasets.prepare('image_captions', data_dir, src=src, wait=0)
-    # ... or prepared once it is released (the default waits).
+    # ... or prepared once it is released (the default waits as long as the
+    # holder lives; 60 s here so that a bug cannot hang the suite).
+    def release():
+      proc.stdin.write('go\n')
+      proc.stdin.flush()
+    threading.Timer(0.5, release).start()
     with caplog.at_level(logging.WARNING):
-      builder = datasets.prepare('image_captions', data_dir, src=src)
+      builder = datasets.prepare('image_captions', data_dir, src=src, wait=60)
     assert f'Waiting for pid {proc.pid}' in caplog.text
-    assert proc.poll() == 0  # It had finished before we prepared.
+    assert proc.wait(timeout=60) == 0
   finally:
     proc.kill()
     proc.wait()
   assert _captions(builder) == ['a'] and not lock.exists()
   # A lock left by a killed preparation is taken over.
-  shutil_dir = data_dir / 'image_captions' / 'default'
-  assert shutil_dir.exists()
   _write_lock(lock, _dead_pid(), socket.gethostname())
   datasets.prepare('image_captions', data_dir, src=src, wait=0)
   assert not lock.exists()
@@ -319,9 +323,10 @@ def test_own_data_config_prepares_and_trains_in_one_call(tmp_path):
   config = config_lib.load_config(os.path.join(ROOT, 'configs/own_data.py:tiny'))
   config.data.update(dict(src=str(src), data_dir=str(tmp_path / 'data')))
   config.train.update(dict(num_steps=2, checkpoint_every=2))
-  # Two UNet levels instead of three: compiles several times faster.
-  config.stages.base.model.update(dict(channels=(16, 32), num_res_blocks=(1, 1),
-                                       attention=('none', 'self_cross')))
+  # One UNet level instead of three: the train step compiles several times
+  # faster, and the data path is what this test is about.
+  config.stages.base.model.update(dict(channels=(16,), num_res_blocks=(1,),
+                                       attention=('self_cross',)))
   results = trainer.train_and_evaluate(config, str(tmp_path / 'run'), ['base'])
   assert [(r.stage, r.step) for r in results] == [('base', 2)]
   assert np.isfinite(results[0].last_metrics['loss'])
