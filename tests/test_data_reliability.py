@@ -226,7 +226,7 @@ def test_changed_source_is_prepared_again_unchanged_is_not(tmp_path, capsys,
            lambda: (src / 'b.txt').write_text('new'),
            lambda: os.utime(src / 'a.png', ns=(1, 10**18))]  # mtime only.
   wanted = [['second'], ['second'], ['new', 'second'], ['new', 'second']]
-  for edit, captions in zip(edits, wanted):
+  for edit, captions in zip(edits, wanted, strict=True):
     edit()
     caplog.clear()
     with caplog.at_level(logging.WARNING):
