@@ -6,9 +6,13 @@ Modules (imported explicitly; this package imports nothing eagerly so that
   shapes          vocabulary, renderer and caption parser (numpy + PIL only).
   shapes_builder  TFDS builder `shapes`.
   image_captions  TFDS builder `image_captions`.
-  datasets        load_builder / prepare / resolution checks.
-  pipeline        grain pipeline: make_dataset, build_input, make_global_batch.
+  captions        a captioned folder's listing and fingerprint.
+  images          any decoded image -> 8-bit RGB (16-bit, alpha).
+  datasets        load_builder / prepare / config checks / resolution checks.
+  pipeline        grain pipeline: make_dataset, build_input, train_input,
+                  make_global_batch.
   prepare         CLI: python -m imagen_jax.data.prepare --dataset shapes ...
 
-A leaf package: nothing else from imagen_jax is imported here.
+Nearly a leaf package: from the rest of imagen_jax it imports only the leaf
+module `imagen_jax.lockfile`.
 """

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import tensorflow_datasets as tfds
 
+from imagen_jax import lockfile
+from imagen_jax.data import captions as captions_lib
 from imagen_jax.data import image_captions as image_captions_lib
 from imagen_jax.data import shapes_builder
 
@@ -101,13 +104,22 @@ def require_prepared(builder: tfds.core.DatasetBuilder) -> None:
 
 def prepare(name: str, data_dir: str | os.PathLike, *,
             src: str | os.PathLike | None = None,
+            wait: float | None = None,
             **kwargs) -> tfds.core.DatasetBuilder:
   """Prepares a dataset unless it already is, printing progress.
+
+  Preparation holds a lock file per dataset folder
+  (`{data_dir}/{name}/{config}.lock`, see `imagen_jax.lockfile`): a second
+  preparation of the same dataset waits for the first, then finds it
+  prepared. An `image_captions` dataset whose source folder changed since it
+  was prepared (file names, sizes or mtimes) is prepared again.
 
   Args:
     name: `shapes` or `image_captions`.
     data_dir: TFDS data directory; created when missing.
     src: the source folder of `image_captions` (its TFDS manual dir).
+    wait: seconds to wait for another process preparing the same dataset
+      (None: as long as it lives; 0: raise `lockfile.Locked` at once).
     **kwargs: builder settings, as in `load_builder`.
 
   Returns:
@@ -115,6 +127,7 @@ def prepare(name: str, data_dir: str | os.PathLike, *,
 
   Raises:
     FileNotFoundError / ValueError: `src` missing, empty or uncaptioned.
+    lockfile.Locked: another live process prepares it (after `wait` s).
   """
   data_dir = os.fspath(data_dir)
   if name not in _BUILDERS:
@@ -124,20 +137,60 @@ def prepare(name: str, data_dir: str | os.PathLike, *,
   if name == 'image_captions':
     if src is None:
       raise ValueError('image_captions needs src=<folder of images>.')
-    image_captions_lib.find_captioned_images(src)  # Fails early, clearly.
+    captions_lib.find_captioned_images(src)  # Fails early, clearly.
   elif src is not None:
     raise ValueError(f'src only applies to image_captions, not {name!r}.')
-  os.makedirs(data_dir, exist_ok=True)
-  builder = load_builder(name, data_dir, **kwargs)
-  if is_prepared(builder):
-    print(f'{builder.info.full_name} already prepared in {builder.data_dir}')
-    old_src = (builder.info.metadata or {}).get('source_dir')
-    if src is not None and old_src and old_src != os.path.abspath(src):
-      _log.warning('%s was prepared from %s, not from %s: delete %s (or use '
-                   'another data_dir) to prepare it again.',
-                   builder.info.full_name, old_src, os.path.abspath(src),
-                   builder.data_dir)
-    return builder
+  config_name = _config(name, kwargs).name
+  os.makedirs(os.path.join(data_dir, name), exist_ok=True)
+  lock = os.path.join(data_dir, name, f'{config_name}.lock')
+  with lockfile.hold(lock, what=f'preparation of {name}/{config_name} in '
+                     f'{data_dir}', wait=wait):
+    builder = load_builder(name, data_dir, **kwargs)
+    if not is_prepared(builder):
+      return _download_and_prepare(builder, src)
+    changed = None if src is None else _source_changed(builder, src)
+    if changed is None:
+      print(f'{builder.info.full_name} already prepared in {builder.data_dir}')
+      return builder
+    _log.warning('%s: %s; preparing it again.', builder.info.full_name,
+                 changed)
+    return _prepare_again(builder, src, name, data_dir, kwargs)
+
+
+def _source_changed(builder: tfds.core.DatasetBuilder,
+                    src: str | os.PathLike) -> str | None:
+  """Why the source of a prepared image_captions differs now, or None."""
+  meta = builder.info.metadata or {}
+  old = meta.get('source_fingerprint')
+  new, num_files = captions_lib.fingerprint(src)
+  if old == new:
+    return None
+  if old is None:
+    return (f'it was prepared from {meta.get("source_dir")} without a source '
+            'fingerprint')
+  return (f'its source folder {os.path.abspath(src)} changed since it was '
+          f'prepared from {meta.get("source_dir")} (file names, sizes or '
+          f'mtimes; {meta.get("source_files")} files then, {num_files} now)')
+
+
+def _prepare_again(builder, src, name, data_dir, kwargs):
+  """Prepares anew, keeping the old files aside until it succeeded."""
+  old = os.fspath(builder.data_dir)
+  aside = os.path.join(os.path.dirname(old), f'.{os.path.basename(old)}.old')
+  if os.path.exists(aside):  # Left by a run that died here.
+    shutil.rmtree(aside)
+  os.rename(old, aside)
+  try:
+    fresh = _download_and_prepare(load_builder(name, data_dir, **kwargs), src)
+  except BaseException:
+    if not os.path.exists(old):
+      os.rename(aside, old)
+    raise
+  shutil.rmtree(aside)
+  return fresh
+
+
+def _download_and_prepare(builder, src):
   download_config = None
   if src is not None:
     download_config = tfds.download.DownloadConfig(
@@ -151,6 +204,63 @@ def prepare(name: str, data_dir: str | os.PathLike, *,
   print(f'Prepared {builder.info.full_name} in '
         f'{time.perf_counter() - start:.1f} s: {sizes}', flush=True)
   return builder
+
+
+def builder_settings(data: Mapping[str, Any]) -> dict[str, Any]:
+  """The checked builder settings of a config's `data` group.
+
+  `data.builder_kwargs` holds the settings of the builder `data.name`; any
+  other setting (e.g. the demo's shapes settings left in place when
+  switching to image_captions) is an error naming the config field.
+
+  Args:
+    data: the `config.data` group (name, builder_kwargs, src, prepare, ...).
+
+  Returns:
+    Keyword arguments for `load_builder` / `prepare`.
+
+  Raises:
+    ValueError: one line naming the offending `config.data` field.
+  """
+  name, kwargs = data['name'], dict(data.get('builder_kwargs') or {})
+  accepted = BUILDER_KWARGS.get(name, ())
+  unknown = sorted(set(kwargs) - set(accepted))
+  if unknown:
+    owners = sorted(n for n, keys in BUILDER_KWARGS.items()
+                    if n != name and set(unknown) <= set(keys))
+    whose = f' (settings of {owners[0]})' if owners else ''
+    raise ValueError(
+        f'config.data.builder_kwargs.{unknown[0]}: config.data.name={name!r} '
+        f'does not accept {unknown}{whose}; it accepts {list(accepted)}. Use '
+        f'a config written for {name} (for your own images: '
+        'configs/own_data.py).')
+  src = data.get('src') or ''
+  if name == 'image_captions' and data.get('prepare', True) and not src:
+    raise ValueError('config.data.src is empty: image_captions prepares a '
+                     'folder of captioned images, e.g. '
+                     '--config.data.src=my_images/.')
+  if src and name != 'image_captions':
+    raise ValueError(f'config.data.src={src!r} only applies to '
+                     f'image_captions, not to config.data.name={name!r}.')
+  return kwargs
+
+
+def prepare_from_config(data: Mapping[str, Any]) -> dict[str, Any]:
+  """Checks `config.data` and prepares its dataset if asked and needed.
+
+  Args:
+    data: the `config.data` group.
+
+  Returns:
+    The builder settings (`builder_settings(data)`).
+  """
+  kwargs = builder_settings(data)
+  if data.get('prepare', True) and data['name'] in _BUILDERS:
+    if data['name'] == 'image_captions':
+      prepare(data['name'], data['data_dir'], src=data['src'], **kwargs)
+    else:
+      prepare(data['name'], data['data_dir'], **kwargs)
+  return kwargs
 
 
 def stored_sides(builder: tfds.core.DatasetBuilder) -> tuple[int, int] | None:

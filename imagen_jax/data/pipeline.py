@@ -28,15 +28,20 @@ import numpy as np
 from PIL import Image
 
 from imagen_jax.data import datasets
+from imagen_jax.data import images
 
 Batch = dict[str, np.ndarray]
 
 
 def decode_image(image: Any) -> np.ndarray:
-  """Encoded image bytes (or an already decoded array) -> uint8 [H, W, 3]."""
+  """Encoded image bytes (or an already decoded array) -> uint8 [H, W, 3].
+
+  Bytes are converted by `images.to_rgb` (16-bit scaled, alpha on black).
+  """
   if isinstance(image, (bytes, np.bytes_)):
     with Image.open(io.BytesIO(image)) as img:
-      return np.asarray(img.convert('RGB'), dtype=np.uint8)
+      img.load()
+      return np.asarray(images.to_rgb(img), dtype=np.uint8)
   image = np.asarray(image, dtype=np.uint8)
   if image.ndim == 2:
     image = image[..., None]
@@ -198,6 +203,36 @@ def build_input(name: str, data_dir: str | os.PathLike, split: str, *,
   return make_dataset(source, resolution=resolution, batch_size=batch_size,
                       train=train, seed=seed, process_index=process_index,
                       process_count=process_count, **kwargs)
+
+
+def train_input(data: Mapping[str, Any], *, resolution: int, batch_size: int,
+                process_index: int = 0, process_count: int = 1,
+                **kwargs) -> grain.IterDataset:
+  """The training pipeline of a config's `data` group, prepared if needed.
+
+  Checks the settings (`datasets.builder_settings`: one-line errors naming
+  the `config.data` field), prepares `shapes` / `image_captions` when
+  `data.prepare` is set (under a lock; re-prepared when the source changed),
+  then builds the shuffled, repeated pipeline of `data.split`.
+
+  Args:
+    data: `config.data` (name, data_dir, split, builder_kwargs, prepare, src,
+      seed).
+    resolution: side R of the produced images (the stage's resolution).
+    batch_size: per-process batch size.
+    process_index: this process.
+    process_count: number of processes.
+    **kwargs: passed on to `make_dataset`.
+
+  Returns:
+    As `make_dataset`, with train=True.
+  """
+  settings = datasets.prepare_from_config(data)
+  return build_input(data['name'], data['data_dir'], data['split'],
+                     resolution=resolution, batch_size=batch_size, train=True,
+                     seed=data['seed'], process_index=process_index,
+                     process_count=process_count, builder_kwargs=settings,
+                     **kwargs)
 
 
 def make_global_batch(batch: Mapping[str, Any], mesh: Any,

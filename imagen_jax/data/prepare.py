@@ -6,7 +6,9 @@
   python -m imagen_jax.data.prepare --dataset image_captions --data_dir DIR \
       --src FOLDER [--max_resolution 256]
 
-Re-running with the same settings finds the prepared data and does nothing.
+Re-running with the same settings finds the prepared data and does nothing;
+an image_captions folder whose files changed (names, sizes, mtimes) is
+prepared again. A second preparation of the same dataset waits for the first.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import sys
 from typing import Sequence
 
+from imagen_jax import lockfile
 from imagen_jax.data import datasets
 from imagen_jax.data import shapes_builder
 
@@ -63,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     kwargs = dict(src=args.src, max_resolution=args.max_resolution)
   try:
     builder = datasets.prepare(args.dataset, args.data_dir, **kwargs)
-  except (FileNotFoundError, ValueError) as e:
+  except (FileNotFoundError, ValueError, lockfile.Locked) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
   meta = dict(builder.info.metadata or {})

@@ -25,7 +25,7 @@ from imagen_jax import cascade as cascade_lib
 from imagen_jax import config as config_lib
 from imagen_jax import parallel
 from imagen_jax import run as run_lib
-from imagen_jax.data import datasets, pipeline
+from imagen_jax.data import pipeline
 from imagen_jax.stages import Stage, build_stage
 from imagen_jax.text import TextEncoder
 from imagen_jax.train import checkpoint as ckpt_lib
@@ -97,19 +97,10 @@ class StageResult:
 
 
 def _data_iterator(config, stage: Stage, per_process_batch: int):
-  d = config.data
-  if d.prepare and d.name in ("shapes", "image_captions"):
-    kwargs = dict(d.builder_kwargs)
-    if d.name == "image_captions":
-      datasets.prepare(d.name, d.data_dir, src=d.src or None, **kwargs)
-    else:
-      datasets.prepare(d.name, d.data_dir, **kwargs)
-  ds = pipeline.build_input(d.name, d.data_dir, d.split, resolution=stage.resolution,
-                            batch_size=per_process_batch, train=True, seed=d.seed,
-                            process_index=jax.process_index(),
-                            process_count=jax.process_count(),
-                            builder_kwargs=dict(d.builder_kwargs))
-  return iter(ds)
+  return iter(pipeline.train_input(config.data, resolution=stage.resolution,
+                                   batch_size=per_process_batch,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count()))
 
 
 def _check_batch(batch_size: int, mesh) -> int:
