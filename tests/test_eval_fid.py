@@ -59,6 +59,14 @@ def test_fid_of_a_set_against_itself_is_zero_even_when_rank_deficient(caplog):
   shifted = metrics.feature_stats(feats + 1.0, network="n", network_resolution=299,
                                   image_resolution=64)
   np.testing.assert_allclose(metrics.fid(stats, shifted), 64.0, rtol=1e-6)
+  # The N×N route (factor, N < D) agrees with the D×D one (whose square roots of
+  # zero eigenvalues carry the ~1e-8 relative rounding noted above).
+  other = metrics.feature_stats(np.random.default_rng(4).normal(size=(100, 64)),
+                                network="n", network_resolution=299, image_resolution=64)
+  assert stats.factor is not None and other.factor is None
+  np.testing.assert_allclose(
+      metrics.fid(stats, other),
+      metrics.frechet_distance(stats.mu, stats.sigma, other.mu, other.sigma), rtol=1e-7)
 
 
 def test_stats_roundtrip_and_provenance_refused(tmp_path):

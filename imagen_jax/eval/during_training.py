@@ -102,15 +102,18 @@ def make_eval_fn(config: Any, workdir: str, text_encoder: Any, mesh=None,
   prompts = eval_prompts(config)
   holdout, _ = shapes.data_settings(config)
   cascades, nets, warned = {}, {}, set()
+  batch = int(tc.get("eval_batch_size", 0)) or None
 
   def networks():
     if not nets:
       if "fid" in names:
         nets["reference"] = metrics.FeatureStats.load(tc.eval_reference)
-        nets["inception"] = fid_lib.InceptionFeatures(tc.eval_inception, mesh=mesh, rules=rules)
+        nets["inception"] = fid_lib.InceptionFeatures(tc.eval_inception, mesh=mesh, rules=rules,
+                                                      batch_size=batch or len(prompts))
       if "clip" in names:
         from imagen_jax.eval import clip as clip_lib  # pylint: disable=g-import-not-at-top
-        nets["clip"] = clip_lib.CLIPScorer(tc.eval_clip, mesh=mesh, rules=rules)
+        nets["clip"] = clip_lib.CLIPScorer(tc.eval_clip, mesh=mesh, rules=rules,
+                                           batch_size=batch or len(prompts))
     return nets
 
   def eval_fn(stage: Stage, ema_params: Any, step: int) -> dict[str, float]:
@@ -124,7 +127,6 @@ def make_eval_fn(config: Any, workdir: str, text_encoder: Any, mesh=None,
     if cascade is None:
       return {}
     cascade.set_params(stage.name, ema_params)
-    batch = int(tc.get("eval_batch_size", 0)) or None
     images = cascade.sample(prompts, jax.random.PRNGKey(tc.seed), batch_size=batch,
                             progress=False).final
     out: dict[str, float] = {}

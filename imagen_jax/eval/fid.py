@@ -72,6 +72,16 @@ class InceptionFeatures:
                                  image_resolution=image_resolution, source=source)
 
 
+def check_reference(path: str, inception_resolution: int, image_resolution: int,
+                    source: str) -> metrics.FeatureStats:
+  """Loads reference statistics; ValueError unless they match this network and resolution."""
+  reference = metrics.FeatureStats.load(path)
+  probe = metrics.FeatureStats(np.zeros(1), np.zeros((1, 1)), 0, inception.NETWORK,
+                               inception_resolution, image_resolution, source)
+  probe.check_compatible(reference)
+  return reference
+
+
 def read_prompts(path: str) -> list[str]:
   """Non-empty stripped lines of a text file."""
   if not os.path.isfile(path):
@@ -152,24 +162,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   import jax  # pylint: disable=g-import-not-at-top
   from imagen_jax import cascade as cascade_lib  # pylint: disable=g-import-not-at-top
   from imagen_jax.eval import clip as clip_lib  # pylint: disable=g-import-not-at-top
+  from imagen_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   args = parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.ERROR)
-  try:
+  try:  # Everything that can be refused is refused before loading any weights.
     if args.num < metrics.MIN_SAMPLES or args.batch < 1:
       raise ValueError(f"--num must be >= {metrics.MIN_SAMPLES} and --batch >= 1")
     if not args.inception:
       raise ValueError("--inception is required: the FID InceptionV3 weights (.safetensors)")
-    reference = metrics.FeatureStats.load(args.reference)
-    prompts = cycle(read_prompts(args.prompts_file), args.num)
+    config = ckpt_lib.read_config(args.workdir)
     steps = per_stage_arg(args.steps, int)
     guidance = per_stage_arg(args.guidance, float)
+    cascade_lib.per_stage(steps, config.stage_order, "steps")
+    cascade_lib.per_stage(guidance, config.stage_order, "guidance")
+    reference = check_reference(args.reference, args.inception_resolution,
+                                config.stages[config.stage_order[-1]].resolution, args.workdir)
+    prompts = cycle(read_prompts(args.prompts_file), args.num)
     cascade = cascade_lib.Cascade.from_workdir(args.workdir)
-    cascade.settings(steps, guidance)  # Validates the per-stage lists.
-    final = cascade.stages[cascade.stage_names[-1]]
-    probe = metrics.FeatureStats(np.zeros(1), np.zeros((1, 1)), 0, inception.NETWORK,
-                                 args.inception_resolution, final.resolution, args.workdir)
-    probe.check_compatible(reference)  # Refuse before sampling, not after.
     inception_fn = InceptionFeatures(args.inception, mesh=cascade.mesh, rules=cascade.rules,
                                      batch_size=args.batch,
                                      resolution=args.inception_resolution)

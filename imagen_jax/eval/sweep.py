@@ -44,6 +44,18 @@ def parse_list(text: str, kind, what: str) -> list:
   return values
 
 
+def check_metrics(names: Sequence[str], reference: Optional[str], inception_path: Optional[str],
+                  clip_path: Optional[str]) -> None:
+  """ValueError (one line) for unknown metrics or a metric without its files."""
+  unknown = sorted(set(names) - set(METRICS))
+  if unknown or not names:
+    raise ValueError(f"unknown metrics {unknown or list(names)}; choose from {list(METRICS)}")
+  if "fid" in names and (not reference or not inception_path):
+    raise ValueError("metric fid needs --reference (stats .npz) and --inception (weights)")
+  if "clip" in names and not clip_path:
+    raise ValueError("metric clip needs --clip (a Hugging Face CLIP folder)")
+
+
 class Evaluator:
   """The metric networks of a sweep, loaded once; scores one batch of images."""
 
@@ -51,30 +63,18 @@ class Evaluator:
                reference: Optional[str] = None, inception_path: Optional[str] = None,
                inception_resolution: int = 299, clip_path: Optional[str] = None,
                holdout: Sequence[str] = ()):
-    unknown = sorted(set(names) - set(METRICS))
-    if unknown or not names:
-      raise ValueError(f"unknown metrics {unknown or names}; choose from {list(METRICS)}")
+    """Loads the networks the metrics need (``check_metrics`` first: it is cheap)."""
+    check_metrics(names, reference, inception_path, clip_path)
     self.names, self.holdout = tuple(names), tuple(holdout)
     self.reference = self.inception = self.clip = None
     if "fid" in names:
-      if not reference or not inception_path:
-        raise ValueError("metric fid needs --reference (stats .npz) and --inception (weights)")
       self.reference = metrics.FeatureStats.load(reference)
       self.inception = fid_lib.InceptionFeatures(inception_path, mesh=mesh, rules=rules,
                                                  batch_size=batch_size,
                                                  resolution=inception_resolution)
     if "clip" in names:
-      if not clip_path:
-        raise ValueError("metric clip needs --clip (a Hugging Face CLIP folder)")
       from imagen_jax.eval import clip as clip_lib  # pylint: disable=g-import-not-at-top
       self.clip = clip_lib.CLIPScorer(clip_path, mesh=mesh, rules=rules, batch_size=batch_size)
-
-  def check_resolution(self, image_resolution: int, source: str) -> None:
-    """Refuses (ValueError) a reference of another network or resolution, before sampling."""
-    if self.reference is not None:
-      probe = metrics.FeatureStats(np.zeros(1), np.zeros((1, 1)), 0, self.reference.network,
-                                   self.inception.resolution, image_resolution, source)
-      probe.check_compatible(self.reference)
 
   def __call__(self, images: np.ndarray, prompts: Sequence[str]) -> dict[str, Any]:
     """{'fid', 'clip_score', 'shapes_accuracy', 'shapes'} for the configured metrics."""
@@ -151,8 +151,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def _prompts(args, names, cascade) -> tuple[list[str], tuple]:
-  holdout, data_seed = shapes.data_settings(cascade.config)
+def _prompts(args, names, config) -> tuple[list[str], tuple]:
+  holdout, data_seed = shapes.data_settings(config)
   if args.prompts_file:
     return fid_lib.cycle(fid_lib.read_prompts(args.prompts_file), args.num), holdout
   if "shapes" not in names:
@@ -164,27 +164,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   """The CLI; exit 2 on bad input (one line on stderr)."""
   import jax  # pylint: disable=g-import-not-at-top
   from imagen_jax import cascade as cascade_lib  # pylint: disable=g-import-not-at-top
+  from imagen_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   args = parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.ERROR)
-  try:
+  try:  # Everything that can be refused is refused before loading any weights.
     guidance = parse_list(args.guidance, float, "--guidance")
     names = [m.strip() for m in args.metrics.split(",") if m.strip()]
     if args.num < metrics.MIN_SAMPLES or args.batch < 1:
       raise ValueError(f"--num must be >= {metrics.MIN_SAMPLES} and --batch >= 1")
+    check_metrics(names, args.reference, args.inception, args.clip)
+    config = ckpt_lib.read_config(args.workdir)
+    stage = args.stage or config.stage_order[0]
+    if stage not in config.stage_order:
+      raise ValueError(f"--stage {stage!r} is not one of {list(config.stage_order)}")
     steps = fid_lib.per_stage_arg(args.steps, int)
+    cascade_lib.per_stage(steps, config.stage_order, "steps")
+    if "fid" in names:
+      fid_lib.check_reference(args.reference, args.inception_resolution,
+                              config.stages[config.stage_order[-1]].resolution, args.workdir)
+    prompts, holdout = _prompts(args, names, config)
     cascade = cascade_lib.Cascade.from_workdir(args.workdir)
-    stage = args.stage or cascade.stage_names[0]
-    if stage not in cascade.stage_names:
-      raise ValueError(f"--stage {stage!r} is not one of {list(cascade.stage_names)}")
-    cascade.settings(steps, None)  # Validates --steps.
-    prompts, holdout = _prompts(args, names, cascade)
     evaluator = Evaluator(names, mesh=cascade.mesh, rules=cascade.rules,
                           batch_size=args.batch, reference=args.reference,
                           inception_path=args.inception,
                           inception_resolution=args.inception_resolution,
                           clip_path=args.clip, holdout=holdout)
-    evaluator.check_resolution(cascade.stages[cascade.stage_names[-1]].resolution, args.workdir)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
