@@ -3,9 +3,7 @@
 import json
 import math
 import os
-import sys
 
-import numpy as np
 import pytest
 from PIL import Image
 from safetensors.numpy import save_file
@@ -13,12 +11,11 @@ from safetensors.numpy import save_file
 from imagen_jax import cascade as cascade_lib
 from imagen_jax.data import shapes as shapes_data
 from imagen_jax.eval import during_training, fid, fid_stats, inception, metrics, sweep
-from imagen_jax.stages import Stage
+from imagen_jax import run as run_lib
+from imagen_jax.stages import build_stage
 from imagen_jax.text import TextEncoder
-from imagen_jax.train import checkpoint as ckpt_lib
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_sample_cli import make_run  # noqa: E402  pylint: disable=wrong-import-position
+from test_sample_cli import make_run
 
 CLIP_DIR = os.path.join(os.path.dirname(__file__), "fixtures", "clip_tiny")
 NUM = 8  # images per setting: one jitted batch on the 8 fake devices
@@ -107,7 +104,7 @@ def test_sweep_guidance_must_be_numbers(files, capsys):
 
 
 def test_eval_during_training(files):
-  config = ckpt_lib.read_config(files["run"])
+  config = run_lib.read_config(files["run"])
   # FID during training runs the 299px network: too slow for this test (the
   # metric itself is the CLIs' code, tested above); shapes and CLIP here.
   config.train.update(dict(eval_every=2, eval_metrics=("shapes", "clip"), eval_num=NUM,
@@ -120,12 +117,12 @@ def test_eval_during_training(files):
     during_training.make_eval_fn(_with(config, eval_metrics=("fid",)), files["run"], encoder)
   eval_fn = during_training.make_eval_fn(config, files["run"], encoder, mesh, rules)
   # The SR stage: the base stage comes from its checkpoint, sr from the given params.
-  stage = Stage(config.stages.sr, text_dim=encoder.embed_dim)
-  params, _ = ckpt_lib.load_ema_params(files["run"], stage, mesh, rules)
+  stage = build_stage(config.stages.sr, text_dim=encoder.embed_dim)
+  params, _ = run_lib.load_ema_params(files["run"], stage, mesh, rules)
   out = eval_fn(stage, params, 7)
   assert 0 <= out["eval/shapes_accuracy"] <= 1 and out["eval/seconds"] > 0
   assert 0 <= out["eval/clip_score"] <= 100
-    assert all(isinstance(v, float) for v in out.values())
+  assert all(isinstance(v, float) for v in out.values())
 
 
 def _with(config, **train):

@@ -20,7 +20,7 @@ so pixel values differ from it by up to ~1/255 before normalization.
 import dataclasses
 import json
 import os
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax

@@ -31,8 +31,8 @@ import ml_collections
 from imagen_jax import cascade as cascade_lib
 from imagen_jax.eval import fid as fid_lib
 from imagen_jax.eval import metrics, shapes
-from imagen_jax.stages import Stage
-from imagen_jax.train import checkpoint as ckpt_lib
+from imagen_jax import run as run_lib
+from imagen_jax.stages import Stage, build_stage
 
 _log = logging.getLogger(__name__)
 
@@ -49,9 +49,9 @@ def sub_cascade(config: Any, workdir: str, stage: Stage, ema_params: Any, text_e
   sub.stage_order = tuple(upto)
   stages, params = {stage.name: stage}, {}
   for name in upto[:-1]:
-    stages[name] = Stage(config.stages[name], text_dim=text_encoder.embed_dim)
+    stages[name] = build_stage(config.stages[name], text_dim=text_encoder.embed_dim)
     try:
-      params[name], _ = ckpt_lib.load_ema_params(workdir, stages[name], mesh, rules)
+      params[name], _ = run_lib.load_ema_params(workdir, stages[name], mesh, rules)
     except FileNotFoundError:
       _log.warning("no evaluation for stage %s: stage %s is not trained yet", stage.name, name)
       return None

@@ -3,7 +3,7 @@
 ``FeatureExtractor(apply_fn, variables, mesh=..., rules=...)`` runs
 ``apply_fn(variables, *arrays) -> [b, D]`` in fixed-size chunks (one compile),
 each chunk's rows split over the mesh's batch axes as the cascade sampler
-splits its batch (``cascade.batch_axes``) and the variables replicated. The
+splits its batch (``parallel.batch_axes``) and the variables replicated. The
 last chunk is padded by repeating its last row; padded rows are dropped.
 """
 
@@ -14,7 +14,6 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from imagen_jax import cascade as cascade_lib
 from imagen_jax import parallel
 
 
@@ -42,15 +41,13 @@ class FeatureExtractor:
       apply_fn: (variables, *arrays [b, ...]) -> features [b, D]; pure, jittable.
       variables: its weights (host arrays or jax Arrays); replicated on the mesh.
       mesh: optional mesh; rows split over its batch axes under ``rules``
-        (default: the 'dp' rules, every mesh axis carries rows).
+        (default: ``parallel.BATCH_MESH_AXES``).
       rules: logical-axis rules (``parallel.logical_rules``).
       batch_size: rows per call, rounded up to a multiple of the split.
     """
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if mesh is not None and not rules:
-      rules = parallel.logical_rules("dp")
-    axes, self.num_shards = cascade_lib.batch_axes(mesh, rules)
+    axes, self.num_shards = parallel.batch_axes(mesh, rules)
     self.batch_size = -(-batch_size // self.num_shards) * self.num_shards
     self.mesh = mesh
     if mesh is None:

@@ -162,7 +162,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   import jax  # pylint: disable=g-import-not-at-top
   from imagen_jax import cascade as cascade_lib  # pylint: disable=g-import-not-at-top
   from imagen_jax.eval import clip as clip_lib  # pylint: disable=g-import-not-at-top
-  from imagen_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from imagen_jax import run as run_lib  # pylint: disable=g-import-not-at-top
   args = parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.ERROR)
@@ -171,7 +171,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       raise ValueError(f"--num must be >= {metrics.MIN_SAMPLES} and --batch >= 1")
     if not args.inception:
       raise ValueError("--inception is required: the FID InceptionV3 weights (.safetensors)")
-    config = ckpt_lib.read_config(args.workdir)
+    config = run_lib.read_config(args.workdir)
     steps = per_stage_arg(args.steps, int)
     guidance = per_stage_arg(args.guidance, float)
     cascade_lib.per_stage(steps, config.stage_order, "steps")

@@ -21,7 +21,7 @@ it once from pytorch-fid's released weights; nothing is downloaded here.
 
 import os
 import zlib
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax

@@ -164,7 +164,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   """The CLI; exit 2 on bad input (one line on stderr)."""
   import jax  # pylint: disable=g-import-not-at-top
   from imagen_jax import cascade as cascade_lib  # pylint: disable=g-import-not-at-top
-  from imagen_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from imagen_jax import run as run_lib  # pylint: disable=g-import-not-at-top
   args = parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.ERROR)
@@ -174,7 +174,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.num < metrics.MIN_SAMPLES or args.batch < 1:
       raise ValueError(f"--num must be >= {metrics.MIN_SAMPLES} and --batch >= 1")
     check_metrics(names, args.reference, args.inception, args.clip)
-    config = ckpt_lib.read_config(args.workdir)
+    config = run_lib.read_config(args.workdir)
     stage = args.stage or config.stage_order[0]
     if stage not in config.stage_order:
       raise ValueError(f"--stage {stage!r} is not one of {list(config.stage_order)}")
