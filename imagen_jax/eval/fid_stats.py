@@ -15,6 +15,7 @@ of another network or resolution.
 """
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -65,6 +66,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   src.add_argument("--folder", help="a folder of images")
   p.add_argument("--data_dir", default="data", help="TFDS data directory (--dataset)")
   p.add_argument("--split", default="test", help="split (--dataset), e.g. test, train[:10%%]")
+  p.add_argument("--builder_kwargs", default="{}",
+                 help="JSON settings of the prepared dataset (--dataset shapes or "
+                      "image_captions), as config.data.builder_kwargs, e.g. "
+                      "'{\"resolution\": 32, \"num_train\": 64}'")
   p.add_argument("--resolution", type=int, required=True,
                  help="the side of the samples these statistics will be compared with")
   p.add_argument("--num", type=int, help="at most this many images (default: all)")
@@ -92,11 +97,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       images = folder_images(args.folder, args.resolution, args.num)
       source = f"folder {os.path.abspath(args.folder)}"
     else:
+      try:
+        kwargs = json.loads(args.builder_kwargs)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"--builder_kwargs is not JSON: {e}") from None
       images = dataset_images(args.dataset, args.data_dir, args.split, args.resolution,
-                              args.num)
+                              args.num, kwargs)
       source = f"dataset {args.dataset} split {args.split}"
     feats = [extractor(np.stack(chunk)) for chunk in tqdm(
-        _chunks(images, CHUNK), desc="inception", unit=f"{CHUNK} images")]
+        _chunks(images, CHUNK), desc=f"inception ({CHUNK} images a chunk)", unit="chunk")]
     stats = extractor.stats_of(np.concatenate(feats), args.resolution, source)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
