@@ -123,6 +123,14 @@ def base_config() -> ml_collections.ConfigDict:
       async_checkpoint=True,
       sample_every=0,            # 0: no sample grids during training
       sample_prompts=(),         # captions of the training sample grids
+      eval_every=0,              # 0: no metrics during training (imagen_jax.eval.during_training)
+      eval_metrics=("shapes",),  # 'shapes' (pixel checker), 'clip', 'fid'
+      eval_prompts=(),           # () = the shapes test captions
+      eval_num=64,               # prompts per evaluation (cycled)
+      eval_batch_size=0,         # images per sampler call; 0 = all at once
+      eval_clip="",              # Hugging Face CLIP folder, for 'clip'
+      eval_inception="",         # FID InceptionV3 weights (.safetensors), for 'fid'
+      eval_reference="",         # reference statistics (imagen_jax.eval.fid_stats), for 'fid'
   ))
   return config
 
