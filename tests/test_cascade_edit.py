@@ -104,6 +104,7 @@ def test_sample_cli_edit_flags(tmp_path, capsys):
                              str(tmp_path / "mask.png"), "--sampler", "dpmpp_2m,ddim",
                              "--negative_prompt", "blue", "--out", str(out)]) == 0
   assert (out / "grid.png").exists()
+  capsys.readouterr()
   for extra, needle in [
       (["--init_image", str(tmp_path / "wide.png")], "crop it to a square"),
       (["--init_image", str(tmp_path / "bad.png")], "cannot be read as an image"),
