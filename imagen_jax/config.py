@@ -70,7 +70,7 @@ def efficient_unet(channels, blocks, lowest_attention, text_dim):
       text_pool_projected=True,
       dtype="bfloat16",
       param_dtype="float32",
-      remat=True,
+      remat="full",
   )
 
 
