@@ -126,7 +126,8 @@ def _cudnn_attention(q, k, v, mask):
                                       implementation="cudnn")
 
 
-def _splash_attention(q, k, v, mask, block: int = 128):
+def _splash_attention(q, k, v, mask, block: int = 128, interpret: bool = False):
+  """Splash attention per example (``interpret``: Pallas' interpreter, for CPU tests)."""
   # pylint: disable=import-outside-toplevel
   from jax.experimental.pallas.ops.tpu.splash_attention import (
       splash_attention_kernel as splash, splash_attention_mask as splash_mask)
@@ -144,7 +145,8 @@ def _splash_attention(q, k, v, mask, block: int = 128):
       block_sizes=splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                                     block_q_dkv=block, block_kv_dkv=block,
                                     block_kv_dkv_compute=block, block_q_dq=block,
-                                    block_kv_dq=block))
+                                    block_kv_dq=block),
+      interpret=interpret)
   out = jax.vmap(lambda q1, k1, v1, qi, ki: kernel(q1, k1, v1,
                                                    segment_ids=splash.SegmentIds(qi, ki)))(
       heads_first(q, tp), heads_first(k, sp), heads_first(v, sp), q_ids,
