@@ -17,6 +17,7 @@ kernel on CPU); XLA:CPU compiles the same math from ``lax.conv`` and einsums.
 
 import argparse
 import datetime
+import functools
 import json
 import statistics
 import time
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import markdown_table
-from imagen_jax.models import layers
+from imagen_jax.models import attention, layers
 
 CONVS = ((8, 64, 64, 64), (8, 32, 128, 128), (8, 16, 192, 192), (8, 8, 256, 256))
 GROUP_NORM = (8, 64, 64, 32)      # batch, size, channels (64), groups
@@ -49,10 +50,43 @@ def _jax_conv(x, w):
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def _jax_attention(q, k, v):
-  # The math of imagen_jax.models.layers._masked_softmax_attention (no mask).
-  logits = jnp.einsum("btnd,bsnd->bnts", q, k)
-  return jnp.einsum("bnts,bsnd->btnd", jax.nn.softmax(logits, axis=-1), v)
+def attention_backends(platform: str) -> list[tuple[str, str, object]]:
+  """(label, dtype, fn(q, k, v)) of each attention backend this platform runs."""
+  out = [("xla", "float32", functools.partial(attention.attention, impl="xla")),
+         ("jax.nn.dot_product_attention xla", "float32",
+          lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=1.0,
+                                                       implementation="xla")),
+         ("chunked", "float32", functools.partial(attention.attention, impl="chunked"))]
+  if platform == "gpu":
+    out.append(("cudnn", "bfloat16", functools.partial(attention.attention, impl="cudnn")))
+    out.append(("xla", "bfloat16", functools.partial(attention.attention, impl="xla")))
+  if platform == "tpu":
+    out.append(("splash", "float32", functools.partial(attention.attention, impl="splash")))
+  return out
+
+
+def _attention_rows(rng, repeats: int, torch) -> list[dict]:
+  """The IF-shape self+cross attention through each backend (+ PyTorch's SDPA,
+  timed next to each row: on a shared machine the ratio is the fairer figure)."""
+  b, t, l, n, d = ATTENTION
+  q = rng.standard_normal((b, t, n, d), np.float32) * d ** -0.5
+  k = rng.standard_normal((b, t + l, n, d), np.float32)
+  v = rng.standard_normal((b, t + l, n, d), np.float32)
+  platform = jax.default_backend()
+  auto = attention.resolve_impl("auto", jnp.asarray(q), jnp.asarray(k))
+  rows = []
+  for label, dtype, fn in attention_backends(platform):
+    args = [jnp.asarray(a, dtype) for a in (q, k, v)]
+    tag = f"{label}{' = auto' if label == auto else ''}, {dtype}"
+    row = {"kernel": f"attention ({tag}) {b}×{n} heads, {t} queries × {t + l} keys, d {d}",
+           "gflop_fwd": 4 * b * n * t * (t + l) * d / 1e9}
+    row["jax_fwd_ms"], row["jax_fwd_bwd_ms"] = _jax_pair(fn, *args, repeats=repeats)
+    if torch is not None and dtype == "float32":
+      sdpa = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v)
+      row["torch_fwd_ms"], row["torch_fwd_bwd_ms"] = _torch_pair(
+          sdpa, (b, n, t, d), (b, n, t + l, d), (b, n, t + l, d), repeats=repeats)
+    rows.append(row)
+  return rows
 
 
 def _jax_pair(fn, *args, repeats, argnums=None):
@@ -82,7 +116,8 @@ def _torch_pair(fn, *shapes, repeats, grads=None):
   return _median_ms(fwd, repeats), _median_ms(both, repeats)
 
 
-def run(repeats: int = 10, with_torch: bool = True) -> list[dict]:
+def run(repeats: int = 10, with_torch: bool = True, only: str = "all") -> list[dict]:
+  """Rows of every kernel (``only='attention'``: the attention rows alone)."""
   rows = []
   torch = None
   if with_torch:
@@ -91,6 +126,8 @@ def run(repeats: int = 10, with_torch: bool = True) -> list[dict]:
     except ImportError:
       torch = None
   rng = np.random.default_rng(0)
+  if only == "attention":
+    return _attention_rows(rng, repeats, torch)
   conv = lambda x, w: torch.nn.functional.conv2d(x, w, padding=1)
   for k, (b, r, c, o) in enumerate(CONVS):
     x = jnp.asarray(rng.standard_normal((b, r, r, c), np.float32))
@@ -119,19 +156,7 @@ def run(repeats: int = 10, with_torch: bool = True) -> list[dict]:
       row["torch_fwd_ms"], row["torch_fwd_bwd_ms"] = _torch_pair(
           norm, (b, c, r, r), repeats=repeats)
     rows.append(row)
-  b, t, l, n, d = ATTENTION
-  q = jnp.asarray(rng.standard_normal((b, t, n, d), np.float32) * d ** -0.5)
-  k = jnp.asarray(rng.standard_normal((b, t + l, n, d), np.float32))
-  v = jnp.asarray(rng.standard_normal((b, t + l, n, d), np.float32))
-  row = {"kernel": f"attention {b}×{n} heads, {t} queries × {t + l} keys, d {d}",
-         "gflop_fwd": 4 * b * n * t * (t + l) * d / 1e9}
-  row["jax_fwd_ms"], row["jax_fwd_bwd_ms"] = _jax_pair(_jax_attention, q, k, v,
-                                                       repeats=repeats)
-  if torch is not None:
-    sdpa = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    row["torch_fwd_ms"], row["torch_fwd_bwd_ms"] = _torch_pair(
-        sdpa, (b, n, t, d), (b, n, t + l, d), (b, n, t + l, d), repeats=repeats)
-  rows.append(row)
+  rows += _attention_rows(rng, repeats, torch)
   return rows
 
 
@@ -158,9 +183,11 @@ def main(argv=None) -> int:
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--no-torch", action="store_true", help="time JAX only")
+  parser.add_argument("--only", choices=("all", "attention"), default="all",
+                      help="'attention': the per-backend attention rows alone")
   parser.add_argument("--json", default=None)
   args = parser.parse_args(argv)
-  rows = run(args.repeats, with_torch=not args.no_torch)
+  rows = run(args.repeats, with_torch=not args.no_torch, only=args.only)
   print(f"{datetime.date.today()}, jax {jax.__version__}, {jax.devices()[0].device_kind}")
   print(format_table(rows))
   if args.json:
