@@ -81,19 +81,15 @@ part() {
 has_gpu() { "$PY" -c 'import jax, sys; sys.exit(0 if jax.default_backend() == "gpu" else 1)' 2>/dev/null; }
 JAX_VERSION=$("$PY" -c 'import jax; print(jax.__version__)' 2>/dev/null) || {
   echo "gpu_check.sh: $PY cannot import jax" >&2; exit 1; }
-install_cuda_jax() {
-  local extra cu
-  extra=()
-  if [ -n "${WHEELS:-}" ]; then extra=(--no-index --find-links "$WHEELS"); fi
-  for cu in cuda13 cuda12; do
-    if "$PY" -m pip install -q "${extra[@]}" "jax[$cu]==$JAX_VERSION"; then
-      echo "installed jax[$cu]==$JAX_VERSION"; return 0
-    fi
-  done
-  return 1
-}
+# (timeout runs programs, not shell functions: the install loop is its own bash -c.)
+INSTALL_LOOP='extra=(); [ -n "${WHEELS:-}" ] && extra=(--no-index --find-links "$WHEELS")
+for cu in cuda13 cuda12; do
+  "$PY" -m pip install -q "${extra[@]}" "jax[$cu]==$JAX_VERSION" &&
+    { echo "installed jax[$cu]==$JAX_VERSION"; exit 0; }
+done; exit 1'
 if [ "$INSTALL" = 1 ] && ! has_gpu; then
-  part install 120 install_cuda_jax
+  export PY JAX_VERSION
+  part install 120 bash -c "$INSTALL_LOOP"
 fi
 if [ "$MODE" = gpu ] && ! has_gpu; then
   say "jax $JAX_VERSION sees no GPU (after the install step): stopping. Use --cpu for a dry run."
@@ -117,11 +113,12 @@ base_ok() {   # did the last base run report a row with status ok?
   "$PY" -c 'import json,sys; r=json.load(open(sys.argv[1]))["rows"][0]; sys.exit(r["status"] != "ok")' \
     "$OUT/base64_step.json" 2>/dev/null
 }
-run_base() {
+run_base() {   # run_base LIMIT_S BATCH [extra flags]: one benchmarks.sharding run under part
+  local limit=$1 batch=$2; shift 2
   rm -f "$OUT/base64_step.json"
-  "$PY" -m benchmarks.sharding --config configs/base64.py --stage base64 --devices 1 \
-    --strategies dp --batch "$1" --steps 5 --warmup 2 --json "$OUT/base64_step.json" \
-    "${BASE_SIZE[@]}" "${@:2}"
+  part "base64 batch $batch${1:+ $*}" "$limit" "$PY" -m benchmarks.sharding \
+    --config configs/base64.py --stage base64 --devices 1 --strategies dp --batch "$batch" \
+    --steps 5 --warmup 2 --json "$OUT/base64_step.json" "${BASE_SIZE[@]}" "$@"
 }
 BASE_NOTE=""
 BASE_START=$SECONDS
@@ -129,13 +126,13 @@ b=$BASE_BATCH
 while :; do
   left=$((BASE_LIMIT - (SECONDS - BASE_START) / LIMIT_SCALE))
   [ $left -gt 20 ] || break
-  part "base64 batch $b" "$left" run_base "$b" && base_ok && { BASE_NOTE="batch $b, full depth"; break; }
+  run_base "$left" "$b" && base_ok && { BASE_NOTE="batch $b, full depth"; break; }
   [ $b -le $BASE_MIN ] && break
   b=$((b / 2))
 done
 if [ -z "$BASE_NOTE" ]; then
   left=$((BASE_LIMIT + 60 - (SECONDS - BASE_START) / LIMIT_SCALE))
-  if [ $left -gt 20 ] && part "base64 depth 1, batch $BASE_MIN" "$left" run_base "$BASE_MIN" \
+  if [ $left -gt 20 ] && run_base "$left" "$BASE_MIN" \
        --config.stages.base64.model.num_res_blocks=1 && base_ok; then
     BASE_NOTE="batch $BASE_MIN, depth scaled: num_res_blocks 3 → 1 (full depth did not fit)"
   else

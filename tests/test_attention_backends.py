@@ -153,3 +153,18 @@ def test_remat_bools_and_bad_names():
   assert UNetConfig.from_config({"remat": "dots_saveable"}).remat == "dots_saveable"
   with pytest.raises(ValueError, match="unknown model.remat 'most'"):
     UNetConfig(remat="most")
+
+
+def test_sharding_benchmark_sets_the_remat_policy():
+  # benchmarks.sharding --remat: a config copy per policy, also over an old bool key.
+  from benchmarks import sharding  # pylint: disable=import-outside-toplevel
+  from imagen_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  config = config_lib.load_config("configs/demo.py:tiny")
+  with config.unlocked():
+    config.stages.base.model.remat = True
+  cfg = sharding.with_remat(config, "base", "save_attention_out")
+  assert cfg.stages.base.model.remat == "save_attention_out"
+  assert config.stages.base.model.remat is True          # the original is untouched
+  assert UNetConfig.from_config(cfg.stages.base.model).remat == "save_attention_out"
+  with pytest.raises(ValueError, match="unknown remat policy 'most'"):
+    sharding.with_remat(config, "base", "most")
