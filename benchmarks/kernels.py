@@ -2,12 +2,16 @@
 
   python -m benchmarks.kernels [--json out.json]          # JAX only
   PEERS_VENV/bin/python -m benchmarks.kernels             # JAX and PyTorch side by side
+  python -m benchmarks.kernels --only attention --no-torch # the attention backends alone
 
 Shapes are those of the IF-shaped network of ``benchmarks.peers`` (width 64,
 64×64, guided sampling's 2B = 8 rows): the 3×3 convolutions of each level (the
 first also with only its weight gradient), the group norm at 64×64 (flax's
 ``nn.GroupNorm`` and ours), and the self+cross attention at 32×32 (1024 image
-tokens + 77 text tokens, 2 heads of 64). Each kernel is timed forward, and
+tokens + 77 text tokens, 2 heads of 64) through each backend of
+``imagen_jax.models.attention`` this platform runs, plus
+``jax.nn.dot_product_attention(implementation='xla')`` (``--only attention``: those
+rows alone; a GPU adds cuDNN and XLA rows in bf16). Each kernel is timed forward, and
 forward + backward (gradients of a sum of squares with respect to every input
 unless the row says otherwise: what a train step pays). fp32, the
 median of ``--repeats`` calls after a warm-up. PyTorch uses its defaults:
