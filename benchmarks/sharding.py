@@ -394,15 +394,16 @@ def _mib(x: Optional[int]) -> str:
 
 def format_table(rows: Sequence[Row]) -> str:
   with_remat_col = any(r.remat is not None for r in rows)
-  head = ("strategy",) + (("remat",) if with_remat_col else ()) + ("mesh", "step ms", "img/s", "compile s", "state MiB/dev",
-          "state ×(total/N)", "temp MiB", "peak MiB", "collective MiB/step", "TFLOP/s",
-          "MFU", "status")
+  head = ("strategy",) + (("remat",) if with_remat_col else ()) + (
+      "mesh", "step ms", "img/s", "compile s", "state MiB/dev", "state ×(total/N)",
+      "temp MiB", "peak MiB", "collective MiB/step", "TFLOP/s", "MFU", "status")
   table = []
   for r in rows:
     coll = sum(r.collective_bytes.values()) if r.collective_bytes else None
     kinds = ", ".join(f"{k} {v / 2**20:.1f}" for k, v in r.collective_bytes.items() if v)
     cells = (
-        r.strategy, *((r.remat,) if with_remat_col else ()), "×".join(f"{k} {v}" for k, v in r.mesh.items()),
+        r.strategy, *((r.remat,) if with_remat_col else ()),
+        "×".join(f"{k} {v}" for k, v in r.mesh.items()),
         "—" if r.step_s is None else f"{1e3 * r.step_s:.1f}",
         "—" if r.images_per_s is None else f"{r.images_per_s:.1f}",
         "—" if r.compile_s is None else f"{r.compile_s:.1f}",

@@ -88,7 +88,8 @@ def test_splash_in_pallas_interpreter_matches_xla():
   # The TPU kernel's math, run by Pallas' interpreter on the CPU; T and S are
   # padded to its 128-blocks, the mask goes in as segment ids.
   q, k, v, mask = _qkv(1, 64, 75, 2, 8, text=[4])
-  fn = functools.partial(attention._splash_attention, interpret=True)  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  fn = functools.partial(attention._splash_attention, interpret=True)
   _assert_matches_xla(fn, q, k, v, mask)
 
 
@@ -134,7 +135,8 @@ def test_remat_policies_match_no_remat():
   mask = jnp.asarray([[1, 1, 0]], bool)
 
   def grads(remat):
-    cls = UNet(UNetConfig(remat=remat))._remat(layers.AttentionBlock)  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    cls = UNet(UNetConfig(remat=remat))._remat(layers.AttentionBlock)
     block = cls("self_cross", head_dim=8, groups=4)
     params = jax.tree_util.tree_map(lambda p: p + 0.1,
                                     block.init(jax.random.PRNGKey(0), x, text, mask))
