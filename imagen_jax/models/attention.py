@@ -64,9 +64,11 @@ def xla_attention(q, k, v, mask=None):
 
 
 def _cudnn_ok(q, k) -> bool:
+  # cuDNN's flash kernel: half precision, head dim ≤ 128 and a multiple of 8, and
+  # (its training kernel, with the mask as a bias) an even query length.
   d = q.shape[-1]
   return q.dtype in (jnp.bfloat16, jnp.float16) and d <= 128 and d % 8 == 0 and \
-      k.dtype == q.dtype
+      k.dtype == q.dtype and q.shape[1] % 2 == 0
 
 
 def _fallback(q, k) -> str:
@@ -112,16 +114,19 @@ def attention(q, k, v, mask=None, *, impl: str = "auto"):
 
 
 def _cudnn_attention(q, k, v, mask):
-  # cuDNN's training kernel wants an even key length when a bias (the mask) is
-  # given: pad with one masked key when S is odd.
-  b, s = k.shape[:2]
+  # The key mask goes in as a bias, which cuDNN wants as [B, 1, T, S] (full query
+  # length) and, in its training kernel, with an even S: pad one masked key when
+  # S is odd. (Sorting the valid keys first and passing key_value_seq_lengths
+  # would use its padding mask instead of a bias: a possible speed-up, untried.)
+  b, t = q.shape[:2]
+  s = k.shape[1]
   if mask is not None or s % 2:
     mask = jnp.ones((b, s), bool) if mask is None else mask.astype(bool)
     if s % 2:
       pad = ((0, 0), (0, 1), (0, 0), (0, 0))
       k, v = jnp.pad(k, pad), jnp.pad(v, pad)
       mask = jnp.pad(mask, ((0, 0), (0, 1)))
-    mask = mask[:, None, None, :]
+    mask = jnp.broadcast_to(mask[:, None, None, :], (b, 1, t, mask.shape[1]))
   return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0,
                                       implementation="cudnn")
 
