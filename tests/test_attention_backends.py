@@ -66,13 +66,16 @@ def test_chunked_fully_masked_rows_match_xla():
 
 
 def test_auto_picks_by_platform_shape_and_dtype():
-  f32 = jnp.zeros((1, 1024, 2, 64), jnp.float32)
-  bf16 = f32.astype(jnp.bfloat16)
-  small = jnp.zeros((1, 16, 2, 64), jnp.float32)
+  spec = jax.ShapeDtypeStruct    # the choice reads shapes and dtypes only
+  f32 = spec((1, 1024, 2, 64), jnp.float32)
+  bf16 = spec((1, 1024, 2, 64), jnp.bfloat16)
+  small = spec((1, 16, 2, 64), jnp.float32)
   assert attention.resolve_impl("auto", f32, f32, "cpu") == "chunked"
   assert attention.resolve_impl("auto", small, small, "cpu") == "xla"
   assert attention.resolve_impl("auto", bf16, bf16, "gpu") == "cudnn"
-  assert attention.resolve_impl("auto", f32, f32, "gpu") == "chunked"     # cuDNN: no fp32
+  assert attention.resolve_impl("auto", f32, f32, "gpu") == "xla"         # cuDNN: no fp32
+  huge = spec((64, 4096, 8, 64), jnp.float32)                            # 32 GiB of logits
+  assert attention.resolve_impl("auto", huge, huge, "gpu") == "chunked"
   assert attention.resolve_impl("cudnn", small, small, "gpu") == "xla"
   assert attention.resolve_impl("auto", f32, f32, "tpu") == "splash"
   assert attention.resolve_impl("auto", small, small, "tpu") == "xla"

@@ -14,7 +14,8 @@
 * ``splash``: the Pallas splash-attention kernel (TPU); the mask becomes
   segment ids, queries and keys are padded to its 128 blocks.
 * ``auto``: the fused kernel of the platform when the call qualifies, else
-  ``chunked`` for long sequences (T·S ≥ ``CHUNKED_MIN_TS``), else ``xla``.
+  ``chunked`` for long sequences (on a CPU T·S ≥ ``CHUNKED_MIN_TS``; on an
+  accelerator logits over ``CHUNKED_MIN_LOGIT_BYTES``), else ``xla``.
 
 A fused backend that cannot take a call (dtype, head dim) falls back to the
 ``auto`` choice among ``chunked`` and ``xla`` for that call. Asking for a
@@ -34,6 +35,9 @@ _PLATFORM_OF = {"cudnn": "gpu", "splash": "tpu"}
 # Below this many logits per (example, head) the full matrix is small enough
 # that XLA's one-shot einsum–softmax–einsum wins (the 4×4 … 16×16 levels).
 CHUNKED_MIN_TS = 512 * 512
+# On a GPU/TPU, ``auto`` falls back to ``chunked`` only above this many bytes of
+# float32 logits per call (memory, not speed: see ``_fallback``).
+CHUNKED_MIN_LOGIT_BYTES = 4 << 30
 _NEG = float(jnp.finfo(jnp.float32).min)
 
 
@@ -71,8 +75,14 @@ def _cudnn_ok(q, k) -> bool:
       k.dtype == q.dtype and q.shape[1] % 2 == 0
 
 
-def _fallback(q, k) -> str:
-  return "chunked" if q.shape[1] * k.shape[1] >= CHUNKED_MIN_TS else "xla"
+def _fallback(q, k, platform: str) -> str:
+  # On a CPU the chunked loop wins by keeping tiles in cache. On an accelerator its
+  # sequential tiles (one (example, head) at a time) lose to XLA's fused softmax,
+  # so there it only stands in when the full logits would not fit comfortably.
+  b, t, n, _ = q.shape
+  if platform == "cpu":
+    return "chunked" if t * k.shape[1] >= CHUNKED_MIN_TS else "xla"
+  return "chunked" if 4 * b * n * t * k.shape[1] > CHUNKED_MIN_LOGIT_BYTES else "xla"
 
 
 def resolve_impl(impl: str, q, k, platform: Optional[str] = None) -> str:
@@ -83,9 +93,9 @@ def resolve_impl(impl: str, q, k, platform: Optional[str] = None) -> str:
       return "cudnn"
     if platform == "tpu" and q.shape[1] >= 128 and k.shape[1] >= 128:
       return "splash"
-    return _fallback(q, k)
+    return _fallback(q, k, platform)
   if impl == "cudnn" and not _cudnn_ok(q, k):
-    return _fallback(q, k)
+    return _fallback(q, k, platform)
   return impl
 
 
