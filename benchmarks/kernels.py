@@ -2,12 +2,16 @@
 
   python -m benchmarks.kernels [--json out.json]          # JAX only
   PEERS_VENV/bin/python -m benchmarks.kernels             # JAX and PyTorch side by side
+  python -m benchmarks.kernels --only attention --no-torch # the attention backends alone
 
 Shapes are those of the IF-shaped network of ``benchmarks.peers`` (width 64,
 64×64, guided sampling's 2B = 8 rows): the 3×3 convolutions of each level (the
 first also with only its weight gradient), the group norm at 64×64 (flax's
 ``nn.GroupNorm`` and ours), and the self+cross attention at 32×32 (1024 image
-tokens + 77 text tokens, 2 heads of 64). Each kernel is timed forward, and
+tokens + 77 text tokens, 2 heads of 64) through each backend of
+``imagen_jax.models.attention`` this platform runs, plus
+``jax.nn.dot_product_attention(implementation='xla')`` (``--only attention``: those
+rows alone; a GPU adds cuDNN and XLA rows in bf16). Each kernel is timed forward, and
 forward + backward (gradients of a sum of squares with respect to every input
 unless the row says otherwise: what a train step pays). fp32, the
 median of ``--repeats`` calls after a warm-up. PyTorch uses its defaults:
@@ -17,6 +21,7 @@ kernel on CPU); XLA:CPU compiles the same math from ``lax.conv`` and einsums.
 
 import argparse
 import datetime
+import functools
 import json
 import statistics
 import time
@@ -27,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import markdown_table
-from imagen_jax.models import layers
+from imagen_jax.models import attention, layers
 
 CONVS = ((8, 64, 64, 64), (8, 32, 128, 128), (8, 16, 192, 192), (8, 8, 256, 256))
 GROUP_NORM = (8, 64, 64, 32)      # batch, size, channels (64), groups
@@ -49,10 +54,43 @@ def _jax_conv(x, w):
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def _jax_attention(q, k, v):
-  # The math of imagen_jax.models.layers._masked_softmax_attention (no mask).
-  logits = jnp.einsum("btnd,bsnd->bnts", q, k)
-  return jnp.einsum("bnts,bsnd->btnd", jax.nn.softmax(logits, axis=-1), v)
+def attention_backends(platform: str) -> list[tuple[str, str, object]]:
+  """(label, dtype, fn(q, k, v)) of each attention backend this platform runs."""
+  out = [("xla", "float32", functools.partial(attention.attention, impl="xla")),
+         ("jax.nn.dot_product_attention xla", "float32",
+          lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=1.0,
+                                                       implementation="xla")),
+         ("chunked", "float32", functools.partial(attention.attention, impl="chunked"))]
+  if platform == "gpu":
+    out.append(("cudnn", "bfloat16", functools.partial(attention.attention, impl="cudnn")))
+    out.append(("xla", "bfloat16", functools.partial(attention.attention, impl="xla")))
+  if platform == "tpu":
+    out.append(("splash", "float32", functools.partial(attention.attention, impl="splash")))
+  return out
+
+
+def _attention_rows(rng, repeats: int, torch) -> list[dict]:
+  """The IF-shape self+cross attention through each backend (+ PyTorch's SDPA,
+  timed next to each row: on a shared machine the ratio is the fairer figure)."""
+  b, t, l, n, d = ATTENTION
+  q = rng.standard_normal((b, t, n, d), np.float32) * d ** -0.5
+  k = rng.standard_normal((b, t + l, n, d), np.float32)
+  v = rng.standard_normal((b, t + l, n, d), np.float32)
+  platform = jax.default_backend()
+  auto = attention.resolve_impl("auto", jnp.asarray(q), jnp.asarray(k))
+  rows = []
+  for label, dtype, fn in attention_backends(platform):
+    args = [jnp.asarray(a, dtype) for a in (q, k, v)]
+    tag = f"{label}{' = auto' if label == auto else ''}, {dtype}"
+    row = {"kernel": f"attention ({tag}) {b}×{n} heads, {t} queries × {t + l} keys, d {d}",
+           "gflop_fwd": 4 * b * n * t * (t + l) * d / 1e9}
+    row["jax_fwd_ms"], row["jax_fwd_bwd_ms"] = _jax_pair(fn, *args, repeats=repeats)
+    if torch is not None and dtype == "float32":
+      sdpa = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v)
+      row["torch_fwd_ms"], row["torch_fwd_bwd_ms"] = _torch_pair(
+          sdpa, (b, n, t, d), (b, n, t + l, d), (b, n, t + l, d), repeats=repeats)
+    rows.append(row)
+  return rows
 
 
 def _jax_pair(fn, *args, repeats, argnums=None):
@@ -82,7 +120,8 @@ def _torch_pair(fn, *shapes, repeats, grads=None):
   return _median_ms(fwd, repeats), _median_ms(both, repeats)
 
 
-def run(repeats: int = 10, with_torch: bool = True) -> list[dict]:
+def run(repeats: int = 10, with_torch: bool = True, only: str = "all") -> list[dict]:
+  """Rows of every kernel (``only='attention'``: the attention rows alone)."""
   rows = []
   torch = None
   if with_torch:
@@ -91,6 +130,8 @@ def run(repeats: int = 10, with_torch: bool = True) -> list[dict]:
     except ImportError:
       torch = None
   rng = np.random.default_rng(0)
+  if only == "attention":
+    return _attention_rows(rng, repeats, torch)
   conv = lambda x, w: torch.nn.functional.conv2d(x, w, padding=1)
   for k, (b, r, c, o) in enumerate(CONVS):
     x = jnp.asarray(rng.standard_normal((b, r, r, c), np.float32))
@@ -119,19 +160,7 @@ def run(repeats: int = 10, with_torch: bool = True) -> list[dict]:
       row["torch_fwd_ms"], row["torch_fwd_bwd_ms"] = _torch_pair(
           norm, (b, c, r, r), repeats=repeats)
     rows.append(row)
-  b, t, l, n, d = ATTENTION
-  q = jnp.asarray(rng.standard_normal((b, t, n, d), np.float32) * d ** -0.5)
-  k = jnp.asarray(rng.standard_normal((b, t + l, n, d), np.float32))
-  v = jnp.asarray(rng.standard_normal((b, t + l, n, d), np.float32))
-  row = {"kernel": f"attention {b}×{n} heads, {t} queries × {t + l} keys, d {d}",
-         "gflop_fwd": 4 * b * n * t * (t + l) * d / 1e9}
-  row["jax_fwd_ms"], row["jax_fwd_bwd_ms"] = _jax_pair(_jax_attention, q, k, v,
-                                                       repeats=repeats)
-  if torch is not None:
-    sdpa = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    row["torch_fwd_ms"], row["torch_fwd_bwd_ms"] = _torch_pair(
-        sdpa, (b, n, t, d), (b, n, t + l, d), (b, n, t + l, d), repeats=repeats)
-  rows.append(row)
+  rows += _attention_rows(rng, repeats, torch)
   return rows
 
 
@@ -158,9 +187,11 @@ def main(argv=None) -> int:
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--no-torch", action="store_true", help="time JAX only")
+  parser.add_argument("--only", choices=("all", "attention"), default="all",
+                      help="'attention': the per-backend attention rows alone")
   parser.add_argument("--json", default=None)
   args = parser.parse_args(argv)
-  rows = run(args.repeats, with_torch=not args.no_torch)
+  rows = run(args.repeats, with_torch=not args.no_torch, only=args.only)
   print(f"{datetime.date.today()}, jax {jax.__version__}, {jax.devices()[0].device_kind}")
   print(format_table(rows))
   if args.json:

@@ -2,11 +2,13 @@
 
   python -m benchmarks.sharding --config configs/demo.py --stage base --devices 8 \\
       --strategies dp,fsdp,tp,fsdp_tp [--batch 32] [--json out.json] \\
+      [--remat none,full,dots_saveable,save_attention_out] \\
       [--config.stages.base.model.dtype=bfloat16]
 
 For each strategy the stage's train step (``imagen_jax.train.step``, the one
 ``train.py`` runs) is compiled ahead of time on a mesh of the first N devices,
-then run on random data. One row per strategy:
+then run on random data. One row per strategy (per strategy and remat policy
+with ``--remat``: the stage's ``model.remat`` set to each policy in turn):
 
 * step time: the median of ``--steps`` steps after ``--warmup`` steps, and images/s;
 * per-device bytes: params + EMA + optimizer state as placed (exact, from the
@@ -69,6 +71,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from benchmarks.common import cpu_model, hlo_instructions, markdown_table  # noqa: E402
 from imagen_jax import config as config_lib  # noqa: E402
 from imagen_jax import parallel  # noqa: E402
+from imagen_jax.models.unet import REMAT_POLICIES  # noqa: E402
 from imagen_jax.stages import Stage, build_stage  # noqa: E402
 from imagen_jax.train import optim, state as state_lib, step as step_lib  # noqa: E402
 
@@ -190,6 +193,7 @@ class Row:
   """One strategy's measurements (bytes per device unless named total)."""
   strategy: str
   mesh: dict
+  remat: Optional[str] = None        # the stage's remat policy when --remat was given
   status: str = "ok"                 # 'ok', 'does not fit: ...', 'OOM: ...', 'error: ...'
   batch: int = 0
   step_s: Optional[float] = None     # median step time
@@ -263,12 +267,24 @@ def _step_setup(config: Any, stage_name: str, batch: int, mesh, rules,
             uncond))
 
 
+def with_remat(config: Any, stage_name: str, policy: str) -> Any:
+  """A copy of ``config`` whose stage rematerializes with ``policy`` (a
+  ``imagen_jax.models.unet.REMAT_POLICIES`` name)."""
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat policy {policy!r}; expected some of "
+                     f"{sorted(REMAT_POLICIES)}")
+  cfg = config.copy_and_resolve_references()
+  model = cfg.stages[stage_name].model
+  with cfg.unlocked():
+    if "remat" in model:     # the key may hold a bool (older configs): retype it
+      del model["remat"]
+    model.remat = policy
+  return cfg
+
+
 def model_flops(config: Any, stage_name: str, batch: int) -> Optional[float]:
   """FLOPs of one train step of the whole batch, rematerialization off (XLA cost model)."""
-  cfg = config.copy_and_resolve_references()
-  with cfg.unlocked():
-    cfg.stages[stage_name].model.remat = False
-  setup = _step_setup(cfg, stage_name, batch, None, None)
+  setup = _step_setup(with_remat(config, stage_name, "none"), stage_name, batch, None, None)
   cost = setup.step_fn.lower(*setup.args).cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
@@ -278,10 +294,13 @@ def model_flops(config: Any, stage_name: str, batch: int) -> Optional[float]:
 def bench_strategy(config: Any, stage_name: str, strategy: str,
                    devices: Sequence[jax.Device], *, batch: int, tensor: int = 2,
                    steps: int = 5, warmup: int = 2, flops: Optional[float] = None,
-                   seed: int = 0) -> Row:
-  """Compiles and runs the stage's train step under one strategy; never raises for OOM."""
+                   seed: int = 0, remat: Optional[str] = None) -> Row:
+  """Compiles and runs the stage's train step under one strategy (and remat
+  policy, when given); never raises for OOM."""
   n = len(devices)
-  row = Row(strategy=strategy, mesh=mesh_shape(strategy, n, tensor), batch=batch)
+  row = Row(strategy=strategy, mesh=mesh_shape(strategy, n, tensor), batch=batch, remat=remat)
+  if remat is not None:
+    config = with_remat(config, stage_name, remat)
   mesh = parallel.make_mesh({"shape": row.mesh}, devices)
   _, dp = parallel.batch_axes(mesh)
   if batch % dp:
@@ -374,15 +393,17 @@ def _mib(x: Optional[int]) -> str:
 
 
 def format_table(rows: Sequence[Row]) -> str:
-  head = ("strategy", "mesh", "step ms", "img/s", "compile s", "state MiB/dev",
-          "state ×(total/N)", "temp MiB", "peak MiB", "collective MiB/step", "TFLOP/s",
-          "MFU", "status")
+  with_remat_col = any(r.remat is not None for r in rows)
+  head = ("strategy",) + (("remat",) if with_remat_col else ()) + (
+      "mesh", "step ms", "img/s", "compile s", "state MiB/dev", "state ×(total/N)",
+      "temp MiB", "peak MiB", "collective MiB/step", "TFLOP/s", "MFU", "status")
   table = []
   for r in rows:
     coll = sum(r.collective_bytes.values()) if r.collective_bytes else None
     kinds = ", ".join(f"{k} {v / 2**20:.1f}" for k, v in r.collective_bytes.items() if v)
     cells = (
-        r.strategy, "×".join(f"{k} {v}" for k, v in r.mesh.items()),
+        r.strategy, *((r.remat,) if with_remat_col else ()),
+        "×".join(f"{k} {v}" for k, v in r.mesh.items()),
         "—" if r.step_s is None else f"{1e3 * r.step_s:.1f}",
         "—" if r.images_per_s is None else f"{r.images_per_s:.1f}",
         "—" if r.compile_s is None else f"{r.compile_s:.1f}",
@@ -405,8 +426,10 @@ def _versions() -> dict:
 
 def run(config: Any, stage_name: Optional[str], strategies: Sequence[str], *,
         num_devices: Optional[int] = None, batch: Optional[int] = None, tensor: int = 2,
-        steps: int = 5, warmup: int = 2, progress=print) -> tuple[dict, list[Row]]:
-  """Benchmarks the strategies; returns (meta: the run's settings and machine, rows)."""
+        steps: int = 5, warmup: int = 2, remats: Optional[Sequence[str]] = None,
+        progress=print) -> tuple[dict, list[Row]]:
+  """Benchmarks the strategies (× ``remats`` policies when given); returns
+  (meta: the run's settings and machine, rows)."""
   stage_name = stage_name or config.stage_order[0]
   if stage_name not in config.stages:
     raise ValueError(f"no stage {stage_name!r} in the config; it has {list(config.stages)}")
@@ -421,11 +444,16 @@ def run(config: Any, stage_name: Optional[str], strategies: Sequence[str], *,
     devices = devices[:num_devices]
   batch = int(batch or config.train.batch_size)
   flops = model_flops(config, stage_name, batch)
+  bad = [p for p in remats or () if p not in REMAT_POLICIES]
+  if bad:
+    raise ValueError(f"unknown remat policies {bad}; expected some of {sorted(REMAT_POLICIES)}")
   rows = []
-  for strategy in strategies:
-    progress(f"[{stage_name}] {strategy} ...")
-    rows.append(bench_strategy(config, stage_name, strategy, devices, batch=batch,
-                               tensor=tensor, steps=steps, warmup=warmup, flops=flops))
+  for remat in remats or (None,):
+    for strategy in strategies:
+      progress(f"[{stage_name}] {strategy}{'' if remat is None else ', remat ' + remat} ...")
+      rows.append(bench_strategy(config, stage_name, strategy, devices, batch=batch,
+                                 tensor=tensor, steps=steps, warmup=warmup, flops=flops,
+                                 remat=remat))
   meta = {"stage": stage_name, "batch": batch, "devices": len(devices),
           "machine": machine_description(devices), "device_kind": devices[0].device_kind,
           "date": datetime.date.today().isoformat(), "versions": _versions(),
@@ -448,6 +476,8 @@ def main(argv: Sequence[str]) -> int:
   tensor = flags.DEFINE_integer("tensor", 2, "tensor-parallel size of tp and fsdp_tp")
   steps = flags.DEFINE_integer("steps", 5, "timed steps per strategy")
   warmup = flags.DEFINE_integer("warmup", 2, "untimed steps after compiling")
+  remat = flags.DEFINE_list("remat", None, "remat policies to compare (rows per policy; "
+                            f"some of {sorted(REMAT_POLICIES)}); default: the config's")
   out = flags.DEFINE_string("json", None, "also write the results to this JSON file")
   flags.mark_flag_as_required("config")
   rest = flags.FLAGS(list(argv))
@@ -457,7 +487,7 @@ def main(argv: Sequence[str]) -> int:
   try:
     meta, rows = run(config_flag.value, stage.value, strategies.value,
                  num_devices=flags.FLAGS.devices, batch=batch.value, tensor=tensor.value,
-                 steps=steps.value, warmup=warmup.value)
+                 steps=steps.value, warmup=warmup.value, remats=remat.value)
   except ValueError as err:
     print(f"error: {err}", file=sys.stderr)
     return 2

@@ -26,7 +26,7 @@ def get_config():
       text_pool_projected=True,
       dtype="bfloat16",
       param_dtype="float32",
-      remat=True,
+      remat="full",
   )
   config_lib.add_stage(config, config_lib.stage_config("base64", 64, model))
   return config

@@ -42,7 +42,7 @@ def get_config(variant: str = ""):
   config_lib.add_stage(config, stage)
 
   sr = config_lib.efficient_unet((32, 64, 96), (1, 1, 2), "cross", config.text.dim)
-  sr.update(dict(head_dim=32, norm_groups=16, text_pool_heads=4, remat=False,
+  sr.update(dict(head_dim=32, norm_groups=16, text_pool_heads=4, remat="none",
                  patch_size=2, dtype="float32"))
   stage = config_lib.stage_config("sr", 64, sr, lowres_resolution=32)
   stage.steps_scale = 0.5

@@ -70,7 +70,7 @@ def efficient_unet(channels, blocks, lowest_attention, text_dim):
       text_pool_projected=True,
       dtype="bfloat16",
       param_dtype="float32",
-      remat=True,
+      remat="full",
   )
 
 
@@ -153,8 +153,9 @@ def stage_train_config(config: ml_collections.ConfigDict,
 def load_config(path: str) -> ml_collections.ConfigDict:
   """Loads ``get_config()`` from a Python file; ``path`` may end with ``:arg``."""
   arg = None
-  if ":" in os.path.basename(path):
-    path, arg = path.rsplit(":", 1)
+  if ".py:" in path:   # the argument may itself be a path (configs/deepfloyd_if.py:if/if_I)
+    path, arg = path.split(".py:", 1)
+    path += ".py"
   if not os.path.isfile(path):
     raise FileNotFoundError(f"config file {path!r} does not exist")
   spec = importlib.util.spec_from_file_location("_imagen_jax_config", path)

@@ -39,7 +39,10 @@ def test_kernel_table_without_torch(monkeypatch):
   monkeypatch.setattr(kernels, "GROUP_NORM", (1, 8, 8, 4))
   rows = kernels.run(repeats=1, with_torch=False)
   assert [r["kernel"].split()[0] for r in rows] == ["conv3x3", "conv3x3", "group", "group",
-                                                    "attention"]
+                                                    "attention", "attention", "attention"]
+  # one attention row per backend a CPU runs; auto's pick is marked (xla at this size)
+  assert [r["kernel"].split("(")[1].split(",")[0] for r in rows[4:]] == [
+      "xla = auto", "jax.nn.dot_product_attention xla", "chunked"]
   assert rows[1]["kernel"].endswith("weight gradient only")
   assert all(r["jax_fwd_ms"] > 0 and r["jax_fwd_bwd_ms"] > 0 for r in rows)
   assert "torch" not in kernels.format_table(rows)

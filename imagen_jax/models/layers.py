@@ -16,8 +16,10 @@ from typing import Any, Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from imagen_jax import axes
+from imagen_jax.models import attention as attention_lib
 
 Dtype = Any
 
@@ -183,18 +185,6 @@ class TimestepMLP(nn.Module):
     return dense(self.features, (axes.EMBED, axes.MLP), name="linear_2", **kw)(h)
 
 
-def _masked_softmax_attention(q, k, v, mask):
-  """q: [B, T, N, D], k/v: [B, S, N, D], mask: [B, S] bool or None → [B, T, N, D].
-
-  q is expected pre-scaled. Logits and softmax in float32.
-  """
-  logits = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32)
-  if mask is not None:
-    logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bnts,bsnd->btnd", weights, v)
-
-
 class AttentionPool(nn.Module):
   """Pools text embeddings into one vector with a learned query (IF's
   TextTimeEmbedding): LayerNorm → attention pooling → dense → LayerNorm.
@@ -231,7 +221,7 @@ class AttentionPool(nn.Module):
     q = proj("q")(cls).reshape(b, 1, self.num_heads, dh) * dh ** -0.5
     k = proj("k")(x).reshape(b, -1, self.num_heads, dh)
     v = proj("v")(x).reshape(b, -1, self.num_heads, dh)
-    pooled = _masked_softmax_attention(q, k, v, mask).reshape(b, d)
+    pooled = attention_lib.xla_attention(q, k, v, mask).reshape(b, d)   # one query
     h = dense(self.features, (axes.TEXT_EMBED, axes.EMBED), name="proj", **kw)(pooled)
     return layer_norm(self.eps, param_dtype=self.param_dtype, name="norm_out")(h)
 
@@ -296,6 +286,8 @@ class AttentionBlock(nn.Module):
   normalizes the text before its key/value projections ('layer_norm' or
   'group_norm', IF's ``cross_attention_norm``); ``text_norm_groups`` sets the
   groups of the latter (None: ``groups``; diffusers always uses 32).
+  ``attention_impl`` picks the backend (``imagen_jax.models.attention``); the
+  attention output is named ``attention_out`` for remat policies.
   """
   kind: str
   head_dim: int = 64
@@ -305,6 +297,7 @@ class AttentionBlock(nn.Module):
   text_norm: Optional[str] = None
   text_norm_groups: Optional[int] = None
   use_bias: bool = True
+  attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -355,8 +348,9 @@ class AttentionBlock(nn.Module):
       values.append(proj("v", axes.EMBED)(h))
       masks.append(jnp.ones((b, hgt * wid), bool))
     mask = None if text_mask is None else jnp.concatenate(masks, axis=1)
-    out = _masked_softmax_attention(q.astype(self.dtype), jnp.concatenate(keys, 1),
-                                    jnp.concatenate(values, 1), mask)
+    out = attention_lib.attention(q.astype(self.dtype), jnp.concatenate(keys, 1),
+                                  jnp.concatenate(values, 1), mask, impl=self.attention_impl)
+    out = checkpoint_name(out, "attention_out")
     out = dense(c, (axes.HEADS, axes.EMBED), zero_init=True, name="out", **kw)(
         out.reshape(b, hgt * wid, heads * dh))
     return x + out.reshape(b, hgt, wid, c).astype(x.dtype)

@@ -32,9 +32,22 @@ import jax
 import jax.numpy as jnp
 
 from imagen_jax import axes
-from imagen_jax.models import layers
+from imagen_jax.models import attention, layers
 
 ATTENTION_KINDS = ("none", "self", "cross", "self_cross")
+
+# model.remat: which block activations a backward pass keeps instead of
+# recomputing (jax.checkpoint_policies). 'none' does not rematerialize;
+# 'full' keeps only the block inputs; 'save_attention_out' keeps the attention
+# kernel's output (the ``attention_out`` name in layers.AttentionBlock).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable":
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+}
 
 
 def _dtype(name: Any):
@@ -80,7 +93,8 @@ class UNetConfig:
   freq_shift: float = 0.
   attn_bias: bool = True
   patch_size: int = 1                    # space-to-depth stem ("simple diffusion")
-  remat: bool = False
+  remat: Any = "none"                    # a REMAT_POLICIES name (True/False: 'full'/'none')
+  attention_impl: str = "auto"           # imagen_jax.models.attention.IMPLS
   dtype: Any = "float32"
   param_dtype: Any = "float32"
 
@@ -109,6 +123,12 @@ class UNetConfig:
       raise ValueError(f"unknown text_pool {self.text_pool!r}; "
                        "expected 'attention', 'mean' or 'none'")
     layers.get_activation(self.act)
+    if isinstance(self.remat, bool):       # configs and config.json files before policies
+      object.__setattr__(self, "remat", "full" if self.remat else "none")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"unknown model.remat {self.remat!r}; expected one of "
+                       f"{sorted(REMAT_POLICIES)} or a bool")
+    attention.check_impl(self.attention_impl)
 
   @classmethod
   def from_config(cls, model_config) -> "UNetConfig":
@@ -139,9 +159,14 @@ class UNet(nn.Module):
   def _kw(self):
     return dict(dtype=_dtype(self.config.dtype), param_dtype=_dtype(self.config.param_dtype))
 
+  def _remat(self, cls):
+    if self.config.remat == "none":
+      return cls
+    return nn.remat(cls, policy=REMAT_POLICIES[self.config.remat])
+
   def _res(self, features, name, resample=None, out_scale=None):
     c = self.config
-    cls = nn.remat(layers.ResBlock) if c.remat else layers.ResBlock
+    cls = self._remat(layers.ResBlock)
     out_scale = c.resblock_out_scale if out_scale is None else out_scale
     return cls(features, groups=c.norm_groups, eps=c.norm_eps, act=c.act, resample=resample,
                time_act=c.resblock_time_act, out_scale=out_scale, name=name,
@@ -149,10 +174,10 @@ class UNet(nn.Module):
 
   def _attn(self, kind, name):
     c = self.config
-    cls = nn.remat(layers.AttentionBlock) if c.remat else layers.AttentionBlock
+    cls = self._remat(layers.AttentionBlock)
     return cls(kind, head_dim=c.head_dim, num_heads=c.num_heads, groups=c.norm_groups,
                eps=c.norm_eps, text_norm=c.text_norm, text_norm_groups=c.text_norm_groups,
-               use_bias=c.attn_bias, name=name,
+               use_bias=c.attn_bias, attention_impl=c.attention_impl, name=name,
                **self._kw())
 
   def _check_inputs(self, x, t, text_emb, lowres, noise_level):
