@@ -31,8 +31,8 @@ def get_config(variant: str = ""):
                       "a yellow triangle in the bottom right",
                       "a white circle in the top right and a cyan square in the bottom left")))
 
-  # Text attention at 4×4 and in the middle only: attention at 8×8 costs ~15%
-  # of the step on 2 cores (benchmarked: 68 vs 81 img/s at batch 32).
+  # Text attention at 4×4 and in the middle only: attention at 8×8 costs a
+  # sizeable share of the step on 2 cores (benchmarks/RESULTS.md, demo design).
   base = dict(channels=(48, 96, 128), num_res_blocks=(1, 1, 2),
               attention=("none", "none", "self_cross"), mid_attention="self_cross",
               num_heads=1, patch_size=2, norm_groups=16, text_dim=config.text.dim,
@@ -47,9 +47,8 @@ def get_config(variant: str = ""):
   stage = config_lib.stage_config("sr", 64, sr, lowres_resolution=32)
   stage.steps_scale = 0.5
   # x0 prediction: the super-resolved image is the low-res one, sharpened, at every
-  # noise level. With v prediction this small SR stage was still speckled after
-  # 960 steps (62% of single-object prompts scored correct after SR vs 98% at 32px);
-  # with x0 prediction, 100% (python -m imagen_jax.eval.shapes, 2026-11-26).
+  # noise level. With v prediction this small SR stage stayed speckled and lost
+  # most of the base stage's accuracy (the SR table in benchmarks/RESULTS.md).
   stage.diffusion.prediction = "x0"
   stage.diffusion.aug_max = 0.3
   stage.sample.update(dict(sampler="ddim", steps=25, guidance=1.0, threshold="static",

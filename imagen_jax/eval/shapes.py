@@ -304,7 +304,8 @@ def summarize(captions: Sequence[str], results: Sequence[dict],
 
 
 def evaluate(cascade: Any, captions: Sequence[str], rng: Any, *, batch_size: int = 50,
-             steps: Any = None, guidance: Any = None, holdout: Sequence[str] = (),
+             steps: Any = None, guidance: Any = None, sampler: Any = None,
+             holdout: Sequence[str] = (),
              progress: bool = True) -> tuple[dict, list, np.ndarray]:
   """Renders captions through a cascade and scores the final images.
 
@@ -313,7 +314,7 @@ def evaluate(cascade: Any, captions: Sequence[str], rng: Any, *, batch_size: int
     captions: shapes captions.
     rng: PRNG key for sampling.
     batch_size: images per jitted sampler call (one compile per stage).
-    steps, guidance: per-stage overrides (``Cascade.sample``).
+    steps, guidance, sampler: per-stage overrides (``Cascade.sample``).
     holdout: held-out compositions, for the 'holdout' group.
     progress: tqdm bars.
 
@@ -321,7 +322,7 @@ def evaluate(cascade: Any, captions: Sequence[str], rng: Any, *, batch_size: int
     (summary (see ``summarize``) plus per-stage timings, per-image results,
     final images uint8 [N, R, R, 3]).
   """
-  out = cascade.sample(list(captions), rng, steps=steps, guidance=guidance,
+  out = cascade.sample(list(captions), rng, steps=steps, guidance=guidance, sampler=sampler,
                        batch_size=batch_size, progress=progress)
   results = [score_image(image, c) for image, c in zip(out.final, captions)]
   for r, c in zip(results, captions):
@@ -351,6 +352,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                  help="objects per prompt: 0 = as the split (1 or 2), else fixed")
   p.add_argument("--steps", help="steps per stage, e.g. 32,16 (default: the config's)")
   p.add_argument("--guidance", help="guidance per stage, e.g. 3,1 (default: the config's)")
+  p.add_argument("--sampler", help="sampler per stage, e.g. dpmpp_2m,ddim (default: the "
+                 "config's)")
   p.add_argument("--out", help="directory for the JSON and grid (default: WORKDIR)")
   return p.parse_args(argv)
 
@@ -367,8 +370,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.num < 1 or args.batch < 1:
       raise ValueError("--num and --batch must be >= 1")
     steps, guidance = _per_stage_arg(args.steps, int), _per_stage_arg(args.guidance, float)
+    sampler = _per_stage_arg(args.sampler, str)
     cascade = cascade_lib.Cascade.from_workdir(args.workdir)
-    cascade.settings(steps, guidance)  # Validates the per-stage lists.
+    cascade.settings(steps, guidance, sampler)  # Validates the per-stage lists.
     holdout, data_seed = data_settings(cascade.config)
     captions = split_captions(args.split, args.num, holdout, data_seed, args.objects or None)
   except (FileNotFoundError, ValueError) as e:
@@ -377,7 +381,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   start = time.perf_counter()
   summary, results, images = evaluate(cascade, captions, jax.random.key(args.seed),
                                       batch_size=args.batch, steps=steps,
-                                      guidance=guidance, holdout=holdout)
+                                      guidance=guidance, sampler=sampler, holdout=holdout)
   summary.update(split=args.split, seed=args.seed, wall_s=round(time.perf_counter() - start, 2),
                  checkpoint_steps=cascade.checkpoint_steps)
   out_dir = args.out or args.workdir
