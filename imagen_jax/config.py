@@ -107,6 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict(dict(
       num_steps=100_000,         # per stage, times the stage's steps_scale
       batch_size=256,            # global
+      grad_accum=1,              # microbatches per step (gradients summed in float32)
       optimizer="adamw",         # 'adamw' | 'adafactor'
       lr=1e-4,
       warmup_steps=10_000,

@@ -237,6 +237,14 @@ class TextEncoder:
     return (tok["input_ids"].astype(np.int32),
             tok["attention_mask"].astype(bool))
 
+  def apply_fn(self, params: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """The pure encoder, ``(params, ids [B, L], mask [B, L]) -> emb [B, L, D]``.
+
+    For use inside another jitted function (the train step), which passes
+    ``self.params`` in and runs under the mesh and the rules.
+    """
+    return self.module.apply(params, ids, mask)
+
   def _apply(self, params: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
     self.trace_count += 1  # Runs at trace time only.
     with nn.logical_axis_rules(self.rules):

@@ -15,7 +15,6 @@ import time
 from typing import Any, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -29,7 +28,7 @@ from imagen_jax.data import datasets, pipeline
 from imagen_jax.stages import Stage, build_stage
 from imagen_jax.text import TextEncoder
 from imagen_jax.train import checkpoint as ckpt_lib
-from imagen_jax.train import optim, state as state_lib, step as step_lib
+from imagen_jax.train import distributed, optim, state as state_lib, step as step_lib
 
 _log = logging.getLogger(__name__)
 
@@ -96,7 +95,7 @@ class StageResult:
   last_metrics: dict
 
 
-def _data_iterator(config, stage: Stage, per_process_batch: int):
+def _data_iterator(config, stage: Stage, per_process_batch: int, start_example: int):
   d = config.data
   if d.prepare and d.name in ("shapes", "image_captions"):
     kwargs = dict(d.builder_kwargs)
@@ -108,16 +107,14 @@ def _data_iterator(config, stage: Stage, per_process_batch: int):
                             batch_size=per_process_batch, train=True, seed=d.seed,
                             process_index=jax.process_index(),
                             process_count=jax.process_count(),
+                            start_example=start_example,
                             builder_kwargs=dict(d.builder_kwargs))
   return iter(ds)
 
 
-def _check_batch(batch_size: int, mesh) -> int:
+def _check_batch(batch_size: int, grad_accum: int, mesh) -> int:
   """The per-process batch; the global batch must split over the data axes."""
-  names, dp = parallel.batch_axes(mesh)
-  if batch_size % dp:
-    raise ValueError(f"config.train.batch_size={batch_size} is not divisible by the "
-                     f"data-parallel size {dp} (mesh axes {'×'.join(names)})")
+  step_lib.check_batch(batch_size, grad_accum, mesh)
   if batch_size % jax.process_count():
     raise ValueError(f"config.train.batch_size={batch_size} is not divisible by the "
                      f"{jax.process_count()} processes")
@@ -150,7 +147,7 @@ def train_stage(config: Any, workdir: str, stage_name: str, text_encoder: TextEn
   """Trains one stage to its step count, resuming from its last checkpoint."""
   stage = build_stage(config.stages[stage_name], text_dim=text_encoder.embed_dim)
   tc = config_lib.stage_train_config(config, stage_name)
-  per_process = _check_batch(tc.batch_size, mesh)
+  per_process = _check_batch(tc.batch_size, tc.get("grad_accum", 1), mesh)
   tx, lr_fn = optim.make_optimizer(tc), optim.lr_schedule(tc)
   text_len = config.text.max_length
   stage_rng = jax.random.fold_in(jax.random.PRNGKey(tc.seed),
@@ -160,10 +157,9 @@ def train_stage(config: Any, workdir: str, stage_name: str, text_encoder: TextEn
                                     async_save=tc.async_checkpoint)
   state, shardings, data_state = _restore_or_init(ckpt, stage, tx, mesh, rules, config,
                                                   text_len, init_rng)
-  it = _data_iterator(config, stage, per_process)
-  if data_state is not None:
-    it.set_state(data_state)
   step = int(state.step)
+  examples = data_position(data_state, step, tc.batch_size)
+  it = _data_iterator(config, stage, per_process, examples)
   meta = {"stage": stage_name, "config_fingerprint":
           run_lib.config_fingerprint(config.stages[stage_name])}
   if step >= tc.num_steps:
@@ -171,9 +167,10 @@ def train_stage(config: Any, workdir: str, stage_name: str, text_encoder: TextEn
     print(f"stage {stage_name}: already trained ({step}/{tc.num_steps} steps)")
     return StageResult(stage_name, step, False, {})
 
-  uncond_emb, uncond_mask = text_encoder.encode([""], text_len)
-  uncond = {"text_emb": jnp.asarray(uncond_emb[0]), "text_mask": jnp.asarray(uncond_mask[0])}
-  step_fn = step_lib.jit_train_step(stage, tx, tc, shardings, mesh, rules, lr_fn)
+  uncond_ids, uncond_mask = text_encoder.tokenize([""], text_len)
+  uncond = {"text_ids": uncond_ids[0], "text_mask": uncond_mask[0]}
+  step_fn = step_lib.jit_train_step(stage, tx, tc, shardings, mesh, rules, lr_fn,
+                                    text_encoder=text_encoder)
   writer = MetricWriter(run_lib.stage_dir(workdir, stage_name))
   last, preempted, window_start, window_images = {}, False, time.perf_counter(), 0
   bar = tqdm(total=tc.num_steps, initial=step, desc=f"train {stage_name}", unit="step",
@@ -182,8 +179,9 @@ def train_stage(config: Any, workdir: str, stage_name: str, text_encoder: TextEn
     while step < tc.num_steps:
       batch = _global_batch(next(it), text_encoder, text_len, mesh)
       t0 = time.perf_counter()
-      state, metrics = step_fn(state, batch, rng, uncond)
+      state, metrics = step_fn(state, batch, rng, uncond, text_encoder.params)
       step += 1
+      examples += tc.batch_size
       window_images += tc.batch_size
       bar.update(1)
       if step % tc.log_every == 0 or step == tc.num_steps:
@@ -200,9 +198,11 @@ def train_stage(config: Any, workdir: str, stage_name: str, text_encoder: TextEn
         sample_fn(stage, state.ema_params, step)
       # Read the stop flag after the (slow) sampling: a SIGTERM that arrived
       # during it must still be followed by a checkpoint.
-      stopping = stop.requested  # read once: save and stop on the same value
+      # Read once, agreed by every process: all save and stop on the same step.
+      stopping = distributed.any_process(stop.requested)
       if step % tc.checkpoint_every == 0 or step == tc.num_steps or stopping:
-        ckpt.save(step, state, it.get_state(), dict(meta, step=step), force=True)
+        ckpt.save(step, state, {"examples": examples, "batch_size": tc.batch_size},
+                  dict(meta, step=step), force=True)
       if stopping:
         preempted = True
         break
@@ -212,11 +212,28 @@ def train_stage(config: Any, workdir: str, stage_name: str, text_encoder: TextEn
   return StageResult(stage_name, step, preempted, last)
 
 
+def data_position(data_state: Optional[dict], step: int, batch_size: int) -> int:
+  """Global examples a resumed run has consumed (its next example's position).
+
+  Checkpoints store it in examples, so a resumed run may use another batch size
+  or process count and still continue the same example sequence. Older
+  checkpoints stored grain's batch count, which meant examples only at the
+  batch size they were written with (then the step count says as much).
+  """
+  if not data_state:
+    return 0
+  if "examples" in data_state:
+    return int(data_state["examples"])
+  return int(data_state.get("next_index", step)) * batch_size
+
+
 def _global_batch(local: dict, text_encoder: TextEncoder, text_len: int, mesh) -> dict:
-  """Encodes the captions with the frozen T5 and assembles global arrays."""
-  emb, mask = text_encoder.encode([str(c) for c in local["caption"]], text_len)
-  batch = {"image": np.asarray(local["image"]), "text_emb": np.asarray(emb),
-           "text_mask": np.asarray(mask)}
+  """Tokenizes this process's captions and assembles global arrays.
+
+  The frozen T5 runs inside the train step, so only token ids cross to the devices.
+  """
+  ids, mask = text_encoder.tokenize([str(c) for c in local["caption"]], text_len)
+  batch = {"image": np.asarray(local["image"]), "text_ids": ids, "text_mask": mask}
   if mesh is None:
     return batch
   return pipeline.make_global_batch(batch, mesh, parallel.batch_sharding(mesh).spec)
@@ -253,6 +270,11 @@ def make_sample_grid_fn(config: Any, workdir: str, text_encoder: TextEncoder, me
   def sample_fn(stage: Stage, ema_params: Any, step: int) -> None:
     prompts = list(config.train.sample_prompts)
     if not prompts or jax.process_index() != 0:
+      return
+    if jax.process_count() > 1:
+      # The cascade samples in one process; the EMA params span all of them.
+      _log.warning("no sample grids in a %d-process run (sample after training "
+                   "with sample.py)", jax.process_count())
       return
     if stage.name not in cascades:
       cascades[stage.name] = build(stage, ema_params)
@@ -322,15 +344,5 @@ def _check_workdir_config(workdir: str, config: Any) -> None:
 
 
 def maybe_initialize_distributed() -> None:
-  """``jax.distributed.initialize()`` when launched as one of several processes.
-
-  Cloud TPU pods and SLURM/Open MPI launches are detected by JAX itself; an
-  explicit coordinator is given with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
-  and JAX_PROCESS_ID.
-  """
-  env = os.environ
-  if any(k in env for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
-                            "TPU_WORKER_HOSTNAMES")):
-    if env.get("SLURM_NTASKS", "2") == "1" and "JAX_COORDINATOR_ADDRESS" not in env:
-      return
-    jax.distributed.initialize()
+  """Auto-detected multi-process start-up (see ``distributed.maybe_auto_initialize``)."""
+  distributed.maybe_auto_initialize()
