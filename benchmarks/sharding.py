@@ -1,8 +1,8 @@
 """Sharding strategies compared on one cascade stage's real, jitted train step.
 
   python -m benchmarks.sharding --config configs/demo.py --stage base --devices 8 \\
-      --strategies dp,fsdp,tp,fsdp_tp [--batch 32] [--json out.json] \\
-      [--config.stages.base.model.dtype=bfloat16]
+      --strategies dp,fsdp,tp,fsdp_tp [--batch 32] [--grad_accum 1,2,4] \\
+      [--json out.json] [--config.stages.base.model.dtype=bfloat16]
 
 For each strategy the stage's train step (``imagen_jax.train.step``, the one
 ``train.py`` runs) is compiled ahead of time on a mesh of the first N devices,
@@ -20,6 +20,10 @@ then run on random data. One row per strategy:
 * model FLOPs per step (XLA's cost analysis of the unpartitioned step with
   rematerialization off, so recomputation is not counted) → achieved TFLOP/s,
   and MFU when the device's peak is known (bf16 dense peaks; see ``PEAK_FLOPS``).
+
+``--grad_accum K1,K2,...`` runs every strategy once per K (``train.grad_accum``:
+the batch in K microbatches inside the step), to show the per-device memory
+falling with K; a batch that does not split over dp × K is an error row.
 
 Meshes: dp = (data N), fsdp = (fsdp N), tp = (data N/T, tensor T),
 fsdp_tp = (fsdp N/T, tensor T), T = ``--tensor`` (default 2). A strategy whose
@@ -192,6 +196,7 @@ class Row:
   mesh: dict
   status: str = "ok"                 # 'ok', 'does not fit: ...', 'OOM: ...', 'error: ...'
   batch: int = 0
+  grad_accum: int = 1
   step_s: Optional[float] = None     # median step time
   step_s_min: Optional[float] = None
   images_per_s: Optional[float] = None
@@ -278,15 +283,21 @@ def model_flops(config: Any, stage_name: str, batch: int) -> Optional[float]:
 def bench_strategy(config: Any, stage_name: str, strategy: str,
                    devices: Sequence[jax.Device], *, batch: int, tensor: int = 2,
                    steps: int = 5, warmup: int = 2, flops: Optional[float] = None,
-                   seed: int = 0) -> Row:
+                   seed: int = 0, grad_accum: int = 1) -> Row:
   """Compiles and runs the stage's train step under one strategy; never raises for OOM."""
   n = len(devices)
-  row = Row(strategy=strategy, mesh=mesh_shape(strategy, n, tensor), batch=batch)
+  row = Row(strategy=strategy, mesh=mesh_shape(strategy, n, tensor), batch=batch,
+            grad_accum=grad_accum)
   mesh = parallel.make_mesh({"shape": row.mesh}, devices)
   _, dp = parallel.batch_axes(mesh)
-  if batch % dp:
-    row.status = f"error: batch {batch} does not split over the {dp} data-parallel devices"
+  if batch % (dp * grad_accum):
+    row.status = (f"error: batch {batch} does not split over the {dp} data-parallel "
+                  f"devices × {grad_accum} microbatches")
     return row
+  if grad_accum != 1:
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.train.grad_accum = grad_accum
   rules = parallel.logical_rules(strategy)
   setup = _step_setup(config, stage_name, batch, mesh, rules, seed)
   row.state_bytes = _tree_bytes(setup.abstract, setup.shardings)
@@ -374,7 +385,7 @@ def _mib(x: Optional[int]) -> str:
 
 
 def format_table(rows: Sequence[Row]) -> str:
-  head = ("strategy", "mesh", "step ms", "img/s", "compile s", "state MiB/dev",
+  head = ("strategy", "mesh", "accum", "step ms", "img/s", "compile s", "state MiB/dev",
           "state ×(total/N)", "temp MiB", "peak MiB", "collective MiB/step", "TFLOP/s",
           "MFU", "status")
   table = []
@@ -382,7 +393,7 @@ def format_table(rows: Sequence[Row]) -> str:
     coll = sum(r.collective_bytes.values()) if r.collective_bytes else None
     kinds = ", ".join(f"{k} {v / 2**20:.1f}" for k, v in r.collective_bytes.items() if v)
     cells = (
-        r.strategy, "×".join(f"{k} {v}" for k, v in r.mesh.items()),
+        r.strategy, "×".join(f"{k} {v}" for k, v in r.mesh.items()), str(r.grad_accum),
         "—" if r.step_s is None else f"{1e3 * r.step_s:.1f}",
         "—" if r.images_per_s is None else f"{r.images_per_s:.1f}",
         "—" if r.compile_s is None else f"{r.compile_s:.1f}",
@@ -405,7 +416,8 @@ def _versions() -> dict:
 
 def run(config: Any, stage_name: Optional[str], strategies: Sequence[str], *,
         num_devices: Optional[int] = None, batch: Optional[int] = None, tensor: int = 2,
-        steps: int = 5, warmup: int = 2, progress=print) -> tuple[dict, list[Row]]:
+        steps: int = 5, warmup: int = 2, grad_accum: Sequence[int] = (1,),
+        progress=print) -> tuple[dict, list[Row]]:
   """Benchmarks the strategies; returns (meta: the run's settings and machine, rows)."""
   stage_name = stage_name or config.stage_order[0]
   if stage_name not in config.stages:
@@ -423,9 +435,11 @@ def run(config: Any, stage_name: Optional[str], strategies: Sequence[str], *,
   flops = model_flops(config, stage_name, batch)
   rows = []
   for strategy in strategies:
-    progress(f"[{stage_name}] {strategy} ...")
-    rows.append(bench_strategy(config, stage_name, strategy, devices, batch=batch,
-                               tensor=tensor, steps=steps, warmup=warmup, flops=flops))
+    for k in grad_accum:
+      progress(f"[{stage_name}] {strategy} grad_accum={k} ...")
+      rows.append(bench_strategy(config, stage_name, strategy, devices, batch=batch,
+                                 tensor=tensor, steps=steps, warmup=warmup, flops=flops,
+                                 grad_accum=int(k)))
   meta = {"stage": stage_name, "batch": batch, "devices": len(devices),
           "machine": machine_description(devices), "device_kind": devices[0].device_kind,
           "date": datetime.date.today().isoformat(), "versions": _versions(),
@@ -448,6 +462,7 @@ def main(argv: Sequence[str]) -> int:
   tensor = flags.DEFINE_integer("tensor", 2, "tensor-parallel size of tp and fsdp_tp")
   steps = flags.DEFINE_integer("steps", 5, "timed steps per strategy")
   warmup = flags.DEFINE_integer("warmup", 2, "untimed steps after compiling")
+  accum = flags.DEFINE_list("grad_accum", ["1"], "microbatch counts K to compare")
   out = flags.DEFINE_string("json", None, "also write the results to this JSON file")
   flags.mark_flag_as_required("config")
   rest = flags.FLAGS(list(argv))
@@ -457,7 +472,8 @@ def main(argv: Sequence[str]) -> int:
   try:
     meta, rows = run(config_flag.value, stage.value, strategies.value,
                  num_devices=flags.FLAGS.devices, batch=batch.value, tensor=tensor.value,
-                 steps=steps.value, warmup=warmup.value)
+                 steps=steps.value, warmup=warmup.value,
+                 grad_accum=[int(k) for k in accum.value])
   except ValueError as err:
     print(f"error: {err}", file=sys.stderr)
     return 2

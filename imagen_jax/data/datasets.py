@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import tensorflow_datasets as tfds
+from etils import epath
 
 from imagen_jax.data import image_captions as image_captions_lib
 from imagen_jax.data import shapes_builder
@@ -70,12 +71,13 @@ def load_builder(name: str, data_dir: str | os.PathLike,
 
 def require_data_dir(data_dir: str, name: str) -> None:
   """Raises FileNotFoundError if `data_dir` is missing or empty."""
-  if not os.path.isdir(data_dir):
+  path = epath.Path(data_dir)  # local or remote (gs://...), as TFDS reads it
+  if not path.is_dir():
     raise FileNotFoundError(
         f'Dataset directory {data_dir!r} does not exist; prepare {name!r} '
         'first, e.g. `python -m imagen_jax.data.prepare --dataset '
         f'{name.split("/")[0]} --data_dir {data_dir}`.')
-  if not os.listdir(data_dir):
+  if not any(True for _ in path.iterdir()):
     raise FileNotFoundError(
         f'Dataset directory {data_dir!r} is empty; prepare {name!r} there '
         'first with `python -m imagen_jax.data.prepare`.')
@@ -127,7 +129,7 @@ def prepare(name: str, data_dir: str | os.PathLike, *,
     image_captions_lib.find_captioned_images(src)  # Fails early, clearly.
   elif src is not None:
     raise ValueError(f'src only applies to image_captions, not {name!r}.')
-  os.makedirs(data_dir, exist_ok=True)
+  epath.Path(data_dir).mkdir(parents=True, exist_ok=True)
   builder = load_builder(name, data_dir, **kwargs)
   if is_prepared(builder):
     print(f'{builder.info.full_name} already prepared in {builder.data_dir}')

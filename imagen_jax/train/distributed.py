@@ -151,3 +151,9 @@ def any_process(flag: bool) -> bool:
   if jax.process_count() == 1:
     return bool(flag)
   return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.bool_))))
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier of this name (no-op alone)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

@@ -7,6 +7,7 @@ stage from its last checkpoint, with the data iterator where it was; SIGTERM
 """
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ from typing import Any, Optional, Sequence
 import jax
 import ml_collections
 import numpy as np
-from PIL import Image
+from etils import epath
 from tqdm.auto import tqdm
 
 from imagen_jax import cascade as cascade_lib
@@ -28,9 +29,13 @@ from imagen_jax.data import datasets, pipeline
 from imagen_jax.stages import Stage, build_stage
 from imagen_jax.text import TextEncoder
 from imagen_jax.train import checkpoint as ckpt_lib
-from imagen_jax.train import distributed, optim, state as state_lib, step as step_lib
+from imagen_jax.train import distributed, optim, prefetch
+from imagen_jax.train import state as state_lib, step as step_lib
 
 _log = logging.getLogger(__name__)
+
+# Multi-process runs agree on a SIGTERM every this many steps.
+_AGREE_EVERY = 5
 
 
 class _StopFlag:
@@ -57,14 +62,26 @@ class _StopFlag:
 
 
 class MetricWriter:
-  """metrics.jsonl + TensorBoard event files, written by process 0 only."""
+  """metrics.jsonl + TensorBoard event files, written by process 0 only.
+
+  A local metrics.jsonl is appended to; a remote one (``gs://...``, where files
+  cannot be appended to) is rewritten whole at every write, and TensorBoard
+  events are written for local directories only (tensorboardX's own bucket
+  writer needs cloud client libraries).
+  """
 
   def __init__(self, directory: str):
     self.enabled = jax.process_index() == 0
-    self._jsonl = self._tb = None
+    self._jsonl = self._tb = self._remote = None
     if self.enabled:
-      os.makedirs(directory, exist_ok=True)
-      self._jsonl = open(os.path.join(directory, "metrics.jsonl"), "a")
+      path = epath.Path(directory)
+      path.mkdir(parents=True, exist_ok=True)
+      path = path / "metrics.jsonl"
+      if "://" in os.fspath(path):
+        self._remote = (path, path.read_text() if path.exists() else "")
+        _log.warning("remote workdir: metrics.jsonl only, no TensorBoard events")
+        return
+      self._jsonl = open(path, "a")  # pylint: disable=consider-using-with
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
         self._tb = SummaryWriter(directory)
@@ -74,8 +91,14 @@ class MetricWriter:
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
       return
-    self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-    self._jsonl.flush()
+    line = json.dumps({"step": step, **metrics}) + "\n"
+    if self._remote is not None:
+      path, text = self._remote
+      self._remote = (path, text + line)
+      path.write_text(text + line)
+    else:
+      self._jsonl.write(line)
+      self._jsonl.flush()
     if self._tb is not None:
       for k, v in metrics.items():
         self._tb.add_scalar(k, v, step)
@@ -97,12 +120,14 @@ class StageResult:
 
 def _data_iterator(config, stage: Stage, per_process_batch: int, start_example: int):
   d = config.data
-  if d.prepare and d.name in ("shapes", "image_captions"):
+  # Process 0 prepares a missing dataset while the others wait (one writer).
+  if d.prepare and d.name in ("shapes", "image_captions") and distributed.is_primary():
     kwargs = dict(d.builder_kwargs)
     if d.name == "image_captions":
       datasets.prepare(d.name, d.data_dir, src=d.src or None, **kwargs)
     else:
       datasets.prepare(d.name, d.data_dir, **kwargs)
+  distributed.barrier("data prepared")
   ds = pipeline.build_input(d.name, d.data_dir, d.split, resolution=stage.resolution,
                             batch_size=per_process_batch, train=True, seed=d.seed,
                             process_index=jax.process_index(),
@@ -175,9 +200,11 @@ def train_stage(config: Any, workdir: str, stage_name: str, text_encoder: TextEn
   last, preempted, window_start, window_images = {}, False, time.perf_counter(), 0
   bar = tqdm(total=tc.num_steps, initial=step, desc=f"train {stage_name}", unit="step",
              disable=jax.process_index() != 0)
-  with _StopFlag() as stop:
+  make_batch = functools.partial(_global_batch, text_encoder=text_encoder,
+                                 text_len=text_len, mesh=mesh)
+  with _StopFlag() as stop, prefetch.DevicePrefetcher(it, make_batch) as batches:
     while step < tc.num_steps:
-      batch = _global_batch(next(it), text_encoder, text_len, mesh)
+      batch = next(batches)  # read, tokenized and on the devices during the last step
       t0 = time.perf_counter()
       state, metrics = step_fn(state, batch, rng, uncond, text_encoder.params)
       step += 1
@@ -198,8 +225,10 @@ def train_stage(config: Any, workdir: str, stage_name: str, text_encoder: TextEn
         sample_fn(stage, state.ema_params, step)
       # Read the stop flag after the (slow) sampling: a SIGTERM that arrived
       # during it must still be followed by a checkpoint.
-      # Read once, agreed by every process: all save and stop on the same step.
-      stopping = distributed.any_process(stop.requested)
+      # Read once, agreed by every process (every few steps: the agreement waits
+      # for the step): all save and stop on the same step.
+      stopping = (distributed.any_process(stop.requested)
+                  if jax.process_count() == 1 or step % _AGREE_EVERY == 0 else False)
       if step % tc.checkpoint_every == 0 or step == tc.num_steps or stopping:
         ckpt.save(step, state, {"examples": examples, "batch_size": tc.batch_size},
                   dict(meta, step=step), force=True)
@@ -235,7 +264,7 @@ def _global_batch(local: dict, text_encoder: TextEncoder, text_len: int, mesh) -
   ids, mask = text_encoder.tokenize([str(c) for c in local["caption"]], text_len)
   batch = {"image": np.asarray(local["image"]), "text_ids": ids, "text_mask": mask}
   if mesh is None:
-    return batch
+    return jax.device_put(batch)
   return pipeline.make_global_batch(batch, mesh, parallel.batch_sharding(mesh).spec)
 
 
@@ -283,10 +312,9 @@ def make_sample_grid_fn(config: Any, workdir: str, text_encoder: TextEncoder, me
       return
     cascade.set_params(stage.name, ema_params)
     out = cascade.sample(prompts, jax.random.PRNGKey(config.train.seed), progress=False)
-    directory = os.path.join(run_lib.stage_dir(workdir, stage.name), "samples")
-    os.makedirs(directory, exist_ok=True)
-    Image.fromarray(cascade_lib.make_grid(out.final)).save(
-        os.path.join(directory, f"step_{step:07d}.png"))
+    directory = epath.Path(run_lib.stage_dir(workdir, stage.name)) / "samples"
+    directory.mkdir(parents=True, exist_ok=True)
+    run_lib.write_png(directory / f"step_{step:07d}.png", cascade_lib.make_grid(out.final))
 
   return sample_fn
 
@@ -329,8 +357,8 @@ def train_and_evaluate(config: Any, workdir: str,
 
 def _check_workdir_config(workdir: str, config: Any) -> None:
   """Refuses a workdir whose stages were trained with other model configs."""
-  path = os.path.join(workdir, run_lib.CONFIG_FILE)
-  if not os.path.isfile(path):
+  path = run_lib.as_path(workdir) / run_lib.CONFIG_FILE
+  if not path.exists():
     return
   old = run_lib.read_config(workdir)
   for name in config.stage_order:
