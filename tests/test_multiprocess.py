@@ -76,7 +76,7 @@ def _launch(config_file, workdir, *args, num_processes=2, devices=4, strategy="f
   return procs
 
 
-def _finish(procs, timeout=300) -> list[str]:
+def _finish(procs, timeout=900) -> list[str]:
   outs = []
   for p in procs:
     out, _ = p.communicate(timeout=timeout)
@@ -117,7 +117,7 @@ def test_two_processes_train_as_one_stop_together_and_resume_elastically(tmp_pat
   # Resume both from step 3 and run until ONE process gets SIGTERM: both save
   # the same step and exit 0.
   procs = _launch(config_file, pod, "--config.train.num_steps=100000")
-  deadline = time.time() + 300
+  deadline = time.time() + 900
   while time.time() < deadline and len(_metrics(pod)) < 5:
     assert all(p.poll() is None for p in procs), procs[0].stdout.read().decode()[-3000:]
     time.sleep(0.2)

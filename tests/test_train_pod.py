@@ -14,9 +14,10 @@ from etils.epath import testing as epath_testing
 
 from imagen_jax import parallel
 from imagen_jax import run as run_lib
+from imagen_jax.data import datasets
 from imagen_jax.stages import build_stage
 from imagen_jax.text import TextEncoder
-from imagen_jax.train import optim, state as state_lib, step as step_lib, trainer
+from imagen_jax.train import embeddings, optim, state as state_lib, step as step_lib, trainer
 
 from test_train import _max_abs_diff, _mesh, _tiny_config
 
@@ -146,3 +147,20 @@ def test_a_bucket_workdir_keeps_its_scheme(tmp_path):
   # The file system saw the bucket paths themselves (the mock mapped them).
   assert {"gs://bucket/run/config.json", "gs://bucket/run/base/metrics.jsonl",
           "gs://bucket/run/base/samples/step_1.png"} <= set(seen)
+
+
+def test_precomputed_embeddings_train_as_the_encoder_in_the_step(tmp_path):
+  config = _tiny_config(tmp_path / "data", num_steps=2, checkpoint_every=100,
+                        async_checkpoint=False)
+  datasets.prepare(config.data.name, config.data.data_dir, **dict(config.data.builder_kwargs))
+  with pytest.raises(FileNotFoundError, match="python -m imagen_jax.train.embeddings"):
+    config.text.precomputed = True
+    trainer.train_and_evaluate(config, str(tmp_path / "none"), ["base"])
+  embeddings.write(config)
+  trainer.train_and_evaluate(config, str(tmp_path / "cached"), ["base"])
+  config.text.precomputed = False
+  trainer.train_and_evaluate(config, str(tmp_path / "encoder"), ["base"])
+  read = lambda run: [json.loads(x)["loss"] for x in
+                      (tmp_path / run / "base" / "metrics.jsonl").read_text().splitlines()]
+  cached, encoded = read("cached"), read("encoder")
+  assert len(cached) == 2 and np.allclose(cached, encoded, rtol=0, atol=1e-5)

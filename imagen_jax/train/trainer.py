@@ -30,6 +30,7 @@ from imagen_jax.stages import Stage, build_stage
 from imagen_jax.text import TextEncoder
 from imagen_jax.train import checkpoint as ckpt_lib
 from imagen_jax.train import distributed, optim, prefetch
+from imagen_jax.train import embeddings as embeddings_lib
 from imagen_jax.train import state as state_lib, step as step_lib
 
 _log = logging.getLogger(__name__)
@@ -192,21 +193,24 @@ def train_stage(config: Any, workdir: str, stage_name: str, text_encoder: TextEn
     print(f"stage {stage_name}: already trained ({step}/{tc.num_steps} steps)")
     return StageResult(stage_name, step, False, {})
 
-  uncond_ids, uncond_mask = text_encoder.tokenize([""], text_len)
-  uncond = {"text_ids": uncond_ids[0], "text_mask": uncond_mask[0]}
+  cached = (embeddings_lib.CaptionEmbeddings(config) if config.text.get("precomputed")
+            else None)
+  uncond = _uncond(text_encoder, cached, text_len)
+  step_encoder = None if cached else text_encoder  # None: the batch holds embeddings
+  text_params = None if cached else text_encoder.params
   step_fn = step_lib.jit_train_step(stage, tx, tc, shardings, mesh, rules, lr_fn,
-                                    text_encoder=text_encoder)
+                                    text_encoder=step_encoder)
   writer = MetricWriter(run_lib.stage_dir(workdir, stage_name))
   last, preempted, window_start, window_images = {}, False, time.perf_counter(), 0
   bar = tqdm(total=tc.num_steps, initial=step, desc=f"train {stage_name}", unit="step",
              disable=jax.process_index() != 0)
   make_batch = functools.partial(_global_batch, text_encoder=text_encoder,
-                                 text_len=text_len, mesh=mesh)
+                                 text_len=text_len, mesh=mesh, cached=cached)
   with _StopFlag() as stop, prefetch.DevicePrefetcher(it, make_batch) as batches:
     while step < tc.num_steps:
       batch = next(batches)  # read, tokenized and on the devices during the last step
       t0 = time.perf_counter()
-      state, metrics = step_fn(state, batch, rng, uncond, text_encoder.params)
+      state, metrics = step_fn(state, batch, rng, uncond, text_params)
       step += 1
       examples += tc.batch_size
       window_images += tc.batch_size
@@ -256,13 +260,29 @@ def data_position(data_state: Optional[dict], step: int, batch_size: int) -> int
   return int(data_state.get("next_index", step)) * batch_size
 
 
-def _global_batch(local: dict, text_encoder: TextEncoder, text_len: int, mesh) -> dict:
-  """Tokenizes this process's captions and assembles global arrays.
+def _uncond(text_encoder: TextEncoder, cached, text_len: int) -> dict:
+  """The empty caption as the step takes it: tokens, or its cached embedding."""
+  if cached is not None:
+    emb, mask = cached.lookup([""])
+    return {"text_emb": emb[0], "text_mask": mask[0]}
+  ids, mask = text_encoder.tokenize([""], text_len)
+  return {"text_ids": ids[0], "text_mask": mask[0]}
+
+
+def _global_batch(local: dict, text_encoder: TextEncoder, text_len: int, mesh,
+                  cached=None) -> dict:
+  """Tokenizes this process's captions (or looks up their cached embeddings) and
+  assembles global arrays.
 
   The frozen T5 runs inside the train step, so only token ids cross to the devices.
   """
-  ids, mask = text_encoder.tokenize([str(c) for c in local["caption"]], text_len)
-  batch = {"image": np.asarray(local["image"]), "text_ids": ids, "text_mask": mask}
+  captions = [str(c) for c in local["caption"]]
+  if cached is not None:
+    emb, mask = cached.lookup(captions)
+    batch = {"image": np.asarray(local["image"]), "text_emb": emb, "text_mask": mask}
+  else:
+    ids, mask = text_encoder.tokenize(captions, text_len)
+    batch = {"image": np.asarray(local["image"]), "text_ids": ids, "text_mask": mask}
   if mesh is None:
     return jax.device_put(batch)
   return pipeline.make_global_batch(batch, mesh, parallel.batch_sharding(mesh).spec)
