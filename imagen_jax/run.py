@@ -191,7 +191,13 @@ def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
 def abstract_params(stage: Any, mesh=None, rules=None) -> Any:
   """The unboxed abstract params of a stage, with their shardings under a mesh."""
   boxed = stage.abstract_params()
-  shardings = parallel.logical_shardings(boxed, mesh, rules) if mesh is not None else None
+  if mesh is not None:
+    shardings = parallel.logical_shardings(boxed, mesh, rules)
+  else:
+    # An explicit target device: checkpoints written on other meshes and processes
+    # (a pod) restore here too, never by the devices recorded at saving.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: device, nn.unbox(boxed))
   return abstract_with_shardings(nn.unbox(boxed), shardings)
 
 
