@@ -12,6 +12,7 @@ import pytest
 from etils import epath
 from etils.epath import testing as epath_testing
 
+from imagen_jax import config as config_lib
 from imagen_jax import parallel
 from imagen_jax import run as run_lib
 from imagen_jax.data import datasets
@@ -19,7 +20,7 @@ from imagen_jax.stages import build_stage
 from imagen_jax.text import TextEncoder
 from imagen_jax.train import embeddings, optim, state as state_lib, step as step_lib, trainer
 
-from test_train import _max_abs_diff, _mesh, _tiny_config
+from test_train import ROOT, _max_abs_diff, _mesh, _tiny_config
 
 
 def _step(config, strategy, batch, uncond, text_encoder=None):
@@ -164,3 +165,12 @@ def test_precomputed_embeddings_train_as_the_encoder_in_the_step(tmp_path):
                       (tmp_path / run / "base" / "metrics.jsonl").read_text().splitlines()]
   cached, encoded = read("cached"), read("encoder")
   assert len(cached) == 2 and np.allclose(cached, encoded, rtol=0, atol=1e-5)
+
+
+def test_sharding_benchmark_refuses_a_batch_that_does_not_split_into_microbatches():
+  from benchmarks import sharding as bench  # pylint: disable=import-outside-toplevel
+  config = config_lib.load_config(os.path.join(ROOT, "configs/demo.py:tiny"))
+  row = bench.bench_strategy(config, "base", "dp", jax.devices()[:8], batch=8, grad_accum=2)
+  assert row.status == ("error: batch 8 does not split over the 8 data-parallel devices "
+                        "× 2 microbatches")
+  assert "| 2 |" in bench.format_table([row])
