@@ -330,7 +330,7 @@ def bench_strategy(config: Any, stage_name: str, strategy: str,
     times = []
     for i in range(warmup + steps):
       t0 = time.perf_counter()
-      state, metrics = compiled(state, data, setup.rng, setup.uncond)
+      state, metrics = compiled(state, data, setup.rng, setup.uncond, None)
       jax.block_until_ready((state, metrics))
       if i >= warmup:
         times.append(time.perf_counter() - t0)
