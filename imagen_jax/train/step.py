@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from imagen_jax import parallel
+from imagen_jax import axes, parallel
 from imagen_jax.stages import Stage, to_float
 from imagen_jax.train.state import TrainState
 
@@ -57,6 +57,12 @@ def ema_decay(step: jax.Array, decay: float) -> jax.Array:
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
+def _split_rows(x: jax.Array, leading: int) -> jax.Array:
+  """Constrains axis ``leading`` of x (the rows) to the batch's mesh axes."""
+  names = (None,) * leading + (axes.BATCH,) + (None,) * (x.ndim - leading - 1)
+  return nn.with_logical_constraint(x, names)
+
+
 def _loss_and_grads(stage: Stage, params: Any, inputs: dict, accum: int):
   """Mean loss and its gradient (float32) over ``accum`` microbatches.
 
@@ -71,17 +77,21 @@ def _loss_and_grads(stage: Stage, params: Any, inputs: dict, accum: int):
 
   if accum == 1:
     return jax.value_and_grad(loss_fn)(params, inputs)
+  # Without the constraints XLA may run each microbatch replicated on every device.
   micro = jax.tree.map(
-      lambda x: jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1),
+      lambda x: _split_rows(jnp.swapaxes(
+          x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1), leading=1),
       inputs)
 
   def body(carry, rows):
+    rows = jax.tree.map(lambda x: _split_rows(x, leading=0), rows)
     loss, grads = jax.value_and_grad(loss_fn)(params, rows)
     total_loss, total_grads = carry
     total_grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), total_grads, grads)
     return (total_loss + loss, total_grads), None
 
-  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  # zeros_like: the sums inherit the parameters' sharding (FSDP keeps them split).
+  zeros = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.float32), params)
   (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
   grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grads, params)
   return loss / accum, grads
