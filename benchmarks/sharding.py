@@ -1,7 +1,7 @@
 """Sharding strategies compared on one cascade stage's real, jitted train step.
 
   python -m benchmarks.sharding --config configs/demo.py --stage base --devices 8 \\
-      --strategies dp,fsdp,tp,fsdp_tp [--batch 32] [--json out.json] \\
+      --strategies dp,fsdp,tp,fsdp_tp [--batch 32] [--grad_accum 1,2,4] [--json out.json] \\
       [--remat none,full,dots_saveable,save_attention_out] \\
       [--config.stages.base.model.dtype=bfloat16]
 
@@ -22,6 +22,10 @@ with ``--remat``: the stage's ``model.remat`` set to each policy in turn):
 * model FLOPs per step (XLA's cost analysis of the unpartitioned step with
   rematerialization off, so recomputation is not counted) → achieved TFLOP/s,
   and MFU when the device's peak is known (bf16 dense peaks; see ``PEAK_FLOPS``).
+
+``--grad_accum K1,K2,...`` runs every strategy once per K (``train.grad_accum``:
+the batch in K microbatches inside the step), to show the per-device memory
+falling with K; a batch that does not split over dp × K is an error row.
 
 Meshes: dp = (data N), fsdp = (fsdp N), tp = (data N/T, tensor T),
 fsdp_tp = (fsdp N/T, tensor T), T = ``--tensor`` (default 2). A strategy whose
@@ -196,6 +200,7 @@ class Row:
   remat: Optional[str] = None        # the stage's remat policy when --remat was given
   status: str = "ok"                 # 'ok', 'does not fit: ...', 'OOM: ...', 'error: ...'
   batch: int = 0
+  grad_accum: int = 1
   step_s: Optional[float] = None     # median step time
   step_s_min: Optional[float] = None
   images_per_s: Optional[float] = None
@@ -294,18 +299,24 @@ def model_flops(config: Any, stage_name: str, batch: int) -> Optional[float]:
 def bench_strategy(config: Any, stage_name: str, strategy: str,
                    devices: Sequence[jax.Device], *, batch: int, tensor: int = 2,
                    steps: int = 5, warmup: int = 2, flops: Optional[float] = None,
-                   seed: int = 0, remat: Optional[str] = None) -> Row:
+                   seed: int = 0, remat: Optional[str] = None, grad_accum: int = 1) -> Row:
   """Compiles and runs the stage's train step under one strategy (and remat
-  policy, when given); never raises for OOM."""
+  policy, when given) with K microbatches; never raises for OOM."""
   n = len(devices)
-  row = Row(strategy=strategy, mesh=mesh_shape(strategy, n, tensor), batch=batch, remat=remat)
+  row = Row(strategy=strategy, mesh=mesh_shape(strategy, n, tensor), batch=batch, remat=remat,
+            grad_accum=grad_accum)
   if remat is not None:
     config = with_remat(config, stage_name, remat)
   mesh = parallel.make_mesh({"shape": row.mesh}, devices)
   _, dp = parallel.batch_axes(mesh)
-  if batch % dp:
-    row.status = f"error: batch {batch} does not split over the {dp} data-parallel devices"
+  if batch % (dp * grad_accum):
+    row.status = (f"error: batch {batch} does not split over the {dp} data-parallel "
+                  f"devices × {grad_accum} microbatches")
     return row
+  if grad_accum != 1:
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.train.grad_accum = grad_accum
   rules = parallel.logical_rules(strategy)
   setup = _step_setup(config, stage_name, batch, mesh, rules, seed)
   row.state_bytes = _tree_bytes(setup.abstract, setup.shardings)
@@ -338,7 +349,7 @@ def bench_strategy(config: Any, stage_name: str, strategy: str,
     times = []
     for i in range(warmup + steps):
       t0 = time.perf_counter()
-      state, metrics = compiled(state, data, setup.rng, setup.uncond)
+      state, metrics = compiled(state, data, setup.rng, setup.uncond, None)
       jax.block_until_ready((state, metrics))
       if i >= warmup:
         times.append(time.perf_counter() - t0)
@@ -395,7 +406,7 @@ def _mib(x: Optional[int]) -> str:
 def format_table(rows: Sequence[Row]) -> str:
   with_remat_col = any(r.remat is not None for r in rows)
   head = ("strategy",) + (("remat",) if with_remat_col else ()) + (
-      "mesh", "step ms", "img/s", "compile s", "state MiB/dev", "state ×(total/N)",
+      "mesh", "accum", "step ms", "img/s", "compile s", "state MiB/dev", "state ×(total/N)",
       "temp MiB", "peak MiB", "collective MiB/step", "TFLOP/s", "MFU", "status")
   table = []
   for r in rows:
@@ -403,7 +414,7 @@ def format_table(rows: Sequence[Row]) -> str:
     kinds = ", ".join(f"{k} {v / 2**20:.1f}" for k, v in r.collective_bytes.items() if v)
     cells = (
         r.strategy, *((r.remat,) if with_remat_col else ()),
-        "×".join(f"{k} {v}" for k, v in r.mesh.items()),
+        "×".join(f"{k} {v}" for k, v in r.mesh.items()), str(r.grad_accum),
         "—" if r.step_s is None else f"{1e3 * r.step_s:.1f}",
         "—" if r.images_per_s is None else f"{r.images_per_s:.1f}",
         "—" if r.compile_s is None else f"{r.compile_s:.1f}",
@@ -427,9 +438,9 @@ def _versions() -> dict:
 def run(config: Any, stage_name: Optional[str], strategies: Sequence[str], *,
         num_devices: Optional[int] = None, batch: Optional[int] = None, tensor: int = 2,
         steps: int = 5, warmup: int = 2, remats: Optional[Sequence[str]] = None,
-        progress=print) -> tuple[dict, list[Row]]:
-  """Benchmarks the strategies (× ``remats`` policies when given); returns
-  (meta: the run's settings and machine, rows)."""
+        grad_accum: Sequence[int] = (1,), progress=print) -> tuple[dict, list[Row]]:
+  """Benchmarks the strategies (× ``remats`` policies when given, × microbatch
+  counts); returns (meta: the run's settings and machine, rows)."""
   stage_name = stage_name or config.stage_order[0]
   if stage_name not in config.stages:
     raise ValueError(f"no stage {stage_name!r} in the config; it has {list(config.stages)}")
@@ -450,10 +461,12 @@ def run(config: Any, stage_name: Optional[str], strategies: Sequence[str], *,
   rows = []
   for remat in remats or (None,):
     for strategy in strategies:
-      progress(f"[{stage_name}] {strategy}{'' if remat is None else ', remat ' + remat} ...")
-      rows.append(bench_strategy(config, stage_name, strategy, devices, batch=batch,
-                                 tensor=tensor, steps=steps, warmup=warmup, flops=flops,
-                                 remat=remat))
+      for k in grad_accum:
+        progress(f"[{stage_name}] {strategy}{'' if remat is None else ', remat ' + remat}"
+                 f", grad_accum={k} ...")
+        rows.append(bench_strategy(config, stage_name, strategy, devices, batch=batch,
+                                   tensor=tensor, steps=steps, warmup=warmup, flops=flops,
+                                   remat=remat, grad_accum=int(k)))
   meta = {"stage": stage_name, "batch": batch, "devices": len(devices),
           "machine": machine_description(devices), "device_kind": devices[0].device_kind,
           "date": datetime.date.today().isoformat(), "versions": _versions(),
@@ -478,6 +491,7 @@ def main(argv: Sequence[str]) -> int:
   warmup = flags.DEFINE_integer("warmup", 2, "untimed steps after compiling")
   remat = flags.DEFINE_list("remat", None, "remat policies to compare (rows per policy; "
                             f"some of {sorted(REMAT_POLICIES)}); default: the config's")
+  accum = flags.DEFINE_list("grad_accum", ["1"], "microbatch counts K to compare")
   out = flags.DEFINE_string("json", None, "also write the results to this JSON file")
   flags.mark_flag_as_required("config")
   rest = flags.FLAGS(list(argv))
@@ -487,7 +501,8 @@ def main(argv: Sequence[str]) -> int:
   try:
     meta, rows = run(config_flag.value, stage.value, strategies.value,
                  num_devices=flags.FLAGS.devices, batch=batch.value, tensor=tensor.value,
-                 steps=steps.value, warmup=warmup.value, remats=remat.value)
+                 steps=steps.value, warmup=warmup.value, remats=remat.value,
+                 grad_accum=[int(k) for k in accum.value])
   except ValueError as err:
     print(f"error: {err}", file=sys.stderr)
     return 2

@@ -82,6 +82,8 @@ def base_config() -> ml_collections.ConfigDict:
       tokenizer="",              # tokenizer directory ('' = path's, or ByT5 bytes if random)
       dim=4096,                  # width of the embeddings the UNets expect
       max_length=128,            # tokens per caption (longer ones are truncated)
+      precomputed=False,         # train on cached embeddings (imagen_jax.train.embeddings)
+      embed_dir="",              # their directory ('' = DATA_DIR/embeddings/NAME/SPLIT)
       dtype="bfloat16",
       seed=0,                    # random init only
       # T5Config fields of the random-init encoder (used when path is '').
@@ -107,6 +109,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict(dict(
       num_steps=100_000,         # per stage, times the stage's steps_scale
       batch_size=256,            # global
+      grad_accum=1,              # microbatches per step (gradients summed in float32)
       optimizer="adamw",         # 'adamw' | 'adafactor'
       lr=1e-4,
       warmup_steps=10_000,

@@ -14,9 +14,14 @@ them). A "run" is either
   them as sub-folders. Its stages use the same stage-config schema as a
   trained run (``diffusion.kind = 'discrete'``), and the cascade config gets
   the T5 recorded at conversion.
+
+Paths go through ``etils.epath`` (as orbax and TFDS do), so a workdir may be a
+bucket (``gs://bucket/run``) that every host of a pod shares; local paths are
+made absolute (orbax wants absolute paths), remote ones are left as given.
 """
 
 import hashlib
+import io
 import json
 import os
 from typing import Any, Optional, Sequence
@@ -26,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
 from imagen_jax import config as config_lib
 from imagen_jax import parallel
@@ -42,35 +48,53 @@ def config_fingerprint(stage_config: Any) -> str:
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def as_path(path: Any) -> epath.Path:
+  """An ``epath.Path``: local paths absolute, remote ones (``gs://...``) as given."""
+  text = os.fspath(path)
+  return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Writes ``config.json`` (atomically) so sampling can rebuild the cascade."""
-  os.makedirs(workdir, exist_ok=True)
-  tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    f.write(config.to_json(indent=2))
-  os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+  root = as_path(workdir)
+  root.mkdir(parents=True, exist_ok=True)
+  tmp = root / (CONFIG_FILE + ".tmp")
+  tmp.write_text(config.to_json(indent=2))
+  tmp.replace(root / CONFIG_FILE)
 
 
-def _read_json(path: str) -> dict:
-  with open(path, encoding="utf-8") as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path} is not valid JSON ({e})") from None
+def _read_json(path: Any) -> dict:
+  try:
+    return json.loads(epath.Path(path).read_text(encoding="utf-8"))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
+def write_png(path: Any, image: Any) -> None:
+  """Writes a uint8 [H, W, 3] array as a PNG file at ``path`` (local or remote)."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format="PNG")
+  epath.Path(path).write_bytes(buf.getvalue())
 
 
 def stage_dir(workdir: str, stage_name: str) -> str:
-  return os.path.join(os.path.abspath(workdir), stage_name)
+  return os.fspath(as_path(workdir) / stage_name)
 
 
 def checkpoint_dir(workdir: str, stage_name: str) -> str:
-  return os.path.join(stage_dir(workdir, stage_name), CHECKPOINTS)
+  return os.fspath(as_path(workdir) / stage_name / CHECKPOINTS)
+
+
+def _is_file(path: Any) -> bool:
+  p = epath.Path(path)
+  return p.exists() and not p.is_dir()
 
 
 def is_converted(path: str) -> bool:
   """Whether ``path`` is one converted DeepFloyd IF stage folder."""
-  f = os.path.join(path, CONFIG_FILE)
-  return os.path.isfile(f) and _read_json(f).get("format") == CONVERTED_FORMAT
+  f = epath.Path(path) / CONFIG_FILE
+  return _is_file(f) and _read_json(f).get("format") == CONVERTED_FORMAT
 
 
 def converted_stage_dirs(path: str) -> Optional[list]:
@@ -83,12 +107,12 @@ def converted_stage_dirs(path: str) -> Optional[list]:
     return [p for p in path.split(",") if p]
   if is_converted(path):
     return [path]
-  if os.path.isdir(path) and not os.path.isfile(os.path.join(path, CONFIG_FILE)):
-    subs = [os.path.join(path, d) for d in sorted(os.listdir(path))]
-    subs = [d for d in subs if os.path.isdir(d) and is_converted(d)]
+  root = epath.Path(path)
+  if root.is_dir() and not _is_file(root / CONFIG_FILE):
+    subs = [os.fspath(d) for d in sorted(root.iterdir()) if d.is_dir() and is_converted(d)]
     if subs:
       def order(d):  # stage I (no low-res input) first, then by resolution
-        stage = _read_json(os.path.join(d, CONFIG_FILE))["stage"]
+        stage = _read_json(epath.Path(d) / CONFIG_FILE)["stage"]
         return bool(stage.get("lowres_resolution")), stage["resolution"]
       return sorted(subs, key=order)
   return None
@@ -117,8 +141,8 @@ def _converted_config(dirs: Sequence[str]) -> ml_collections.ConfigDict:
   config.mesh.strategy = "dp"
   text = None
   for d in dirs:
-    meta_file = os.path.join(d, CONFIG_FILE)
-    if not os.path.isfile(meta_file):
+    meta_file = epath.Path(d) / CONFIG_FILE
+    if not _is_file(meta_file):
       raise FileNotFoundError(f"{meta_file} not found: {d!r} is not a converted IF stage "
                               "(python -m imagen_jax.convert deepfloyd-if --src ... --out ...)")
     meta = _read_json(meta_file)
@@ -127,7 +151,7 @@ def _converted_config(dirs: Sequence[str]) -> ml_collections.ConfigDict:
                        f"{CONVERTED_FORMAT!r}")
     text = text or meta["stage"].get("text") or meta.get("text") or {}
     stage = ml_collections.ConfigDict(normalize_converted_stage(meta["stage"]))
-    stage.source = os.path.abspath(d)     # where its params are read from
+    stage.source = os.fspath(as_path(d))  # where its params are read from
     if stage.name in config.stages:
       raise ValueError(f"two converted folders hold stage {stage.name!r}: {list(dirs)}")
     config_lib.add_stage(config, stage)
@@ -148,8 +172,8 @@ def read_config(path: str) -> ml_collections.ConfigDict:
   dirs = converted_stage_dirs(path)
   if dirs is not None:
     return _converted_config(dirs)
-  file = os.path.join(path, CONFIG_FILE)
-  if not os.path.isfile(file):
+  file = epath.Path(path) / CONFIG_FILE
+  if not _is_file(file):
     raise FileNotFoundError(f"{file} does not exist: {path!r} holds no trained run "
                             f"(train one with: python train.py --config configs/demo.py "
                             f"--workdir {path})")
@@ -167,7 +191,13 @@ def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
 def abstract_params(stage: Any, mesh=None, rules=None) -> Any:
   """The unboxed abstract params of a stage, with their shardings under a mesh."""
   boxed = stage.abstract_params()
-  shardings = parallel.logical_shardings(boxed, mesh, rules) if mesh is not None else None
+  if mesh is not None:
+    shardings = parallel.logical_shardings(boxed, mesh, rules)
+  else:
+    # An explicit target device: checkpoints written on other meshes and processes
+    # (a pod) restore here too, never by the devices recorded at saving.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: device, nn.unbox(boxed))
   return abstract_with_shardings(nn.unbox(boxed), shardings)
 
 
@@ -190,8 +220,7 @@ def load_converted_params(folder: str, stage: Any, mesh=None, rules=None) -> Any
     mesh, rules: place the params sharded (None: default device).
   """
   target = abstract_params(stage, mesh, rules)
-  params = ocp.StandardCheckpointer().restore(
-      os.path.abspath(os.path.join(folder, CONVERTED_PARAMS)), target)
+  params = ocp.StandardCheckpointer().restore(as_path(folder) / CONVERTED_PARAMS, target)
   return jax.tree.map(jnp.asarray, params) if mesh is None else params
 
 
@@ -215,7 +244,7 @@ def load_ema_params(workdir: str, stage: Any, mesh=None, rules=None,
   target = abstract_params(stage, mesh, rules)
   ckpt_dir = checkpoint_dir(workdir, stage.name)
   manager = latest = None
-  if os.path.isdir(ckpt_dir):
+  if epath.Path(ckpt_dir).is_dir():
     manager = checkpoint_manager(workdir, stage.name, read_only=True, async_save=False)
     latest = manager.latest_step()
   if latest is None:

@@ -15,6 +15,7 @@ import time
 from typing import Any, Mapping
 
 import tensorflow_datasets as tfds
+from etils import epath
 
 from imagen_jax import lockfile
 from imagen_jax.data import captions as captions_lib
@@ -73,12 +74,13 @@ def load_builder(name: str, data_dir: str | os.PathLike,
 
 def require_data_dir(data_dir: str, name: str) -> None:
   """Raises FileNotFoundError if `data_dir` is missing or empty."""
-  if not os.path.isdir(data_dir):
+  path = epath.Path(data_dir)  # local or remote (gs://...), as TFDS reads it
+  if not path.is_dir():
     raise FileNotFoundError(
         f'Dataset directory {data_dir!r} does not exist; prepare {name!r} '
         'first, e.g. `python -m imagen_jax.data.prepare --dataset '
         f'{name.split("/")[0]} --data_dir {data_dir}`.')
-  if not os.listdir(data_dir):
+  if not any(True for _ in path.iterdir()):
     raise FileNotFoundError(
         f'Dataset directory {data_dir!r} is empty; prepare {name!r} there '
         'first with `python -m imagen_jax.data.prepare`.')
@@ -141,7 +143,7 @@ def prepare(name: str, data_dir: str | os.PathLike, *,
   elif src is not None:
     raise ValueError(f'src only applies to image_captions, not {name!r}.')
   config_name = _config(name, kwargs).name
-  os.makedirs(os.path.join(data_dir, name), exist_ok=True)
+  epath.Path(data_dir, name).mkdir(parents=True, exist_ok=True)
   lock = os.path.join(data_dir, name, f'{config_name}.lock')
   with lockfile.hold(lock, what=f'preparation of {name}/{config_name} in '
                      f'{data_dir}', wait=wait):

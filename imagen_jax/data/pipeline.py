@@ -1,12 +1,22 @@
 """Grain input pipeline over TFDS data sources, one process's share of it.
 
-  source (tfds ArrayRecord data source: {'image': bytes, 'caption': bytes})
-    -> this process's shard (examples process_index, +process_count, ...)
-    -> seeded global shuffle, re-shuffled every epoch    (train)
-    -> repeat forever                                    (train)
-    -> decode (PIL) + resize shorter side + crop to [R, R, 3]
-       (random crop along the longer side for train, center crop for eval)
+  train:
+    source (tfds ArrayRecord data source: {'image': bytes, 'caption': bytes})
+    -> seeded shuffle of the whole source, re-shuffled every epoch, repeated
+    -> decode (PIL) + resize shorter side + random crop to [R, R, 3]
+       (the crop seeded by the example's position in this global order)
+    -> from `start_example` on, global batches of `batch_size * process_count`
+       examples; this process takes rows [p * batch_size, (p + 1) * batch_size)
     -> batches {'image': uint8 [B, R, R, 3], 'caption': object [B] of str}
+  eval:
+    source -> this process's shard (examples process_index, +process_count, ...)
+    -> decode + center crop -> batches, the last one possibly partial
+
+The training order is one global sequence of examples whatever the number of
+processes and the batch size: the concatenation of the processes' batches is
+the global batch a single process would read, and a run that stopped after E
+examples continues exactly at example E with `start_example=E`, on any
+number of processes and with any batch size (elastic resume).
 
 No horizontal flips: shapes captions say "left" and "right".
 
@@ -116,9 +126,39 @@ def shard(source: Sequence[Any], process_index: int,
   return ds[:n][process_index::process_count]
 
 
+class _ProcessRows(grain.MapDataset):
+  """This process's rows of consecutive global batches of a global order.
+
+  Element m is global element ``start + k * B + p * b + j`` where
+  ``k, j = divmod(m, b)``, B = b * process_count: batching this view by b gives
+  this process's share of each global batch. A trailing partial global batch
+  is dropped (all processes step in lockstep).
+  """
+
+  def __init__(self, parent: grain.MapDataset, *, batch_size: int, process_index: int,
+               process_count: int, start: int):
+    super().__init__(parent)
+    self._b, self._p, self._start = batch_size, process_index, start
+    self._global = batch_size * process_count
+
+  def __len__(self) -> int:
+    return max(0, (len(self._parent) - self._start) // self._global) * self._b
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    k, j = divmod(index, self._b)
+    return self._parent[self._start + k * self._global + self._p * self._b + j]
+
+  def __str__(self) -> str:
+    return (f'ProcessRows(b={self._b}, p={self._p}, B={self._global}, '
+            f'start={self._start})')
+
+
 def make_dataset(source: Sequence[Any], *, resolution: int, batch_size: int,
                  train: bool, seed: int = 0, process_index: int = 0,
-                 process_count: int = 1, num_epochs: int | None = None,
+                 process_count: int = 1, start_example: int = 0,
+                 num_epochs: int | None = None,
                  drop_remainder: bool | None = None,
                  read_threads: int | None = None,
                  image_key: str = 'image',
@@ -136,8 +176,11 @@ def make_dataset(source: Sequence[Any], *, resolution: int, batch_size: int,
     seed: seeds the shuffle and the crops; same seed, same batches.
     process_index: this process (`jax.process_index()`).
     process_count: number of processes (`jax.process_count()`).
+    start_example: train only: global examples already consumed (a resumed
+      run's data position); the first global batch starts there.
     num_epochs: None repeats forever; default None for train, 1 for eval.
-    drop_remainder: drop a last partial batch; default True for train.
+    drop_remainder: eval: drop a last partial batch (default False); train
+      always drops a trailing partial global batch.
     read_threads: threads decoding batches (default min(4, CPUs)).
     image_key: feature holding the image.
     caption_key: feature holding the caption.
@@ -150,20 +193,30 @@ def make_dataset(source: Sequence[Any], *, resolution: int, batch_size: int,
     raise ValueError(f'batch_size ({batch_size}) and resolution '
                      f'({resolution}) must be positive.')
   num_epochs = (None if train else 1) if num_epochs is None else num_epochs
-  if drop_remainder is None:
-    drop_remainder = train
-  ds = shard(source, process_index, process_count)
-  if train:
-    ds = ds.shuffle(seed=seed)
-  if num_epochs != 1:
-    ds = ds.repeat(num_epochs)
   preprocess = functools.partial(_preprocess, resolution=resolution,
                                  image_key=image_key, caption_key=caption_key)
   if train:
+    if not 0 <= process_index < process_count:
+      raise ValueError(f'process_index {process_index} is not in '
+                       f'[0, process_count={process_count}).')
+    if len(source) < process_count:
+      raise ValueError(f'The source has {len(source)} examples, fewer than '
+                       f'process_count={process_count}.')
+    if start_example < 0:
+      raise ValueError(f'start_example={start_example} must be >= 0.')
+    ds = grain.MapDataset.source(source).shuffle(seed=seed)
+    if num_epochs != 1:
+      ds = ds.repeat(num_epochs)
     ds = ds.random_map(preprocess, seed=seed)
+    ds = _ProcessRows(ds, batch_size=batch_size, process_index=process_index,
+                      process_count=process_count, start=start_example)
+    ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_batch_fn)
   else:
+    ds = shard(source, process_index, process_count)
+    if num_epochs != 1:
+      ds = ds.repeat(num_epochs)
     ds = ds.map(functools.partial(preprocess, rng=None))
-  ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=_batch_fn)
+    ds = ds.batch(batch_size, drop_remainder=bool(drop_remainder), batch_fn=_batch_fn)
   if read_threads is None:
     read_threads = min(4, os.cpu_count() or 1)
   return ds.to_iter_dataset(grain.ReadOptions(

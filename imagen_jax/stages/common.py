@@ -133,8 +133,19 @@ class Stage:
     """Sampler-facing model function; ``t`` in the stage's own time."""
     raise NotImplementedError
 
-  def loss(self, params, x0, text_emb, text_mask, rng) -> jax.Array:
-    """Per-example training loss [B] for clean images x0 [B, R, R, C] in [-1, 1]."""
+  def loss_noise(self, rng, x0) -> dict:
+    """The loss's random draws for x0 [B, R, R, C]: a dict of [B, ...] arrays.
+
+    Drawn for a whole batch, then split row-wise (gradient accumulation), the
+    microbatches see exactly the randomness of the whole batch.
+    """
+    raise NotImplementedError
+
+  def loss(self, params, x0, text_emb, text_mask, rng=None, noise=None) -> jax.Array:
+    """Per-example training loss [B] for clean images x0 [B, R, R, C] in [-1, 1].
+
+    ``noise``: ``loss_noise(rng, x0)`` of these rows (default: drawn from ``rng``).
+    """
     raise NotImplementedError
 
   def sample_settings(self, sample_config: Any, steps: Optional[int] = None,

@@ -74,18 +74,28 @@ class ContinuousStage(common.Stage):
     eps = jax.random.normal(rng, lowres.shape, lowres.dtype)
     return losses.noise_augment(lowres, aug_t, eps, self.aug_logsnr_fn)
 
-  def loss(self, params, x0, text_emb, text_mask, rng) -> jax.Array:
-    """ε/x0/v regression at low-discrepancy t; SR stages at a random aug level."""
+  def loss_noise(self, rng, x0) -> dict:
+    """{t [B], eps [B, R, R, C]; SR: aug_t [B], aug_eps [B, R, R, C]}."""
     d = self.config.diffusion
     r_t, r_eps, r_aug_t, r_aug = jax.random.split(rng, 4)
     b = x0.shape[0]
+    noise = {"t": uniform_t(r_t, b), "eps": jax.random.normal(r_eps, x0.shape, jnp.float32)}
+    if self.is_sr:
+      noise["aug_t"] = jax.random.uniform(r_aug_t, (b,)) * d.aug_max
+      noise["aug_eps"] = jax.random.normal(r_aug, x0.shape, x0.dtype)
+    return noise
+
+  def loss(self, params, x0, text_emb, text_mask, rng=None, noise=None) -> jax.Array:
+    """ε/x0/v regression at low-discrepancy t; SR stages at a random aug level."""
+    d = self.config.diffusion
+    noise = self.loss_noise(rng, x0) if noise is None else noise
     lowres = aug_t = None
     if self.is_sr:
-      aug_t = jax.random.uniform(r_aug_t, (b,)) * d.aug_max
-      lowres = self.augment_lowres(self.resize_lowres(x0), aug_t, r_aug)
-    t = uniform_t(r_t, b)
+      aug_t = noise["aug_t"]
+      lowres = losses.noise_augment(self.resize_lowres(x0), aug_t, noise["aug_eps"],
+                                    self.aug_logsnr_fn)
+    t, eps = noise["t"], noise["eps"]
     logsnr = self.logsnr_fn(t)
-    eps = jax.random.normal(r_eps, x0.shape, jnp.float32)
     x_t = losses.q_sample(x0, eps, logsnr)
     target = losses.get_target(self.prediction, x0, eps, logsnr)
     weight = (losses.min_snr_weight(logsnr, self.prediction, d.min_snr_gamma)

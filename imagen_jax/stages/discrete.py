@@ -131,23 +131,40 @@ class DiscreteStage(common.Stage):
   def lowres_from(self, images: jax.Array, noise_level: jax.Array,
                   rng: jax.Array) -> jax.Array:
     """[B, h, w, C] low-res images → the upscaled, noised UNet input [B, R, R, C]."""
-    if images.shape[1] != self.lowres_resolution:
-      images = common.resize(images, self.lowres_resolution)
-    up = upscale_align_corners(images, self.resolution)
+    up = self._upscale(images)
     return noise_lowres(up, noise_level, jax.random.normal(rng, up.shape),
                         self.aug_num_train_steps)
 
-  def loss(self, params, x0, text_emb, text_mask, rng) -> jax.Array:
+  def _upscale(self, images: jax.Array) -> jax.Array:
+    """[B, h, w, C] → resized to the low resolution, upscaled to [B, R, R, C]."""
+    if images.shape[1] != self.lowres_resolution:
+      images = common.resize(images, self.lowres_resolution)
+    return upscale_align_corners(images, self.resolution)
+
+  def loss_noise(self, rng, x0) -> dict:
+    """{t [B], eps [B, R, R, C]; SR: level [B], aug_eps [B, R, R, C]}."""
     d = self.config.diffusion
     r_t, r_eps, r_lvl, r_aug = jax.random.split(rng, 4)
-    b, c = x0.shape[0], x0.shape[-1]
-    lowres = level = None
+    b = x0.shape[0]
+    noise = {}
     if self.is_sr:
       top = max(1, int(round(float(d.get("aug_max", 0.5)) * self.aug_num_train_steps)))
-      level = jax.random.randint(r_lvl, (b,), 0, top)
-      lowres = self.lowres_from(x0, level, r_aug)
-    t = jax.random.randint(r_t, (b,), 0, self.num_train_steps)
-    eps = jax.random.normal(r_eps, x0.shape, jnp.float32)
+      noise["level"] = jax.random.randint(r_lvl, (b,), 0, top)
+      noise["aug_eps"] = jax.random.normal(
+          r_aug, (b, self.resolution, self.resolution, x0.shape[-1]))
+    noise["t"] = jax.random.randint(r_t, (b,), 0, self.num_train_steps)
+    noise["eps"] = jax.random.normal(r_eps, x0.shape, jnp.float32)
+    return noise
+
+  def loss(self, params, x0, text_emb, text_mask, rng=None, noise=None) -> jax.Array:
+    noise = self.loss_noise(rng, x0) if noise is None else noise
+    c = x0.shape[-1]
+    lowres = level = None
+    if self.is_sr:
+      level = noise["level"]
+      lowres = noise_lowres(self._upscale(x0), level, noise["aug_eps"],
+                            self.aug_num_train_steps)
+    t, eps = noise["t"], noise["eps"]
     abar = jnp.asarray(self.alphas_cumprod)[t][:, None, None, None]
     x_t = jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * eps
     out = self.unet(params, x_t, t, text_emb, text_mask, lowres, level)

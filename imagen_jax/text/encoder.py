@@ -13,6 +13,7 @@ rules are given); inside a training step call `encode_tokens` or apply
 
 import logging
 import os
+import threading
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -96,6 +97,7 @@ class TextEncoder:
       raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's "
                        f"vocab_size is {config.vocab_size}")
     self.trace_count = 0
+    self._tokenizer_lock = threading.Lock()
     self._encode_fn = jax.jit(self._apply)
 
   @property
@@ -227,6 +229,10 @@ class TextEncoder:
     if max_length < 1:
       raise ValueError(f"max_length must be >= 1, got {max_length}")
     prompts = list(prompts)
+    with self._tokenizer_lock:  # fast tokenizers refuse concurrent use (prefetch thread)
+      return self._tokenize(prompts, max_length)
+
+  def _tokenize(self, prompts: list, max_length: int) -> tuple[np.ndarray, np.ndarray]:
     full = self.tokenizer(prompts)["input_ids"]
     cut = sum(len(x) > max_length for x in full)
     if cut:
@@ -236,6 +242,14 @@ class TextEncoder:
                          max_length=max_length, return_tensors="np")
     return (tok["input_ids"].astype(np.int32),
             tok["attention_mask"].astype(bool))
+
+  def apply_fn(self, params: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """The pure encoder, ``(params, ids [B, L], mask [B, L]) -> emb [B, L, D]``.
+
+    For use inside another jitted function (the train step), which passes
+    ``self.params`` in and runs under the mesh and the rules.
+    """
+    return self.module.apply(params, ids, mask)
 
   def _apply(self, params: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
     self.trace_count += 1  # Runs at trace time only.

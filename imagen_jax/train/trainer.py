@@ -7,6 +7,7 @@ stage from its last checkpoint, with the data iterator where it was; SIGTERM
 """
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -15,23 +16,27 @@ import time
 from typing import Any, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from PIL import Image
+from etils import epath
 from tqdm.auto import tqdm
 
 from imagen_jax import cascade as cascade_lib
 from imagen_jax import config as config_lib
 from imagen_jax import parallel
 from imagen_jax import run as run_lib
-from imagen_jax.data import pipeline
+from imagen_jax.data import datasets, pipeline
 from imagen_jax.stages import Stage, build_stage
 from imagen_jax.text import TextEncoder
 from imagen_jax.train import checkpoint as ckpt_lib
-from imagen_jax.train import optim, state as state_lib, step as step_lib
+from imagen_jax.train import distributed, optim, prefetch
+from imagen_jax.train import embeddings as embeddings_lib
+from imagen_jax.train import state as state_lib, step as step_lib
 
 _log = logging.getLogger(__name__)
+
+# Multi-process runs agree on a SIGTERM every this many steps.
+_AGREE_EVERY = 5
 
 
 class _StopFlag:
@@ -58,14 +63,26 @@ class _StopFlag:
 
 
 class MetricWriter:
-  """metrics.jsonl + TensorBoard event files, written by process 0 only."""
+  """metrics.jsonl + TensorBoard event files, written by process 0 only.
+
+  A local metrics.jsonl is appended to; a remote one (``gs://...``, where files
+  cannot be appended to) is rewritten whole at every write, and TensorBoard
+  events are written for local directories only (tensorboardX's own bucket
+  writer needs cloud client libraries).
+  """
 
   def __init__(self, directory: str):
     self.enabled = jax.process_index() == 0
-    self._jsonl = self._tb = None
+    self._jsonl = self._tb = self._remote = None
     if self.enabled:
-      os.makedirs(directory, exist_ok=True)
-      self._jsonl = open(os.path.join(directory, "metrics.jsonl"), "a")
+      path = epath.Path(directory)
+      path.mkdir(parents=True, exist_ok=True)
+      path = path / "metrics.jsonl"
+      if "://" in os.fspath(path):
+        self._remote = (path, path.read_text() if path.exists() else "")
+        _log.warning("remote workdir: metrics.jsonl only, no TensorBoard events")
+        return
+      self._jsonl = open(path, "a")  # pylint: disable=consider-using-with
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
         self._tb = SummaryWriter(directory)
@@ -75,8 +92,14 @@ class MetricWriter:
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
       return
-    self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-    self._jsonl.flush()
+    line = json.dumps({"step": step, **metrics}) + "\n"
+    if self._remote is not None:
+      path, text = self._remote
+      self._remote = (path, text + line)
+      path.write_text(text + line)
+    else:
+      self._jsonl.write(line)
+      self._jsonl.flush()
     if self._tb is not None:
       for k, v in metrics.items():
         self._tb.add_scalar(k, v, step)
@@ -96,19 +119,22 @@ class StageResult:
   last_metrics: dict
 
 
-def _data_iterator(config, stage: Stage, per_process_batch: int):
+def _data_iterator(config, stage: Stage, per_process_batch: int, start_example: int):
+  # Process 0 prepares a missing (or changed) dataset while the others wait: one
+  # writer. The others then find it prepared.
+  if distributed.is_primary():
+    datasets.prepare_from_config(config.data)
+  distributed.barrier("data prepared")
   return iter(pipeline.train_input(config.data, resolution=stage.resolution,
                                    batch_size=per_process_batch,
                                    process_index=jax.process_index(),
-                                   process_count=jax.process_count()))
+                                   process_count=jax.process_count(),
+                                   start_example=start_example))
 
 
-def _check_batch(batch_size: int, mesh) -> int:
+def _check_batch(batch_size: int, grad_accum: int, mesh) -> int:
   """The per-process batch; the global batch must split over the data axes."""
-  names, dp = parallel.batch_axes(mesh)
-  if batch_size % dp:
-    raise ValueError(f"config.train.batch_size={batch_size} is not divisible by the "
-                     f"data-parallel size {dp} (mesh axes {'×'.join(names)})")
+  step_lib.check_batch(batch_size, grad_accum, mesh)
   if batch_size % jax.process_count():
     raise ValueError(f"config.train.batch_size={batch_size} is not divisible by the "
                      f"{jax.process_count()} processes")
@@ -155,7 +181,7 @@ def train_stage(config: Any, workdir: str, stage_name: str, text_encoder: TextEn
   """Trains one stage to its step count, resuming from its last checkpoint."""
   stage = build_stage(config.stages[stage_name], text_dim=text_encoder.embed_dim)
   tc = config_lib.stage_train_config(config, stage_name)
-  per_process = _check_batch(tc.batch_size, mesh)
+  per_process = _check_batch(tc.batch_size, tc.get("grad_accum", 1), mesh)
   tx, lr_fn = optim.make_optimizer(tc), optim.lr_schedule(tc)
   text_len = config.text.max_length
   stage_rng = jax.random.fold_in(jax.random.PRNGKey(tc.seed),
@@ -167,10 +193,9 @@ def train_stage(config: Any, workdir: str, stage_name: str, text_encoder: TextEn
                                                   text_len, init_rng)
   if data_state is None:
     state = _init_from_converted(state, stage, mesh, rules)
-  it = _data_iterator(config, stage, per_process)
-  if data_state is not None:
-    it.set_state(data_state)
   step = int(state.step)
+  examples = data_position(data_state, step, tc.batch_size)
+  it = _data_iterator(config, stage, per_process, examples)
   meta = {"stage": stage_name, "config_fingerprint":
           run_lib.config_fingerprint(config.stages[stage_name])}
   if step >= tc.num_steps:
@@ -178,19 +203,26 @@ def train_stage(config: Any, workdir: str, stage_name: str, text_encoder: TextEn
     print(f"stage {stage_name}: already trained ({step}/{tc.num_steps} steps)")
     return StageResult(stage_name, step, False, {})
 
-  uncond_emb, uncond_mask = text_encoder.encode([""], text_len)
-  uncond = {"text_emb": jnp.asarray(uncond_emb[0]), "text_mask": jnp.asarray(uncond_mask[0])}
-  step_fn = step_lib.jit_train_step(stage, tx, tc, shardings, mesh, rules, lr_fn)
+  cached = (embeddings_lib.CaptionEmbeddings(config) if config.text.get("precomputed")
+            else None)
+  uncond = _uncond(text_encoder, cached, text_len)
+  step_encoder = None if cached else text_encoder  # None: the batch holds embeddings
+  text_params = None if cached else text_encoder.params
+  step_fn = step_lib.jit_train_step(stage, tx, tc, shardings, mesh, rules, lr_fn,
+                                    text_encoder=step_encoder)
   writer = MetricWriter(run_lib.stage_dir(workdir, stage_name))
   last, preempted, window_start, window_images = {}, False, time.perf_counter(), 0
   bar = tqdm(total=tc.num_steps, initial=step, desc=f"train {stage_name}", unit="step",
              disable=jax.process_index() != 0)
-  with _StopFlag() as stop:
+  make_batch = functools.partial(_global_batch, text_encoder=text_encoder,
+                                 text_len=text_len, mesh=mesh, cached=cached)
+  with _StopFlag() as stop, prefetch.DevicePrefetcher(it, make_batch) as batches:
     while step < tc.num_steps:
-      batch = _global_batch(next(it), text_encoder, text_len, mesh)
+      batch = next(batches)  # read, tokenized and on the devices during the last step
       t0 = time.perf_counter()
-      state, metrics = step_fn(state, batch, rng, uncond)
+      state, metrics = step_fn(state, batch, rng, uncond, text_params)
       step += 1
+      examples += tc.batch_size
       window_images += tc.batch_size
       bar.update(1)
       if step % tc.log_every == 0 or step == tc.num_steps:
@@ -207,9 +239,13 @@ def train_stage(config: Any, workdir: str, stage_name: str, text_encoder: TextEn
         sample_fn(stage, state.ema_params, step)
       # Read the stop flag after the (slow) sampling: a SIGTERM that arrived
       # during it must still be followed by a checkpoint.
-      stopping = stop.requested  # read once: save and stop on the same value
+      # Read once, agreed by every process (every few steps: the agreement waits
+      # for the step): all save and stop on the same step.
+      stopping = (distributed.any_process(stop.requested)
+                  if jax.process_count() == 1 or step % _AGREE_EVERY == 0 else False)
       if step % tc.checkpoint_every == 0 or step == tc.num_steps or stopping:
-        ckpt.save(step, state, it.get_state(), dict(meta, step=step), force=True)
+        ckpt.save(step, state, {"examples": examples, "batch_size": tc.batch_size},
+                  dict(meta, step=step), force=True)
       if stopping:
         preempted = True
         break
@@ -219,13 +255,46 @@ def train_stage(config: Any, workdir: str, stage_name: str, text_encoder: TextEn
   return StageResult(stage_name, step, preempted, last)
 
 
-def _global_batch(local: dict, text_encoder: TextEncoder, text_len: int, mesh) -> dict:
-  """Encodes the captions with the frozen T5 and assembles global arrays."""
-  emb, mask = text_encoder.encode([str(c) for c in local["caption"]], text_len)
-  batch = {"image": np.asarray(local["image"]), "text_emb": np.asarray(emb),
-           "text_mask": np.asarray(mask)}
+def data_position(data_state: Optional[dict], step: int, batch_size: int) -> int:
+  """Global examples a resumed run has consumed (its next example's position).
+
+  Checkpoints store it in examples, so a resumed run may use another batch size
+  or process count and still continue the same example sequence. Older
+  checkpoints stored grain's batch count, which meant examples only at the
+  batch size they were written with (then the step count says as much).
+  """
+  if not data_state:
+    return 0
+  if "examples" in data_state:
+    return int(data_state["examples"])
+  return int(data_state.get("next_index", step)) * batch_size
+
+
+def _uncond(text_encoder: TextEncoder, cached, text_len: int) -> dict:
+  """The empty caption as the step takes it: tokens, or its cached embedding."""
+  if cached is not None:
+    emb, mask = cached.lookup([""])
+    return {"text_emb": emb[0], "text_mask": mask[0]}
+  ids, mask = text_encoder.tokenize([""], text_len)
+  return {"text_ids": ids[0], "text_mask": mask[0]}
+
+
+def _global_batch(local: dict, text_encoder: TextEncoder, text_len: int, mesh,
+                  cached=None) -> dict:
+  """Tokenizes this process's captions (or looks up their cached embeddings) and
+  assembles global arrays.
+
+  The frozen T5 runs inside the train step, so only token ids cross to the devices.
+  """
+  captions = [str(c) for c in local["caption"]]
+  if cached is not None:
+    emb, mask = cached.lookup(captions)
+    batch = {"image": np.asarray(local["image"]), "text_emb": emb, "text_mask": mask}
+  else:
+    ids, mask = text_encoder.tokenize(captions, text_len)
+    batch = {"image": np.asarray(local["image"]), "text_ids": ids, "text_mask": mask}
   if mesh is None:
-    return batch
+    return jax.device_put(batch)
   return pipeline.make_global_batch(batch, mesh, parallel.batch_sharding(mesh).spec)
 
 
@@ -261,6 +330,11 @@ def make_sample_grid_fn(config: Any, workdir: str, text_encoder: TextEncoder, me
     prompts = list(config.train.sample_prompts)
     if not prompts or jax.process_index() != 0:
       return
+    if jax.process_count() > 1:
+      # The cascade samples in one process; the EMA params span all of them.
+      _log.warning("no sample grids in a %d-process run (sample after training "
+                   "with sample.py)", jax.process_count())
+      return
     if stage.name not in cascades:
       cascades[stage.name] = build(stage, ema_params)
     cascade = cascades[stage.name]
@@ -268,10 +342,9 @@ def make_sample_grid_fn(config: Any, workdir: str, text_encoder: TextEncoder, me
       return
     cascade.set_params(stage.name, ema_params)
     out = cascade.sample(prompts, jax.random.PRNGKey(config.train.seed), progress=False)
-    directory = os.path.join(run_lib.stage_dir(workdir, stage.name), "samples")
-    os.makedirs(directory, exist_ok=True)
-    Image.fromarray(cascade_lib.make_grid(out.final)).save(
-        os.path.join(directory, f"step_{step:07d}.png"))
+    directory = epath.Path(run_lib.stage_dir(workdir, stage.name)) / "samples"
+    directory.mkdir(parents=True, exist_ok=True)
+    run_lib.write_png(directory / f"step_{step:07d}.png", cascade_lib.make_grid(out.final))
 
   return sample_fn
 
@@ -314,8 +387,8 @@ def train_and_evaluate(config: Any, workdir: str,
 
 def _check_workdir_config(workdir: str, config: Any) -> None:
   """Refuses a workdir whose stages were trained with other model configs."""
-  path = os.path.join(workdir, run_lib.CONFIG_FILE)
-  if not os.path.isfile(path):
+  path = run_lib.as_path(workdir) / run_lib.CONFIG_FILE
+  if not path.exists():
     return
   old = run_lib.read_config(workdir)
   for name in config.stage_order:
@@ -329,15 +402,5 @@ def _check_workdir_config(workdir: str, config: Any) -> None:
 
 
 def maybe_initialize_distributed() -> None:
-  """``jax.distributed.initialize()`` when launched as one of several processes.
-
-  Cloud TPU pods and SLURM/Open MPI launches are detected by JAX itself; an
-  explicit coordinator is given with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
-  and JAX_PROCESS_ID.
-  """
-  env = os.environ
-  if any(k in env for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
-                            "TPU_WORKER_HOSTNAMES")):
-    if env.get("SLURM_NTASKS", "2") == "1" and "JAX_COORDINATOR_ADDRESS" not in env:
-      return
-    jax.distributed.initialize()
+  """Auto-detected multi-process start-up (see ``distributed.maybe_auto_initialize``)."""
+  distributed.maybe_auto_initialize()

@@ -1,0 +1,159 @@
+"""Several processes, one training run: start-up, agreement, who writes.
+
+JAX's multi-controller runtime runs one Python process per host (a TPU VM
+worker, a SLURM task, or, to try it on one machine, several local processes
+over localhost). Every process runs the same program on its share of the
+devices; ``jax.distributed.initialize`` connects them.
+
+``initialize`` takes the coordinator explicitly (``train.py
+--coordinator_address --num_processes --process_id``) or detects it as JAX
+does (Cloud TPU pods, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS). Bad launches
+fail with one line naming the flag instead of hanging: the runtime itself
+aborts the process with a C++ stack trace when its deadline passes, so a
+watchdog thread reports first.
+"""
+
+import os
+import re
+import socket
+import sys
+import threading
+from typing import Optional
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+
+class LaunchError(ValueError):
+  """A multi-process launch that cannot work; the message names the flag."""
+
+
+def _check_flags(coordinator_address: Optional[str], num_processes: Optional[int],
+                 process_id: Optional[int]) -> None:
+  given = {"--coordinator_address": coordinator_address,
+           "--num_processes": num_processes, "--process_id": process_id}
+  missing = [k for k, v in given.items() if v is None]
+  if missing:
+    raise LaunchError(f"{', '.join(missing)} missing: give --coordinator_address, "
+                      "--num_processes and --process_id together (or none of them)")
+  if not re.fullmatch(r"\[?[\w.:-]+\]?:\d+", coordinator_address):
+    raise LaunchError(f"--coordinator_address={coordinator_address!r}: expected HOST:PORT")
+  if num_processes < 1:
+    raise LaunchError(f"--num_processes={num_processes}: must be >= 1")
+  if not 0 <= process_id < num_processes:
+    raise LaunchError(f"--process_id={process_id} is not in [0, --num_processes="
+                      f"{num_processes})")
+
+
+def _reachable(address: str) -> bool:
+  host, port = address.rsplit(":", 1)
+  try:
+    with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+      return True
+  except OSError:
+    return False
+
+
+def _timeout_message(address: str, num_processes: int, process_id: int,
+                     timeout_s: float) -> str:
+  if process_id != 0 and not _reachable(address):
+    return (f"--coordinator_address={address}: no coordinator answered within "
+            f"{timeout_s:g} s (is the process with --process_id=0 running there?)")
+  return (f"--num_processes={num_processes}: not every process joined the coordinator "
+          f"at {address} within {timeout_s:g} s (check --num_processes and a distinct "
+          f"--process_id on every process)")
+
+
+def _watchdog(message_fn, timeout_s: float) -> threading.Timer:
+  """Prints one line and ends the process if start-up outlives ``timeout_s``."""
+  def fire():
+    print(f"error: {message_fn()}", file=sys.stderr, flush=True)
+    os._exit(2)  # the runtime's own deadline would abort with a stack trace
+  timer = threading.Timer(timeout_s, fire)
+  timer.daemon = True
+  timer.start()
+  return timer
+
+
+def _check_agreement(num_processes: int, process_id: int) -> None:
+  """Every process must have been launched with the same count, ids distinct."""
+  seen = multihost_utils.process_allgather(np.asarray([num_processes, process_id]))
+  counts, ids = seen[:, 0].tolist(), sorted(seen[:, 1].tolist())
+  if set(counts) != {jax.process_count()} or ids != list(range(jax.process_count())):
+    raise LaunchError(f"--num_processes/--process_id disagree across processes: the "
+                      f"coordinator runs {jax.process_count()} processes, they were "
+                      f"launched with --num_processes {counts} and --process_id {ids}")
+
+
+def initialize(coordinator_address: Optional[str] = None,
+               num_processes: Optional[int] = None, process_id: Optional[int] = None,
+               timeout_s: float = 300.0) -> None:
+  """Connects this process to the others (or does nothing for a lone process).
+
+  Args:
+    coordinator_address: 'HOST:PORT' of process 0; with ``num_processes`` and
+      ``process_id``. All None: auto-detection (see ``maybe_auto_initialize``).
+    num_processes: how many processes take part.
+    process_id: this process, in [0, num_processes).
+    timeout_s: how long to wait for the coordinator and every process.
+
+  Raises:
+    LaunchError: inconsistent flags, named. A coordinator that does not answer
+      within ``timeout_s`` ends the process with one line on stderr (exit 2).
+  """
+  if coordinator_address is None and num_processes is None and process_id is None:
+    maybe_auto_initialize()
+    return
+  _check_flags(coordinator_address, num_processes, process_id)
+  if num_processes == 1:
+    return
+  # XLA:CPU reduces across processes only through gloo; GPU and TPU ignore it.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  timer = _watchdog(lambda: _timeout_message(coordinator_address, num_processes,
+                                             process_id, timeout_s), timeout_s)
+  try:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id,
+                               initialization_timeout=int(timeout_s) + 60)
+    _check_agreement(num_processes, process_id)
+  finally:
+    timer.cancel()
+
+
+def maybe_auto_initialize() -> None:
+  """``jax.distributed.initialize()`` when launched as one of several processes.
+
+  Cloud TPU pods and SLURM/Open MPI launches are detected by JAX itself; an
+  explicit coordinator is given with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
+  and JAX_PROCESS_ID.
+  """
+  env = os.environ
+  if any(k in env for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
+                            "TPU_WORKER_HOSTNAMES")):
+    if env.get("SLURM_NTASKS", "2") == "1" and "JAX_COORDINATOR_ADDRESS" not in env:
+      return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize()
+
+
+def is_primary() -> bool:
+  """Whether this process writes the run's shared files (metrics, grids, config)."""
+  return jax.process_index() == 0
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process when ``flag`` is True on at least one (a collective).
+
+  Every process must call it at the same point of the program: a SIGTERM that
+  reached one process becomes a stop that all of them agree on.
+  """
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.bool_))))
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier of this name (no-op alone)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
