@@ -25,9 +25,9 @@ def _exit_before_start(signum, frame):
   sys.exit(130 if signum == signal.SIGINT else 0)
 
 
-# Before the (slow) imports; the trainer's handler replaces it while it runs.
-signal.signal(signal.SIGTERM, _exit_before_start)
-signal.signal(signal.SIGINT, _exit_before_start)
+if __name__ == "__main__":  # before the (slow) imports; the trainer's handler
+  signal.signal(signal.SIGTERM, _exit_before_start)  # replaces it while it runs
+  signal.signal(signal.SIGINT, _exit_before_start)
 
 # pylint: disable=wrong-import-position
 from absl import app, flags, logging

@@ -131,7 +131,7 @@ def train_stage(config: Any, workdir: str, stage_name: str, text_encoder: TextEn
                                     async_save=tc.async_checkpoint)
   if jax.process_index() == 0:
     ckpt.clean_tmp()
-  with _closed_on_error(ckpt):
+  with _closed_on_error(ckpt) as cleanup:
     state, shardings, data_state = _restore_or_init(ckpt, stage, tx, mesh, rules, config,
                                                     text_len, init_rng)
     it = _data_iterator(config, stage, per_process)
@@ -151,10 +151,12 @@ def train_stage(config: Any, workdir: str, stage_name: str, text_encoder: TextEn
               "text_mask": jnp.asarray(uncond_mask[0])}
     step_fn = step_lib.jit_train_step(stage, tx, tc, shardings, mesh, rules, lr_fn)
     writer = MetricWriter(run_lib.stage_dir(workdir, stage_name))
+    cleanup.callback(writer.close)
     guard = guard_lib.NonFiniteGuard(stage_name, tc.get("max_nonfinite_steps", 10))
     last, preempted, window_start, window_images = {}, False, time.perf_counter(), 0
-    bar = tqdm(total=tc.num_steps, initial=step, desc=f"train {stage_name}", unit="step",
-               disable=jax.process_index() != 0)
+    bar = cleanup.enter_context(tqdm(total=tc.num_steps, initial=step, unit="step",
+                                     desc=f"train {stage_name}",
+                                     disable=jax.process_index() != 0))
     stop.phase = "loop"  # from here a signal means: save after this step, then stop
     if jax.process_index() == 0:
       print(f"stage {stage_name}: compiling the train step", flush=True)
@@ -189,22 +191,23 @@ def train_stage(config: Any, workdir: str, stage_name: str, text_encoder: TextEn
         preempted = True
         break
     bar.close()
-    writer.close()
     ckpt.close()
   return StageResult(stage_name, step, preempted, last, stop.signum if preempted else None)
 
 
 @contextlib.contextmanager
 def _closed_on_error(ckpt: ckpt_lib.StageCheckpointer):
-  """On an error, still waits for a save in flight (a good, earlier state)."""
-  try:
-    yield
-  except BaseException:
+  """Yields an ExitStack closed on any exit (progress bar, writers); on an error
+  it still waits for a save in flight (a good, earlier state)."""
+  with contextlib.ExitStack() as cleanup:
     try:
-      ckpt.close()
-    except Exception as e:  # pylint: disable=broad-except
-      _log.warning("while stopping: %s", e)
-    raise
+      yield cleanup
+    except BaseException:
+      try:
+        ckpt.close()
+      except Exception as e:  # pylint: disable=broad-except
+        _log.warning("while stopping: %s", e)
+      raise
 
 
 def _last_good(ckpt: ckpt_lib.StageCheckpointer) -> Optional[str]:
