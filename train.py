@@ -13,6 +13,7 @@ settings; exit 1: the workdir is locked by another trainer, the run diverged
 ``train.py: error: ...``.
 """
 
+import os
 import signal
 import sys
 
@@ -62,8 +63,14 @@ def main(argv):
       sys.exit(e.exit_code)
     except tuple(cls for cls, _ in _EXIT) as e:
       stop.phase = "done"
-      print(f"train.py: error: {e}", file=sys.stderr)
-      sys.exit(next(code for cls, code in _EXIT if isinstance(e, cls)))
+      print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+      code = next(code for cls, code in _EXIT if isinstance(e, cls))
+      if isinstance(e, checkpoint.SaveError):
+        # orbax's writer threads of the failed save keep finishing (and printing
+        # tracebacks of the same failure) after this line: end here.
+        sys.stdout.flush()
+        os._exit(code)  # pylint: disable=protected-access
+      sys.exit(code)
     stop.phase = "done"  # a late signal no longer changes the exit status
     for r in results:
       print(f"stage {r.stage}: step {r.step}" + (" (preempted, checkpoint saved)"

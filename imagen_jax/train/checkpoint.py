@@ -29,6 +29,7 @@ Saving is asynchronous; ``close()`` waits for the last save. Failures:
 import glob
 import logging
 import os
+import re
 import shutil
 import time
 from typing import Any, Optional
@@ -48,11 +49,15 @@ class SaveError(RuntimeError):
 
 
 def _reason(e: BaseException) -> str:
-  """One line for an exception: the OSError inside it when there is one."""
+  """One line for an exception: the OS error inside it when there is one."""
   seen = e
   while seen is not None:
     if isinstance(seen, OSError) and seen.errno:
       return f"[Errno {seen.errno}] {os.strerror(seen.errno)}"
+    # TensorStore (orbax's writer) reports OS errors inside a ValueError's text.
+    code = re.search(r"os_error_code='?(\d+)", str(seen))
+    if code:
+      return f"[Errno {code.group(1)}] {os.strerror(int(code.group(1)))}"
     seen = seen.__cause__ or seen.__context__
   first = (str(e).strip().splitlines() or [""])[0]
   return f"{type(e).__name__}: {first[:300]}"
