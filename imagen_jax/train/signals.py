@@ -20,6 +20,7 @@ point), printing ``[test pause] POINT`` first; tests use it to make a signal
 arrive at a known moment. Unset, it does nothing.
 """
 
+import contextlib
 import logging
 import os
 import signal
@@ -79,6 +80,12 @@ class StopSignals:
       return
     self.requested = True
     _log.warning("%s: saving a checkpoint after this step and stopping", name)
+
+  @contextlib.contextmanager
+  def loop(self):
+    """The training loop's phase; it lasts until the final save has finished."""
+    self.phase = "loop"
+    yield self
 
   def __enter__(self) -> "StopSignals":
     if threading.current_thread() is threading.main_thread():

@@ -117,7 +117,14 @@ def train_stage(config: Any, workdir: str, stage_name: str, text_encoder: TextEn
   ``stop`` (installed by ``train_and_evaluate``) turns SIGTERM/SIGINT into a
   checkpoint and a clean stop; without it signals keep their default action.
   """
-  stop = stop or signals.StopSignals()
+  with contextlib.ExitStack() as cleanup:  # progress bar, writer; checkpoints on errors
+    return _train_stage(config, workdir, stage_name, text_encoder, mesh, rules, sample_fn,
+                        stop or signals.StopSignals(), cleanup)
+
+
+def _train_stage(config, workdir, stage_name, text_encoder, mesh, rules, sample_fn, stop,
+                 cleanup) -> StageResult:
+  """``train_stage``; ``cleanup`` (an ExitStack) closes what it registers on any exit."""
   stop.phase = "setup"
   stage = build_stage(config.stages[stage_name], text_dim=text_encoder.embed_dim)
   tc = config_lib.stage_train_config(config, stage_name)
@@ -131,35 +138,34 @@ def train_stage(config: Any, workdir: str, stage_name: str, text_encoder: TextEn
                                     async_save=tc.async_checkpoint)
   if jax.process_index() == 0:
     ckpt.clean_tmp()
-  with _closed_on_error(ckpt) as cleanup:
-    state, shardings, data_state = _restore_or_init(ckpt, stage, tx, mesh, rules, config,
-                                                    text_len, init_rng)
-    it = _data_iterator(config, stage, per_process)
-    if data_state is not None:
-      it.set_state(data_state)
-    step = int(state.step)
-    meta = {"stage": stage_name, "config_fingerprint":
-            run_lib.config_fingerprint(config.stages[stage_name]),
-            "fingerprint": fingerprint.resume_fields(config, stage_name)}
-    if step >= tc.num_steps:
-      ckpt.close()
-      print(f"stage {stage_name}: already trained ({step}/{tc.num_steps} steps)")
-      return StageResult(stage_name, step, False, {})
+  cleanup.push(_close_on_error(ckpt))
+  state, shardings, data_state = _restore_or_init(ckpt, stage, tx, mesh, rules, config,
+                                                  text_len, init_rng)
+  it = _data_iterator(config, stage, per_process)
+  if data_state is not None:
+    it.set_state(data_state)
+  step = int(state.step)
+  meta = {"stage": stage_name, "config_fingerprint":
+          run_lib.config_fingerprint(config.stages[stage_name]),
+          "fingerprint": fingerprint.resume_fields(config, stage_name)}
+  if step >= tc.num_steps:
+    ckpt.close()
+    print(f"stage {stage_name}: already trained ({step}/{tc.num_steps} steps)")
+    return StageResult(stage_name, step, False, {})
 
-    uncond_emb, uncond_mask = text_encoder.encode([""], text_len)
-    uncond = {"text_emb": jnp.asarray(uncond_emb[0]),
-              "text_mask": jnp.asarray(uncond_mask[0])}
-    step_fn = step_lib.jit_train_step(stage, tx, tc, shardings, mesh, rules, lr_fn)
-    writer = MetricWriter(run_lib.stage_dir(workdir, stage_name))
-    cleanup.callback(writer.close)
-    guard = guard_lib.NonFiniteGuard(stage_name, tc.get("max_nonfinite_steps", 10))
-    last, preempted, window_start, window_images = {}, False, time.perf_counter(), 0
-    bar = cleanup.enter_context(tqdm(total=tc.num_steps, initial=step, unit="step",
-                                     desc=f"train {stage_name}",
-                                     disable=jax.process_index() != 0))
-    stop.phase = "loop"  # from here a signal means: save after this step, then stop
-    if jax.process_index() == 0:
-      print(f"stage {stage_name}: compiling the train step", flush=True)
+  uncond_emb, uncond_mask = text_encoder.encode([""], text_len)
+  uncond = {"text_emb": jnp.asarray(uncond_emb[0]), "text_mask": jnp.asarray(uncond_mask[0])}
+  step_fn = step_lib.jit_train_step(stage, tx, tc, shardings, mesh, rules, lr_fn)
+  writer = MetricWriter(run_lib.stage_dir(workdir, stage_name))
+  cleanup.callback(writer.close)
+  guard = guard_lib.NonFiniteGuard(stage_name, tc.get("max_nonfinite_steps", 10))
+  last, preempted, window_start, window_images = {}, False, time.perf_counter(), 0
+  bar = tqdm(total=tc.num_steps, initial=step, desc=f"train {stage_name}", unit="step",
+             disable=jax.process_index() != 0)
+  cleanup.callback(bar.close)  # also on an error: its line ends before the message
+  if jax.process_index() == 0:
+    print(f"stage {stage_name}: compiling the train step", flush=True)
+  with stop.loop():  # from here a signal means: save after this step, then stop
     while step < tc.num_steps:
       batch = _global_batch(next(it), text_encoder, text_len, mesh)
       t0 = time.perf_counter()
@@ -190,24 +196,23 @@ def train_stage(config: Any, workdir: str, stage_name: str, text_encoder: TextEn
       if stopping:
         preempted = True
         break
-    bar.close()
-    ckpt.close()
+  bar.close()
+  ckpt.close()
   return StageResult(stage_name, step, preempted, last, stop.signum if preempted else None)
 
 
-@contextlib.contextmanager
-def _closed_on_error(ckpt: ckpt_lib.StageCheckpointer):
-  """Yields an ExitStack closed on any exit (progress bar, writers); on an error
-  it still waits for a save in flight (a good, earlier state)."""
-  with contextlib.ExitStack() as cleanup:
-    try:
-      yield cleanup
-    except BaseException:
+def _close_on_error(ckpt: ckpt_lib.StageCheckpointer):
+  """An ExitStack callback: on an error, still wait for a save in flight (a good,
+  earlier state) and close the manager, without hiding the error."""
+  def on_exit(exc_type, exc, tb):
+    del exc, tb
+    if exc_type is not None:
       try:
         ckpt.close()
       except Exception as e:  # pylint: disable=broad-except
         _log.warning("while stopping: %s", e)
-      raise
+    return False
+  return on_exit
 
 
 def _last_good(ckpt: ckpt_lib.StageCheckpointer) -> Optional[str]:
