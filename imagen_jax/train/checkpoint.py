@@ -97,6 +97,7 @@ class StageCheckpointer:
     self.manager = run_lib.checkpoint_manager(workdir, stage_name, keep=keep,
                                               async_save=async_save, read_only=read_only)
     self._pending = None  # (step, bytes) of a save not known to have finished
+    self._failed_step = None
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -145,8 +146,8 @@ class StageCheckpointer:
     """Removes the failed save's temp folder; the SaveError that reports it."""
     step, nbytes = self._pending
     self._pending = None
-    for path in glob.glob(os.path.join(self.directory, f"{step}{_TMP_GLOB[1:]}")):
-      shutil.rmtree(path, ignore_errors=True)
+    self._failed_step = step
+    self._remove_tmp(step)
     try:
       free = _megabytes(shutil.disk_usage(self.directory).free)
     except OSError:
@@ -158,6 +159,22 @@ class StageCheckpointer:
         f"{self.step_dir(step)}: {_reason(e)} (it needs about {_megabytes(nbytes)}; "
         f"{free} free there); temp folder removed, earlier checkpoints intact: "
         f"{kept or 'none'}")
+
+  def _remove_tmp(self, step: int, settle: float = 0.0) -> None:
+    """Removes the temp folders of ``step``; with ``settle`` > 0, again until none
+    has reappeared for that long (writer threads of a failed save may still land)."""
+    quiet_since = time.monotonic()
+    deadline = quiet_since + 10 * settle
+    while True:
+      paths = glob.glob(os.path.join(self.directory, f"{step}{_TMP_GLOB[1:]}"))
+      for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+      now = time.monotonic()
+      if paths:
+        quiet_since = now
+      if now - quiet_since >= settle or now > deadline:
+        return
+      time.sleep(0.05)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
     """Restores (state, data_state, meta); ``abstract_state`` carries the shardings."""
@@ -236,5 +253,7 @@ class StageCheckpointer:
     except Exception:  # pylint: disable=broad-except
       if error is None:  # else: the same failure again; report it once
         raise
+    if self._failed_step is not None:
+      self._remove_tmp(self._failed_step, settle=0.5)
     if error is not None:
       raise error
