@@ -163,9 +163,9 @@ def _train_stage(config, workdir, stage_name, text_encoder, mesh, rules, sample_
   bar = tqdm(total=tc.num_steps, initial=step, desc=f"train {stage_name}", unit="step",
              disable=jax.process_index() != 0)
   cleanup.callback(bar.close)  # also on an error: its line ends before the message
-  if jax.process_index() == 0:
-    print(f"stage {stage_name}: compiling the train step", flush=True)
   with stop.loop():  # from here a signal means: save after this step, then stop
+    if jax.process_index() == 0:
+      print(f"stage {stage_name}: compiling the train step", flush=True)
     while step < tc.num_steps:
       batch = _global_batch(next(it), text_encoder, text_len, mesh)
       t0 = time.perf_counter()
