@@ -163,11 +163,13 @@ def test_step_skips_nonfinite_update():
 
 
 def _truncate_latest_ema(workdir):
-  """Halves the largest data file of the newest step's EMA (a host lost mid-copy)."""
+  """Halves the newest step's EMA tree metadata (a host lost mid-copy).
+
+  A file read from disk on every restore: the array data files of a step this
+  process wrote may still be served from TensorStore's in-process cache.
+  """
   step = _steps(workdir)[-1]
-  ema_dir = os.path.join(_ckpt_dir(workdir), str(step), "ema")
-  files = [os.path.join(r, f) for r, _, fs in os.walk(ema_dir) for f in fs]
-  victim = max(files, key=os.path.getsize)
+  victim = os.path.join(_ckpt_dir(workdir), str(step), "ema", "_METADATA")
   with open(victim, "r+b") as f:
     f.truncate(os.path.getsize(victim) // 2)
   return step
