@@ -123,6 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
       log_every=50,
       checkpoint_every=1000,
       keep_checkpoints=2,
+      max_nonfinite_steps=10,    # consecutive non-finite (skipped) steps before stopping
       async_checkpoint=True,
       sample_every=0,            # 0: no sample grids during training
       sample_prompts=(),         # captions of the training sample grids

@@ -23,6 +23,7 @@ made absolute (orbax wants absolute paths), remote ones are left as given.
 import hashlib
 import io
 import json
+import logging
 import os
 from typing import Any, Optional, Sequence
 
@@ -36,6 +37,7 @@ from etils import epath
 from imagen_jax import config as config_lib
 from imagen_jax import parallel
 
+_log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
 CONVERTED_FORMAT = "imagen_jax/deepfloyd_if"
@@ -233,7 +235,8 @@ def load_ema_params(workdir: str, stage: Any, mesh=None, rules=None,
       stage config's ``source`` folder is read.
     stage: an ``imagen_jax.stages.Stage``.
     mesh, rules: place the params sharded (None: default device).
-    step: a checkpoint step (default: the latest).
+    step: a checkpoint step (default: the newest readable one, with a warning
+      naming each newer unreadable step).
 
   Returns:
     (params, step); step is 0 for converted stages.
@@ -251,7 +254,22 @@ def load_ema_params(workdir: str, stage: Any, mesh=None, rules=None,
     raise FileNotFoundError(
         f"stage {stage.name!r} has no checkpoint under {ckpt_dir}; train it with: "
         f"python train.py --config <config> --workdir {workdir} --stage {stage.name}")
-  step = latest if step is None else step
-  params = manager.restore(step, args=ocp.args.Composite(
+  restore = lambda s: manager.restore(s, args=ocp.args.Composite(
       ema=ocp.args.StandardRestore(target))).ema
-  return params, step
+  if step is not None:
+    return restore(step), step
+  # The newest step first; a damaged one (a file truncated by a lost host or
+  # a full disk) is skipped with a warning, never deleted.
+  failures = []
+  for candidate in sorted(manager.all_steps(), reverse=True):
+    try:
+      params = restore(candidate)
+    except Exception as e:  # pylint: disable=broad-except
+      failures.append(f"step {candidate}: {type(e).__name__}: "
+                      f"{(str(e).strip().splitlines() or [''])[0][:200]}")
+      _log.warning("stage %s: checkpoint step %d under %s is unreadable (%s); trying the "
+                   "previous one", stage.name, candidate, ckpt_dir, failures[-1])
+      continue
+    return params, candidate
+  raise ValueError(f"stage {stage.name!r}: no checkpoint under {ckpt_dir} is readable ("
+                   + "; ".join(failures) + ")")

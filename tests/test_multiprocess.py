@@ -156,7 +156,7 @@ def test_bad_launches_fail_in_one_line_naming_the_flag(tmp_path):
                        capture_output=True, text=True, timeout=120)
   assert out.returncode != 0
   assert out.stderr.strip().splitlines()[-1] == (
-      "error: --process_id=2 is not in [0, --num_processes=2)")
+      "train.py: error: --process_id=2 is not in [0, --num_processes=2)")
   # No coordinator answers: one line naming --coordinator_address, not a hang.
   start = time.time()
   out = subprocess.run(base + [f"--coordinator_address=127.0.0.1:{_free_port()}",

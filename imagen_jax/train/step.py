@@ -5,7 +5,10 @@ classifier-free-guidance text dropout (dropped rows get the empty caption),
 the frozen T5 on the caption tokens (inside the step, sharded by the same
 rules as everything else; or precomputed embeddings), the stage's own loss
 (``Stage.loss``: noise level, low-res conditioning and objective of its kind)
-over ``grad_accum`` microbatches, optax update, EMA.
+over ``grad_accum`` microbatches, optax update, EMA. A step whose loss,
+gradient norm or update norm is not finite keeps the old params, optimizer
+state and EMA (the step counter still advances, so the data and the noise
+keys move on); its ``finite`` metric is 0.
 """
 
 import functools
@@ -119,7 +122,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, uncond: dict,
     text_apply: ``(text_params, ids, mask) -> emb``, the frozen encoder.
 
   Returns:
-    (new state, metrics {'loss', 'grad_norm', 'lr'} as float32 scalars).
+    (new state, metrics {'loss', 'grad_norm', 'finite' (1 or 0), 'lr'} as float32
+    scalars).
   """
   rng = jax.random.fold_in(rng, state.step)
   r_drop, r_loss = jax.random.split(rng)
@@ -136,11 +140,19 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, uncond: dict,
   k = ema_decay(state.step, train_config.ema_decay)
   ema = jax.tree.map(lambda e, p: (e + (1.0 - k) * (p - e)).astype(e.dtype),
                      state.ema_params, params)
-  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+  grad_norm = optax.tree.norm(grads)
+  # The update norm overflows to inf long before a float32 parameter does: a
+  # blow-up (lr 1e30) is caught on the step that would apply it.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(
+      optax.tree.norm(updates))
+  metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
   if lr_fn is not None:
     metrics["lr"] = jnp.asarray(lr_fn(state.step), jnp.float32)
-  new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
-                            opt_state=opt_state)
+  # Selected on the device: skipping a non-finite update needs no host sync.
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                            ema_params=keep(ema, state.ema_params),
+                            opt_state=keep(opt_state, state.opt_state))
   return new_state, metrics
 
 

@@ -6,12 +6,12 @@ stage from its last checkpoint, with the data iterator where it was; SIGTERM
 (preemption) saves a checkpoint and returns ``preempted=True``.
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import os
-import signal
 import time
 from typing import Any, Optional, Sequence
 
@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from imagen_jax import cascade as cascade_lib
 from imagen_jax import config as config_lib
+from imagen_jax import lockfile
 from imagen_jax import parallel
 from imagen_jax import run as run_lib
 from imagen_jax.data import datasets, pipeline
@@ -31,35 +32,13 @@ from imagen_jax.text import TextEncoder
 from imagen_jax.train import checkpoint as ckpt_lib
 from imagen_jax.train import distributed, optim, prefetch
 from imagen_jax.train import embeddings as embeddings_lib
+from imagen_jax.train import fingerprint, guard as guard_lib, signals, validate
 from imagen_jax.train import state as state_lib, step as step_lib
 
 _log = logging.getLogger(__name__)
 
 # Multi-process runs agree on a SIGTERM every this many steps.
 _AGREE_EVERY = 5
-
-
-class _StopFlag:
-  """Set by SIGTERM; the loop saves a checkpoint and stops at the next step."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    def handler(signum, frame):
-      del frame
-      _log.warning("signal %d: saving a checkpoint and stopping", signum)
-      self.requested = True
-    try:
-      self._previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: no preemption handling
-      self._previous = None
-    return self
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
 
 
 class MetricWriter:
@@ -117,6 +96,7 @@ class StageResult:
   step: int
   preempted: bool
   last_metrics: dict
+  stop_signal: Optional[int] = None   # the signal that stopped it (preempted)
 
 
 def _data_iterator(config, stage: Stage, per_process_batch: int, start_example: int):
@@ -132,33 +112,20 @@ def _data_iterator(config, stage: Stage, per_process_batch: int, start_example: 
                                    start_example=start_example))
 
 
-def _check_batch(batch_size: int, grad_accum: int, mesh) -> int:
-  """The per-process batch; the global batch must split over the data axes."""
-  step_lib.check_batch(batch_size, grad_accum, mesh)
-  if batch_size % jax.process_count():
-    raise ValueError(f"config.train.batch_size={batch_size} is not divisible by the "
-                     f"{jax.process_count()} processes")
-  return batch_size // jax.process_count()
-
-
 def _restore_or_init(ckpt, stage, tx, mesh, rules, config, text_len, rng):
-  """(state, shardings, data_state or None): a fresh state or the last checkpoint."""
+  """(state, shardings, data_state or None): a fresh state or the newest readable
+  checkpoint (an unreadable newer one is moved aside with a warning)."""
   state, shardings = state_lib.create_train_state(rng, stage, tx, mesh, rules, text_len)
-  latest = ckpt.latest_step()
-  if latest is None:
+  if ckpt.latest_step() is None:
     return state, shardings, None
-  meta = ckpt.restore_meta(latest)
-  want = run_lib.config_fingerprint(config.stages[stage.name])
-  if meta.get("config_fingerprint") != want:
-    raise ValueError(
-        f"{ckpt.directory} holds checkpoints of a different model config for stage "
-        f"{stage.name!r} (fingerprint {meta.get('config_fingerprint')} vs {want}); use "
-        f"another --workdir or remove that directory. Nothing was overwritten.")
   abstract = run_lib.abstract_with_shardings(
       jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state), shardings)
   del state
-  state, data_state, _ = ckpt.restore(latest, abstract)
-  _log.info("stage %s: resumed from step %d", stage.name, latest)
+  step, state, data_state, meta = ckpt.restore_latest(abstract)
+  fingerprint.check_meta(meta, config, stage.name, ckpt.step_dir(step))
+  if jax.process_index() == 0:
+    print(f"stage {stage.name}: resumed from step {step} ({ckpt.step_dir(step)})",
+          flush=True)
   return state, shardings, data_state
 
 
@@ -177,11 +144,26 @@ def _init_from_converted(state, stage: Stage, mesh, rules):
 
 
 def train_stage(config: Any, workdir: str, stage_name: str, text_encoder: TextEncoder,
-                mesh=None, rules=None, sample_fn=None) -> StageResult:
-  """Trains one stage to its step count, resuming from its last checkpoint."""
+                mesh=None, rules=None, sample_fn=None,
+                stop: Optional[signals.StopSignals] = None) -> StageResult:
+  """Trains one stage to its step count, resuming from its last readable checkpoint.
+
+  ``stop`` (installed by ``train_and_evaluate``) turns SIGTERM/SIGINT into a
+  checkpoint and a clean stop; without it signals keep their default action.
+  """
+  with contextlib.ExitStack() as cleanup:  # progress bar, writer; checkpoints on errors
+    return _train_stage(config, workdir, stage_name, text_encoder, mesh, rules, sample_fn,
+                        stop or signals.StopSignals(), cleanup)
+
+
+def _train_stage(config, workdir, stage_name, text_encoder, mesh, rules, sample_fn, stop,
+                 cleanup) -> StageResult:
+  """``train_stage``; ``cleanup`` (an ExitStack) closes what it registers on any exit."""
+  stop.phase = "setup"
   stage = build_stage(config.stages[stage_name], text_dim=text_encoder.embed_dim)
   tc = config_lib.stage_train_config(config, stage_name)
-  per_process = _check_batch(tc.batch_size, tc.get("grad_accum", 1), mesh)
+  step_lib.check_batch(tc.batch_size, tc.get("grad_accum", 1), mesh)
+  per_process = validate.per_process_batch(tc.batch_size, mesh)
   tx, lr_fn = optim.make_optimizer(tc), optim.lr_schedule(tc)
   text_len = config.text.max_length
   stage_rng = jax.random.fold_in(jax.random.PRNGKey(tc.seed),
@@ -189,6 +171,9 @@ def train_stage(config: Any, workdir: str, stage_name: str, text_encoder: TextEn
   init_rng, rng = jax.random.split(stage_rng)
   ckpt = ckpt_lib.StageCheckpointer(workdir, stage_name, keep=tc.keep_checkpoints,
                                     async_save=tc.async_checkpoint)
+  if jax.process_index() == 0:
+    ckpt.clean_tmp()
+  cleanup.push(_close_on_error(ckpt))
   state, shardings, data_state = _restore_or_init(ckpt, stage, tx, mesh, rules, config,
                                                   text_len, init_rng)
   if data_state is None:
@@ -197,7 +182,8 @@ def train_stage(config: Any, workdir: str, stage_name: str, text_encoder: TextEn
   examples = data_position(data_state, step, tc.batch_size)
   it = _data_iterator(config, stage, per_process, examples)
   meta = {"stage": stage_name, "config_fingerprint":
-          run_lib.config_fingerprint(config.stages[stage_name])}
+          run_lib.config_fingerprint(config.stages[stage_name]),
+          "fingerprint": fingerprint.resume_fields(config, stage_name)}
   if step >= tc.num_steps:
     ckpt.close()
     print(f"stage {stage_name}: already trained ({step}/{tc.num_steps} steps)")
@@ -211,25 +197,33 @@ def train_stage(config: Any, workdir: str, stage_name: str, text_encoder: TextEn
   step_fn = step_lib.jit_train_step(stage, tx, tc, shardings, mesh, rules, lr_fn,
                                     text_encoder=step_encoder)
   writer = MetricWriter(run_lib.stage_dir(workdir, stage_name))
+  cleanup.callback(writer.close)
+  guard = guard_lib.NonFiniteGuard(stage_name, tc.get("max_nonfinite_steps", 10))
   last, preempted, window_start, window_images = {}, False, time.perf_counter(), 0
   bar = tqdm(total=tc.num_steps, initial=step, desc=f"train {stage_name}", unit="step",
              disable=jax.process_index() != 0)
   make_batch = functools.partial(_global_batch, text_encoder=text_encoder,
                                  text_len=text_len, mesh=mesh, cached=cached)
-  with _StopFlag() as stop, prefetch.DevicePrefetcher(it, make_batch) as batches:
+  cleanup.callback(bar.close)  # also on an error: its line ends before the message
+  # From here a signal means: save after this step, then stop.
+  with stop.loop(), prefetch.DevicePrefetcher(it, make_batch) as batches:
+    if jax.process_index() == 0:
+      print(f"stage {stage_name}: compiling the train step", flush=True)
     while step < tc.num_steps:
       batch = next(batches)  # read, tokenized and on the devices during the last step
       t0 = time.perf_counter()
       state, metrics = step_fn(state, batch, rng, uncond, text_params)
       step += 1
       examples += tc.batch_size
+      guard.record(step, metrics["finite"])
       window_images += tc.batch_size
       bar.update(1)
       if step % tc.log_every == 0 or step == tc.num_steps:
+        skipped = guard.check(_last_good(ckpt))
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         elapsed = time.perf_counter() - window_start
         metrics.update(images_per_sec=window_images / elapsed,
-                       step_time=time.perf_counter() - t0)
+                       step_time=time.perf_counter() - t0, nonfinite_steps=skipped)
         window_start, window_images = time.perf_counter(), 0
         writer.write(step, metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")
@@ -244,15 +238,57 @@ def train_stage(config: Any, workdir: str, stage_name: str, text_encoder: TextEn
       stopping = (distributed.any_process(stop.requested)
                   if jax.process_count() == 1 or step % _AGREE_EVERY == 0 else False)
       if step % tc.checkpoint_every == 0 or step == tc.num_steps or stopping:
-        ckpt.save(step, state, {"examples": examples, "batch_size": tc.batch_size},
-                  dict(meta, step=step), force=True)
+        _save_checked(ckpt, guard, stop, step, state, dict(meta, step=step),
+                      {"examples": examples, "batch_size": tc.batch_size}, stopping)
       if stopping:
         preempted = True
         break
   bar.close()
   ckpt.close()
-  writer.close()
-  return StageResult(stage_name, step, preempted, last)
+  return StageResult(stage_name, step, preempted, last, stop.signum if preempted else None)
+
+
+def _close_on_error(ckpt: ckpt_lib.StageCheckpointer):
+  """An ExitStack callback: on an error, still wait for a save in flight (a good,
+  earlier state) and close the manager, without hiding the error."""
+  def on_exit(exc_type, exc, tb):
+    del exc, tb
+    if exc_type is not None:
+      try:
+        ckpt.close()
+      except Exception as e:  # pylint: disable=broad-except
+        _log.warning("while stopping: %s", e)
+    return False
+  return on_exit
+
+
+def _last_good(ckpt: ckpt_lib.StageCheckpointer) -> Optional[str]:
+  step = ckpt.latest_step()
+  return None if step is None else ckpt.step_dir(step)
+
+
+def _save_checked(ckpt, guard, stop, step: int, state, meta: dict, data_state: dict,
+                  stopping: bool) -> None:
+  """Saves ``state`` unless it is in a run of skipped steps; never a non-finite one.
+
+  Raises:
+    NonFiniteError: too many skipped steps, or non-finite params (not saved).
+    SaveError: the save (or the previous one) failed.
+  """
+  guard.check(_last_good(ckpt))
+  if guard.streak and not stopping:
+    _log.warning("stage %s: no checkpoint at step %d: its last %d steps were skipped "
+                 "(non-finite)", guard.stage_name, step, guard.streak)
+    return
+  if not guard_lib.all_finite((state.params, state.ema_params)):
+    raise guard_lib.NonFiniteError(
+        f"stage {guard.stage_name}: non-finite parameters at step {step}; not saved; last "
+        f"good checkpoint: {_last_good(ckpt) or 'none'}")
+  if stopping and jax.process_index() == 0:
+    print(f"stage {guard.stage_name}: {stop.signal_name}: saving checkpoint step {step}, "
+          f"then stopping", flush=True)
+  ckpt.save(step, state, data_state, meta, force=True)
+  signals.pause_for_test("stop_save" if stopping else "save")
 
 
 def data_position(data_state: Optional[dict], step: int, batch_size: int) -> int:
@@ -351,8 +387,13 @@ def make_sample_grid_fn(config: Any, workdir: str, text_encoder: TextEncoder, me
 
 def train_and_evaluate(config: Any, workdir: str,
                        stages: Optional[Sequence[str]] = None,
-                       sample_fn=None) -> list[StageResult]:
+                       sample_fn=None,
+                       stop: Optional[signals.StopSignals] = None) -> list[StageResult]:
   """Trains the given stages (default: all, in cascade order) of ``config``.
+
+  Before anything is written: the settings are validated, the workdir's
+  config.json and checkpoints are compared with ``config`` (fingerprint), and
+  each stage's lock is taken (a second trainer is refused).
 
   Args:
     config: the cascade config (see ``imagen_jax.config``).
@@ -360,45 +401,58 @@ def train_and_evaluate(config: Any, workdir: str,
     stages: stage names; None trains every stage in ``config.stage_order``.
     sample_fn: ``(stage, ema_params, step) -> None`` called every
       ``config.train.sample_every`` steps (default: ``make_sample_grid_fn``).
+    stop: the signal handler (``signals.StopSignals``, entered); default: one
+      installed for this call.
 
   Returns:
     One ``StageResult`` per stage trained; training stops after a preempted stage.
+
+  Raises:
+    validate.ConfigError: a bad setting or a workdir of other settings.
+    lockfile.Locked: another live trainer holds a stage.
+    guard_lib.NonFiniteError, ckpt_lib.SaveError: the run could not go on.
+    signals.Stopped: a signal before training started.
   """
-  names = list(stages or config.stage_order)
-  for name in names:
-    if name not in config.stages:
-      raise ValueError(f"unknown stage {name!r}; the config has {list(config.stage_order)}")
-  _check_workdir_config(workdir, config)
-  if jax.process_index() == 0:
-    run_lib.write_config(workdir, config)
-  mesh = parallel.make_mesh(config.mesh)
-  rules = parallel.config_rules(config.mesh)
-  text_encoder = TextEncoder.from_config(config.text, mesh, rules)
-  if sample_fn is None and config.train.sample_every:
-    sample_fn = make_sample_grid_fn(config, workdir, text_encoder, mesh, rules)
-  results = []
-  for name in names:
-    result = train_stage(config, workdir, name, text_encoder, mesh, rules, sample_fn)
-    results.append(result)
-    if result.preempted:
-      break
-  return results
+  with contextlib.ExitStack() as stack:
+    stop = stop or stack.enter_context(signals.StopSignals())
+    stop.phase = "setup"
+    names = list(stages or config.stage_order)
+    validate.check_train_settings(config, names)
+    mesh = parallel.make_mesh(config.mesh)
+    rules = parallel.config_rules(config.mesh)
+    for name in names:
+      tc = config_lib.stage_train_config(config, name)
+      validate.per_process_batch(tc.batch_size, mesh)
+      try:
+        step_lib.check_batch(tc.batch_size, tc.get("grad_accum", 1), mesh)
+      except ValueError as e:
+        raise validate.ConfigError(str(e)) from None
+    fingerprint.check_workdir(workdir, config, names)
+    if jax.process_index() == 0:
+      for name in names:
+        stack.enter_context(_stage_lock(workdir, name))
+      fingerprint.write_config_once(workdir, config)
+    signals.pause_for_test("setup")
+    text_encoder = TextEncoder.from_config(config.text, mesh, rules)
+    if sample_fn is None and config.train.sample_every:
+      sample_fn = make_sample_grid_fn(config, workdir, text_encoder, mesh, rules)
+    results = []
+    for name in names:
+      result = train_stage(config, workdir, name, text_encoder, mesh, rules, sample_fn,
+                           stop)
+      results.append(result)
+      if result.preempted:
+        break
+    return results
 
 
-def _check_workdir_config(workdir: str, config: Any) -> None:
-  """Refuses a workdir whose stages were trained with other model configs."""
-  path = run_lib.as_path(workdir) / run_lib.CONFIG_FILE
-  if not path.exists():
-    return
-  old = run_lib.read_config(workdir)
-  for name in config.stage_order:
-    if name in old.get("stages", {}):
-      a = run_lib.config_fingerprint(old.stages[name])
-      b = run_lib.config_fingerprint(config.stages[name])
-      if a != b:
-        raise ValueError(f"{workdir} was trained with a different model for stage "
-                         f"{name!r} ({path}); use another --workdir. Nothing was "
-                         f"overwritten.")
+def _stage_lock(workdir: str, stage_name: str):
+  """The lock of one stage of a workdir (a second trainer on it is refused)."""
+  directory = run_lib.stage_dir(workdir, stage_name)
+  os.makedirs(directory, exist_ok=True)
+  return lockfile.hold(os.path.join(directory, ".lock"),
+                       what=f"training workdir {os.path.abspath(workdir)} (stage "
+                            f"{stage_name})")
 
 
 def maybe_initialize_distributed() -> None:
