@@ -37,6 +37,7 @@ On a CPU, ``--devices N`` makes N host devices (XLA's
 their step times compare the strategies' overheads, not a pod's speed.
 """
 
+import argparse
 import dataclasses
 import datetime
 import json
@@ -73,6 +74,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from benchmarks.common import cpu_model, hlo_instructions, markdown_table  # noqa: E402
+from imagen_jax import cli  # noqa: E402
 from imagen_jax import config as config_lib  # noqa: E402
 from imagen_jax import parallel  # noqa: E402
 from imagen_jax.models.unet import REMAT_POLICIES  # noqa: E402
@@ -476,45 +478,44 @@ def run(config: Any, stage_name: Optional[str], strategies: Sequence[str], *,
   return meta, rows
 
 
-def main(argv: Sequence[str]) -> int:
-  # Flags are defined here so that importing this module defines none.
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+def _csv(text: Optional[str]) -> Optional[list]:
+  return None if text is None else [v.strip() for v in text.split(",") if v.strip()]
 
-  config_flag = config_flags.DEFINE_config_file("config", None, "cascade config file")
-  stage = flags.DEFINE_string("stage", None, "stage to benchmark (default: the first)")
-  flags.DEFINE_integer("devices", None, "use the first N devices (CPU: N fake devices)")
-  strategies = flags.DEFINE_list("strategies", list(STRATEGIES), "strategies to compare")
-  batch = flags.DEFINE_integer("batch", None, "global batch (default: config.train)")
-  tensor = flags.DEFINE_integer("tensor", 2, "tensor-parallel size of tp and fsdp_tp")
-  steps = flags.DEFINE_integer("steps", 5, "timed steps per strategy")
-  warmup = flags.DEFINE_integer("warmup", 2, "untimed steps after compiling")
-  remat = flags.DEFINE_list("remat", None, "remat policies to compare (rows per policy; "
-                            f"some of {sorted(REMAT_POLICIES)}); default: the config's")
-  accum = flags.DEFINE_list("grad_accum", ["1"], "microbatch counts K to compare")
-  out = flags.DEFINE_string("json", None, "also write the results to this JSON file")
-  flags.mark_flag_as_required("config")
-  rest = flags.FLAGS(list(argv))
-  if len(rest) > 1:
-    print(f"unexpected arguments: {rest[1:]}", file=sys.stderr)
-    return 2
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  p = argparse.ArgumentParser(prog="python -m benchmarks.sharding",
+                              description=__doc__.split("\n")[0])
+  cli.add_config_arg(p)
+  p.add_argument("--stage", help="stage to benchmark (default: the first)")
+  p.add_argument("--devices", type=int, help="use the first N devices (CPU: N fake devices)")
+  p.add_argument("--strategies", default=",".join(STRATEGIES), help="strategies to compare")
+  p.add_argument("--batch", type=int, help="global batch (default: config.train)")
+  p.add_argument("--tensor", type=int, default=2, help="tensor-parallel size of tp and fsdp_tp")
+  p.add_argument("--steps", type=int, default=5, help="timed steps per strategy")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+  p.add_argument("--remat", help="remat policies to compare (rows per policy; some of "
+                 f"{sorted(REMAT_POLICIES)}); default: the config's")
+  p.add_argument("--grad_accum", default="1", help="microbatch counts K to compare, e.g. 1,2,4")
+  p.add_argument("--json", help="also write the results to this JSON file")
   try:
-    meta, rows = run(config_flag.value, stage.value, strategies.value,
-                 num_devices=flags.FLAGS.devices, batch=batch.value, tensor=tensor.value,
-                 steps=steps.value, warmup=warmup.value, remats=remat.value,
-                 grad_accum=[int(k) for k in accum.value])
-  except ValueError as err:
+    args, rest = p.parse_known_args(argv)
+    config = cli.config_from_args(args, rest)
+    meta, rows = run(config, args.stage, _csv(args.strategies), num_devices=args.devices,
+                     batch=args.batch, tensor=args.tensor, steps=args.steps,
+                     warmup=args.warmup, remats=_csv(args.remat),
+                     grad_accum=[int(k) for k in _csv(args.grad_accum)])
+  except (cli.UsageError, ValueError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
   print(f"\n{meta['command']}\n{meta['date']}, {meta['machine']}, stage {meta['stage']}, "
         f"batch {meta['batch']}, jax {meta['versions']['jax']}, "
         f"model FLOPs/step {meta['model_flops_per_step'] or 0:.3e}\n")
   print(format_table(rows))
-  if out.value:
-    with open(out.value, "w") as f:
+  if args.json:
+    with open(args.json, "w") as f:
       json.dump({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main(sys.argv))
+  sys.exit(main())

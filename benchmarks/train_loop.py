@@ -17,6 +17,7 @@ The ratio loop / bare is what the host costs the devices; 1.0 means the device
 never waits for the host.
 """
 
+import argparse
 import datetime
 import json
 import os
@@ -29,6 +30,7 @@ from typing import Any, Optional, Sequence
 import jax
 
 from benchmarks.common import cpu_model
+from imagen_jax import cli
 from imagen_jax import config as config_lib
 from imagen_jax import parallel
 from imagen_jax.stages import build_stage
@@ -103,34 +105,30 @@ def run(config: Any, stage_name: Optional[str], steps: int) -> dict:
           "command": " ".join(["python", "-m", "benchmarks.train_loop"] + sys.argv[1:])}
 
 
-def main(argv: Sequence[str]) -> int:
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-
-  config_flag = config_flags.DEFINE_config_file("config", None, "cascade config file")
-  stage = flags.DEFINE_string("stage", None, "stage to measure (default: the first)")
-  steps = flags.DEFINE_integer("steps", 25, "timed steps (and the loop's logging window)")
-  out = flags.DEFINE_string("json", None, "also write the result to this JSON file")
-  flags.mark_flag_as_required("config")
-  rest = flags.FLAGS(list(argv))
-  if len(rest) > 1:
-    print(f"unexpected arguments: {rest[1:]}", file=sys.stderr)
-    return 2
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  p = argparse.ArgumentParser(prog="python -m benchmarks.train_loop",
+                              description=__doc__.split("\n")[0])
+  cli.add_config_arg(p)
+  p.add_argument("--stage", help="stage to measure (default: the first)")
+  p.add_argument("--steps", type=int, default=25,
+                 help="timed steps (and the loop's logging window)")
+  p.add_argument("--json", help="also write the result to this JSON file")
   try:
-    result = run(config_flag.value, stage.value, steps.value)
-  except ValueError as err:
+    args, rest = p.parse_known_args(argv)
+    result = run(cli.config_from_args(args, rest), args.stage, args.steps)
+  except (cli.UsageError, ValueError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
   print(f"{result['command']}\n{result['date']}, {result['machine']}, stage "
-        f"{result['stage']}, batch {result['batch']}, {steps.value} steps\n")
+        f"{result['stage']}, batch {result['batch']}, {args.steps} steps\n")
   print(f"bare jitted step : {result['bare_images_per_s']:.1f} images/s\n"
         f"whole train loop : {result['loop_images_per_s']:.1f} images/s "
         f"({100 * result['loop_over_bare']:.1f}% of the bare step)")
-  if out.value:
-    with open(out.value, "w") as f:
+  if args.json:
+    with open(args.json, "w") as f:
       json.dump(result, f, indent=1)
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main(sys.argv))
+  sys.exit(main())

@@ -41,6 +41,7 @@ from typing import Any, Mapping, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
@@ -466,6 +467,28 @@ class Cascade:
         out = parallel.batch_sharding(self.mesh, self.rules)
       self._lowres_fns[key] = jax.jit(fn, out_shardings=out)
     return self._lowres_fns[key]
+
+
+def sub_cascade(config: Any, workdir: str, stage: Stage, ema_params: Any, text_encoder: Any,
+                mesh=None, rules=None) -> Optional["Cascade"]:
+  """The cascade up to `stage`: earlier stages from their checkpoints, `stage` from ema_params.
+
+  Returns None (one warning) when an earlier stage has no checkpoint yet.
+  """
+  order = list(config.stage_order)
+  upto = order[:order.index(stage.name) + 1]
+  sub = ml_collections.ConfigDict(config.to_dict())
+  sub.stage_order = tuple(upto)
+  stages, params = {stage.name: stage}, {}
+  for name in upto[:-1]:
+    stages[name] = build_stage(config.stages[name], text_dim=text_encoder.embed_dim)
+    try:
+      params[name], _ = run_lib.load_ema_params(workdir, stages[name], mesh, rules)
+    except FileNotFoundError:
+      _log.warning("no samples of stage %s yet: stage %s is not trained", stage.name, name)
+      return None
+  params[stage.name] = ema_params
+  return Cascade(sub, params, text_encoder, mesh, rules, stages=stages)
 
 
 def _image_float(image: Any, what: str) -> jax.Array:

@@ -23,40 +23,16 @@ Keys returned: ``eval/shapes_accuracy`` (and ``_single_object``,
 
 import logging
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import jax
-import ml_collections
 
 from imagen_jax import cascade as cascade_lib
 from imagen_jax.eval import fid as fid_lib
 from imagen_jax.eval import metrics, shapes
-from imagen_jax import run as run_lib
-from imagen_jax.stages import Stage, build_stage
+from imagen_jax.stages import Stage
 
 _log = logging.getLogger(__name__)
-
-
-def sub_cascade(config: Any, workdir: str, stage: Stage, ema_params: Any, text_encoder: Any,
-                mesh=None, rules=None) -> Optional[cascade_lib.Cascade]:
-  """The cascade up to `stage`: earlier stages from their checkpoints, `stage` from ema_params.
-
-  Returns None (one warning) when an earlier stage has no checkpoint yet.
-  """
-  order = list(config.stage_order)
-  upto = order[:order.index(stage.name) + 1]
-  sub = ml_collections.ConfigDict(config.to_dict())
-  sub.stage_order = tuple(upto)
-  stages, params = {stage.name: stage}, {}
-  for name in upto[:-1]:
-    stages[name] = build_stage(config.stages[name], text_dim=text_encoder.embed_dim)
-    try:
-      params[name], _ = run_lib.load_ema_params(workdir, stages[name], mesh, rules)
-    except FileNotFoundError:
-      _log.warning("no evaluation for stage %s: stage %s is not trained yet", stage.name, name)
-      return None
-  params[stage.name] = ema_params
-  return cascade_lib.Cascade(sub, params, text_encoder, mesh, rules, stages=stages)
 
 
 def eval_prompts(config: Any) -> list[str]:
@@ -121,8 +97,8 @@ def make_eval_fn(config: Any, workdir: str, text_encoder: Any, mesh=None,
       return {}
     start = time.perf_counter()
     if stage.name not in cascades:
-      cascades[stage.name] = sub_cascade(config, workdir, stage, ema_params, text_encoder,
-                                         mesh, rules)
+      cascades[stage.name] = cascade_lib.sub_cascade(config, workdir, stage, ema_params,
+                                                     text_encoder, mesh, rules)
     cascade = cascades[stage.name]
     if cascade is None:
       return {}

@@ -11,12 +11,14 @@ pay the encoder once). It lives above ``data/`` and ``text/`` (both leaves),
 since it needs both.
 """
 
+import argparse
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from imagen_jax import cli
 from imagen_jax.data import datasets
 from imagen_jax.text import TextEncoder
 from imagen_jax.text import cache as cache_lib
@@ -78,18 +80,16 @@ class CaptionEmbeddings:
     return np.asarray(emb, np.float32), np.asarray(mask, bool)
 
 
-def main(argv: Sequence[str]) -> int:
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-
-  config_flag = config_flags.DEFINE_config_file("config", None, "cascade config file")
-  flags.mark_flag_as_required("config")
-  rest = flags.FLAGS(list(argv))
-  if len(rest) > 1:
-    print(f"unexpected arguments: {rest[1:]}", file=sys.stderr)
-    return 2
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  p = argparse.ArgumentParser(prog="python -m imagen_jax.train.embeddings",
+                              description="Caches the caption embeddings of a config's data.")
+  cli.add_config_arg(p)
   try:
-    out = write(config_flag.value)
+    args, rest = p.parse_known_args(argv)
+    out = write(cli.config_from_args(args, rest))
+  except cli.UsageError as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
   except (FileNotFoundError, ValueError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 1
@@ -98,4 +98,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main(sys.argv))
+  sys.exit(main())

@@ -16,7 +16,6 @@ import time
 from typing import Any, Optional, Sequence
 
 import jax
-import ml_collections
 import numpy as np
 from etils import epath
 from tqdm.auto import tqdm
@@ -27,6 +26,7 @@ from imagen_jax import lockfile
 from imagen_jax import parallel
 from imagen_jax import run as run_lib
 from imagen_jax.data import datasets, pipeline
+from imagen_jax.eval import during_training
 from imagen_jax.stages import Stage, build_stage
 from imagen_jax.text import TextEncoder
 from imagen_jax.train import checkpoint as ckpt_lib
@@ -145,19 +145,21 @@ def _init_from_converted(state, stage: Stage, mesh, rules):
 
 def train_stage(config: Any, workdir: str, stage_name: str, text_encoder: TextEncoder,
                 mesh=None, rules=None, sample_fn=None,
-                stop: Optional[signals.StopSignals] = None) -> StageResult:
+                stop: Optional[signals.StopSignals] = None, eval_fn=None) -> StageResult:
   """Trains one stage to its step count, resuming from its last readable checkpoint.
 
   ``stop`` (installed by ``train_and_evaluate``) turns SIGTERM/SIGINT into a
   checkpoint and a clean stop; without it signals keep their default action.
+  ``eval_fn(stage, ema_params, step) -> {metric: value}`` runs every
+  ``train.eval_every`` steps; its values go to metrics.jsonl / TensorBoard.
   """
   with contextlib.ExitStack() as cleanup:  # progress bar, writer; checkpoints on errors
     return _train_stage(config, workdir, stage_name, text_encoder, mesh, rules, sample_fn,
-                        stop or signals.StopSignals(), cleanup)
+                        stop or signals.StopSignals(), cleanup, eval_fn)
 
 
 def _train_stage(config, workdir, stage_name, text_encoder, mesh, rules, sample_fn, stop,
-                 cleanup) -> StageResult:
+                 cleanup, eval_fn=None) -> StageResult:
   """``train_stage``; ``cleanup`` (an ExitStack) closes what it registers on any exit."""
   stop.phase = "setup"
   stage = build_stage(config.stages[stage_name], text_dim=text_encoder.embed_dim)
@@ -231,6 +233,13 @@ def _train_stage(config, workdir, stage_name, text_encoder, mesh, rules, sample_
       if sample_fn is not None and tc.sample_every and (
           step % tc.sample_every == 0 or step == tc.num_steps):
         sample_fn(stage, state.ema_params, step)
+      if eval_fn is not None and tc.get("eval_every") and (
+          step % tc.eval_every == 0 or step == tc.num_steps):
+        scores = eval_fn(stage, state.ema_params, step)
+        if scores:
+          writer.write(step, scores)
+        # Evaluation time is not training time: restart the images/s window.
+        window_start, window_images = time.perf_counter(), 0
       # Read the stop flag after the (slow) sampling: a SIGTERM that arrived
       # during it must still be followed by a checkpoint.
       # Read once, agreed by every process (every few steps: the agreement waits
@@ -345,23 +354,6 @@ def make_sample_grid_fn(config: Any, workdir: str, text_encoder: TextEncoder, me
   """
   cascades = {}
 
-  def build(stage: Stage, ema_params: Any):
-    order = list(config.stage_order)
-    upto = order[:order.index(stage.name) + 1]
-    sub = ml_collections.ConfigDict(config.to_dict())
-    sub.stage_order = tuple(upto)
-    stages, params = {stage.name: stage}, {}
-    for name in upto[:-1]:
-      stages[name] = build_stage(config.stages[name], text_dim=text_encoder.embed_dim)
-      try:
-        params[name], _ = run_lib.load_ema_params(workdir, stages[name], mesh, rules)
-      except FileNotFoundError:
-        _log.warning("no sample grids for stage %s: stage %s is not trained yet",
-                     stage.name, name)
-        return None
-    params[stage.name] = ema_params
-    return cascade_lib.Cascade(sub, params, text_encoder, mesh, rules, stages=stages)
-
   def sample_fn(stage: Stage, ema_params: Any, step: int) -> None:
     prompts = list(config.train.sample_prompts)
     if not prompts or jax.process_index() != 0:
@@ -372,7 +364,8 @@ def make_sample_grid_fn(config: Any, workdir: str, text_encoder: TextEncoder, me
                    "with sample.py)", jax.process_count())
       return
     if stage.name not in cascades:
-      cascades[stage.name] = build(stage, ema_params)
+      cascades[stage.name] = cascade_lib.sub_cascade(config, workdir, stage, ema_params,
+                                                     text_encoder, mesh, rules)
     cascade = cascades[stage.name]
     if cascade is None:
       return
@@ -436,10 +429,13 @@ def train_and_evaluate(config: Any, workdir: str,
     text_encoder = TextEncoder.from_config(config.text, mesh, rules)
     if sample_fn is None and config.train.sample_every:
       sample_fn = make_sample_grid_fn(config, workdir, text_encoder, mesh, rules)
+    eval_fn = None
+    if config.train.get("eval_every"):
+      eval_fn = during_training.make_eval_fn(config, workdir, text_encoder, mesh, rules)
     results = []
     for name in names:
       result = train_stage(config, workdir, name, text_encoder, mesh, rules, sample_fn,
-                           stop)
+                           stop, eval_fn)
       results.append(result)
       if result.preempted:
         break
