@@ -69,10 +69,25 @@ def test_end_to_end(run_dir, tmp_path, capsys, caplog):
     (["--prompt", "x", "--guidance", "5,3,1"], "--guidance has 3 values"),
     (["--prompt", "x", "--steps", "64,abc"], "'abc' is not an integer"),
     (["--prompt", "x", "--num_per_prompt", "0"], "--num_per_prompt must be >= 1"),
+    (["--prompt", "x", "--steps", "0,2"], "steps must be >= 1"),
+    (["--prompt", "x", "--guidance", "inf,1"], "guidance must be a finite number"),
+    (["--prompt", "x", "--guidance", "-1,1"], "guidance must be a finite number >= 0"),
+    (["--prompt", "x", "--batch_size", "0"], "--batch_size must be >= 1"),
 ])
 def test_bad_input(run_dir, capsys, extra, message):
   assert sample.main(["--workdir", run_dir] + extra) == 2
   assert message in capsys.readouterr().err
+
+
+def test_prompts_file_encodings(run_dir, tmp_path, capsys):
+  bad = tmp_path / "latin1.txt"
+  bad.write_bytes("a red circle in the top left caf\xe9\n".encode("latin-1"))
+  assert sample.main(["--workdir", run_dir, "--prompts_file", str(bad)]) == 2
+  err = capsys.readouterr().err
+  assert "is not UTF-8 text" in err and str(bad) in err and err.count("\n") == 1
+  bom = tmp_path / "bom.txt"
+  bom.write_bytes("\ufeffa red circle in the top left\n".encode("utf-8"))
+  assert sample.read_prompts([], str(bom)) == ["a red circle in the top left"]
 
 
 def test_missing_checkpoint_names_stage_and_command(tmp_path, capsys):
