@@ -68,14 +68,16 @@ def parse_args(argv: Optional[Sequence[str]]):
 def main(argv: Optional[Sequence[str]] = None) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
+  try:
+    args, config = parse_args(argv)
+    # Before our signal handler: the runtime may install its own, which ours replaces.
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                           timeout_s=args.distributed_timeout)
+  except (cli.UsageError, distributed.LaunchError) as e:
+    print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+    return 2
   with signals.StopSignals() as stop:
     try:
-      args, config = parse_args(argv)
-      try:
-        distributed.initialize(args.coordinator_address, args.num_processes,
-                               args.process_id, timeout_s=args.distributed_timeout)
-      except distributed.LaunchError as e:
-        raise cli.UsageError(str(e)) from None
       results = trainer.train_and_evaluate(config, args.workdir, args.stage, stop=stop)
     except signals.Stopped as e:
       stop.phase = "done"

@@ -80,6 +80,21 @@ def test_cli_end_to_end(tmp_path):
                    "prompts.json"], files
   assert sample_cli.main(["--workdir", f"{out1},{out2}", "--prompt", "x", "--steps", "3",
                           "--out", str(out)]) == 2
+  # Solvers and editing on IF stages, from sample.py: DPM-Solver++ on stage I,
+  # inpainting at both stages.
+  from PIL import Image  # noqa: PLC0415
+  init = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+  Image.fromarray(init).save(tmp_path / "init.png")
+  mask = np.zeros((16, 16), np.uint8)
+  mask[:8] = 255
+  Image.fromarray(mask).save(tmp_path / "mask.png")
+  edit = tmp_path / "edit"
+  assert sample_cli.main(["--workdir", f"{out1},{out2}", "--prompt", "a red cube",
+                          "--sampler", "dpmpp_2m,ddpm", "--steps", "3,2",
+                          "--init_image", str(tmp_path / "init.png"),
+                          "--mask", str(tmp_path / "mask.png"), "--out", str(edit)]) == 0
+  final = np.asarray(Image.open(edit / "000_00.png"))
+  assert (final[8:] == init[8:]).all()          # the unmasked half is kept exactly
   # A folder holding the converted stages is a run too.
   assert sample_cli.main(["--workdir", str(tmp_path / "conv"), "--prompt", "x",
                           "--steps", "2,2", "--out", str(out)]) == 0
