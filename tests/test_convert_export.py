@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 
+from imagen_jax import run as run_lib
 from imagen_jax.convert import __main__ as cli
 from imagen_jax.convert import deepfloyd_if, if_config, if_export, if_weights
 from imagen_jax.safetensors_dir import WeightsReader
@@ -139,7 +140,7 @@ def make_run(workdir, stage_config, ema, params):
   """A run workdir as the trainer leaves it: config.json + one orbax checkpoint."""
   config = types.SimpleNamespace(to_json=lambda indent=2: json.dumps(
       {"stages": {stage_config["name"]: stage_config}}, indent=indent))
-  checkpoint.write_config(str(workdir), config)
+  run_lib.write_config(str(workdir), config)
   ckpt = checkpoint.StageCheckpointer(str(workdir), stage_config["name"], async_save=False)
   state = types.SimpleNamespace(step=np.int32(7), params=params, opt_state={}, ema_params=ema)
   ckpt.save(7, state, {}, {"stage": stage_config["name"], "step": 7}, force=True)
@@ -166,7 +167,7 @@ def test_export_from_a_run_reads_the_ema_params(converted, tmp_path):
 def test_non_if_layout_stage_is_refused(tmp_path, capsys):
   import configs.demo as demo  # pylint: disable=g-import-not-at-top
   run = tmp_path / "run"
-  checkpoint.write_config(str(run), demo.get_config("tiny"))
+  run_lib.write_config(str(run), demo.get_config("tiny"))
   out = tmp_path / "unet"
   assert export_cli(run, out, "--stage", "sr") == 2
   err = capsys.readouterr().err

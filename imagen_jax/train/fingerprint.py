@@ -146,8 +146,9 @@ def check_workdir(workdir: str, config: Any, stage_names: Sequence[str]) -> None
       differing field and both values), or config.json is missing while
       checkpoints that cannot vouch for the config exist.
   """
-  path = os.path.join(workdir, run_lib.CONFIG_FILE)
-  if os.path.isfile(path):
+  path = run_lib.as_path(workdir) / run_lib.CONFIG_FILE   # local or gs://
+  have_config = path.is_file()
+  if have_config:
     old = run_lib.read_config(workdir)
     for name in config.stage_order:
       if name in old.get("stages", {}):
@@ -156,9 +157,9 @@ def check_workdir(workdir: str, config: Any, stage_names: Sequence[str]) -> None
           raise _refuse(path, name, diff)
   trained = {}
   for name in config.stage_order:
-    if name in stage_names or not os.path.isfile(path):
+    if name in stage_names or not have_config:
       trained[name] = _check_latest(workdir, config, name)
-  if not os.path.isfile(path) and any(v is not None for v in trained.values()):
+  if not have_config and any(v is not None for v in trained.values()):
     legacy = [n for n, v in trained.items() if v is False]
     if legacy:
       raise ConfigMismatch(
@@ -176,10 +177,14 @@ def write_config_once(workdir: str, config: Any) -> bool:
   a config.json that appeared meanwhile (another stage's trainer) is kept and
   compared instead of replaced.
   """
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, run_lib.CONFIG_FILE)
-  if os.path.exists(path):
+  root = run_lib.as_path(workdir)
+  root.mkdir(parents=True, exist_ok=True)
+  if (root / run_lib.CONFIG_FILE).exists():
     return False
+  if "://" in os.fspath(root):  # object stores: a whole-object write is atomic
+    (root / run_lib.CONFIG_FILE).write_text(config.to_json(indent=2))
+    return True
+  path = os.path.join(os.fspath(root), run_lib.CONFIG_FILE)
   tmp = f"{path}.{os.getpid()}.tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     f.write(config.to_json(indent=2))
