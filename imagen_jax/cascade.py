@@ -147,13 +147,6 @@ def sampling_mesh(config: Any) -> tuple[Optional[jax.sharding.Mesh], tuple]:
     return parallel.make_mesh(None), parallel.logical_rules("dp")
 
 
-def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
-  """Pads [b, ...] to [size, ...] by repeating the last row."""
-  if len(x) == size:
-    return x
-  return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)])
-
-
 class Cascade:
   """Text → stage 1 → ... → last stage, sharded over a mesh when one is given.
 
@@ -380,9 +373,10 @@ class Cascade:
               f"{s.steps} steps)")
       for c, start in enumerate(tqdm(starts, desc=desc, unit="batch", disable=not progress)):
         rows = slice(start, start + chunk)
-        text = {"text_emb": _pad_rows(emb[rows], chunk), "text_mask": _pad_rows(mask[rows], chunk)}
-        uncond = {"text_emb": _pad_rows(negative[0][rows], chunk),
-                  "text_mask": _pad_rows(negative[1][rows], chunk)}
+        text = {"text_emb": parallel.pad_rows(emb[rows], chunk),
+                "text_mask": parallel.pad_rows(mask[rows], chunk)}
+        uncond = {"text_emb": parallel.pad_rows(negative[0][rows], chunk),
+                  "text_mask": parallel.pad_rows(negative[1][rows], chunk)}
         key = jax.random.fold_in(jax.random.fold_in(rng, k), c)
         outs.append(self._run_stage(stage, s, text, uncond,
                                     None if prev is None else prev[c], key, timing, edit))

@@ -17,13 +17,6 @@ from tqdm.auto import tqdm
 from imagen_jax import parallel
 
 
-def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
-  """Pads [b, ...] to [size, ...] by repeating the last row."""
-  if len(x) == size:
-    return x
-  return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)])
-
-
 class FeatureExtractor:
   """Features of many inputs in fixed-size chunks under one jit, sharded by rows.
 
@@ -82,7 +75,7 @@ class FeatureExtractor:
     out = []
     for start in tqdm(range(0, n, self.batch_size), desc=desc, unit="batch",
                       disable=not progress):
-      chunk = [self._put(pad_rows(np.asarray(a[start:start + self.batch_size]),
+      chunk = [self._put(parallel.pad_rows(np.asarray(a[start:start + self.batch_size]),
                                   self.batch_size)) for a in arrays]
       feats = self._fn(self.variables, *chunk)
       out.append(np.asarray(feats, np.float32)[:min(self.batch_size, n - start)])

@@ -11,5 +11,6 @@ from imagen_jax.parallel.sharding import (  # noqa: F401
     logical_rules,
     logical_shardings,
     make_mesh,
+    pad_rows,
     run_init,
 )

@@ -101,6 +101,14 @@ def batch_axes(mesh: Optional[jax.sharding.Mesh], rules: Sequence = ()) -> tuple
   return names, int(np.prod([mesh.shape[a] for a in names]))
 
 
+def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
+  """Pads [b, ...] to [size, ...] by repeating the last row (a batch that must split
+  evenly over the mesh's batch axes; the caller cuts the extra rows off)."""
+  if len(x) == size:
+    return x
+  return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)])
+
+
 def batch_sharding(mesh: Optional[jax.sharding.Mesh], rules: Sequence = ()) -> Any:
   """The NamedSharding that splits an array's leading (batch) axis; None without a mesh."""
   if mesh is None:
