@@ -41,33 +41,56 @@ class UsageError(Exception):
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--workdir", help="the run: a train.py workdir, or converted DeepFloyd IF "
-                 "stage folders (comma-separated, stage I first)")
+  p.add_argument(
+    "--workdir",
+    help="the run: a train.py workdir, or converted DeepFloyd IF "
+    "stage folders (comma-separated, stage I first)",
+  )
   p.add_argument("--cascade", help="synonym of --workdir (converted IF stages)")
-  p.add_argument("--t5", help="a local T5 directory replacing the run's text encoder "
-                 "(for converted IF stages: default the text_encoder/ recorded at conversion)")
+  p.add_argument(
+    "--t5",
+    help="a local T5 directory replacing the run's text encoder "
+    "(for converted IF stages: default the text_encoder/ recorded at conversion)",
+  )
   p.add_argument("--t5_dtype", default=None, help="float32 or bfloat16 (default: the run's)")
   p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
   p.add_argument("--prompts_file", help="a UTF-8 text file with one prompt per line")
-  p.add_argument("--negative_prompt", action="append", default=[],
-                 help="replaces the empty prompt in guidance: once for all prompts, or "
-                 "once per prompt (repeatable)")
+  p.add_argument(
+    "--negative_prompt",
+    action="append",
+    default=[],
+    help="replaces the empty prompt in guidance: once for all prompts, or "
+    "once per prompt (repeatable)",
+  )
   p.add_argument("--num_per_prompt", type=int, default=1, help="images per prompt")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--steps", help="steps per stage, e.g. 64,32 (default: the config's)")
   p.add_argument("--guidance", help="guidance per stage, e.g. 5,3 (default: the config's)")
   p.add_argument("--sampler", help="sampler per stage, e.g. ddim,ddpm (default: the config's)")
-  p.add_argument("--batch_size", type=int, default=None,
-                 help="images per jitted call (default: all at once)")
-  p.add_argument("--init_image", help="image-to-image: start from this image (square; "
-                 "resized to the start stage's resolution)")
-  p.add_argument("--strength", type=float, default=None,
-                 help="with --init_image: noise level to start from, 0 (the image) .. 1 "
-                 "(text-to-image; default 1 with --mask, 0.6 without)")
-  p.add_argument("--mask", help="with --init_image: inpainting mask, white = regenerate "
-                 "(square; resized to each stage's resolution, nearest neighbour)")
-  p.add_argument("--lowres_image", help="the low-resolution input of a super-resolution "
-                 "--start_stage (super-resolve your own image)")
+  p.add_argument(
+    "--batch_size", type=int, default=None, help="images per jitted call (default: all at once)"
+  )
+  p.add_argument(
+    "--init_image",
+    help="image-to-image: start from this image (square; resized to the start stage's resolution)",
+  )
+  p.add_argument(
+    "--strength",
+    type=float,
+    default=None,
+    help="with --init_image: noise level to start from, 0 (the image) .. 1 "
+    "(text-to-image; default 1 with --mask, 0.6 without)",
+  )
+  p.add_argument(
+    "--mask",
+    help="with --init_image: inpainting mask, white = regenerate "
+    "(square; resized to each stage's resolution, nearest neighbour)",
+  )
+  p.add_argument(
+    "--lowres_image",
+    help="the low-resolution input of a super-resolution "
+    "--start_stage (super-resolve your own image)",
+  )
   p.add_argument("--start_stage", help="the first stage to run (default: the cascade's first)")
   p.add_argument("--out", help="output directory (default: WORKDIR/samples_<timestamp>)")
   return p.parse_args(argv)
@@ -86,8 +109,9 @@ def read_image(path: Optional[str], what: str, mode: str = "RGB"):
     with Image.open(path) as im:
       im.load()
       if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        im = Image.fromarray((np.asarray(im, np.float64) / 257.0).round().clip(0, 255)
-                             .astype(np.uint8))
+        im = Image.fromarray(
+          (np.asarray(im, np.float64) / 257.0).round().clip(0, 255).astype(np.uint8)
+        )
       if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
         rgba = im.convert("RGBA")
         im = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
@@ -96,8 +120,9 @@ def read_image(path: Optional[str], what: str, mode: str = "RGB"):
   except (OSError, ValueError) as e:
     raise UsageError(f"{what} {path!r} cannot be read as an image ({e})") from None
   if im.width != im.height:
-    raise UsageError(f"{what} {path!r} is {im.width}x{im.height}: the stages are square, "
-                     "crop it to a square first")
+    raise UsageError(
+      f"{what} {path!r} is {im.width}x{im.height}: the stages are square, crop it to a square first"
+    )
   return np.asarray(im)
 
 
@@ -111,13 +136,16 @@ def read_prompts(prompts: Sequence[str], prompts_file: Optional[str]) -> list:
       with open(prompts_file, encoding="utf-8-sig") as f:
         prompts += [line.strip() for line in f if line.strip()]
     except UnicodeDecodeError as e:
-      raise UsageError(f"prompts file {prompts_file!r} is not UTF-8 text ({e.reason} at "
-                       f"byte {e.start})") from None
+      raise UsageError(
+        f"prompts file {prompts_file!r} is not UTF-8 text ({e.reason} at byte {e.start})"
+      ) from None
   if any(not p.strip() for p in prompts):
     raise UsageError("a --prompt is empty")
   if not prompts:
-    raise UsageError("no prompts: give --prompt TEXT (repeatable) or --prompts_file FILE"
-                     + (f" ({prompts_file!r} has no prompts)" if prompts_file else ""))
+    raise UsageError(
+      "no prompts: give --prompt TEXT (repeatable) or --prompts_file FILE"
+      + (f" ({prompts_file!r} has no prompts)" if prompts_file else "")
+    )
   return prompts
 
 
@@ -135,9 +163,11 @@ def parse_per_stage(text: Optional[str], name: str, kind, stage_names) -> Option
       raise UsageError(f"--{name}: {item!r} is not {what}") from None
   if len(values) != len(stage_names):
     example = {int: "32", float: "3", str: "ddim"}[kind]
-    raise UsageError(f"--{name} has {len(values)} value{'s' * (len(values) != 1)} but the "
-                     f"cascade has {len(stage_names)} stages ({', '.join(stage_names)}): "
-                     f"give one per stage, e.g. --{name} " + ",".join([example] * len(stage_names)))
+    raise UsageError(
+      f"--{name} has {len(values)} value{'s' * (len(values) != 1)} but the "
+      f"cascade has {len(stage_names)} stages ({', '.join(stage_names)}): "
+      f"give one per stage, e.g. --{name} " + ",".join([example] * len(stage_names))
+    )
   return values
 
 
@@ -169,8 +199,10 @@ def check_inputs(args: argparse.Namespace):
   if args.batch_size is not None and args.batch_size < 1:
     raise UsageError(f"--batch_size must be >= 1, got {args.batch_size}")
   if len(args.negative_prompt) not in (0, 1, len(prompts)):
-    raise UsageError(f"--negative_prompt given {len(args.negative_prompt)} times: give it "
-                     f"once (for every prompt) or once per prompt ({len(prompts)})")
+    raise UsageError(
+      f"--negative_prompt given {len(args.negative_prompt)} times: give it "
+      f"once (for every prompt) or once per prompt ({len(prompts)})"
+    )
   if args.strength is not None and not 0.0 <= args.strength <= 1.0:
     raise UsageError(f"--strength must be in [0, 1], got {args.strength}")
   if (args.strength is not None or args.mask) and not args.init_image:
@@ -186,35 +218,50 @@ def check_inputs(args: argparse.Namespace):
     config.text.dtype = args.t5_dtype
   names = list(config.stage_order)
   if args.start_stage is not None and args.start_stage not in names:
-    raise UsageError(f"--start_stage {args.start_stage!r} is not in the cascade "
-                     f"({', '.join(names)})")
+    raise UsageError(
+      f"--start_stage {args.start_stage!r} is not in the cascade ({', '.join(names)})"
+    )
   start = names.index(args.start_stage) if args.start_stage else 0
   if args.lowres_image and not config.stages[names[start]].get("lowres_resolution"):
-    raise UsageError(f"--lowres_image needs a super-resolution --start_stage; "
-                     f"{names[start]!r} generates from text alone")
-  if (config.stages[names[start]].get("lowres_resolution") and not args.lowres_image
-      and not args.init_image):
-    raise UsageError(f"--start_stage {names[start]} is a super-resolution stage: give "
-                     "--lowres_image PATH")
-  overrides = dict(steps=parse_per_stage(args.steps, "steps", int, names),
-                   guidance=parse_per_stage(args.guidance, "guidance", float, names),
-                   sampler=parse_per_stage(args.sampler, "sampler", str, names))
+    raise UsageError(
+      f"--lowres_image needs a super-resolution --start_stage; "
+      f"{names[start]!r} generates from text alone"
+    )
+  if (
+    config.stages[names[start]].get("lowres_resolution")
+    and not args.lowres_image
+    and not args.init_image
+  ):
+    raise UsageError(
+      f"--start_stage {names[start]} is a super-resolution stage: give --lowres_image PATH"
+    )
+  overrides = dict(
+    steps=parse_per_stage(args.steps, "steps", int, names),
+    guidance=parse_per_stage(args.guidance, "guidance", float, names),
+    sampler=parse_per_stage(args.sampler, "sampler", str, names),
+  )
   per = {k: cascade_lib.per_stage(v, names, k) for k, v in overrides.items()}
   for i, name in enumerate(names):
     stage = build_stage(config.stages[name], text_dim=config.text.get("dim"))
-    stage.sample_settings(config.stages[name].sample, per["steps"][i], per["guidance"][i],
-                          per["sampler"][i])
-  edits = dict(init_image=read_image(args.init_image, "--init_image"),
-               mask=read_image(args.mask, "--mask", mode="L"),
-               lowres_image=read_image(args.lowres_image, "--lowres_image"),
-               start_stage=args.start_stage)
-  if edits["mask"] is not None and edits["init_image"] is not None and (
-      edits["mask"].shape[0] != edits["init_image"].shape[0]):
-    edits["mask"] = np.asarray(Image.fromarray(edits["mask"]).resize(
-        edits["init_image"].shape[:2], Image.NEAREST))
+    stage.sample_settings(
+      config.stages[name].sample, per["steps"][i], per["guidance"][i], per["sampler"][i]
+    )
+  edits = dict(
+    init_image=read_image(args.init_image, "--init_image"),
+    mask=read_image(args.mask, "--mask", mode="L"),
+    lowres_image=read_image(args.lowres_image, "--lowres_image"),
+    start_stage=args.start_stage,
+  )
+  if (
+    edits["mask"] is not None
+    and edits["init_image"] is not None
+    and (edits["mask"].shape[0] != edits["init_image"].shape[0])
+  ):
+    edits["mask"] = np.asarray(
+      Image.fromarray(edits["mask"]).resize(edits["init_image"].shape[:2], Image.NEAREST)
+    )
   if args.init_image:
-    edits["strength"] = (args.strength if args.strength is not None
-                         else 1.0 if args.mask else 0.6)
+    edits["strength"] = args.strength if args.strength is not None else 1.0 if args.mask else 0.6
   return workdir, prompts, config, dict(overrides, **edits)
 
 
@@ -229,15 +276,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"sample.py: error: {e}", file=sys.stderr)
     return 2
   negative = args.negative_prompt or None
-  out = cascade.sample(prompts, jax.random.key(args.seed), num_per_prompt=args.num_per_prompt,
-                       batch_size=args.batch_size, negative_prompt=negative, **overrides)
-  base_dir = workdir if os.path.isdir(workdir) and "," not in workdir else os.path.dirname(
-      os.path.abspath(workdir.split(",")[0]))
+  out = cascade.sample(
+    prompts,
+    jax.random.key(args.seed),
+    num_per_prompt=args.num_per_prompt,
+    batch_size=args.batch_size,
+    negative_prompt=negative,
+    **overrides,
+  )
+  base_dir = (
+    workdir
+    if os.path.isdir(workdir) and "," not in workdir
+    else os.path.dirname(os.path.abspath(workdir.split(",")[0]))
+  )
   out_dir = args.out or os.path.join(base_dir, time.strftime("samples_%Y%m%d_%H%M%S"))
   files = cascade_lib.save_outputs(out, out_dir)
   print(cascade_lib.timings_table(out))
-  print(f"wrote {len(files['images'])} images, {os.path.basename(files['grid'])} and "
-        f"prompts.json to {files['dir']}")
+  print(
+    f"wrote {len(files['images'])} images, {os.path.basename(files['grid'])} and "
+    f"prompts.json to {files['dir']}"
+  )
   return 0
 
 

@@ -26,8 +26,7 @@ import sys
 def _exit_before_start(signum, frame):
   """SIGTERM/Ctrl-C while importing or exiting: nothing to save, no traceback."""
   del frame
-  print(f"train.py: stopped by {signal.Signals(signum).name}; nothing to save",
-        file=sys.stderr)
+  print(f"train.py: stopped by {signal.Signals(signum).name}; nothing to save", file=sys.stderr)
   sys.exit(130 if signum == signal.SIGINT else 0)
 
 
@@ -45,8 +44,13 @@ from imagen_jax.train import checkpoint, distributed, guard, signals, trainer  #
 from imagen_jax.train import validate  # noqa: E402
 
 # Errors reported in one line, and their exit status.
-_EXIT = ((cli.UsageError, 2), (validate.ConfigError, 2), (lockfile.Locked, 1),
-         (guard.NonFiniteError, 1), (checkpoint.SaveError, 1))
+_EXIT = (
+  (cli.UsageError, 2),
+  (validate.ConfigError, 2),
+  (lockfile.Locked, 1),
+  (guard.NonFiniteError, 1),
+  (checkpoint.SaveError, 1),
+)
 
 
 def parse_args(argv: Optional[Sequence[str]]):
@@ -54,13 +58,21 @@ def parse_args(argv: Optional[Sequence[str]]):
   p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0])
   cli.add_config_arg(p)
   p.add_argument("--workdir", required=True, help="directory for checkpoints and metrics")
-  p.add_argument("--stage", action="append", default=None,
-                 help="stage to train (repeatable; default: all, cascade order)")
+  p.add_argument(
+    "--stage",
+    action="append",
+    default=None,
+    help="stage to train (repeatable; default: all, cascade order)",
+  )
   p.add_argument("--coordinator_address", help="HOST:PORT of process 0 (multi-process runs)")
   p.add_argument("--num_processes", type=int, help="number of processes (multi-process runs)")
   p.add_argument("--process_id", type=int, help="this process, in [0, num_processes)")
-  p.add_argument("--distributed_timeout", type=float, default=300.0,
-                 help="seconds to wait for the coordinator and every process")
+  p.add_argument(
+    "--distributed_timeout",
+    type=float,
+    default=300.0,
+    help="seconds to wait for the coordinator and every process",
+  )
   args, rest = p.parse_known_args(argv)
   return args, cli.config_from_args(args, rest)
 
@@ -71,8 +83,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     args, config = parse_args(argv)
     # Before our signal handler: the runtime may install its own, which ours replaces.
-    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
-                           timeout_s=args.distributed_timeout)
+    distributed.initialize(
+      args.coordinator_address,
+      args.num_processes,
+      args.process_id,
+      timeout_s=args.distributed_timeout,
+    )
   except (cli.UsageError, distributed.LaunchError) as e:
     print(f"train.py: error: {e}", file=sys.stderr, flush=True)
     return 2
@@ -95,8 +111,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       return code
     stop.phase = "done"  # a late signal no longer changes the exit status
     for r in results:
-      print(f"stage {r.stage}: step {r.step}" + (" (preempted, checkpoint saved)"
-                                                 if r.preempted else ""))
+      print(
+        f"stage {r.stage}: step {r.step}"
+        + (" (preempted, checkpoint saved)" if r.preempted else "")
+      )
     return signals.exit_code(stop.signum) if stop.requested else 0
 
 

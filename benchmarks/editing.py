@@ -50,18 +50,32 @@ def unet_calls(sampler: str, steps: int) -> int:
 def sampler_rows(cascade: Cascade, pairs, num: int, seed: int, batch: int) -> list[dict]:
   holdout, data_seed = eval_shapes.data_settings(cascade.config)
   half = num // 2
-  captions = (eval_shapes.split_captions("test", half, holdout, data_seed, 1)
-              + eval_shapes.split_captions("test", num - half, holdout, data_seed, 2))
+  captions = eval_shapes.split_captions(
+    "test", half, holdout, data_seed, 1
+  ) + eval_shapes.split_captions("test", num - half, holdout, data_seed, 2)
   base, rows = cascade.stage_names[0], []
   for sampler, steps in pairs:
     start = time.perf_counter()
     summary, _, _ = eval_shapes.evaluate(
-        cascade, captions, jax.random.key(seed), batch_size=batch, steps={base: steps},
-        sampler={base: sampler}, progress=False)
-    rows.append(dict(sampler=sampler, steps=steps, unet_calls=unet_calls(sampler, steps),
-                     single=summary["single_object"]["accuracy"],
-                     two=summary["two_object"]["accuracy"], all=summary["accuracy"],
-                     seconds=round(time.perf_counter() - start, 1)))
+      cascade,
+      captions,
+      jax.random.key(seed),
+      batch_size=batch,
+      steps={base: steps},
+      sampler={base: sampler},
+      progress=False,
+    )
+    rows.append(
+      dict(
+        sampler=sampler,
+        steps=steps,
+        unet_calls=unet_calls(sampler, steps),
+        single=summary["single_object"]["accuracy"],
+        two=summary["two_object"]["accuracy"],
+        all=summary["accuracy"],
+        seconds=round(time.perf_counter() - start, 1),
+      )
+    )
     print(rows[-1], flush=True)
   return rows
 
@@ -70,7 +84,7 @@ def _quadrant_mask(position: str, size: int) -> np.ndarray:
   fx, fy = shapes.POSITION_CENTERS[position]
   mask = np.zeros((size, size), np.uint8)
   x0, y0 = int(fx >= 0.5) * size // 2, int(fy >= 0.5) * size // 2
-  mask[y0:y0 + size // 2, x0:x0 + size // 2] = 255
+  mask[y0 : y0 + size // 2, x0 : x0 + size // 2] = 255
   return mask
 
 
@@ -83,15 +97,17 @@ def inpaint_rows(cascade: Cascade, cases: int, seed: int) -> dict:
     image = shapes.render([first], size, rng)
     mask = _quadrant_mask(second.position, size)
     caption = shapes.make_caption([first, second])
-    out = cascade.sample([caption], jax.random.key(seed + i), init_image=image, mask=mask,
-                         progress=False)
+    out = cascade.sample(
+      [caption], jax.random.key(seed + i), init_image=image, mask=mask, progress=False
+    )
     final = out.final[0]
     kept = bool((final[mask == 0] == image[mask == 0]).all())
     found = bool(eval_shapes.score_image(final, caption)["correct"])
     ok_pixels += kept
     ok_both += found and kept
-  return dict(cases=cases, both_objects_and_pixels_kept=ok_both / cases,
-              pixels_kept=ok_pixels / cases)
+  return dict(
+    cases=cases, both_objects_and_pixels_kept=ok_both / cases, pixels_kept=ok_pixels / cases
+  )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -111,8 +127,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except (ValueError, FileNotFoundError) as e:
     print(f"benchmarks.editing: error: {e}", file=sys.stderr)
     return 2
-  meta = dict(machine=cpu_model(), devices=jax.device_count(), date=time.strftime("%Y-%m-%d"),
-              workdir=args.workdir, checkpoint_steps=cascade.checkpoint_steps)
+  meta = dict(
+    machine=cpu_model(),
+    devices=jax.device_count(),
+    date=time.strftime("%Y-%m-%d"),
+    workdir=args.workdir,
+    checkpoint_steps=cascade.checkpoint_steps,
+  )
   rows = sampler_rows(cascade, pairs, args.num, args.seed, args.batch) if pairs else []
   inpaint = inpaint_rows(cascade, args.inpaint, args.seed) if args.inpaint else None
   if rows:

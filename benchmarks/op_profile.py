@@ -31,8 +31,7 @@ from imagen_jax.convert import if_config
 from imagen_jax.diffusion import schedules
 from imagen_jax.models import UNet, UNetConfig
 
-_KINDS = ("convolution", "dot", "fusion (element-wise / reduce)", "copy / transpose",
-          "other")
+_KINDS = ("convolution", "dot", "fusion (element-wise / reduce)", "copy / transpose", "other")
 
 
 def op_kinds(hlo_text: str) -> dict[str, str]:
@@ -92,13 +91,15 @@ def build(width: int, res: int, batch: int):
   t = jnp.asarray(rng.integers(0, 1000, (batch,)))
   text = jnp.asarray(rng.standard_normal((batch, peers.TEXT_LEN, 4096), np.float32))
   params = jax.jit(lambda r: model.init(r, x[:1], t[:1], text[:1], None)["params"])(
-      jax.random.PRNGKey(0))
+    jax.random.PRNGKey(0)
+  )
   return model, params, x, t, text
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m benchmarks.op_profile",
-                                   description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(
+    prog="python -m benchmarks.op_profile", description=__doc__.split("\n\n")[0]
+  )
   parser.add_argument("--batch", type=int, default=8, help="forward rows (guided: 2B)")
   parser.add_argument("--train-batch", type=int, default=4)
   parser.add_argument("--width", type=int, default=64)
@@ -117,19 +118,22 @@ def main(argv=None) -> int:
   b = args.train_batch
   step_args = (params, tx.init(params), jax.random.PRNGKey(1), jnp.tanh(x[:b]), text[:b])
   results[f"train step (B={b})"] = profile(step, step_args, args.calls)
-  print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, IF-I shape width "
-        f"{args.width}, {args.resolution}×{args.resolution}; seconds per call by op kind")
+  print(
+    f"{jax.devices()[0].device_kind}, jax {jax.__version__}, IF-I shape width "
+    f"{args.width}, {args.resolution}×{args.resolution}; seconds per call by op kind"
+  )
   head = ["call", "wall s"] + list(_KINDS)
   table = []
   for name, (totals, wall) in results.items():
     busy = sum(totals.values())
-    table.append([name, f"{wall:.3f}"] + [
-        f"{totals.get(k, 0.0):.3f} ({100 * totals.get(k, 0.0) / busy:.0f}%)" for k in _KINDS])
+    table.append(
+      [name, f"{wall:.3f}"]
+      + [f"{totals.get(k, 0.0):.3f} ({100 * totals.get(k, 0.0) / busy:.0f}%)" for k in _KINDS]
+    )
   print(markdown_table(head, table))
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({k: {"by_kind_s": v[0], "wall_s": v[1]} for k, v in results.items()}, f,
-                indent=1)
+      json.dump({k: {"by_kind_s": v[0], "wall_s": v[1]} for k, v in results.items()}, f, indent=1)
   return 0
 
 

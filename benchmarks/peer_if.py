@@ -12,18 +12,39 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.peers import (BETAS, LR, TEXT_LEN, WD, jax_sync, make_torch_adamw, opt_kind,
-                              print_table, row, time_calls)
+from benchmarks.peers import (
+  BETAS,
+  LR,
+  TEXT_LEN,
+  WD,
+  jax_sync,
+  make_torch_adamw,
+  opt_kind,
+  print_table,
+  row,
+  time_calls,
+)
 
 
 # DeepFloyd IF-I's DDPMScheduler settings (scheduler/scheduler_config.json).
 IF_SCHEDULER = dict(
-    _class_name="DDPMScheduler", beta_end=0.02, beta_schedule="squaredcos_cap_v2",
-    beta_start=0.0001, clip_sample=True, clip_sample_range=1.0,
-    dynamic_thresholding_ratio=0.95, num_train_timesteps=1000, prediction_type="epsilon",
-    sample_max_value=1.5, steps_offset=0, thresholding=True, timestep_spacing="leading",
-    trained_betas=None, variance_type="learned_range")
-IF_GUIDANCE = 7.0        # IFPipeline's default
+  _class_name="DDPMScheduler",
+  beta_end=0.02,
+  beta_schedule="squaredcos_cap_v2",
+  beta_start=0.0001,
+  clip_sample=True,
+  clip_sample_range=1.0,
+  dynamic_thresholding_ratio=0.95,
+  num_train_timesteps=1000,
+  prediction_type="epsilon",
+  sample_max_value=1.5,
+  steps_offset=0,
+  thresholding=True,
+  timestep_spacing="leading",
+  trained_betas=None,
+  variance_type="learned_range",
+)
+IF_GUIDANCE = 7.0  # IFPipeline's default
 
 
 def if_unet_config(width: int, res: int, text_dim: int = 4096) -> dict:
@@ -31,24 +52,41 @@ def if_unet_config(width: int, res: int, text_dim: int = 4096) -> dict:
   ch = (width, 2 * width, 3 * width, 4 * width)
   head_dim = 64 if width % 64 == 0 else 32
   return dict(
-      sample_size=res, in_channels=3, out_channels=6, block_out_channels=ch,
-      layers_per_block=2, down_block_types=("ResnetDownsampleBlock2D",) + (
-          "SimpleCrossAttnDownBlock2D",) * 3,
-      up_block_types=("SimpleCrossAttnUpBlock2D",) * 3 + ("ResnetUpsampleBlock2D",),
-      mid_block_type="UNetMidBlock2DSimpleCrossAttn", attention_head_dim=head_dim,
-      cross_attention_dim=ch[-1], encoder_hid_dim=text_dim, encoder_hid_dim_type="text_proj",
-      addition_embed_type="text", addition_embed_type_num_heads=64,
-      cross_attention_norm="group_norm", act_fn="gelu", time_embedding_act_fn="gelu",
-      resnet_time_scale_shift="scale_shift", resnet_skip_time_act=True,
-      resnet_out_scale_factor=2 ** 0.5, norm_num_groups=32, norm_eps=1e-5,
-      flip_sin_to_cos=True, freq_shift=0)
+    sample_size=res,
+    in_channels=3,
+    out_channels=6,
+    block_out_channels=ch,
+    layers_per_block=2,
+    down_block_types=("ResnetDownsampleBlock2D",) + ("SimpleCrossAttnDownBlock2D",) * 3,
+    up_block_types=("SimpleCrossAttnUpBlock2D",) * 3 + ("ResnetUpsampleBlock2D",),
+    mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+    attention_head_dim=head_dim,
+    cross_attention_dim=ch[-1],
+    encoder_hid_dim=text_dim,
+    encoder_hid_dim_type="text_proj",
+    addition_embed_type="text",
+    addition_embed_type_num_heads=64,
+    cross_attention_norm="group_norm",
+    act_fn="gelu",
+    time_embedding_act_fn="gelu",
+    resnet_time_scale_shift="scale_shift",
+    resnet_skip_time_act=True,
+    resnet_out_scale_factor=2**0.5,
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+  )
 
 
 def write_if_folder(path: str, unet, diffusers_version: str) -> None:
   """A minimal diffusers IF pipeline folder (index, unet/, scheduler/) for ``load_unet``."""
-  index = {"_class_name": "IFPipeline", "_diffusers_version": diffusers_version,
-           "scheduler": ["diffusers", "DDPMScheduler"],
-           "unet": ["diffusers", "UNet2DConditionModel"]}
+  index = {
+    "_class_name": "IFPipeline",
+    "_diffusers_version": diffusers_version,
+    "scheduler": ["diffusers", "DDPMScheduler"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+  }
   os.makedirs(os.path.join(path, "scheduler"))
   with open(os.path.join(path, "model_index.json"), "w") as f:
     json.dump(index, f, indent=2)
@@ -60,6 +98,7 @@ def write_if_folder(path: str, unet, diffusers_version: str) -> None:
 def torch_if_sample(unet, sched_cls, text, uncond, steps: int, seed: int):
   """IFPipeline's stage-I denoising loop (guidance on ε only, conditional variance)."""
   import torch
+
   sched = sched_cls.from_config(IF_SCHEDULER)
   sched.set_timesteps(steps)
   gen = torch.Generator().manual_seed(seed)
@@ -81,6 +120,7 @@ def torch_if_train_step(unet, opt, x0, text, alphas_cumprod):
   """ε-MSE on the first 3 output channels at random integer t, one AdamW step."""
   import torch
   import torch.nn.functional as F
+
   b = x0.shape[0]
   t = torch.randint(0, alphas_cumprod.shape[0], (b,))
   eps = torch.randn_like(x0)
@@ -153,14 +193,15 @@ def bench_if(args, workdir: str) -> dict:
   fwd = jax.jit(lambda p, x, t, e: model.apply({"params": p}, x, t, e, None))
   theirs_out = torch_fwd().permute(0, 2, 3, 1).numpy()
   t0 = time.perf_counter()
-  ours_out = np.asarray(fwd(params, x_j, t_j, text_j))   # compiles: counted as the first call
+  ours_out = np.asarray(fwd(params, x_j, t_j, text_j))  # compiles: counted as the first call
   ours_first = time.perf_counter() - t0
   diff = float(np.abs(ours_out - theirs_out).max())
   scale = float(np.abs(theirs_out).max())
   print(f"[if] parity: max|ours − diffusers| = {diff:.2e} (|out| max {scale:.2f})", flush=True)
   if not diff <= 1e-3:
-    raise SystemExit(f"[if] our converted UNet disagrees with diffusers: max abs diff "
-                     f"{diff:.3e} > 1e-3 (fp32)")
+    raise SystemExit(
+      f"[if] our converted UNet disagrees with diffusers: max abs diff {diff:.3e} > 1e-3 (fp32)"
+    )
   ours = time_calls(lambda: fwd(params, x_j, t_j, text_j), args.repeats, jax_sync)
   ours["first"] = ours_first
   rows = [row(f"forward (B={b})", ours, time_calls(torch_fwd, args.repeats))]
@@ -172,11 +213,17 @@ def bench_if(args, workdir: str) -> dict:
   probe.set_timesteps(steps)
   assert tuple(int(s) for s in probe.timesteps) == tuple(ts), (probe.timesteps, ts)
   key = jax.random.PRNGKey(0)
-  ours = time_calls(lambda: if_sampling.sample_stage(
-      stage, params, text_j, uncond_j, key, guidance_scale=IF_GUIDANCE, timesteps=ts),
-                    args.sample_repeats, jax_sync)
-  theirs = time_calls(lambda: torch_if_sample(unet, diffusers.DDPMScheduler, text_t, uncond_t,
-                                              steps, 0), args.sample_repeats)
+  ours = time_calls(
+    lambda: if_sampling.sample_stage(
+      stage, params, text_j, uncond_j, key, guidance_scale=IF_GUIDANCE, timesteps=ts
+    ),
+    args.sample_repeats,
+    jax_sync,
+  )
+  theirs = time_calls(
+    lambda: torch_if_sample(unet, diffusers.DDPMScheduler, text_t, uncond_t, steps, 0),
+    args.sample_repeats,
+  )
   rows.append(row(f"guided sampling ({steps} steps, B={b})", ours, theirs))
   print("[if] sampling done", flush=True)
 
@@ -192,31 +239,43 @@ def bench_if(args, workdir: str) -> dict:
 
   def ours_step():
     counter[0] += 1
-    state[0], state[1], loss = step(state[0], state[1], jax.random.PRNGKey(counter[0]),
-                                    x0_j, text_j)
+    state[0], state[1], loss = step(
+      state[0], state[1], jax.random.PRNGKey(counter[0]), x0_j, text_j
+    )
     return loss
 
   unet.train()
   opt = make_torch_adamw(unet.parameters(), WD)
   x0_t, ac_t = torch.from_numpy(x0_np), torch.from_numpy(ac)
-  rows.append(row(f"train step (B={b})", time_calls(ours_step, args.repeats, jax_sync),
-                  time_calls(lambda: torch_if_train_step(unet, opt, x0_t, text_t, ac_t),
-                             args.repeats)))
+  rows.append(
+    row(
+      f"train step (B={b})",
+      time_calls(ours_step, args.repeats, jax_sync),
+      time_calls(lambda: torch_if_train_step(unet, opt, x0_t, text_t, ac_t), args.repeats),
+    )
+  )
   notes = [
-      "diffusers UNet2DConditionModel, IF-I block structure: channels "
-      f"{config['block_out_channels']}, "
-      f"layers_per_block {config['layers_per_block']}, head dim {config['attention_head_dim']}, "
-      f"cross-attention dim "
-      f"{config['cross_attention_dim']}, {res}×{res}, text {TEXT_LEN}×4096",
-      f"params: ours {n_ours / 1e6:.2f}M, theirs {n_theirs / 1e6:.2f}M (same weights, "
-      f"converted; {n_pool / 1e6:.1f}M of them in IF's 4096-wide text pooling, which does "
-      f"not shrink with the width); parity max abs diff {diff:.1e}",
-      "train: ε-MSE on channels 0–2, random integer t, IF alphas_cumprod, AdamW "
-      f"(lr {LR}, betas {BETAS}, wd {WD}); theirs eager PyTorch, {opt_kind(opt)} AdamW",
-      f"sampling: {steps} leading-spaced steps, guidance {IF_GUIDANCE} on ε (one call on 2B "
-      "rows), learned-range variance, dynamic thresholding 0.95 / max 1.5; theirs "
-      "DDPMScheduler.step per step, ours sample_stage (one jit)",
+    "diffusers UNet2DConditionModel, IF-I block structure: channels "
+    f"{config['block_out_channels']}, "
+    f"layers_per_block {config['layers_per_block']}, head dim {config['attention_head_dim']}, "
+    f"cross-attention dim "
+    f"{config['cross_attention_dim']}, {res}×{res}, text {TEXT_LEN}×4096",
+    f"params: ours {n_ours / 1e6:.2f}M, theirs {n_theirs / 1e6:.2f}M (same weights, "
+    f"converted; {n_pool / 1e6:.1f}M of them in IF's 4096-wide text pooling, which does "
+    f"not shrink with the width); parity max abs diff {diff:.1e}",
+    "train: ε-MSE on channels 0–2, random integer t, IF alphas_cumprod, AdamW "
+    f"(lr {LR}, betas {BETAS}, wd {WD}); theirs eager PyTorch, {opt_kind(opt)} AdamW",
+    f"sampling: {steps} leading-spaced steps, guidance {IF_GUIDANCE} on ε (one call on 2B "
+    "rows), learned-range variance, dynamic thresholding 0.95 / max 1.5; theirs "
+    "DDPMScheduler.step per step, ours sample_stage (one jit)",
   ]
   print_table("IF-I shape: diffusers (PyTorch) vs our converted UNet", rows, notes)
-  return dict(config=config, params_ours=n_ours, params_theirs=n_theirs,
-              parity_max_abs_diff=diff, output_abs_max=scale, rows=rows, notes=notes)
+  return dict(
+    config=config,
+    params_ours=n_ours,
+    params_theirs=n_theirs,
+    parity_max_abs_diff=diff,
+    output_abs_max=scale,
+    rows=rows,
+    notes=notes,
+  )

@@ -49,34 +49,55 @@ import jax
 from benchmarks.common import cpu_model
 
 PEERS = {"if": ("torch", "diffusers"), "imagen": ("torch", "torchvision", "imagen_pytorch")}
-INSTALL_HINT = ("install the peers in a venv that sees this environment: python -m venv "
-                "--system-site-packages VENV && VENV/bin/pip install -r "
-                "benchmarks/requirements-peers.txt, then run VENV/bin/python -m benchmarks.peers")
+INSTALL_HINT = (
+  "install the peers in a venv that sees this environment: python -m venv "
+  "--system-site-packages VENV && VENV/bin/pip install -r "
+  "benchmarks/requirements-peers.txt, then run VENV/bin/python -m benchmarks.peers"
+)
 T5_NAME = "google/t5-v1_1-base"
 # The published google/t5-v1_1-base dimensions (imagen-pytorch only reads d_model).
-T5_BASE = dict(model_type="t5", architectures=["T5ForConditionalGeneration"], d_model=768,
-               d_ff=2048, d_kv=64, num_layers=12, num_decoder_layers=12, num_heads=12,
-               vocab_size=32128, feed_forward_proj="gated-gelu", dense_act_fn="gelu_new",
-               is_gated_act=True, relative_attention_num_buckets=32, dropout_rate=0.1,
-               layer_norm_epsilon=1e-6, initializer_factor=1.0, tie_word_embeddings=False,
-               pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-TEXT_LEN = 77            # IF's tokenizer length; used for both peers
+T5_BASE = dict(
+  model_type="t5",
+  architectures=["T5ForConditionalGeneration"],
+  d_model=768,
+  d_ff=2048,
+  d_kv=64,
+  num_layers=12,
+  num_decoder_layers=12,
+  num_heads=12,
+  vocab_size=32128,
+  feed_forward_proj="gated-gelu",
+  dense_act_fn="gelu_new",
+  is_gated_act=True,
+  relative_attention_num_buckets=32,
+  dropout_rate=0.1,
+  layer_norm_epsilon=1e-6,
+  initializer_factor=1.0,
+  tie_word_embeddings=False,
+  pad_token_id=0,
+  eos_token_id=1,
+  decoder_start_token_id=0,
+)
+TEXT_LEN = 77  # IF's tokenizer length; used for both peers
 LR, BETAS, WD = 1e-4, (0.9, 0.999), 0.01
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m benchmarks.peers",
-                              description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(
+    prog="python -m benchmarks.peers", description=__doc__.splitlines()[0]
+  )
   p.add_argument("--which", default="if,imagen", help="comma list of peers: if, imagen")
-  p.add_argument("--batch", type=int, default=4, help="images per step (sampling: B images, "
-                 "guidance on 2B rows)")
+  p.add_argument(
+    "--batch", type=int, default=4, help="images per step (sampling: B images, guidance on 2B rows)"
+  )
   p.add_argument("--steps", type=int, default=25, help="sampling steps (both sides)")
   p.add_argument("--repeats", type=int, default=5, help="timed calls of forward / train step")
   p.add_argument("--sample-repeats", type=int, default=2, help="timed sampling runs")
   p.add_argument("--width", type=int, default=64, help="base channel width of both peers")
   p.add_argument("--resolution", type=int, default=64, help="image size of both peers")
-  p.add_argument("--small", action="store_true",
-                 help="smoke run: 32×32, width 32, batch 2, 3 steps, 2 repeats")
+  p.add_argument(
+    "--small", action="store_true", help="smoke run: 32×32, width 32, batch 2, 3 steps, 2 repeats"
+  )
   p.add_argument("--json", default="", help="also write the results here")
   args = p.parse_args(argv)
   args.which = [w.strip() for w in args.which.split(",") if w.strip()]
@@ -109,8 +130,9 @@ def offline_t5_home(root: str) -> None:
     f.write(rev)
   with open(os.path.join(repo, "snapshots", rev, "config.json"), "w") as f:
     json.dump(T5_BASE, f, indent=2)
-  os.environ.update(HF_HOME=root, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                    HF_HUB_DISABLE_TELEMETRY="1")
+  os.environ.update(
+    HF_HOME=root, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1"
+  )
 
 
 # ---------------------------------------------------------------- timing
@@ -135,9 +157,17 @@ def jax_sync(out):
 
 def row(metric: str, ours: dict, theirs: dict) -> dict:
   o, t = ours["median"], theirs["median"]
-  return dict(metric=metric, ours_s=o, theirs_s=t, ratio=o / t, speedup=t / o,
-              ours_compile_s=max(ours["first"] - o, 0.0), ours_runs=ours["runs"],
-              theirs_first_s=theirs["first"], theirs_runs=theirs["runs"])
+  return dict(
+    metric=metric,
+    ours_s=o,
+    theirs_s=t,
+    ratio=o / t,
+    speedup=t / o,
+    ours_compile_s=max(ours["first"] - o, 0.0),
+    ours_runs=ours["runs"],
+    theirs_first_s=theirs["first"],
+    theirs_runs=theirs["runs"],
+  )
 
 
 def print_table(title: str, rows: list, notes: list) -> None:
@@ -146,19 +176,25 @@ def print_table(title: str, rows: list, notes: list) -> None:
     print(f"  {n}")
   print(f"  {'metric':<34}{'ours (s)':>10}{'theirs (s)':>12}{'ours/theirs':>13}{'speedup':>9}")
   for r in rows:
-    print(f"  {r['metric']:<34}{r['ours_s']:>10.4f}{r['theirs_s']:>12.4f}"
-          f"{r['ratio']:>13.3f}{r['speedup']:>8.2f}x")
-  print("  our compile (first call − steady state): " + ", ".join(
-      f"{r['metric'].split(' (')[0]} {r['ours_compile_s']:.1f} s" for r in rows))
+    print(
+      f"  {r['metric']:<34}{r['ours_s']:>10.4f}{r['theirs_s']:>12.4f}"
+      f"{r['ratio']:>13.3f}{r['speedup']:>8.2f}x"
+    )
+  print(
+    "  our compile (first call − steady state): "
+    + ", ".join(f"{r['metric'].split(' (')[0]} {r['ours_compile_s']:.1f} s" for r in rows)
+  )
 
 
 def make_torch_adamw(params, weight_decay: float):
   """torch AdamW, fused on CPU when this torch has it (the peer's fastest eager option)."""
   import torch
+
   params = list(params)
   try:
-    return torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=1e-8,
-                             weight_decay=weight_decay, fused=True)
+    return torch.optim.AdamW(
+      params, lr=LR, betas=BETAS, eps=1e-8, weight_decay=weight_decay, fused=True
+    )
   except (RuntimeError, TypeError, ValueError):
     return torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=1e-8, weight_decay=weight_decay)
 
@@ -172,6 +208,7 @@ def opt_kind(opt) -> str:
 
 def machine_info() -> dict:
   import importlib.metadata as md
+
   cpu = cpu_model()
   versions = {}
   for dist in ("jax", "jaxlib", "flax", "optax", "torch", "diffusers", "imagen-pytorch"):
@@ -180,9 +217,15 @@ def machine_info() -> dict:
     except md.PackageNotFoundError:
       versions[dist] = None
   import torch
-  return dict(date=datetime.datetime.now().isoformat(timespec="seconds"), cpu=cpu,
-              cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
-              python=platform.python_version(), versions=versions)
+
+  return dict(
+    date=datetime.datetime.now().isoformat(timespec="seconds"),
+    cpu=cpu,
+    cores=os.cpu_count(),
+    torch_threads=torch.get_num_threads(),
+    python=platform.python_version(),
+    versions=versions,
+  )
 
 
 def main(argv=None) -> int:
@@ -194,19 +237,25 @@ def main(argv=None) -> int:
   with tempfile.TemporaryDirectory(prefix="peers-") as workdir:
     offline_t5_home(os.path.join(workdir, "hf_home"))
     info = machine_info()
-    print(f"{info['date']}  {info['cpu']}  {info['cores']} cores, torch threads "
-          f"{info['torch_threads']}; " + ", ".join(f"{k} {v}" for k, v in
-                                                   info["versions"].items()), flush=True)
-    print(f"batch {args.batch}, {args.resolution}×{args.resolution}, sampling steps "
-          f"{args.steps}, repeats {args.repeats} (sampling {args.sample_repeats}), fp32",
-          flush=True)
+    print(
+      f"{info['date']}  {info['cpu']}  {info['cores']} cores, torch threads "
+      f"{info['torch_threads']}; " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()),
+      flush=True,
+    )
+    print(
+      f"batch {args.batch}, {args.resolution}×{args.resolution}, sampling steps "
+      f"{args.steps}, repeats {args.repeats} (sampling {args.sample_repeats}), fp32",
+      flush=True,
+    )
     results = dict(machine=info, args={k: v for k, v in vars(args).items()})
     if "if" in args.which:
       from benchmarks import peer_if  # pylint: disable=import-outside-toplevel
+
       results["if"] = peer_if.bench_if(args, workdir)
-      gc.collect()   # free the first peer's weights and optimizer state before the second
+      gc.collect()  # free the first peer's weights and optimizer state before the second
     if "imagen" in args.which:
       from benchmarks import peer_imagen  # pylint: disable=import-outside-toplevel
+
       results["imagen"] = peer_imagen.bench_imagen(args, workdir)
   if args.json:
     with open(args.json, "w") as f:

@@ -36,6 +36,7 @@ from imagen_jax.text import TextEncoder
 def random_params(config: Any, seed: int = 0) -> dict:
   """Stage name → randomly initialized params."""
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
+
   out = {}
   for k, name in enumerate(config.stage_order):
     stage = build_stage(config.stages[name], text_dim=config.text.get("dim"))
@@ -44,16 +45,24 @@ def random_params(config: Any, seed: int = 0) -> dict:
   return out
 
 
-def measure(config: Any, steps_list: Sequence[int], batch: int,
-            workdir: Optional[str] = None, prompts: Optional[Sequence[str]] = None,
-            progress: bool = False) -> list[dict]:
+def measure(
+  config: Any,
+  steps_list: Sequence[int],
+  batch: int,
+  workdir: Optional[str] = None,
+  prompts: Optional[Sequence[str]] = None,
+  progress: bool = False,
+) -> list[dict]:
   """One row per step count: per-stage compile/run seconds and compile counts."""
   prompts = list(prompts or config.train.get("sample_prompts") or ("a red circle",))
   prompts = (prompts * batch)[:batch]
   if workdir:
-    params = {n: run_lib.load_ema_params(
-        workdir, build_stage(config.stages[n], text_dim=config.text.get("dim")))[0]
-              for n in config.stage_order}
+    params = {
+      n: run_lib.load_ema_params(
+        workdir, build_stage(config.stages[n], text_dim=config.text.get("dim"))
+      )[0]
+      for n in config.stage_order
+    }
   else:
     params = random_params(config)
   encoder = TextEncoder.from_config(config.text)
@@ -63,12 +72,21 @@ def measure(config: Any, steps_list: Sequence[int], batch: int,
     start = time.perf_counter()
     out = cascade.sample(prompts, jax.random.PRNGKey(0), steps=int(steps), progress=progress)
     wall = time.perf_counter() - start
-    stages = {name: {"compile_s": t.compile_s, "run_s": t.run_s, "compiles": t.compiles}
-              for name, t in out.timings.items()}
-    rows.append({"steps": int(steps), "batch": batch, "wall_s": wall, "stages": stages,
-                 "compile_s": sum(s["compile_s"] for s in stages.values()),
-                 "run_s": sum(s["run_s"] for s in stages.values()),
-                 "finite": bool(np.isfinite(out.final.astype(np.float32)).all())})
+    stages = {
+      name: {"compile_s": t.compile_s, "run_s": t.run_s, "compiles": t.compiles}
+      for name, t in out.timings.items()
+    }
+    rows.append(
+      {
+        "steps": int(steps),
+        "batch": batch,
+        "wall_s": wall,
+        "stages": stages,
+        "compile_s": sum(s["compile_s"] for s in stages.values()),
+        "run_s": sum(s["run_s"] for s in stages.values()),
+        "finite": bool(np.isfinite(out.final.astype(np.float32)).all()),
+      }
+    )
   return rows
 
 
@@ -87,11 +105,13 @@ def format_table(rows: Sequence[dict]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m benchmarks.sampling",
-                                   description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(
+    prog="python -m benchmarks.sampling", description=__doc__.split("\n\n")[0]
+  )
   parser.add_argument("--config", required=True, help="cascade config, path.py[:variant]")
-  parser.add_argument("--steps", default="25,50,100,200",
-                      help="comma-separated step counts (every stage uses each)")
+  parser.add_argument(
+    "--steps", default="25,50,100,200", help="comma-separated step counts (every stage uses each)"
+  )
   parser.add_argument("--batch", type=int, default=16, help="images per sample call")
   parser.add_argument("--workdir", default=None, help="trained run (default: random params)")
   parser.add_argument("--json", default=None, help="also write the rows to this file")
@@ -108,16 +128,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 2
   rows = measure(config, steps, args.batch, args.workdir)
   device = jax.devices()[0]
-  machine = (f"{cpu_model()}, {os.cpu_count()} cores" if device.platform == "cpu"
-             else f"{jax.device_count()} × {device.device_kind}")
-  print(f"\npython -m benchmarks.sampling {' '.join(argv or sys.argv[1:])}\n"
-        f"{datetime.date.today()}, {machine}, jax {jax.__version__}, batch {args.batch}, "
-        f"params {'from ' + args.workdir if args.workdir else 'random'}\n")
+  machine = (
+    f"{cpu_model()}, {os.cpu_count()} cores"
+    if device.platform == "cpu"
+    else f"{jax.device_count()} × {device.device_kind}"
+  )
+  print(
+    f"\npython -m benchmarks.sampling {' '.join(argv or sys.argv[1:])}\n"
+    f"{datetime.date.today()}, {machine}, jax {jax.__version__}, batch {args.batch}, "
+    f"params {'from ' + args.workdir if args.workdir else 'random'}\n"
+  )
   print(format_table(rows))
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"machine": machine, "date": str(datetime.date.today()),
-                 "jax": jax.__version__, "rows": rows}, f, indent=1)
+      json.dump(
+        {
+          "machine": machine,
+          "date": str(datetime.date.today()),
+          "jax": jax.__version__,
+          "rows": rows,
+        },
+        f,
+        indent=1,
+      )
   return 0
 
 

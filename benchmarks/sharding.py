@@ -63,8 +63,9 @@ if __name__ == "__main__":
   # Must happen before jax is imported: N fake host devices on a CPU.
   _n = _requested_devices(sys.argv[1:])
   if _n:
-    _flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                    os.environ.get("XLA_FLAGS", ""))
+    _flags = re.sub(
+      r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", "")
+    )
     os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count={_n}".strip()
 
 # pylint: disable=wrong-import-position
@@ -86,27 +87,42 @@ STRATEGIES = ("dp", "fsdp", "tp", "fsdp_tp")
 # Dense bf16 peak FLOP/s per chip, by a substring of ``device.device_kind``
 # (first match wins, so the more specific names come first).
 PEAK_FLOPS = (
-    ("H100 PCIe", 756e12),
-    ("H100", 989.4e12),
-    ("H200", 989.4e12),
-    ("GH200", 989.4e12),
-    ("B200", 2250e12),
-    ("A100", 312e12),
-    ("L4", 121e12),
-    ("TPU v4", 275e12),
-    ("TPU v5 lite", 197e12),
-    ("TPU v5e", 197e12),
-    ("TPU v5", 459e12),
-    ("TPU v6 lite", 918e12),
-    ("TPU v6e", 918e12),
+  ("H100 PCIe", 756e12),
+  ("H100", 989.4e12),
+  ("H200", 989.4e12),
+  ("GH200", 989.4e12),
+  ("B200", 2250e12),
+  ("A100", 312e12),
+  ("L4", 121e12),
+  ("TPU v4", 275e12),
+  ("TPU v5 lite", 197e12),
+  ("TPU v5e", 197e12),
+  ("TPU v5", 459e12),
+  ("TPU v6 lite", 918e12),
+  ("TPU v6e", 918e12),
 )
 
-COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
-               "collective-permute")
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
-                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
-                "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1}
+_DTYPE_BYTES = {
+  "pred": 1,
+  "s8": 1,
+  "u8": 1,
+  "s16": 2,
+  "u16": 2,
+  "f16": 2,
+  "bf16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+  "c64": 8,
+  "c128": 16,
+  "f8e4m3fn": 1,
+  "f8e5m2": 1,
+}
 _ARRAY_RE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 
 
@@ -154,7 +170,7 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
   shapes, found = {}, []
   for _, name, shape, opcode, rest in hlo_instructions(hlo_text):
     shapes[name] = shape
-    kind = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
+    kind = opcode[: -len("-start")] if opcode.endswith("-start") else opcode
     if kind in COLLECTIVES:
       found.append((kind, _operand_names(rest)))
   out = {k: 0 for k in COLLECTIVES}
@@ -190,29 +206,29 @@ def _tree_bytes(abstract: Any, shardings: Any = None) -> int:
 
 def _is_oom(err: Exception) -> bool:
   text = str(err)
-  return any(s in text for s in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory",
-                                 "OOM"))
+  return any(s in text for s in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OOM"))
 
 
 @dataclasses.dataclass
 class Row:
   """One strategy's measurements (bytes per device unless named total)."""
+
   strategy: str
   mesh: dict
-  remat: Optional[str] = None        # the stage's remat policy when --remat was given
-  status: str = "ok"                 # 'ok', 'does not fit: ...', 'OOM: ...', 'error: ...'
+  remat: Optional[str] = None  # the stage's remat policy when --remat was given
+  status: str = "ok"  # 'ok', 'does not fit: ...', 'OOM: ...', 'error: ...'
   batch: int = 0
   grad_accum: int = 1
-  step_s: Optional[float] = None     # median step time
+  step_s: Optional[float] = None  # median step time
   step_s_min: Optional[float] = None
   images_per_s: Optional[float] = None
   compile_s: Optional[float] = None
-  state_bytes: int = 0               # params + EMA + optimizer state on one device
-  state_bytes_total: int = 0         # the same, whole (all devices together)
+  state_bytes: int = 0  # params + EMA + optimizer state on one device
+  state_bytes_total: int = 0  # the same, whole (all devices together)
   state_ratio: Optional[float] = None  # state_bytes / (total / N); 1.0 = perfectly split
   argument_bytes: Optional[int] = None
   temp_bytes: Optional[int] = None
-  peak_bytes: Optional[int] = None   # argument + output - aliased + temporaries
+  peak_bytes: Optional[int] = None  # argument + output - aliased + temporaries
   collective_bytes: dict = dataclasses.field(default_factory=dict)
   model_flops: Optional[float] = None  # per step, all devices together
   tflops_per_s: Optional[float] = None  # achieved model TFLOP/s, all devices
@@ -220,38 +236,46 @@ class Row:
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      tree, shardings)
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
+  )
 
 
-def _batch_abstract(batch: int, stage: Stage, text_len: int, text_dim: int,
-                    shardings: Any) -> dict:
+def _batch_abstract(batch: int, stage: Stage, text_len: int, text_dim: int, shardings: Any) -> dict:
   r = stage.resolution
-  return {"image": jax.ShapeDtypeStruct((batch, r, r, 3), jnp.uint8,
-                                        sharding=shardings["image"]),
-          "text_emb": jax.ShapeDtypeStruct((batch, text_len, text_dim), jnp.float32,
-                                           sharding=shardings["text_emb"]),
-          "text_mask": jax.ShapeDtypeStruct((batch, text_len), jnp.bool_,
-                                            sharding=shardings["text_mask"])}
+  return {
+    "image": jax.ShapeDtypeStruct((batch, r, r, 3), jnp.uint8, sharding=shardings["image"]),
+    "text_emb": jax.ShapeDtypeStruct(
+      (batch, text_len, text_dim), jnp.float32, sharding=shardings["text_emb"]
+    ),
+    "text_mask": jax.ShapeDtypeStruct(
+      (batch, text_len), jnp.bool_, sharding=shardings["text_mask"]
+    ),
+  }
 
 
 def _random_batch(abstract: dict, seed: int = 0) -> dict:
   rs = np.random.RandomState(seed)
   image = abstract["image"]
   b, l = abstract["text_mask"].shape
-  host = {"image": rs.randint(0, 256, image.shape).astype(np.uint8),
-          "text_emb": rs.randn(*abstract["text_emb"].shape).astype(np.float32),
-          "text_mask": np.arange(l)[None, :].repeat(b, 0) < rs.randint(1, l + 1, (b, 1))}
+  host = {
+    "image": rs.randint(0, 256, image.shape).astype(np.uint8),
+    "text_emb": rs.randn(*abstract["text_emb"].shape).astype(np.float32),
+    "text_mask": np.arange(l)[None, :].repeat(b, 0) < rs.randint(1, l + 1, (b, 1)),
+  }
   return {k: jax.device_put(v, abstract[k].sharding) for k, v in host.items()}
 
 
 def _uncond(text_len: int, text_dim: int, sharding) -> dict:
-  return {"text_emb": jax.device_put(np.zeros((text_len, text_dim), np.float32), sharding),
-          "text_mask": jax.device_put(np.arange(text_len) < 1, sharding)}
+  return {
+    "text_emb": jax.device_put(np.zeros((text_len, text_dim), np.float32), sharding),
+    "text_mask": jax.device_put(np.arange(text_len) < 1, sharding),
+  }
 
 
-def _step_setup(config: Any, stage_name: str, batch: int, mesh, rules,
-                seed: int = 0) -> types.SimpleNamespace:
+def _step_setup(
+  config: Any, stage_name: str, batch: int, mesh, rules, seed: int = 0
+) -> types.SimpleNamespace:
   """The stage's jitted train step and the arguments to lower it with (abstract
   state and batch, concrete rng and empty-caption text), on ``mesh`` or on none."""
   stage = build_stage(config.stages[stage_name])
@@ -259,31 +283,37 @@ def _step_setup(config: Any, stage_name: str, batch: int, mesh, rules,
   tx = optim.make_optimizer(tc)
   text_len, text_dim = int(config.text.max_length), int(config.text.dim)
   shardings, abstract = state_lib.state_shardings(stage, tx, mesh, rules, text_len)
-  step_fn = step_lib.jit_train_step(stage, tx, tc, shardings, mesh, rules,
-                                    optim.lr_schedule(tc))
+  step_fn = step_lib.jit_train_step(stage, tx, tc, shardings, mesh, rules, optim.lr_schedule(tc))
   replicated = None if mesh is None else NamedSharding(mesh, P())
-  batch_shardings = (step_lib.batch_shardings(mesh)
-                     or dict.fromkeys(("image", "text_emb", "text_mask")))
+  batch_shardings = step_lib.batch_shardings(mesh) or dict.fromkeys(
+    ("image", "text_emb", "text_mask")
+  )
   batch_abs = _batch_abstract(batch, stage, text_len, text_dim, batch_shardings)
   rng = jax.device_put(jax.random.PRNGKey(seed), replicated)
   uncond = _uncond(text_len, text_dim, replicated)
   return types.SimpleNamespace(
-      stage=stage, tx=tx, text_len=text_len, abstract=abstract, shardings=shardings,
-      step_fn=step_fn, batch=batch_abs, rng=rng, uncond=uncond,
-      args=(abstract if mesh is None else _abstract(abstract, shardings), batch_abs, rng,
-            uncond))
+    stage=stage,
+    tx=tx,
+    text_len=text_len,
+    abstract=abstract,
+    shardings=shardings,
+    step_fn=step_fn,
+    batch=batch_abs,
+    rng=rng,
+    uncond=uncond,
+    args=(abstract if mesh is None else _abstract(abstract, shardings), batch_abs, rng, uncond),
+  )
 
 
 def with_remat(config: Any, stage_name: str, policy: str) -> Any:
   """A copy of ``config`` whose stage rematerializes with ``policy`` (a
   ``imagen_jax.models.unet.REMAT_POLICIES`` name)."""
   if policy not in REMAT_POLICIES:
-    raise ValueError(f"unknown remat policy {policy!r}; expected some of "
-                     f"{sorted(REMAT_POLICIES)}")
+    raise ValueError(f"unknown remat policy {policy!r}; expected some of {sorted(REMAT_POLICIES)}")
   cfg = config.copy_and_resolve_references()
   model = cfg.stages[stage_name].model
   with cfg.unlocked():
-    if "remat" in model:     # the key may hold a bool (older configs): retype it
+    if "remat" in model:  # the key may hold a bool (older configs): retype it
       del model["remat"]
     model.remat = policy
   return cfg
@@ -298,22 +328,40 @@ def model_flops(config: Any, stage_name: str, batch: int) -> Optional[float]:
   return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def bench_strategy(config: Any, stage_name: str, strategy: str,
-                   devices: Sequence[jax.Device], *, batch: int, tensor: int = 2,
-                   steps: int = 5, warmup: int = 2, flops: Optional[float] = None,
-                   seed: int = 0, remat: Optional[str] = None, grad_accum: int = 1) -> Row:
+def bench_strategy(
+  config: Any,
+  stage_name: str,
+  strategy: str,
+  devices: Sequence[jax.Device],
+  *,
+  batch: int,
+  tensor: int = 2,
+  steps: int = 5,
+  warmup: int = 2,
+  flops: Optional[float] = None,
+  seed: int = 0,
+  remat: Optional[str] = None,
+  grad_accum: int = 1,
+) -> Row:
   """Compiles and runs the stage's train step under one strategy (and remat
   policy, when given) with K microbatches; never raises for OOM."""
   n = len(devices)
-  row = Row(strategy=strategy, mesh=mesh_shape(strategy, n, tensor), batch=batch, remat=remat,
-            grad_accum=grad_accum)
+  row = Row(
+    strategy=strategy,
+    mesh=mesh_shape(strategy, n, tensor),
+    batch=batch,
+    remat=remat,
+    grad_accum=grad_accum,
+  )
   if remat is not None:
     config = with_remat(config, stage_name, remat)
   mesh = parallel.make_mesh({"shape": row.mesh}, devices)
   _, dp = parallel.batch_axes(mesh)
   if batch % (dp * grad_accum):
-    row.status = (f"error: batch {batch} does not split over the {dp} data-parallel "
-                  f"devices × {grad_accum} microbatches")
+    row.status = (
+      f"error: batch {batch} does not split over the {dp} data-parallel "
+      f"devices × {grad_accum} microbatches"
+    )
     return row
   if grad_accum != 1:
     config = config.copy_and_resolve_references()
@@ -329,24 +377,32 @@ def bench_strategy(config: Any, stage_name: str, strategy: str,
     compiled = setup.step_fn.lower(*setup.args).compile()
     row.compile_s = time.perf_counter() - t0
   except Exception as err:  # pylint: disable=broad-except
-    row.status = ("OOM at compile: " if _is_oom(err) else "error at compile: ") + \
-        str(err).splitlines()[0][:200]
+    row.status = ("OOM at compile: " if _is_oom(err) else "error at compile: ") + str(
+      err
+    ).splitlines()[0][:200]
     return row
   mem = compiled.memory_analysis()
   if mem is not None:
     row.argument_bytes = int(mem.argument_size_in_bytes)
     row.temp_bytes = int(mem.temp_size_in_bytes)
-    row.peak_bytes = int(mem.argument_size_in_bytes + mem.output_size_in_bytes
-                         - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
+    row.peak_bytes = int(
+      mem.argument_size_in_bytes
+      + mem.output_size_in_bytes
+      - mem.alias_size_in_bytes
+      + mem.temp_size_in_bytes
+    )
   row.collective_bytes = collective_bytes(compiled.as_text())
   limit = _memory_limit(devices[0], n)
   if limit and row.peak_bytes and row.peak_bytes > limit:
-    row.status = (f"does not fit: needs ~{row.peak_bytes / 2**30:.1f} GiB per device, "
-                  f"{limit / 2**30:.1f} GiB available")
+    row.status = (
+      f"does not fit: needs ~{row.peak_bytes / 2**30:.1f} GiB per device, "
+      f"{limit / 2**30:.1f} GiB available"
+    )
     return row
   try:
-    state, _ = state_lib.create_train_state(jax.random.PRNGKey(seed), setup.stage,
-                                            setup.tx, mesh, rules, setup.text_len)
+    state, _ = state_lib.create_train_state(
+      jax.random.PRNGKey(seed), setup.stage, setup.tx, mesh, rules, setup.text_len
+    )
     data = _random_batch(setup.batch, seed)
     times = []
     for i in range(warmup + steps):
@@ -407,24 +463,46 @@ def _mib(x: Optional[int]) -> str:
 
 def format_table(rows: Sequence[Row]) -> str:
   with_remat_col = any(r.remat is not None for r in rows)
-  head = ("strategy",) + (("remat",) if with_remat_col else ()) + (
-      "mesh", "accum", "step ms", "img/s", "compile s", "state MiB/dev", "state ×(total/N)",
-      "temp MiB", "peak MiB", "collective MiB/step", "TFLOP/s", "MFU", "status")
+  head = (
+    ("strategy",)
+    + (("remat",) if with_remat_col else ())
+    + (
+      "mesh",
+      "accum",
+      "step ms",
+      "img/s",
+      "compile s",
+      "state MiB/dev",
+      "state ×(total/N)",
+      "temp MiB",
+      "peak MiB",
+      "collective MiB/step",
+      "TFLOP/s",
+      "MFU",
+      "status",
+    )
+  )
   table = []
   for r in rows:
     coll = sum(r.collective_bytes.values()) if r.collective_bytes else None
     kinds = ", ".join(f"{k} {v / 2**20:.1f}" for k, v in r.collective_bytes.items() if v)
     cells = (
-        r.strategy, *((r.remat,) if with_remat_col else ()),
-        "×".join(f"{k} {v}" for k, v in r.mesh.items()), str(r.grad_accum),
-        "—" if r.step_s is None else f"{1e3 * r.step_s:.1f}",
-        "—" if r.images_per_s is None else f"{r.images_per_s:.1f}",
-        "—" if r.compile_s is None else f"{r.compile_s:.1f}",
-        _mib(r.state_bytes), "—" if r.state_ratio is None else f"{r.state_ratio:.3f}",
-        _mib(r.temp_bytes), _mib(r.peak_bytes),
-        "—" if coll is None else (f"{coll / 2**20:.1f}" + (f" ({kinds})" if kinds else "")),
-        "—" if r.tflops_per_s is None else f"{r.tflops_per_s:.3f}",
-        "—" if r.mfu is None else f"{100 * r.mfu:.1f}%", r.status)
+      r.strategy,
+      *((r.remat,) if with_remat_col else ()),
+      "×".join(f"{k} {v}" for k, v in r.mesh.items()),
+      str(r.grad_accum),
+      "—" if r.step_s is None else f"{1e3 * r.step_s:.1f}",
+      "—" if r.images_per_s is None else f"{r.images_per_s:.1f}",
+      "—" if r.compile_s is None else f"{r.compile_s:.1f}",
+      _mib(r.state_bytes),
+      "—" if r.state_ratio is None else f"{r.state_ratio:.3f}",
+      _mib(r.temp_bytes),
+      _mib(r.peak_bytes),
+      "—" if coll is None else (f"{coll / 2**20:.1f}" + (f" ({kinds})" if kinds else "")),
+      "—" if r.tflops_per_s is None else f"{r.tflops_per_s:.3f}",
+      "—" if r.mfu is None else f"{100 * r.mfu:.1f}%",
+      r.status,
+    )
     table.append(cells)
   return markdown_table(head, table)
 
@@ -433,14 +511,30 @@ def _versions() -> dict:
   import flax  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
   import jaxlib  # pylint: disable=import-outside-toplevel
-  return {"python": platform.python_version(), "jax": jax.__version__,
-          "jaxlib": jaxlib.__version__, "flax": flax.__version__, "optax": optax.__version__}
+
+  return {
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+    "jaxlib": jaxlib.__version__,
+    "flax": flax.__version__,
+    "optax": optax.__version__,
+  }
 
 
-def run(config: Any, stage_name: Optional[str], strategies: Sequence[str], *,
-        num_devices: Optional[int] = None, batch: Optional[int] = None, tensor: int = 2,
-        steps: int = 5, warmup: int = 2, remats: Optional[Sequence[str]] = None,
-        grad_accum: Sequence[int] = (1,), progress=print) -> tuple[dict, list[Row]]:
+def run(
+  config: Any,
+  stage_name: Optional[str],
+  strategies: Sequence[str],
+  *,
+  num_devices: Optional[int] = None,
+  batch: Optional[int] = None,
+  tensor: int = 2,
+  steps: int = 5,
+  warmup: int = 2,
+  remats: Optional[Sequence[str]] = None,
+  grad_accum: Sequence[int] = (1,),
+  progress=print,
+) -> tuple[dict, list[Row]]:
   """Benchmarks the strategies (× ``remats`` policies when given, × microbatch
   counts); returns (meta: the run's settings and machine, rows)."""
   stage_name = stage_name or config.stage_order[0]
@@ -452,8 +546,9 @@ def run(config: Any, stage_name: Optional[str], strategies: Sequence[str], *,
   devices = jax.devices()
   if num_devices:
     if num_devices > len(devices):
-      raise ValueError(f"--devices={num_devices} but only {len(devices)} "
-                       f"{devices[0].platform} devices are present")
+      raise ValueError(
+        f"--devices={num_devices} but only {len(devices)} {devices[0].platform} devices are present"
+      )
     devices = devices[:num_devices]
   batch = int(batch or config.train.batch_size)
   flops = model_flops(config, stage_name, batch)
@@ -464,17 +559,40 @@ def run(config: Any, stage_name: Optional[str], strategies: Sequence[str], *,
   for remat in remats or (None,):
     for strategy in strategies:
       for k in grad_accum:
-        progress(f"[{stage_name}] {strategy}{'' if remat is None else ', remat ' + remat}"
-                 f", grad_accum={k} ...")
-        rows.append(bench_strategy(config, stage_name, strategy, devices, batch=batch,
-                                   tensor=tensor, steps=steps, warmup=warmup, flops=flops,
-                                   remat=remat, grad_accum=int(k)))
-  meta = {"stage": stage_name, "batch": batch, "devices": len(devices),
-          "machine": machine_description(devices), "device_kind": devices[0].device_kind,
-          "date": datetime.date.today().isoformat(), "versions": _versions(),
-          "steps": steps, "warmup": warmup, "model_flops_per_step": flops,
-          "command": " ".join([os.path.basename(sys.executable), "-m", "benchmarks.sharding"]
-                              + sys.argv[1:])}
+        progress(
+          f"[{stage_name}] {strategy}{'' if remat is None else ', remat ' + remat}"
+          f", grad_accum={k} ..."
+        )
+        rows.append(
+          bench_strategy(
+            config,
+            stage_name,
+            strategy,
+            devices,
+            batch=batch,
+            tensor=tensor,
+            steps=steps,
+            warmup=warmup,
+            flops=flops,
+            remat=remat,
+            grad_accum=int(k),
+          )
+        )
+  meta = {
+    "stage": stage_name,
+    "batch": batch,
+    "devices": len(devices),
+    "machine": machine_description(devices),
+    "device_kind": devices[0].device_kind,
+    "date": datetime.date.today().isoformat(),
+    "versions": _versions(),
+    "steps": steps,
+    "warmup": warmup,
+    "model_flops_per_step": flops,
+    "command": " ".join(
+      [os.path.basename(sys.executable), "-m", "benchmarks.sharding"] + sys.argv[1:]
+    ),
+  }
   return meta, rows
 
 
@@ -483,8 +601,9 @@ def _csv(text: Optional[str]) -> Optional[list]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m benchmarks.sharding",
-                              description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(
+    prog="python -m benchmarks.sharding", description=__doc__.split("\n")[0]
+  )
   cli.add_config_arg(p)
   p.add_argument("--stage", help="stage to benchmark (default: the first)")
   p.add_argument("--devices", type=int, help="use the first N devices (CPU: N fake devices)")
@@ -493,23 +612,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   p.add_argument("--tensor", type=int, default=2, help="tensor-parallel size of tp and fsdp_tp")
   p.add_argument("--steps", type=int, default=5, help="timed steps per strategy")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
-  p.add_argument("--remat", help="remat policies to compare (rows per policy; some of "
-                 f"{sorted(REMAT_POLICIES)}); default: the config's")
+  p.add_argument(
+    "--remat",
+    help="remat policies to compare (rows per policy; some of "
+    f"{sorted(REMAT_POLICIES)}); default: the config's",
+  )
   p.add_argument("--grad_accum", default="1", help="microbatch counts K to compare, e.g. 1,2,4")
   p.add_argument("--json", help="also write the results to this JSON file")
   try:
     args, rest = p.parse_known_args(argv)
     config = cli.config_from_args(args, rest)
-    meta, rows = run(config, args.stage, _csv(args.strategies), num_devices=args.devices,
-                     batch=args.batch, tensor=args.tensor, steps=args.steps,
-                     warmup=args.warmup, remats=_csv(args.remat),
-                     grad_accum=[int(k) for k in _csv(args.grad_accum)])
+    meta, rows = run(
+      config,
+      args.stage,
+      _csv(args.strategies),
+      num_devices=args.devices,
+      batch=args.batch,
+      tensor=args.tensor,
+      steps=args.steps,
+      warmup=args.warmup,
+      remats=_csv(args.remat),
+      grad_accum=[int(k) for k in _csv(args.grad_accum)],
+    )
   except (cli.UsageError, ValueError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
-  print(f"\n{meta['command']}\n{meta['date']}, {meta['machine']}, stage {meta['stage']}, "
-        f"batch {meta['batch']}, jax {meta['versions']['jax']}, "
-        f"model FLOPs/step {meta['model_flops_per_step'] or 0:.3e}\n")
+  print(
+    f"\n{meta['command']}\n{meta['date']}, {meta['machine']}, stage {meta['stage']}, "
+    f"batch {meta['batch']}, jax {meta['versions']['jax']}, "
+    f"model FLOPs/step {meta['model_flops_per_step'] or 0:.3e}\n"
+  )
   print(format_table(rows))
   if args.json:
     with open(args.json, "w") as f:

@@ -52,10 +52,12 @@ def bare_step(config: Any, stage_name: str, steps: int, warmup: int = 2) -> floa
   tc = config_lib.stage_train_config(config, stage_name)
   tx = optim.make_optimizer(tc)
   text_len = int(config.text.max_length)
-  state, shardings = state_lib.create_train_state(jax.random.PRNGKey(0), stage, tx, mesh,
-                                                  rules, text_len)
-  fn = step_lib.jit_train_step(stage, tx, tc, shardings, mesh, rules,
-                               optim.lr_schedule(tc), text_encoder=encoder)
+  state, shardings = state_lib.create_train_state(
+    jax.random.PRNGKey(0), stage, tx, mesh, rules, text_len
+  )
+  fn = step_lib.jit_train_step(
+    stage, tx, tc, shardings, mesh, rules, optim.lr_schedule(tc), text_encoder=encoder
+  )
   per_process = tc.batch_size // jax.process_count()
   it = trainer._data_iterator(config, stage, per_process, 0)  # pylint: disable=protected-access
   batch = trainer._global_batch(next(it), encoder, text_len, mesh)  # pylint: disable=protected-access
@@ -77,8 +79,15 @@ def whole_loop(config: Any, stage_name: str, steps: int) -> float:
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.stages[stage_name].steps_scale = 1.0
-    config.train.update(dict(num_steps=2 * steps, log_every=steps, sample_every=0,
-                             checkpoint_every=10 ** 9, async_checkpoint=False))
+    config.train.update(
+      dict(
+        num_steps=2 * steps,
+        log_every=steps,
+        sample_every=0,
+        checkpoint_every=10**9,
+        async_checkpoint=False,
+      )
+    )
   mesh, rules, encoder = _setup(config, stage_name)
   with tempfile.TemporaryDirectory() as workdir:
     trainer.train_stage(config, workdir, stage_name, encoder, mesh, rules)
@@ -95,23 +104,35 @@ def run(config: Any, stage_name: Optional[str], steps: int) -> dict:
   bare = bare_step(config, stage_name, steps)
   loop = whole_loop(config, stage_name, steps)
   devices = jax.devices()
-  machine = (f"{cpu_model()}, {os.cpu_count()} cores" if devices[0].platform == "cpu"
-             else f"{len(devices)} × {devices[0].device_kind}")
-  return {"stage": stage_name, "batch": int(config.train.batch_size), "steps": steps,
-          "bare_images_per_s": bare, "loop_images_per_s": loop, "loop_over_bare": loop / bare,
-          "machine": machine, "devices": len(devices),
-          "date": datetime.date.today().isoformat(),
-          "versions": {"python": platform.python_version(), "jax": jax.__version__},
-          "command": " ".join(["python", "-m", "benchmarks.train_loop"] + sys.argv[1:])}
+  machine = (
+    f"{cpu_model()}, {os.cpu_count()} cores"
+    if devices[0].platform == "cpu"
+    else f"{len(devices)} × {devices[0].device_kind}"
+  )
+  return {
+    "stage": stage_name,
+    "batch": int(config.train.batch_size),
+    "steps": steps,
+    "bare_images_per_s": bare,
+    "loop_images_per_s": loop,
+    "loop_over_bare": loop / bare,
+    "machine": machine,
+    "devices": len(devices),
+    "date": datetime.date.today().isoformat(),
+    "versions": {"python": platform.python_version(), "jax": jax.__version__},
+    "command": " ".join(["python", "-m", "benchmarks.train_loop"] + sys.argv[1:]),
+  }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m benchmarks.train_loop",
-                              description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(
+    prog="python -m benchmarks.train_loop", description=__doc__.split("\n")[0]
+  )
   cli.add_config_arg(p)
   p.add_argument("--stage", help="stage to measure (default: the first)")
-  p.add_argument("--steps", type=int, default=25,
-                 help="timed steps (and the loop's logging window)")
+  p.add_argument(
+    "--steps", type=int, default=25, help="timed steps (and the loop's logging window)"
+  )
   p.add_argument("--json", help="also write the result to this JSON file")
   try:
     args, rest = p.parse_known_args(argv)
@@ -119,11 +140,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except (cli.UsageError, ValueError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
-  print(f"{result['command']}\n{result['date']}, {result['machine']}, stage "
-        f"{result['stage']}, batch {result['batch']}, {args.steps} steps\n")
-  print(f"bare jitted step : {result['bare_images_per_s']:.1f} images/s\n"
-        f"whole train loop : {result['loop_images_per_s']:.1f} images/s "
-        f"({100 * result['loop_over_bare']:.1f}% of the bare step)")
+  print(
+    f"{result['command']}\n{result['date']}, {result['machine']}, stage "
+    f"{result['stage']}, batch {result['batch']}, {args.steps} steps\n"
+  )
+  print(
+    f"bare jitted step : {result['bare_images_per_s']:.1f} images/s\n"
+    f"whole train loop : {result['loop_images_per_s']:.1f} images/s "
+    f"({100 * result['loop_over_bare']:.1f}% of the bare step)"
+  )
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=1)

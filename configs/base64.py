@@ -14,19 +14,19 @@ def get_config():
   config = config_lib.base_config()
   config.text.dim = 4096
   model = dict(
-      channels=(512, 1024, 1536, 2048),
-      num_res_blocks=3,
-      attention=("none", "self_cross", "self_cross", "self_cross"),
-      mid_attention="self_cross",
-      head_dim=64,
-      time_embed_dim=2048,
-      text_dim=config.text.dim,
-      text_proj_dim=2048,
-      text_pool="attention",
-      text_pool_projected=True,
-      dtype="bfloat16",
-      param_dtype="float32",
-      remat="full",
+    channels=(512, 1024, 1536, 2048),
+    num_res_blocks=3,
+    attention=("none", "self_cross", "self_cross", "self_cross"),
+    mid_attention="self_cross",
+    head_dim=64,
+    time_embed_dim=2048,
+    text_dim=config.text.dim,
+    text_proj_dim=2048,
+    text_pool="attention",
+    text_pool_projected=True,
+    dtype="bfloat16",
+    param_dtype="float32",
+    remat="full",
   )
   config_lib.add_stage(config, config_lib.stage_config("base64", 64, model))
   return config

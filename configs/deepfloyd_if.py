@@ -19,20 +19,34 @@ from imagen_jax import run as run_lib
 
 def get_config(path: str = ""):
   if not path:
-    raise ValueError("configs/deepfloyd_if.py needs the converted stage folder(s): "
-                     "--config configs/deepfloyd_if.py:PATH")
+    raise ValueError(
+      "configs/deepfloyd_if.py needs the converted stage folder(s): "
+      "--config configs/deepfloyd_if.py:PATH"
+    )
   config = run_lib.read_config(path)
   for name in config.stage_order:
     stage = config.stages[name]
-    stage.init_from = stage.source      # weights to start from; the run's own after that
-    stage.source = ""                   # sampling reads the run's checkpoints, not these
+    stage.init_from = stage.source  # weights to start from; the run's own after that
+    stage.source = ""  # sampling reads the run's checkpoints, not these
   config.mesh.shape = {"data": 1, "fsdp": -1, "tensor": 1}
   config.mesh.strategy = "fsdp"
   config.data.update(dict(name="image_captions", data_dir="data", src=""))
   config.data.builder_kwargs = dict(
-      max_resolution=max(s.resolution for s in config.stages.values()))
-  config.train.update(dict(num_steps=2000, batch_size=16, lr=1e-5, warmup_steps=100,
-                           end_lr_frac=1.0, weight_decay=0.0, grad_clip=1.0,
-                           ema_decay=0.999, log_every=10, checkpoint_every=200,
-                           sample_every=0))
+    max_resolution=max(s.resolution for s in config.stages.values())
+  )
+  config.train.update(
+    dict(
+      num_steps=2000,
+      batch_size=16,
+      lr=1e-5,
+      warmup_steps=100,
+      end_lr_frac=1.0,
+      weight_decay=0.0,
+      grad_clip=1.0,
+      ema_decay=0.999,
+      log_every=10,
+      checkpoint_every=200,
+      sample_every=0,
+    )
+  )
   return config

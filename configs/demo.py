@@ -14,36 +14,75 @@ from imagen_jax import config as config_lib
 
 def get_config(variant: str = ""):
   config = config_lib.base_config()
-  config.text.update(dict(dim=128, max_length=88, dtype="float32", seed=0,
-                          random=dict(vocab_size=384, d_model=128, d_kv=32, d_ff=256,
-                                      num_layers=4, num_heads=4)))
-  config.data.update(dict(name="shapes", data_dir="data", split="train",
-                          builder_kwargs=dict(resolution=64, num_train=20000,
-                                              num_test=500, num_holdout=500,
-                                              holdout=("green triangle",))))
+  config.text.update(
+    dict(
+      dim=128,
+      max_length=88,
+      dtype="float32",
+      seed=0,
+      random=dict(vocab_size=384, d_model=128, d_kv=32, d_ff=256, num_layers=4, num_heads=4),
+    )
+  )
+  config.data.update(
+    dict(
+      name="shapes",
+      data_dir="data",
+      split="train",
+      builder_kwargs=dict(
+        resolution=64, num_train=20000, num_test=500, num_holdout=500, holdout=("green triangle",)
+      ),
+    )
+  )
   config.mesh.shape = {"data": -1}
   config.mesh.strategy = "dp"
-  config.train.update(dict(
-      num_steps=1600, batch_size=32, lr=2e-3, warmup_steps=100, end_lr_frac=0.05,
-      weight_decay=0.0, b2=0.99, grad_clip=1.0, ema_decay=0.998, log_every=25,
-      checkpoint_every=500, sample_every=0,
-      sample_prompts=("a red circle in the top left", "a blue square in the center",
-                      "a yellow triangle in the bottom right",
-                      "a white circle in the top right and a cyan square in the bottom left")))
+  config.train.update(
+    dict(
+      num_steps=1600,
+      batch_size=32,
+      lr=2e-3,
+      warmup_steps=100,
+      end_lr_frac=0.05,
+      weight_decay=0.0,
+      b2=0.99,
+      grad_clip=1.0,
+      ema_decay=0.998,
+      log_every=25,
+      checkpoint_every=500,
+      sample_every=0,
+      sample_prompts=(
+        "a red circle in the top left",
+        "a blue square in the center",
+        "a yellow triangle in the bottom right",
+        "a white circle in the top right and a cyan square in the bottom left",
+      ),
+    )
+  )
 
   # Text attention at 4×4 and in the middle only: attention at 8×8 costs a
   # sizeable share of the step on 2 cores (benchmarks/RESULTS.md, demo design).
-  base = dict(channels=(48, 96, 128), num_res_blocks=(1, 1, 2),
-              attention=("none", "none", "self_cross"), mid_attention="self_cross",
-              num_heads=1, patch_size=2, norm_groups=16, text_dim=config.text.dim,
-              text_pool="attention", text_pool_heads=4, dtype="float32")
+  base = dict(
+    channels=(48, 96, 128),
+    num_res_blocks=(1, 1, 2),
+    attention=("none", "none", "self_cross"),
+    mid_attention="self_cross",
+    num_heads=1,
+    patch_size=2,
+    norm_groups=16,
+    text_dim=config.text.dim,
+    text_pool="attention",
+    text_pool_heads=4,
+    dtype="float32",
+  )
   stage = config_lib.stage_config("base", 32, base)
   stage.sample.update(dict(sampler="ddim", steps=50, guidance=3.0, threshold="static"))
   config_lib.add_stage(config, stage)
 
   sr = config_lib.efficient_unet((32, 64, 96), (1, 1, 2), "cross", config.text.dim)
-  sr.update(dict(head_dim=32, norm_groups=16, text_pool_heads=4, remat="none",
-                 patch_size=2, dtype="float32"))
+  sr.update(
+    dict(
+      head_dim=32, norm_groups=16, text_pool_heads=4, remat="none", patch_size=2, dtype="float32"
+    )
+  )
   stage = config_lib.stage_config("sr", 64, sr, lowres_resolution=32)
   stage.steps_scale = 0.5
   # x0 prediction: the super-resolved image is the low-res one, sharpened, at every
@@ -51,22 +90,26 @@ def get_config(variant: str = ""):
   # most of the base stage's accuracy (the SR table in benchmarks/RESULTS.md).
   stage.diffusion.prediction = "x0"
   stage.diffusion.aug_max = 0.3
-  stage.sample.update(dict(sampler="ddim", steps=25, guidance=1.0, threshold="static",
-                           aug_level=0.1))
+  stage.sample.update(
+    dict(sampler="ddim", steps=25, guidance=1.0, threshold="static", aug_level=0.1)
+  )
   config_lib.add_stage(config, stage)
 
   if variant == "tiny":  # seconds on a CPU: tests and smoke runs
     config.text.random.update(dict(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4))
     config.text.update(dict(dim=32))
-    config.data.builder_kwargs.update(dict(resolution=32, num_train=64, num_test=16,
-                                           num_holdout=16))
-    config.train.update(dict(num_steps=4, batch_size=8, warmup_steps=1, log_every=1,
-                             checkpoint_every=2))
+    config.data.builder_kwargs.update(
+      dict(resolution=32, num_train=64, num_test=16, num_holdout=16)
+    )
+    config.train.update(
+      dict(num_steps=4, batch_size=8, warmup_steps=1, log_every=1, checkpoint_every=2)
+    )
     for name, res in (("base", 16), ("sr", 32)):
       s = config.stages[name]
       s.resolution = res
-      s.model.update(dict(channels=(16, 32, 32), norm_groups=8, text_dim=32,
-                          text_pool_heads=2, patch_size=1))
+      s.model.update(
+        dict(channels=(16, 32, 32), norm_groups=8, text_dim=32, text_pool_heads=2, patch_size=1)
+      )
       s.sample.steps = 4
     config.stages.sr.lowres_resolution = 16
     config.stages.sr.model.head_dim = 16

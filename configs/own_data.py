@@ -24,8 +24,9 @@ def get_config(variant: str = ""):
   demo = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
   config = config_lib.load_config(f"{demo}:{variant}" if variant else demo)
   largest = max(s.resolution for s in config.stages.values())
-  config.data.update(dict(name="image_captions", data_dir="data", split="train",
-                          src="", prepare=True))
+  config.data.update(
+    dict(name="image_captions", data_dir="data", split="train", src="", prepare=True)
+  )
   # Replaced, not updated: the demo's shapes settings do not apply here.
   config.data.builder_kwargs = dict(max_resolution=largest)
   config.train.sample_prompts = ()  # The demo's are about shapes.

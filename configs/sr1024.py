@@ -13,8 +13,9 @@ from imagen_jax import config as config_lib
 
 def get_config():
   config = config_lib.base_config()
-  model = config_lib.efficient_unet((128, 256, 512, 768, 768), (2, 4, 8, 8, 2), "cross",
-                                    config.text.dim)
+  model = config_lib.efficient_unet(
+    (128, 256, 512, 768, 768), (2, 4, 8, 8, 2), "cross", config.text.dim
+  )
   stage = config_lib.stage_config("sr1024", 1024, model, lowres_resolution=256)
   stage.sample.guidance = 4.0
   config_lib.add_stage(config, stage)

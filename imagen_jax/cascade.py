@@ -54,28 +54,32 @@ from imagen_jax.text import TextEncoder
 
 _log = logging.getLogger(__name__)
 
-_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
-                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                   "/jax/core/compile/backend_compile_duration")
+_COMPILE_EVENTS = (
+  "/jax/core/compile/jaxpr_trace_duration",
+  "/jax/core/compile/jaxpr_to_mlir_module_duration",
+  "/jax/core/compile/backend_compile_duration",
+)
 
 
 @dataclasses.dataclass
 class StageTiming:
   """Wall time of one stage in one ``sample`` call."""
-  compile_s: float = 0.0       # tracing + lowering + XLA compilation
-  run_s: float = 0.0           # the rest: sampling itself (and transfers)
-  compiles: int = 0            # XLA compilations (0: every program was cached)
-  calls: int = 0               # jitted sampler calls (batches)
+
+  compile_s: float = 0.0  # tracing + lowering + XLA compilation
+  run_s: float = 0.0  # the rest: sampling itself (and transfers)
+  compiles: int = 0  # XLA compilations (0: every program was cached)
+  calls: int = 0  # jitted sampler calls (batches)
 
 
 @dataclasses.dataclass
 class CascadeOutput:
   """What ``Cascade.sample`` returns; N = len(prompts) · num_per_prompt."""
-  prompts: list                # the P prompts, in order
+
+  prompts: list  # the P prompts, in order
   num_per_prompt: int
-  images: dict                 # stage name → uint8 [N, R, R, 3]
-  timings: dict                # stage name → StageTiming
-  settings: dict               # stage name → SampleSettings
+  images: dict  # stage name → uint8 [N, R, R, 3]
+  timings: dict  # stage name → StageTiming
+  settings: dict  # stage name → SampleSettings
 
   @property
   def final(self) -> np.ndarray:
@@ -125,9 +129,11 @@ def per_stage(value: Any, names: Sequence[str], what: str) -> list:
     return [value.get(n) for n in names]
   value = list(value)
   if len(value) != len(names):
-    raise ValueError(f"{what} has {len(value)} value{'s' * (len(value) != 1)} but the "
-                     f"cascade has {len(names)} stages ({', '.join(names)}): give one "
-                     "value per stage")
+    raise ValueError(
+      f"{what} has {len(value)} value{'s' * (len(value) != 1)} but the "
+      f"cascade has {len(names)} stages ({', '.join(names)}): give one "
+      "value per stage"
+    )
   return value
 
 
@@ -142,8 +148,12 @@ def sampling_mesh(config: Any) -> tuple[Optional[jax.sharding.Mesh], tuple]:
   try:
     return parallel.make_mesh(config.mesh), parallel.config_rules(config.mesh)
   except (ValueError, AttributeError, KeyError) as e:
-    _log.warning("config.mesh does not fit the %d devices present (%s); sampling "
-                 "data-parallel over all of them", jax.device_count(), e)
+    _log.warning(
+      "config.mesh does not fit the %d devices present (%s); sampling "
+      "data-parallel over all of them",
+      jax.device_count(),
+      e,
+    )
     return parallel.make_mesh(None), parallel.logical_rules("dp")
 
 
@@ -161,9 +171,16 @@ class Cascade:
     checkpoint_steps: name → checkpoint step (``from_workdir`` only).
   """
 
-  def __init__(self, config: Any, params: Mapping[str, Any], text_encoder: TextEncoder,
-               mesh: Optional[jax.sharding.Mesh] = None, rules: Optional[Sequence] = None,
-               *, stages: Optional[Mapping[str, Stage]] = None):
+  def __init__(
+    self,
+    config: Any,
+    params: Mapping[str, Any],
+    text_encoder: TextEncoder,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    rules: Optional[Sequence] = None,
+    *,
+    stages: Optional[Mapping[str, Stage]] = None,
+  ):
     """Builds the cascade.
 
     Args:
@@ -182,28 +199,34 @@ class Cascade:
     missing = [n for n in self.stage_names if n not in params]
     if missing:
       raise ValueError(f"no params for stages {missing}")
-    self.stages = dict(stages) if stages is not None else {
-        n: build_stage(config.stages[n], text_dim=text_encoder.embed_dim)
-        for n in self.stage_names}
+    self.stages = (
+      dict(stages)
+      if stages is not None
+      else {
+        n: build_stage(config.stages[n], text_dim=text_encoder.embed_dim) for n in self.stage_names
+      }
+    )
     first = self.stages[self.stage_names[0]]
     if first.is_sr:
-      raise ValueError(f"the first stage {first.name!r} is a super-resolution stage; "
-                       "it needs a lower-resolution stage before it")
+      raise ValueError(
+        f"the first stage {first.name!r} is a super-resolution stage; "
+        "it needs a lower-resolution stage before it"
+      )
     self.text_encoder = text_encoder
     self.text_len = int(config.text.max_length)
     self.mesh = mesh
     self.rules = tuple(rules or ()) if mesh is not None else ()
     self._batch_axes, self.num_shards = parallel.batch_axes(mesh, self.rules)
     self._param_shardings = {}
-    self.params = {n: self._place_params(self.stages[n], params[n])
-                   for n in self.stage_names}
+    self.params = {n: self._place_params(self.stages[n], params[n]) for n in self.stage_names}
     self.checkpoint_steps = {}
     self._uncond = None
     self._lowres_fns = {}
 
   @classmethod
-  def from_workdir(cls, workdir: str, *, config: Any = None, mesh: Any = "auto",
-                   rules=None) -> "Cascade":
+  def from_workdir(
+    cls, workdir: str, *, config: Any = None, mesh: Any = "auto", rules=None
+  ) -> "Cascade":
     """The cascade of a run: a training workdir or converted DeepFloyd IF stages.
 
     Args:
@@ -222,8 +245,9 @@ class Cascade:
     config = run_lib.read_config(workdir) if config is None else config
     if mesh == "auto":
       mesh, rules = sampling_mesh(config)
-    stages = {n: build_stage(config.stages[n], text_dim=config.text.get("dim"))
-              for n in config.stage_order}
+    stages = {
+      n: build_stage(config.stages[n], text_dim=config.text.get("dim")) for n in config.stage_order
+    }
     params, steps, missing = {}, {}, []
     for name, stage in stages.items():
       try:
@@ -243,7 +267,8 @@ class Cascade:
       return params
     if stage.name not in self._param_shardings:  # traced once per stage, not per call
       self._param_shardings[stage.name] = parallel.logical_shardings(
-          stage.abstract_params(), self.mesh, self.rules)
+        stage.abstract_params(), self.mesh, self.rules
+      )
     return jax.device_put(params, self._param_shardings[stage.name])
 
   def set_params(self, name: str, params: Any) -> None:
@@ -278,8 +303,10 @@ class Cascade:
     steps = per_stage(steps, self.stage_names, "steps")
     guidance = per_stage(guidance, self.stage_names, "guidance")
     sampler = per_stage(sampler, self.stage_names, "sampler")
-    return {n: self.stages[n].sample_settings(self.config.stages[n].sample, st, g, sa)
-            for n, st, g, sa in zip(self.stage_names, steps, guidance, sampler)}
+    return {
+      n: self.stages[n].sample_settings(self.config.stages[n].sample, st, g, sa)
+      for n, st, g, sa in zip(self.stage_names, steps, guidance, sampler)
+    }
 
   def uncond_text(self) -> tuple[np.ndarray, np.ndarray]:
     """The empty prompt's (emb [L, D], mask [L]), encoded once per cascade."""
@@ -294,20 +321,36 @@ class Cascade:
       return None
     negative = [negative] if isinstance(negative, str) else list(negative)
     if len(negative) not in (1, num_prompts):
-      raise ValueError(f"negative prompts: give one for all prompts or one per prompt "
-                       f"({num_prompts}), got {len(negative)}")
+      raise ValueError(
+        f"negative prompts: give one for all prompts or one per prompt "
+        f"({num_prompts}), got {len(negative)}"
+      )
     if len(negative) == 1:
       negative = negative * num_prompts
     emb, mask = self.text_encoder.encode(negative, self.text_len)
-    return (np.repeat(np.asarray(emb), num_per_prompt, axis=0),
-            np.repeat(np.asarray(mask), num_per_prompt, axis=0))
+    return (
+      np.repeat(np.asarray(emb), num_per_prompt, axis=0),
+      np.repeat(np.asarray(mask), num_per_prompt, axis=0),
+    )
 
-  def sample(self, prompts: Sequence[str], rng: jax.Array, *, steps: Any = None,
-             guidance: Any = None, sampler: Any = None, negative_prompt: Any = None,
-             num_per_prompt: int = 1, batch_size: Optional[int] = None,
-             init_image: Optional[np.ndarray] = None, strength: float = 1.0,
-             mask: Optional[np.ndarray] = None, lowres_image: Optional[np.ndarray] = None,
-             start_stage: Optional[str] = None, progress: bool = True) -> CascadeOutput:
+  def sample(
+    self,
+    prompts: Sequence[str],
+    rng: jax.Array,
+    *,
+    steps: Any = None,
+    guidance: Any = None,
+    sampler: Any = None,
+    negative_prompt: Any = None,
+    num_per_prompt: int = 1,
+    batch_size: Optional[int] = None,
+    init_image: Optional[np.ndarray] = None,
+    strength: float = 1.0,
+    mask: Optional[np.ndarray] = None,
+    lowres_image: Optional[np.ndarray] = None,
+    start_stage: Optional[str] = None,
+    progress: bool = True,
+  ) -> CascadeOutput:
     """Generates num_per_prompt images per prompt through every stage.
 
     Args:
@@ -354,8 +397,10 @@ class Cascade:
     negative = self._negative_text(negative_prompt, len(prompts), num_per_prompt)
     if negative is None:
       u_emb, u_mask = self.uncond_text()
-      negative = (np.broadcast_to(u_emb, emb.shape).astype(emb.dtype),
-                  np.broadcast_to(u_mask, mask.shape))
+      negative = (
+        np.broadcast_to(u_emb, emb.shape).astype(emb.dtype),
+        np.broadcast_to(u_mask, mask.shape),
+      )
     n = len(emb)
     chunk = min(batch_size or n, n)
     chunk = -(-chunk // self.num_shards) * self.num_shards
@@ -369,26 +414,46 @@ class Cascade:
       stage, s = self.stages[name], settings[name]
       timing, outs = StageTiming(), []
       edit = plan.stage_edit(stage, chunk, first=k == plan.start)
-      desc = (f"stage {k + 1}/{len(self.stage_names)} {name} ({stage.resolution}px, "
-              f"{s.steps} steps)")
+      desc = f"stage {k + 1}/{len(self.stage_names)} {name} ({stage.resolution}px, {s.steps} steps)"
       for c, start in enumerate(tqdm(starts, desc=desc, unit="batch", disable=not progress)):
         rows = slice(start, start + chunk)
-        text = {"text_emb": parallel.pad_rows(emb[rows], chunk),
-                "text_mask": parallel.pad_rows(mask[rows], chunk)}
-        uncond = {"text_emb": parallel.pad_rows(negative[0][rows], chunk),
-                  "text_mask": parallel.pad_rows(negative[1][rows], chunk)}
+        text = {
+          "text_emb": parallel.pad_rows(emb[rows], chunk),
+          "text_mask": parallel.pad_rows(mask[rows], chunk),
+        }
+        uncond = {
+          "text_emb": parallel.pad_rows(negative[0][rows], chunk),
+          "text_mask": parallel.pad_rows(negative[1][rows], chunk),
+        }
         key = jax.random.fold_in(jax.random.fold_in(rng, k), c)
-        outs.append(self._run_stage(stage, s, text, uncond,
-                                    None if prev is None else prev[c], key, timing, edit))
+        outs.append(
+          self._run_stage(
+            stage, s, text, uncond, None if prev is None else prev[c], key, timing, edit
+          )
+        )
       images[name] = np.concatenate(
-          [np.asarray(to_uint8(x))[:min(chunk, n - start)] for x, start in zip(outs, starts)])
+        [np.asarray(to_uint8(x))[: min(chunk, n - start)] for x, start in zip(outs, starts)]
+      )
       timings[name], prev = timing, outs
-    return CascadeOutput(prompts=list(prompts), num_per_prompt=num_per_prompt,
-                         images=images, timings=timings, settings=settings)
+    return CascadeOutput(
+      prompts=list(prompts),
+      num_per_prompt=num_per_prompt,
+      images=images,
+      timings=timings,
+      settings=settings,
+    )
 
-  def _run_stage(self, stage: Stage, s: SampleSettings, text: dict, uncond: dict,
-                 prev: Optional[jax.Array], rng: jax.Array, timing: StageTiming,
-                 edit: Optional[dict] = None) -> jax.Array:
+  def _run_stage(
+    self,
+    stage: Stage,
+    s: SampleSettings,
+    text: dict,
+    uncond: dict,
+    prev: Optional[jax.Array],
+    rng: jax.Array,
+    timing: StageTiming,
+    edit: Optional[dict] = None,
+  ) -> jax.Array:
     """One batch through one stage: x0 float32 [b, R, R, C] in [-1, 1].
 
     Args:
@@ -436,13 +501,14 @@ class Cascade:
     lowres = None if lowres_image is None else _image_float(lowres_image, "low-res image")
     if self.stages[names[start]].is_sr and lowres is None:
       if image is None:
-        raise ValueError(f"stage {names[start]!r} is a super-resolution stage: starting there "
-                         "needs a low-resolution image")
+        raise ValueError(
+          f"stage {names[start]!r} is a super-resolution stage: starting there "
+          "needs a low-resolution image"
+        )
       lowres = image
     elif not self.stages[names[start]].is_sr and lowres is not None:
       raise ValueError(f"stage {names[start]!r} takes no low-resolution image")
-    return _EditPlan(start=start, image=image, strength=float(strength), keep=keep,
-                     lowres=lowres)
+    return _EditPlan(start=start, image=image, strength=float(strength), keep=keep, lowres=lowres)
 
   def _lowres_fn(self, stage: Stage, s: SampleSettings):
     """Jitted (prev x0 [b, r, r, C], rng) → the stage's low-res model inputs.
@@ -453,9 +519,11 @@ class Cascade:
     """
     key = (stage.name, s.guided, s.aug_level)
     if key not in self._lowres_fns:
+
       def fn(prev, rng):
         inputs = stage.lowres_inputs(prev, s, rng)
         return guidance_lib.cfg_batch(inputs) if s.guided else inputs
+
       out = None
       if self.mesh is not None:
         out = parallel.batch_sharding(self.mesh, self.rules)
@@ -463,14 +531,15 @@ class Cascade:
     return self._lowres_fns[key]
 
 
-def sub_cascade(config: Any, workdir: str, stage: Stage, ema_params: Any, text_encoder: Any,
-                mesh=None, rules=None) -> Optional["Cascade"]:
+def sub_cascade(
+  config: Any, workdir: str, stage: Stage, ema_params: Any, text_encoder: Any, mesh=None, rules=None
+) -> Optional["Cascade"]:
   """The cascade up to `stage`: earlier stages from their checkpoints, `stage` from ema_params.
 
   Returns None (one warning) when an earlier stage has no checkpoint yet.
   """
   order = list(config.stage_order)
-  upto = order[:order.index(stage.name) + 1]
+  upto = order[: order.index(stage.name) + 1]
   sub = ml_collections.ConfigDict(config.to_dict())
   sub.stage_order = tuple(upto)
   stages, params = {stage.name: stage}, {}
@@ -491,8 +560,9 @@ def _image_float(image: Any, what: str) -> jax.Array:
   if image.ndim != 3 or image.shape[-1] != 3:
     raise ValueError(f"the {what} must be an RGB image [H, W, 3], got shape {image.shape}")
   if image.shape[0] != image.shape[1]:
-    raise ValueError(f"the {what} is {image.shape[1]}x{image.shape[0]}: stages are square, "
-                     "give a square image")
+    raise ValueError(
+      f"the {what} is {image.shape[1]}x{image.shape[0]}: stages are square, give a square image"
+    )
   if image.dtype != np.uint8:
     raise ValueError(f"the {what} must be uint8, got {image.dtype}")
   return jnp.asarray(image, jnp.float32) / 127.5 - 1.0
@@ -517,11 +587,12 @@ def _mask_keep(mask: Any) -> Optional[jax.Array]:
 @dataclasses.dataclass
 class _EditPlan:
   """What ``Cascade.sample`` was asked to edit: where to start, from what."""
-  start: int                           # index of the first stage to run
-  image: Optional[jax.Array]           # init image [H, W, 3] in [-1, 1]
+
+  start: int  # index of the first stage to run
+  image: Optional[jax.Array]  # init image [H, W, 3] in [-1, 1]
   strength: float
-  keep: Optional[jax.Array]            # mask [H, W, 1], 1 = regenerate (None: whole image)
-  lowres: Optional[jax.Array]          # low-res input of an SR start stage [h, w, 3]
+  keep: Optional[jax.Array]  # mask [H, W, 1], 1 = regenerate (None: whole image)
+  lowres: Optional[jax.Array]  # low-res input of an SR start stage [h, w, 3]
 
   def stage_edit(self, stage: Stage, batch: int, first: bool) -> Optional[dict]:
     """The sampler's edit inputs for one stage at batch size ``batch``.
@@ -535,17 +606,23 @@ class _EditPlan:
     image = resize(self.image[None], r)[0] if self.image.shape[0] != r else self.image
     edit = {}
     if self.keep is not None:
-      idx = (jnp.arange(r) * self.keep.shape[0] // r)
+      idx = jnp.arange(r) * self.keep.shape[0] // r
       mask = self.keep[idx][:, idx]
-      edit.update(known=jnp.broadcast_to(image, (batch, r, r, 3)),
-                  mask=jnp.broadcast_to(mask, (batch, r, r, 1)))
+      edit.update(
+        known=jnp.broadcast_to(image, (batch, r, r, 3)),
+        mask=jnp.broadcast_to(mask, (batch, r, r, 1)),
+      )
     if first and (self.keep is None or self.strength < 1.0):
       edit.update(x_init=jnp.broadcast_to(image, (batch, r, r, 3)), strength=self.strength)
     return edit or None
 
 
-def make_grid(images: np.ndarray, cols: Optional[int] = None, pad: int = 2,
-              borders: Optional[Sequence[tuple]] = None) -> np.ndarray:
+def make_grid(
+  images: np.ndarray,
+  cols: Optional[int] = None,
+  pad: int = 2,
+  borders: Optional[Sequence[tuple]] = None,
+) -> np.ndarray:
   """Tiles images into one picture.
 
   Args:
@@ -564,8 +641,8 @@ def make_grid(images: np.ndarray, cols: Optional[int] = None, pad: int = 2,
   for i, image in enumerate(images):
     y, x = (i // cols) * (r + pad) + pad, (i % cols) * (r + pad) + pad
     if borders is not None and pad:
-      grid[y - pad:y + r + pad, x - pad:x + r + pad] = borders[i]
-    grid[y:y + r, x:x + r] = image
+      grid[y - pad : y + r + pad, x - pad : x + r + pad] = borders[i]
+    grid[y : y + r, x : x + r] = image
   return grid
 
 
@@ -582,8 +659,13 @@ def _wrap(text: str, font: Any, width: int, draw: Any) -> list[str]:
   return lines + ([line] if line else [])
 
 
-def captioned_grid(images: np.ndarray, captions: Sequence[str], cols: Optional[int] = None,
-                   min_cell: int = 128, pad: int = 4) -> np.ndarray:
+def captioned_grid(
+  images: np.ndarray,
+  captions: Sequence[str],
+  cols: Optional[int] = None,
+  min_cell: int = 128,
+  pad: int = 4,
+) -> np.ndarray:
   """A grid a person can read: cells upscaled (nearest) to >= min_cell px, captions under them.
 
   Args:
@@ -654,7 +736,9 @@ def timings_table(out: CascadeOutput) -> str:
   lines = []
   for name, t in out.timings.items():
     s = out.settings[name]
-    lines.append(f"{name}: {n} images, {s.sampler} {s.steps} steps, guidance "
-                 f"{s.guidance if s.guided else 'off'}, compile {t.compile_s:.1f}s, "
-                 f"run {t.run_s:.1f}s ({t.calls} call{'s' * (t.calls > 1)})")
+    lines.append(
+      f"{name}: {n} images, {s.sampler} {s.steps} steps, guidance "
+      f"{s.guidance if s.guided else 'off'}, compile {t.compile_s:.1f}s, "
+      f"run {t.run_s:.1f}s ({t.calls} call{'s' * (t.calls > 1)})"
+    )
   return "\n".join(lines)

@@ -29,9 +29,12 @@ class UsageError(Exception):
 
 
 def add_config_arg(parser: argparse.ArgumentParser, required: bool = True) -> None:
-  parser.add_argument("--config", required=required,
-                      help="config file, optionally FILE:ARG (e.g. configs/demo.py:tiny); "
-                      "override fields with --config.a.b=VALUE")
+  parser.add_argument(
+    "--config",
+    required=required,
+    help="config file, optionally FILE:ARG (e.g. configs/demo.py:tiny); "
+    "override fields with --config.a.b=VALUE",
+  )
 
 
 def split_overrides(rest: Sequence[str]) -> list[tuple[str, str]]:
@@ -45,7 +48,7 @@ def split_overrides(rest: Sequence[str]) -> list[tuple[str, str]]:
     arg = rest[i]
     if not arg.startswith(PREFIX):
       raise UsageError(f"unrecognized argument {arg!r}")
-    key, eq, value = arg[len(PREFIX):].partition("=")
+    key, eq, value = arg[len(PREFIX) :].partition("=")
     if not eq:
       if i + 1 >= len(rest):
         raise UsageError(f"{arg} needs a value")
@@ -79,8 +82,9 @@ def _parse_value(text: str, old: Any, key: str) -> Any:
   return value
 
 
-def apply_overrides(config: ml_collections.ConfigDict,
-                    overrides: Sequence[tuple[str, str]]) -> ml_collections.ConfigDict:
+def apply_overrides(
+  config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, str]]
+) -> ml_collections.ConfigDict:
   """Sets each ``a.b.c`` field of ``config`` from its text, by the field's type.
 
   Raises:
@@ -97,8 +101,11 @@ def apply_overrides(config: ml_collections.ConfigDict,
       raise UsageError(f"--config.{key}: the config has no field {key!r}")
     old = node[leaf]
     value = _parse_value(text, old, key)
-    if isinstance(node, ml_collections.ConfigDict) and isinstance(
-        old, ml_collections.ConfigDict) and isinstance(value, dict):
+    if (
+      isinstance(node, ml_collections.ConfigDict)
+      and isinstance(old, ml_collections.ConfigDict)
+      and isinstance(value, dict)
+    ):
       value = ml_collections.ConfigDict(value)
     try:
       node[leaf] = value
@@ -107,8 +114,10 @@ def apply_overrides(config: ml_collections.ConfigDict,
   return config
 
 
-def config_from_args(args: argparse.Namespace, rest: Sequence[str],
-                     ) -> Optional[ml_collections.ConfigDict]:
+def config_from_args(
+  args: argparse.Namespace,
+  rest: Sequence[str],
+) -> Optional[ml_collections.ConfigDict]:
   """The config named by ``args.config`` with the overrides in ``rest`` applied."""
   if not args.config:
     if rest:

@@ -20,100 +20,111 @@ from typing import Optional
 import ml_collections
 
 
-def stage_config(name: str, resolution: int, model: dict,
-                 lowres_resolution: Optional[int] = None) -> ml_collections.ConfigDict:
+def stage_config(
+  name: str, resolution: int, model: dict, lowres_resolution: Optional[int] = None
+) -> ml_collections.ConfigDict:
   """A stage with default diffusion and sampling settings."""
   stage = ml_collections.ConfigDict()
   stage.name = name
   stage.resolution = resolution
   stage.lowres_resolution = lowres_resolution
-  stage.steps_scale = 1.0        # this stage trains round(train.num_steps · steps_scale)
+  stage.steps_scale = 1.0  # this stage trains round(train.num_steps · steps_scale)
   stage.model = ml_collections.ConfigDict(model)
-  stage.diffusion = ml_collections.ConfigDict(dict(
-      prediction="v",            # 'eps' | 'x0' | 'v'
-      schedule="cosine",         # continuous log-SNR schedule of training noise
+  stage.diffusion = ml_collections.ConfigDict(
+    dict(
+      prediction="v",  # 'eps' | 'x0' | 'v'
+      schedule="cosine",  # continuous log-SNR schedule of training noise
       logsnr_min=-20.0,
       logsnr_max=20.0,
-      logsnr_shift=0.0,          # added to λ(t); > 0 trains (and samples) more at low noise
-      min_snr_gamma=0.0,         # > 0 turns on Min-SNR-γ loss weighting
-      cond_drop=0.1,             # classifier-free guidance text dropout
-      aug_schedule="linear",     # schedule of the low-resolution noise augmentation
-      aug_max=0.5,               # training samples aug levels t_aug ~ U[0, aug_max]
-  ))
-  stage.sample = ml_collections.ConfigDict(dict(
-      sampler="ddim",            # 'ddim' | 'ddpm'
+      logsnr_shift=0.0,  # added to λ(t); > 0 trains (and samples) more at low noise
+      min_snr_gamma=0.0,  # > 0 turns on Min-SNR-γ loss weighting
+      cond_drop=0.1,  # classifier-free guidance text dropout
+      aug_schedule="linear",  # schedule of the low-resolution noise augmentation
+      aug_max=0.5,  # training samples aug levels t_aug ~ U[0, aug_max]
+    )
+  )
+  stage.sample = ml_collections.ConfigDict(
+    dict(
+      sampler="ddim",  # 'ddim' | 'ddpm'
       steps=64,
       eta=0.0,
       guidance=5.0,
-      threshold="dynamic",       # 'none' | 'static' | 'dynamic'
+      threshold="dynamic",  # 'none' | 'static' | 'dynamic'
       quantile=0.995,
-      aug_level=0.1,             # noise-augmentation level of the low-res input
-  ))
+      aug_level=0.1,  # noise-augmentation level of the low-res input
+    )
+  )
   return stage
 
 
 def efficient_unet(channels, blocks, lowest_attention, text_dim):
   """``config.model`` of an Imagen super-resolution Efficient UNet (sr256, sr1024, demo)."""
   return dict(
-      channels=channels,
-      num_res_blocks=blocks,
-      attention=("none",) * (len(channels) - 1) + (lowest_attention,),
-      mid_block=False,
-      efficient=True,
-      skip_scale=2 ** -0.5,
-      lowres_cond=True,
-      aug_embed=True,
-      head_dim=64,
-      text_dim=text_dim,
-      text_proj_dim=channels[-1],
-      text_pool="attention",
-      text_pool_projected=True,
-      dtype="bfloat16",
-      param_dtype="float32",
-      remat="full",
+    channels=channels,
+    num_res_blocks=blocks,
+    attention=("none",) * (len(channels) - 1) + (lowest_attention,),
+    mid_block=False,
+    efficient=True,
+    skip_scale=2**-0.5,
+    lowres_cond=True,
+    aug_embed=True,
+    head_dim=64,
+    text_dim=text_dim,
+    text_proj_dim=channels[-1],
+    text_pool="attention",
+    text_pool_projected=True,
+    dtype="bfloat16",
+    param_dtype="float32",
+    remat="full",
   )
 
 
 def base_config() -> ml_collections.ConfigDict:
   """Top-level groups with defaults; the stage files fill ``stages``."""
   config = ml_collections.ConfigDict()
-  config.text = ml_collections.ConfigDict(dict(
-      path="",                   # local Hugging Face T5 directory; '' = random init
-      tokenizer="",              # tokenizer directory ('' = path's, or ByT5 bytes if random)
-      dim=4096,                  # width of the embeddings the UNets expect
-      max_length=128,            # tokens per caption (longer ones are truncated)
-      precomputed=False,         # train on cached embeddings (imagen_jax.train.embeddings)
-      embed_dir="",              # their directory ('' = DATA_DIR/embeddings/NAME/SPLIT)
+  config.text = ml_collections.ConfigDict(
+    dict(
+      path="",  # local Hugging Face T5 directory; '' = random init
+      tokenizer="",  # tokenizer directory ('' = path's, or ByT5 bytes if random)
+      dim=4096,  # width of the embeddings the UNets expect
+      max_length=128,  # tokens per caption (longer ones are truncated)
+      precomputed=False,  # train on cached embeddings (imagen_jax.train.embeddings)
+      embed_dir="",  # their directory ('' = DATA_DIR/embeddings/NAME/SPLIT)
       dtype="bfloat16",
-      seed=0,                    # random init only
+      seed=0,  # random init only
       # T5Config fields of the random-init encoder (used when path is '').
-      random=dict(vocab_size=384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
-                  num_heads=64),
-  ))
-  config.data = ml_collections.ConfigDict(dict(
-      name="shapes",             # 'shapes' | 'image_captions' | a prepared TFDS name
+      random=dict(vocab_size=384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64),
+    )
+  )
+  config.data = ml_collections.ConfigDict(
+    dict(
+      name="shapes",  # 'shapes' | 'image_captions' | a prepared TFDS name
       data_dir="data",
       split="train",
-      builder_kwargs={},         # e.g. shapes: resolution, num_train, holdout
-      prepare=True,              # prepare shapes/image_captions when missing
-      src="",                    # image_captions: the folder of images
+      builder_kwargs={},  # e.g. shapes: resolution, num_train, holdout
+      prepare=True,  # prepare shapes/image_captions when missing
+      src="",  # image_captions: the folder of images
       seed=0,
-  ))
+    )
+  )
   config.stage_order = ()
   config.stages = ml_collections.ConfigDict()
-  config.mesh = ml_collections.ConfigDict(dict(
+  config.mesh = ml_collections.ConfigDict(
+    dict(
       shape={"data": 1, "fsdp": -1, "tensor": 1},
-      strategy="fsdp",           # a preset of imagen_jax.parallel.STRATEGIES
-      rules="",                  # overrides of the preset, e.g. 'mlp=tensor;embed=none'
-  ))
-  config.train = ml_collections.ConfigDict(dict(
-      num_steps=100_000,         # per stage, times the stage's steps_scale
-      batch_size=256,            # global
-      grad_accum=1,              # microbatches per step (gradients summed in float32)
-      optimizer="adamw",         # 'adamw' | 'adafactor'
+      strategy="fsdp",  # a preset of imagen_jax.parallel.STRATEGIES
+      rules="",  # overrides of the preset, e.g. 'mlp=tensor;embed=none'
+    )
+  )
+  config.train = ml_collections.ConfigDict(
+    dict(
+      num_steps=100_000,  # per stage, times the stage's steps_scale
+      batch_size=256,  # global
+      grad_accum=1,  # microbatches per step (gradients summed in float32)
+      optimizer="adamw",  # 'adamw' | 'adafactor'
       lr=1e-4,
       warmup_steps=10_000,
-      end_lr_frac=0.1,           # cosine decay ends at lr · end_lr_frac
+      end_lr_frac=0.1,  # cosine decay ends at lr · end_lr_frac
       weight_decay=0.0,
       b1=0.9,
       b2=0.99,
@@ -123,19 +134,20 @@ def base_config() -> ml_collections.ConfigDict:
       log_every=50,
       checkpoint_every=1000,
       keep_checkpoints=2,
-      max_nonfinite_steps=10,    # consecutive non-finite (skipped) steps before stopping
+      max_nonfinite_steps=10,  # consecutive non-finite (skipped) steps before stopping
       async_checkpoint=True,
-      sample_every=0,            # 0: no sample grids during training
-      sample_prompts=(),         # captions of the training sample grids
-      eval_every=0,              # 0: no metrics during training (imagen_jax.eval.during_training)
+      sample_every=0,  # 0: no sample grids during training
+      sample_prompts=(),  # captions of the training sample grids
+      eval_every=0,  # 0: no metrics during training (imagen_jax.eval.during_training)
       eval_metrics=("shapes",),  # 'shapes' (pixel checker), 'clip', 'fid'
-      eval_prompts=(),           # () = the shapes test captions
-      eval_num=64,               # prompts per evaluation (cycled)
-      eval_batch_size=0,         # images per sampler call; 0 = all at once
-      eval_clip="",              # Hugging Face CLIP folder, for 'clip'
-      eval_inception="",         # FID InceptionV3 weights (.safetensors), for 'fid'
-      eval_reference="",         # reference statistics (imagen_jax.eval.fid_stats), for 'fid'
-  ))
+      eval_prompts=(),  # () = the shapes test captions
+      eval_num=64,  # prompts per evaluation (cycled)
+      eval_batch_size=0,  # images per sampler call; 0 = all at once
+      eval_clip="",  # Hugging Face CLIP folder, for 'clip'
+      eval_inception="",  # FID InceptionV3 weights (.safetensors), for 'fid'
+      eval_reference="",  # reference statistics (imagen_jax.eval.fid_stats), for 'fid'
+    )
+  )
   return config
 
 
@@ -145,8 +157,9 @@ def add_stage(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDic
   config.stage_order = tuple(config.stage_order) + (stage.name,)
 
 
-def stage_train_config(config: ml_collections.ConfigDict,
-                       stage_name: str) -> ml_collections.ConfigDict:
+def stage_train_config(
+  config: ml_collections.ConfigDict, stage_name: str
+) -> ml_collections.ConfigDict:
   """``config.train`` with this stage's step count (num_steps · steps_scale)."""
   tc = config.train.copy_and_resolve_references()
   scale = float(config.stages[stage_name].get("steps_scale", 1.0))
@@ -157,7 +170,7 @@ def stage_train_config(config: ml_collections.ConfigDict,
 def load_config(path: str) -> ml_collections.ConfigDict:
   """Loads ``get_config()`` from a Python file; ``path`` may end with ``:arg``."""
   arg = None
-  if ".py:" in path:   # the argument may itself be a path (configs/deepfloyd_if.py:if/if_I)
+  if ".py:" in path:  # the argument may itself be a path (configs/deepfloyd_if.py:if/if_I)
     path, arg = path.split(".py:", 1)
     path += ".py"
   if not os.path.isfile(path):

@@ -37,7 +37,7 @@ STALE_AFTER_S = 600.0
 # A lock file without readable content (its creator died between creating
 # and writing it, microseconds) counts as stale after this many seconds.
 _UNREADABLE_GRACE_S = 10.0
-_TAKEOVER_SUFFIX = '.takeover'
+_TAKEOVER_SUFFIX = ".takeover"
 
 
 class Locked(RuntimeError):
@@ -64,7 +64,7 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Any], float] | None:
   The info is {} when the file exists but holds no readable JSON yet.
   """
   try:
-    with open(path, encoding='utf-8') as f:
+    with open(path, encoding="utf-8") as f:
       text = f.read()
     age = time.time() - os.stat(path).st_mtime
   except FileNotFoundError:
@@ -76,24 +76,24 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Any], float] | None:
   return (info if isinstance(info, dict) else {}), age
 
 
-def _stale_reason(info: dict[str, Any], age: float,
-                  stale_after: float) -> str | None:
+def _stale_reason(info: dict[str, Any], age: float, stale_after: float) -> str | None:
   """Why a lock is stale (a phrase for the warning), or None if it is live."""
   if not info:
-    return (f'unreadable lock file, {age:.0f} s old'
-            if age > _UNREADABLE_GRACE_S else None)
-  if info.get('host') == _host() and not _pid_alive(int(info.get('pid', -1))):
-    return f'pid {info.get("pid")} is gone'
+    return f"unreadable lock file, {age:.0f} s old" if age > _UNREADABLE_GRACE_S else None
+  if info.get("host") == _host() and not _pid_alive(int(info.get("pid", -1))):
+    return f"pid {info.get('pid')} is gone"
   if age > stale_after:
-    return f'no heartbeat for {age:.0f} s (limit {stale_after:.0f} s)'
+    return f"no heartbeat for {age:.0f} s (limit {stale_after:.0f} s)"
   return None
 
 
 def _describe(info: dict[str, Any], age: float) -> str:
   if not info:
-    return 'a process that is still writing the lock file'
-  return (f'pid {info.get("pid")} on host {info.get("host")} since '
-          f'{info.get("since")} (heartbeat {age:.0f} s ago)')
+    return "a process that is still writing the lock file"
+  return (
+    f"pid {info.get('pid')} on host {info.get('host')} since "
+    f"{info.get('since')} (heartbeat {age:.0f} s ago)"
+  )
 
 
 def _take_over(path: str, seen: dict[str, Any], reason: str) -> None:
@@ -111,10 +111,11 @@ def _take_over(path: str, seen: dict[str, Any], reason: str) -> None:
   try:
     current = read(path)
     # Someone else may have taken it over already and hold it now.
-    if current is not None and current[0].get('token') == seen.get('token'):
+    if current is not None and current[0].get("token") == seen.get("token"):
       os.unlink(path)
-      _log.warning('Taking over the stale lock %s of %s: %s.', path,
-                   _describe(seen, current[1]), reason)
+      _log.warning(
+        "Taking over the stale lock %s of %s: %s.", path, _describe(seen, current[1]), reason
+      )
   finally:
     os.close(fd)
     os.unlink(guard)
@@ -126,23 +127,24 @@ def _create(path: str, what: str) -> dict[str, Any] | None:
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
   except FileExistsError:
     return None
-  info = {'pid': os.getpid(), 'host': _host(), 'what': what,
-          'since': datetime.datetime.now(datetime.timezone.utc).isoformat(
-              timespec='seconds'),
-          'token': uuid.uuid4().hex}
-  with os.fdopen(fd, 'w', encoding='utf-8') as f:
+  info = {
+    "pid": os.getpid(),
+    "host": _host(),
+    "what": what,
+    "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "token": uuid.uuid4().hex,
+  }
+  with os.fdopen(fd, "w", encoding="utf-8") as f:
     json.dump(info, f)
   return info
 
 
-def _heartbeat(path: str, token: str, interval: float,
-               stop: threading.Event) -> None:
+def _heartbeat(path: str, token: str, interval: float, stop: threading.Event) -> None:
   """Touches the lock every `interval` s while it is still ours."""
   while not stop.wait(interval):
     current = read(path)
-    if current is None or current[0].get('token') != token:
-      _log.warning('Lock %s is no longer held by this process (taken over '
-                   'as stale?).', path)
+    if current is None or current[0].get("token") != token:
+      _log.warning("Lock %s is no longer held by this process (taken over as stale?).", path)
       return
     with contextlib.suppress(FileNotFoundError):
       os.utime(path)
@@ -150,15 +152,20 @@ def _heartbeat(path: str, token: str, interval: float,
 
 def _release(path: str, token: str) -> None:
   current = read(path)
-  if current is not None and current[0].get('token') == token:
+  if current is not None and current[0].get("token") == token:
     os.unlink(path)
 
 
 @contextlib.contextmanager
-def hold(path: str | os.PathLike, what: str = 'this folder', *,
-         wait: float | None = 0.0, stale_after: float = STALE_AFTER_S,
-         heartbeat: float = HEARTBEAT_S,
-         poll: float = 0.5) -> Iterator[dict[str, Any]]:
+def hold(
+  path: str | os.PathLike,
+  what: str = "this folder",
+  *,
+  wait: float | None = 0.0,
+  stale_after: float = STALE_AFTER_S,
+  heartbeat: float = HEARTBEAT_S,
+  poll: float = 0.5,
+) -> Iterator[dict[str, Any]]:
   """Holds the lock file `path` for the duration of the `with` block.
 
   Args:
@@ -193,21 +200,25 @@ def hold(path: str | os.PathLike, what: str = 'this folder', *,
       time.sleep(0.01)  # If another waiter was taking over, let it finish.
       continue
     if deadline is not None and time.monotonic() >= deadline:
-      raise Locked(f'{what} is locked by {_describe(holder, age)}: {path} '
-                   f'(a lock whose process is gone is taken over).')
+      raise Locked(
+        f"{what} is locked by {_describe(holder, age)}: {path} "
+        f"(a lock whose process is gone is taken over)."
+      )
     if not announced:
-      _log.warning('Waiting for %s to release %s (%s).',
-                   _describe(holder, age), what, path)
+      _log.warning("Waiting for %s to release %s (%s).", _describe(holder, age), what, path)
       announced = True
     time.sleep(poll)
   stop = threading.Event()
-  beat = threading.Thread(target=_heartbeat, name=f'lock heartbeat {path}',
-                          args=(path, info['token'], heartbeat, stop),
-                          daemon=True)
+  beat = threading.Thread(
+    target=_heartbeat,
+    name=f"lock heartbeat {path}",
+    args=(path, info["token"], heartbeat, stop),
+    daemon=True,
+  )
   beat.start()
   try:
     yield info
   finally:
     stop.set()
     beat.join()
-    _release(path, info['token'])
+    _release(path, info["token"])

@@ -75,6 +75,7 @@ def _read_json(path: Any) -> dict:
 def write_png(path: Any, image: Any) -> None:
   """Writes a uint8 [H, W, 3] array as a PNG file at ``path`` (local or remote)."""
   from PIL import Image  # pylint: disable=import-outside-toplevel
+
   buf = io.BytesIO()
   Image.fromarray(image).save(buf, format="PNG")
   epath.Path(path).write_bytes(buf.getvalue())
@@ -113,9 +114,11 @@ def converted_stage_dirs(path: str) -> Optional[list]:
   if root.is_dir() and not _is_file(root / CONFIG_FILE):
     subs = [os.fspath(d) for d in sorted(root.iterdir()) if d.is_dir() and is_converted(d)]
     if subs:
+
       def order(d):  # stage I (no low-res input) first, then by resolution
         stage = _read_json(epath.Path(d) / CONFIG_FILE)["stage"]
         return bool(stage.get("lowres_resolution")), stage["resolution"]
+
       return sorted(subs, key=order)
   return None
 
@@ -145,21 +148,28 @@ def _converted_config(dirs: Sequence[str]) -> ml_collections.ConfigDict:
   for d in dirs:
     meta_file = epath.Path(d) / CONFIG_FILE
     if not _is_file(meta_file):
-      raise FileNotFoundError(f"{meta_file} not found: {d!r} is not a converted IF stage "
-                              "(python -m imagen_jax.convert deepfloyd-if --src ... --out ...)")
+      raise FileNotFoundError(
+        f"{meta_file} not found: {d!r} is not a converted IF stage "
+        "(python -m imagen_jax.convert deepfloyd-if --src ... --out ...)"
+      )
     meta = _read_json(meta_file)
     if meta.get("format") != CONVERTED_FORMAT:
-      raise ValueError(f"{meta_file}: format {meta.get('format')!r}, expected "
-                       f"{CONVERTED_FORMAT!r}")
+      raise ValueError(f"{meta_file}: format {meta.get('format')!r}, expected {CONVERTED_FORMAT!r}")
     text = text or meta["stage"].get("text") or meta.get("text") or {}
     stage = ml_collections.ConfigDict(normalize_converted_stage(meta["stage"]))
     stage.source = os.fspath(as_path(d))  # where its params are read from
     if stage.name in config.stages:
       raise ValueError(f"two converted folders hold stage {stage.name!r}: {list(dirs)}")
     config_lib.add_stage(config, stage)
-  config.text.update(dict(path=text.get("encoder", ""), tokenizer=text.get("tokenizer", ""),
-                          max_length=int(text.get("max_length", 77)),
-                          dim=int(text.get("dim", 4096)), dtype="float32"))
+  config.text.update(
+    dict(
+      path=text.get("encoder", ""),
+      tokenizer=text.get("tokenizer", ""),
+      max_length=int(text.get("max_length", 77)),
+      dim=int(text.get("dim", 4096)),
+      dtype="float32",
+    )
+  )
   return config
 
 
@@ -176,9 +186,11 @@ def read_config(path: str) -> ml_collections.ConfigDict:
     return _converted_config(dirs)
   file = epath.Path(path) / CONFIG_FILE
   if not _is_file(file):
-    raise FileNotFoundError(f"{file} does not exist: {path!r} holds no trained run "
-                            f"(train one with: python train.py --config configs/demo.py "
-                            f"--workdir {path})")
+    raise FileNotFoundError(
+      f"{file} does not exist: {path!r} holds no trained run "
+      f"(train one with: python train.py --config configs/demo.py "
+      f"--workdir {path})"
+    )
   return ml_collections.ConfigDict(_read_json(file))
 
 
@@ -186,8 +198,9 @@ def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying the target shardings (for sharded restore)."""
   if shardings is None:
     return abstract
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
 
 
 def abstract_params(stage: Any, mesh=None, rules=None) -> Any:
@@ -203,13 +216,16 @@ def abstract_params(stage: Any, mesh=None, rules=None) -> Any:
   return abstract_with_shardings(nn.unbox(boxed), shardings)
 
 
-def checkpoint_manager(workdir: str, stage_name: str, *, keep: int = 2,
-                       async_save: bool = True, read_only: bool = False
-                       ) -> ocp.CheckpointManager:
+def checkpoint_manager(
+  workdir: str, stage_name: str, *, keep: int = 2, async_save: bool = True, read_only: bool = False
+) -> ocp.CheckpointManager:
   """The orbax manager of one stage's checkpoints (read-only for sampling)."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                         enable_async_checkpointing=async_save,
-                                         read_only=read_only)
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=keep,
+    create=not read_only,
+    enable_async_checkpointing=async_save,
+    read_only=read_only,
+  )
   return ocp.CheckpointManager(checkpoint_dir(workdir, stage_name), options=options)
 
 
@@ -226,8 +242,9 @@ def load_converted_params(folder: str, stage: Any, mesh=None, rules=None) -> Any
   return jax.tree.map(jnp.asarray, params) if mesh is None else params
 
 
-def load_ema_params(workdir: str, stage: Any, mesh=None, rules=None,
-                    step: Optional[int] = None) -> tuple[Any, int]:
+def load_ema_params(
+  workdir: str, stage: Any, mesh=None, rules=None, step: Optional[int] = None
+) -> tuple[Any, int]:
   """The sampling parameters of one stage: a run's EMA params, or converted params.
 
   Args:
@@ -252,10 +269,12 @@ def load_ema_params(workdir: str, stage: Any, mesh=None, rules=None,
     latest = manager.latest_step()
   if latest is None:
     raise FileNotFoundError(
-        f"stage {stage.name!r} has no checkpoint under {ckpt_dir}; train it with: "
-        f"python train.py --config <config> --workdir {workdir} --stage {stage.name}")
-  restore = lambda s: manager.restore(s, args=ocp.args.Composite(
-      ema=ocp.args.StandardRestore(target))).ema
+      f"stage {stage.name!r} has no checkpoint under {ckpt_dir}; train it with: "
+      f"python train.py --config <config> --workdir {workdir} --stage {stage.name}"
+    )
+  restore = lambda s: (
+    manager.restore(s, args=ocp.args.Composite(ema=ocp.args.StandardRestore(target))).ema
+  )
   if step is not None:
     return restore(step), step
   # The newest step first; a damaged one (a file truncated by a lost host or
@@ -265,11 +284,20 @@ def load_ema_params(workdir: str, stage: Any, mesh=None, rules=None,
     try:
       params = restore(candidate)
     except Exception as e:  # pylint: disable=broad-except
-      failures.append(f"step {candidate}: {type(e).__name__}: "
-                      f"{(str(e).strip().splitlines() or [''])[0][:200]}")
-      _log.warning("stage %s: checkpoint step %d under %s is unreadable (%s); trying the "
-                   "previous one", stage.name, candidate, ckpt_dir, failures[-1])
+      failures.append(
+        f"step {candidate}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+      )
+      _log.warning(
+        "stage %s: checkpoint step %d under %s is unreadable (%s); trying the previous one",
+        stage.name,
+        candidate,
+        ckpt_dir,
+        failures[-1],
+      )
       continue
     return params, candidate
-  raise ValueError(f"stage {stage.name!r}: no checkpoint under {ckpt_dir} is readable ("
-                   + "; ".join(failures) + ")")
+  raise ValueError(
+    f"stage {stage.name!r}: no checkpoint under {ckpt_dir} is readable ("
+    + "; ".join(failures)
+    + ")"
+  )

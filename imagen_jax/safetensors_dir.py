@@ -61,7 +61,7 @@ def _read_index(file: str) -> dict[str, str]:
 def _candidates(variant: Optional[str], weights_name: str) -> list[tuple[str, str]]:
   """(kind, file name) pairs to look for, in order of preference."""
   names = []
-  for v in ([variant] if variant else [None, "fp16"]):
+  for v in [variant] if variant else [None, "fp16"]:
     infix = f".{v}" if v else ""
     names.append(("single", f"{weights_name}{infix}.safetensors"))
     names.append(("index", f"{weights_name}.safetensors.index{infix}.json"))
@@ -74,8 +74,7 @@ class WeightsReader:
   Use as a context manager; each file is opened (memory-mapped) on first use.
   """
 
-  def __init__(self, path: str, variant: Optional[str] = None,
-               weights_name: str = WEIGHTS_NAME):
+  def __init__(self, path: str, variant: Optional[str] = None, weights_name: str = WEIGHTS_NAME):
     """Finds the weight files.
 
     Args:
@@ -110,8 +109,7 @@ class WeightsReader:
       others = [f for f in found if f.endswith((".bin", ".pt", ".ckpt", ".h5", ".msgpack"))]
       hint = f"; found {others}, but only safetensors is supported" if others else ""
       wanted = [n for _, n in _candidates(variant, weights_name)]
-      raise FileNotFoundError(f"no safetensors weights in {path}: expected one of "
-                              f"{wanted}{hint}")
+      raise FileNotFoundError(f"no safetensors weights in {path}: expected one of {wanted}{hint}")
     self._handles = {}
     self._keys = None
 
@@ -132,8 +130,9 @@ class WeightsReader:
       try:
         self._handles[file] = safe_open(file, framework="numpy").__enter__()
       except Exception as e:  # SafetensorError (not importable by name), OSError
-        raise ValueError(f"{file}: not a readable safetensors file "
-                         f"({_one_line(e)}; size {_size(file)} bytes)") from None
+        raise ValueError(
+          f"{file}: not a readable safetensors file ({_one_line(e)}; size {_size(file)} bytes)"
+        ) from None
     return self._handles[file]
 
   def _file_of(self, name: str) -> str:
@@ -180,13 +179,22 @@ class WeightsReader:
 
 
 # safetensors dtype names of the NumPy dtypes we write.
-_DTYPE_NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
-                np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float64): "F64",
-                np.dtype(np.int64): "I64", np.dtype(np.int32): "I32"}
+_DTYPE_NAMES = {
+  np.dtype(np.float32): "F32",
+  np.dtype(np.float16): "F16",
+  np.dtype(ml_dtypes.bfloat16): "BF16",
+  np.dtype(np.float64): "F64",
+  np.dtype(np.int64): "I64",
+  np.dtype(np.int32): "I32",
+}
 
 
-def write_safetensors(file: str, specs: Sequence[tuple[str, tuple[int, ...], np.dtype]],
-                      tensors: Iterable[np.ndarray], metadata: Optional[dict] = None) -> int:
+def write_safetensors(
+  file: str,
+  specs: Sequence[tuple[str, tuple[int, ...], np.dtype]],
+  tensors: Iterable[np.ndarray],
+  metadata: Optional[dict] = None,
+) -> int:
   """Writes one safetensors file, one tensor at a time.
 
   The format is an 8-byte little-endian header length, a JSON header (dtype,
@@ -212,11 +220,14 @@ def write_safetensors(file: str, specs: Sequence[tuple[str, tuple[int, ...], np.
   for name, shape, dtype in specs:
     dtype = np.dtype(dtype)
     end = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": [int(d) for d in shape],
-                    "data_offsets": [offset, end]}
+    header[name] = {
+      "dtype": _DTYPE_NAMES[dtype],
+      "shape": [int(d) for d in shape],
+      "data_offsets": [offset, end],
+    }
     offset = end
   blob = json.dumps(header, separators=(",", ":")).encode()
-  blob += b" " * (-len(blob) % 8)   # the reference writer aligns the data to 8 bytes
+  blob += b" " * (-len(blob) % 8)  # the reference writer aligns the data to 8 bytes
   with open(file, "wb") as f:
     f.write(len(blob).to_bytes(8, "little"))
     f.write(blob)
@@ -224,10 +235,13 @@ def write_safetensors(file: str, specs: Sequence[tuple[str, tuple[int, ...], np.
     for (name, shape, dtype), array in zip(specs, tensors, strict=False):  # counted below
       array = np.asarray(array)
       if tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
-        raise ValueError(f"{file}: tensor {name!r} is {array.dtype}{list(array.shape)}, "
-                         f"expected {np.dtype(dtype)}{list(shape)}")
-      f.write(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"),
-                                                 copy=False).tobytes())
+        raise ValueError(
+          f"{file}: tensor {name!r} is {array.dtype}{list(array.shape)}, "
+          f"expected {np.dtype(dtype)}{list(shape)}"
+        )
+      f.write(
+        np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+      )
       count += 1
     if count != len(specs):
       raise ValueError(f"{file}: {len(specs)} tensors announced, {count} written")

@@ -22,7 +22,7 @@ def _qkv(b, t, s, n, d, seed=0, text=None):
   """Random q (pre-scaled), k, v; mask True on the image keys and on the first
   ``text[i]`` of the text keys (which come first, as in self_cross)."""
   rs = np.random.RandomState(seed)
-  q = rs.randn(b, t, n, d).astype(np.float32) * d ** -0.5
+  q = rs.randn(b, t, n, d).astype(np.float32) * d**-0.5
   k, v = (rs.randn(b, s, n, d).astype(np.float32) for _ in range(2))
   mask = None
   if text is not None:
@@ -66,15 +66,15 @@ def test_chunked_fully_masked_rows_match_xla():
 
 
 def test_auto_picks_by_platform_shape_and_dtype():
-  spec = jax.ShapeDtypeStruct    # the choice reads shapes and dtypes only
+  spec = jax.ShapeDtypeStruct  # the choice reads shapes and dtypes only
   f32 = spec((1, 1024, 2, 64), jnp.float32)
   bf16 = spec((1, 1024, 2, 64), jnp.bfloat16)
   small = spec((1, 16, 2, 64), jnp.float32)
   assert attention.resolve_impl("auto", f32, f32, "cpu") == "chunked"
   assert attention.resolve_impl("auto", small, small, "cpu") == "xla"
   assert attention.resolve_impl("auto", bf16, bf16, "gpu") == "cudnn"
-  assert attention.resolve_impl("auto", f32, f32, "gpu") == "xla"         # cuDNN: no fp32
-  huge = spec((64, 4096, 8, 64), jnp.float32)                            # 32 GiB of logits
+  assert attention.resolve_impl("auto", f32, f32, "gpu") == "xla"  # cuDNN: no fp32
+  huge = spec((64, 4096, 8, 64), jnp.float32)  # 32 GiB of logits
   assert attention.resolve_impl("auto", huge, huge, "gpu") == "chunked"
   assert attention.resolve_impl("cudnn", small, small, "gpu") == "xla"
   assert attention.resolve_impl("auto", f32, f32, "tpu") == "splash"
@@ -125,8 +125,9 @@ def test_attention_block_backends_agree(kind):
   ref, ref_grads = run("xla")
   value, grads = run("chunked")
   np.testing.assert_allclose(value, ref, atol=TOL, rtol=0)
-  jax.tree_util.tree_map(lambda g, r: np.testing.assert_allclose(g, r, atol=TOL, rtol=0),
-                         grads, ref_grads)
+  jax.tree_util.tree_map(
+    lambda g, r: np.testing.assert_allclose(g, r, atol=TOL, rtol=0), grads, ref_grads
+  )
 
 
 def test_remat_policies_match_no_remat():
@@ -141,15 +142,17 @@ def test_remat_policies_match_no_remat():
     # pylint: disable-next=protected-access
     cls = UNet(UNetConfig(remat=remat))._remat(layers.AttentionBlock)
     block = cls("self_cross", head_dim=8, groups=4)
-    params = jax.tree_util.tree_map(lambda p: p + 0.1,
-                                    block.init(jax.random.PRNGKey(0), x, text, mask))
+    params = jax.tree_util.tree_map(
+      lambda p: p + 0.1, block.init(jax.random.PRNGKey(0), x, text, mask)
+    )
     loss = lambda p: jnp.mean(jnp.sin(block.apply(p, x, text, mask)))
     return jax.jit(jax.grad(loss))(params)
 
   ref = grads("none")
   for policy in ("full", "dots_saveable", "save_attention_out"):
-    jax.tree_util.tree_map(lambda g, r: np.testing.assert_allclose(g, r, atol=TOL, rtol=0),
-                           grads(policy), ref)
+    jax.tree_util.tree_map(
+      lambda g, r: np.testing.assert_allclose(g, r, atol=TOL, rtol=0), grads(policy), ref
+    )
 
 
 def test_remat_bools_and_bad_names():
@@ -164,12 +167,13 @@ def test_sharding_benchmark_sets_the_remat_policy():
   # benchmarks.sharding --remat: a config copy per policy, also over an old bool key.
   from benchmarks import sharding  # pylint: disable=import-outside-toplevel
   from imagen_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+
   config = config_lib.load_config("configs/demo.py:tiny")
   with config.unlocked():
     config.stages.base.model.remat = True
   cfg = sharding.with_remat(config, "base", "save_attention_out")
   assert cfg.stages.base.model.remat == "save_attention_out"
-  assert config.stages.base.model.remat is True          # the original is untouched
+  assert config.stages.base.model.remat is True  # the original is untouched
   assert UNetConfig.from_config(cfg.stages.base.model).remat == "save_attention_out"
   with pytest.raises(ValueError, match="unknown remat policy 'most'"):
     sharding.with_remat(config, "base", "most")

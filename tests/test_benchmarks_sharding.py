@@ -26,22 +26,29 @@ def test_collective_bytes_of_a_sharded_matmul():
   def f(w, x):
     return jnp.tanh(x @ w).sum()
 
-  compiled = jax.jit(f, in_shardings=(w_s, x_s)).lower(
+  compiled = (
+    jax.jit(f, in_shardings=(w_s, x_s))
+    .lower(
       jax.ShapeDtypeStruct((512, 256), jnp.float32, sharding=w_s),
-      jax.ShapeDtypeStruct((64, 512), jnp.float32, sharding=x_s)).compile()
+      jax.ShapeDtypeStruct((64, 512), jnp.float32, sharding=x_s),
+    )
+    .compile()
+  )
   out = bench.collective_bytes(compiled.as_text())
   assert out["all-gather"] == 512 // 8 * 256 * 4
-  assert out["all-reduce"] > 0          # the per-device partial sums
+  assert out["all-reduce"] > 0  # the per-device partial sums
   assert set(out) == set(bench.COLLECTIVES)
 
 
 def test_collective_bytes_counts_async_start_once():
-  hlo = "\n".join([
+  hlo = "\n".join(
+    [
       "  %p = f32[16,4]{1,0} parameter(0)",
       "  %ags = (f32[16,4]{1,0}, f32[128,4]{1,0}) all-gather-start(%p), dimensions={0}",
       "  %agd = f32[128,4]{1,0} all-gather-done(%ags)",
       "  ROOT %ar = f32[128,4]{1,0} all-reduce(%agd), to_apply=%add",
-  ])
+    ]
+  )
   out = bench.collective_bytes(hlo)
   assert out["all-gather"] == 16 * 4 * 4
   assert out["all-reduce"] == 128 * 4 * 4
@@ -72,25 +79,27 @@ def test_fsdp_row_splits_state_and_runs(tiny_config):
   devices = jax.devices()[:8]
   flops = bench.model_flops(tiny_config, "base", 8)
   assert flops and flops > 1e6
-  row = bench.bench_strategy(tiny_config, "base", "fsdp", devices, batch=8, steps=1,
-                             warmup=0, flops=flops)
+  row = bench.bench_strategy(
+    tiny_config, "base", "fsdp", devices, batch=8, steps=1, warmup=0, flops=flops
+  )
   assert row.status == "ok", row.status
-  assert row.state_ratio <= 1.15                      # the FSDP target
+  assert row.state_ratio <= 1.15  # the FSDP target
   assert row.state_bytes * 8 == pytest.approx(row.state_bytes_total, rel=0.15)
-  assert row.collective_bytes["all-gather"] > 0       # params gathered for compute
+  assert row.collective_bytes["all-gather"] > 0  # params gathered for compute
   assert row.peak_bytes >= row.argument_bytes > row.state_bytes
   assert row.step_s > 0 and row.images_per_s == pytest.approx(8 / row.step_s)
   assert row.tflops_per_s == pytest.approx(flops / row.step_s / 1e12)
-  assert row.mfu is None                              # no known CPU peak
+  assert row.mfu is None  # no known CPU peak
 
 
 def test_a_strategy_that_does_not_fit_is_reported(tiny_config, monkeypatch):
   monkeypatch.setattr(bench, "_memory_limit", lambda device, n=1: 1024)
-  row = bench.bench_strategy(tiny_config, "base", "dp", jax.devices()[:8], batch=8,
-                             steps=1, warmup=0)
+  row = bench.bench_strategy(
+    tiny_config, "base", "dp", jax.devices()[:8], batch=8, steps=1, warmup=0
+  )
   assert row.status.startswith("does not fit"), row.status
   assert row.step_s is None
-  assert row.state_ratio == pytest.approx(8.0)        # replicated on every device
+  assert row.state_ratio == pytest.approx(8.0)  # replicated on every device
   table = bench.format_table([row])
   assert "does not fit" in table and "| dp |" in table
 
@@ -102,8 +111,20 @@ def test_batch_that_does_not_split_is_an_error_row(tiny_config):
 
 def test_cli_rejects_unknown_strategy():
   proc = subprocess.run(
-      [sys.executable, "-m", "benchmarks.sharding", "--config", "configs/demo.py:tiny",
-       "--devices", "2", "--strategies", "dp,zero3"],
-      capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      "-m",
+      "benchmarks.sharding",
+      "--config",
+      "configs/demo.py:tiny",
+      "--devices",
+      "2",
+      "--strategies",
+      "dp,zero3",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 2
   assert "unknown strategies ['zero3']" in proc.stderr

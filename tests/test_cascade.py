@@ -15,12 +15,23 @@ from imagen_jax.stages import build_stage
 from imagen_jax.text import TextEncoder
 
 TEXT_DIM = 32
-_UNET = dict(channels=(16, 32), num_res_blocks=1, head_dim=8, norm_groups=4,
-             text_dim=TEXT_DIM, text_pool_heads=2, attention=("none", "self_cross"))
+_UNET = dict(
+  channels=(16, 32),
+  num_res_blocks=1,
+  head_dim=8,
+  norm_groups=4,
+  text_dim=TEXT_DIM,
+  text_pool_heads=2,
+  attention=("none", "self_cross"),
+)
 # Four prompts: every test below samples batches of 4, so the fixture's cascade
 # compiles each stage once (plus base without guidance, plus the sharded one).
-PROMPTS = ["a red circle in the top left", "a blue square in the center",
-           "a green triangle in the bottom right", "a white circle in the top right"]
+PROMPTS = [
+  "a red circle in the top left",
+  "a blue square in the center",
+  "a green triangle in the bottom right",
+  "a white circle in the top right",
+]
 
 
 def tiny_config():
@@ -32,10 +43,20 @@ def tiny_config():
   config.text.seed = 0
   config.text.random = dict(d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
   base = config_lib.stage_config("base", 16, dict(_UNET))
-  sr = config_lib.stage_config("sr", 32, dict(_UNET, lowres_cond=True, aug_embed=True,
-                                              efficient=True, mid_block=False,
-                                              attention=("none", "cross"),
-                                              mid_attention="none"), lowres_resolution=16)
+  sr = config_lib.stage_config(
+    "sr",
+    32,
+    dict(
+      _UNET,
+      lowres_cond=True,
+      aug_embed=True,
+      efficient=True,
+      mid_block=False,
+      attention=("none", "cross"),
+      mid_attention="none",
+    ),
+    lowres_resolution=16,
+  )
   for stage, guidance in ((base, 3.0), (sr, 2.0)):
     stage.sample.steps = 3
     stage.sample.guidance = guidance
@@ -70,8 +91,10 @@ def tiny_cascade_parts(config=None, seed=0):
   """(config, text encoder, {stage: random params}) for a tiny cascade."""
   config = config or tiny_config()
   encoder = TextEncoder.random_init(dict(config.text.random), seed=config.text.seed)
-  params = {name: random_params(build_stage(config.stages[name], text_dim=TEXT_DIM), seed + i)
-            for i, name in enumerate(config.stage_order)}
+  params = {
+    name: random_params(build_stage(config.stages[name], text_dim=TEXT_DIM), seed + i)
+    for i, name in enumerate(config.stage_order)
+  }
   return config, encoder, params
 
 
@@ -117,21 +140,20 @@ def test_no_recompile_for_another_guidance_scale(cascade):
 
 
 def test_batches_compile_once(cascade):
-  out = cascade.sample(PROMPTS[:3], jax.random.key(4), num_per_prompt=2, batch_size=4,
-                       progress=False)
-  assert out.final.shape == (6, 32, 32, 3)   # batches of 4 + 2 (padded to 4)
+  out = cascade.sample(
+    PROMPTS[:3], jax.random.key(4), num_per_prompt=2, batch_size=4, progress=False
+  )
+  assert out.final.shape == (6, 32, 32, 3)  # batches of 4 + 2 (padded to 4)
   assert out.timings["base"].calls == 2
   assert [t.compiles for t in out.timings.values()] == [0, 0]
 
 
-@pytest.mark.parametrize("strategy, shape", [("dp", {"data": 8}),
-                                             ("fsdp", {"data": 2, "fsdp": 4})])
+@pytest.mark.parametrize("strategy, shape", [("dp", {"data": 8}), ("fsdp", {"data": 2, "fsdp": 4})])
 def test_sharded_matches_unsharded(parts, cascade, strategy, shape):
   assert jax.device_count() == 8
   config, encoder, params = parts
   mesh = parallel.make_mesh({"shape": shape})
-  sharded = cascade_lib.Cascade(config, params, encoder, mesh,
-                                parallel.logical_rules(strategy))
+  sharded = cascade_lib.Cascade(config, params, encoder, mesh, parallel.logical_rules(strategy))
   assert sharded.num_shards == 8
   ref = cascade.sample(PROMPTS, jax.random.key(5), progress=False)
   # 4 images are padded to 8 rows and cut back; the noise of a row does not
@@ -143,12 +165,15 @@ def test_sharded_matches_unsharded(parts, cascade, strategy, shape):
     assert diff.mean() < 0.05, name
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     (dict(steps=[3]), "steps has 1 value but the cascade has 2 stages"),
     (dict(guidance=[1.0, 2.0, 3.0]), "guidance has 3 values"),
     (dict(steps={"nope": 3}), "unknown stages"),
     (dict(steps=[0, 3]), "steps must be >= 1"),
-])
+  ],
+)
 def test_bad_overrides(cascade, kwargs, match):
   with pytest.raises(ValueError, match=match):
     cascade.sample(PROMPTS, jax.random.key(0), progress=False, **kwargs)

@@ -26,24 +26,22 @@ def _image(size, seed=0):
 
 def test_strength_zero_returns_the_image_and_one_is_text_to_image(cascade):
   image = _image(16)
-  out = cascade.sample(PROMPTS, jax.random.key(0), init_image=image, strength=0.0,
-                       start_stage="base", progress=False)
-  assert (out.images["base"] == image).all()           # exactly, after the uint8 trip
-  full = cascade.sample(PROMPTS, jax.random.key(0), init_image=image, strength=1.0,
-                        progress=False)
+  out = cascade.sample(
+    PROMPTS, jax.random.key(0), init_image=image, strength=0.0, start_stage="base", progress=False
+  )
+  assert (out.images["base"] == image).all()  # exactly, after the uint8 trip
+  full = cascade.sample(PROMPTS, jax.random.key(0), init_image=image, strength=1.0, progress=False)
   plain = cascade.sample(PROMPTS, jax.random.key(0), progress=False)
   np.testing.assert_array_equal(full.final, plain.final)
-  half = cascade.sample(PROMPTS, jax.random.key(0), init_image=image, strength=0.5,
-                        progress=False)
+  half = cascade.sample(PROMPTS, jax.random.key(0), init_image=image, strength=0.5, progress=False)
   assert not (half.images["base"] == plain.images["base"]).all()
 
 
 def test_inpainting_keeps_the_unmasked_pixels_at_every_stage(cascade):
   image = _image(32, seed=1)
   mask = np.zeros((32, 32), np.uint8)
-  mask[:16, :16] = 255                                  # regenerate the top-left quadrant
-  out = cascade.sample(PROMPTS[:2], jax.random.key(1), init_image=image, mask=mask,
-                       progress=False)
+  mask[:16, :16] = 255  # regenerate the top-left quadrant
+  out = cascade.sample(PROMPTS[:2], jax.random.key(1), init_image=image, mask=mask, progress=False)
   keep = mask == 0
   assert (out.final[:, keep] == image[keep]).all()
   assert not (out.final[:, ~keep] == image[~keep]).all()
@@ -57,33 +55,37 @@ def test_inpainting_keeps_the_unmasked_pixels_at_every_stage(cascade):
 
 @pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler", "heun"])
 def test_solvers_through_the_cascade(cascade, sampler):
-  out = cascade.sample(PROMPTS, jax.random.key(2), sampler=[sampler, "ddim"], steps=[4, 2],
-                       progress=False)
+  out = cascade.sample(
+    PROMPTS, jax.random.key(2), sampler=[sampler, "ddim"], steps=[4, 2], progress=False
+  )
   assert out.settings["base"].sampler == sampler and out.final.shape == (4, 32, 32, 3)
   assert len(np.unique(out.images["base"])) > 10
 
 
 def test_super_resolve_a_users_image_and_negative_prompts(cascade):
   low = _image(16, seed=3)
-  out = cascade.sample(PROMPTS[:2], jax.random.key(3), lowres_image=low, start_stage="sr",
-                       progress=False)
+  out = cascade.sample(
+    PROMPTS[:2], jax.random.key(3), lowres_image=low, start_stage="sr", progress=False
+  )
   assert list(out.images) == ["sr"] and out.final.shape == (2, 32, 32, 3)
-  a = cascade.sample(PROMPTS[:2], jax.random.key(4), negative_prompt="a red circle",
-                     progress=False)
+  a = cascade.sample(PROMPTS[:2], jax.random.key(4), negative_prompt="a red circle", progress=False)
   b = cascade.sample(PROMPTS[:2], jax.random.key(4), progress=False)
   assert not (a.final == b.final).all()
   with pytest.raises(ValueError, match="one per prompt"):
     cascade.sample(PROMPTS[:2], jax.random.key(4), negative_prompt=["x", "y", "z"])
 
 
-@pytest.mark.parametrize("kwargs, message", [
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
     (dict(strength=1.5, init_image=np.zeros((16, 16, 3), np.uint8)), "strength must be in"),
     (dict(start_stage="sr2"), "not in the cascade"),
     (dict(start_stage="sr"), "needs a low-resolution image"),
     (dict(init_image=np.zeros((16, 12, 3), np.uint8)), "give a square image"),
     (dict(mask=np.zeros((16, 16), np.uint8)), "needs an init image"),
     (dict(sampler="euler_a"), "sampler 'euler_a'"),
-])
+  ],
+)
 def test_bad_edit_inputs(cascade, kwargs, message):
   with pytest.raises(ValueError, match=message):
     cascade.sample(PROMPTS[:1], jax.random.key(0), progress=False, **kwargs)
@@ -100,21 +102,36 @@ def test_sample_cli_edit_flags(tmp_path, capsys):
   (tmp_path / "bad.png").write_bytes(b"not an image")
   base = ["--workdir", str(run), "--prompt", "a red circle", "--steps", "2,2"]
   out = tmp_path / "out"
-  assert sample.main(base + ["--init_image", str(tmp_path / "init.png"), "--mask",
-                             str(tmp_path / "mask.png"), "--sampler", "dpmpp_2m,ddim",
-                             "--negative_prompt", "blue", "--out", str(out)]) == 0
+  assert (
+    sample.main(
+      base
+      + [
+        "--init_image",
+        str(tmp_path / "init.png"),
+        "--mask",
+        str(tmp_path / "mask.png"),
+        "--sampler",
+        "dpmpp_2m,ddim",
+        "--negative_prompt",
+        "blue",
+        "--out",
+        str(out),
+      ]
+    )
+    == 0
+  )
   assert (out / "grid.png").exists()
   capsys.readouterr()
   for extra, needle in [
-      (["--init_image", str(tmp_path / "wide.png")], "crop it to a square"),
-      (["--init_image", str(tmp_path / "bad.png")], "cannot be read as an image"),
-      (["--init_image", str(tmp_path / "nope.png")], "does not exist"),
-      (["--init_image", str(tmp_path / "init.png"), "--strength", "2"], "--strength"),
-      (["--start_stage", "up"], "--start_stage 'up' is not in the cascade"),
-      (["--start_stage", "sr"], "--lowres_image"),
-      (["--sampler", "ddim,warp"], "sampler 'warp'"),
-      (["--guidance", "nan,1"], "guidance must be a finite number"),
-      (["--out", str(tmp_path / "init.png")], "is a file"),
+    (["--init_image", str(tmp_path / "wide.png")], "crop it to a square"),
+    (["--init_image", str(tmp_path / "bad.png")], "cannot be read as an image"),
+    (["--init_image", str(tmp_path / "nope.png")], "does not exist"),
+    (["--init_image", str(tmp_path / "init.png"), "--strength", "2"], "--strength"),
+    (["--start_stage", "up"], "--start_stage 'up' is not in the cascade"),
+    (["--start_stage", "sr"], "--lowres_image"),
+    (["--sampler", "ddim,warp"], "sampler 'warp'"),
+    (["--guidance", "nan,1"], "guidance must be a finite number"),
+    (["--out", str(tmp_path / "init.png")], "is a file"),
   ]:
     assert sample.main(base + extra) == 2, extra
     err = capsys.readouterr().err

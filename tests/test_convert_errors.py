@@ -32,7 +32,7 @@ def truncate(file, keep):
   with open(file, "rb") as f:
     data = f.read()
   with open(file, "wb") as f:
-    f.write(data[:keep if keep >= 0 else len(data) + keep])
+    f.write(data[: keep if keep >= 0 else len(data) + keep])
 
 
 def convert_fails(src, tmp_path, capsys, *needles):
@@ -44,20 +44,25 @@ def convert_fails(src, tmp_path, capsys, *needles):
   assert err.startswith("error: ") and err.count("\n") == 1, err
   for needle in needles:
     assert str(needle) in err, (needle, err)
-  assert sorted(os.listdir(tmp_path)) == before          # no output, no temp folder
+  assert sorted(os.listdir(tmp_path)) == before  # no output, no temp folder
   return err
 
 
 def unet_copy(tmp_path, text=False):
-  src = shutil.copytree(os.path.join(FIXTURES, "if_stage1"), tmp_path / "src",
-                        ignore=shutil.ignore_patterns("reference.npz"))
+  src = shutil.copytree(
+    os.path.join(FIXTURES, "if_stage1"),
+    tmp_path / "src",
+    ignore=shutil.ignore_patterns("reference.npz"),
+  )
   if text:
     shutil.copytree(os.path.join(FIXTURES, "t5_v1_1"), src / "text_encoder")
   return src
 
 
-@pytest.mark.parametrize("keep,needle", [(0, "header too small"), (-100, "not fully covered"),
-                                         (20, "invalid header length")])
+@pytest.mark.parametrize(
+  "keep,needle",
+  [(0, "header too small"), (-100, "not fully covered"), (20, "invalid header length")],
+)
 def test_damaged_unet_safetensors(keep, needle, tmp_path, capsys):
   src = unet_copy(tmp_path)
   file = src / "unet" / UNET_FILE
@@ -65,10 +70,14 @@ def test_damaged_unet_safetensors(keep, needle, tmp_path, capsys):
   convert_fails(src, tmp_path, capsys, file, "not a readable safetensors file", needle)
 
 
-@pytest.mark.parametrize("index,needle", [({"metadata": {}}, "no 'weight_map'"),
-                                          ("{not json", "not valid JSON"),
-                                          ({"weight_map": {"conv_in.weight": 3}},
-                                           "name no file")])
+@pytest.mark.parametrize(
+  "index,needle",
+  [
+    ({"metadata": {}}, "no 'weight_map'"),
+    ("{not json", "not valid JSON"),
+    ({"weight_map": {"conv_in.weight": 3}}, "name no file"),
+  ],
+)
 def test_bad_sharded_index(index, needle, tmp_path, capsys):
   src = unet_copy(tmp_path)
   os.rename(src / "unet" / UNET_FILE, src / "unet" / SHARD)
@@ -90,10 +99,15 @@ def test_index_naming_a_shard_without_the_tensor(tmp_path, capsys):
   convert_fails(src, tmp_path, capsys, INDEX, "conv_in.weight", "does not hold it")
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("{bad", "is not valid JSON"), ("[1, 2]", "not a config object"),
+@pytest.mark.parametrize(
+  "text,needle",
+  [
+    ("{bad", "is not valid JSON"),
+    ("[1, 2]", "not a config object"),
     (json.dumps({"model_type": "t5", "d_model": "wide"}), "d_model='wide'"),
-    (json.dumps({"model_type": "bert"}), "model_type='bert'")])
+    (json.dumps({"model_type": "bert"}), "model_type='bert'"),
+  ],
+)
 def test_invalid_t5_config_in_pipeline(text, needle, tmp_path, capsys):
   src = unet_copy(tmp_path, text=True)
   config = src / "text_encoder" / "config.json"
@@ -118,23 +132,26 @@ def t5_fails(path, exc, *needles):
 def test_t5_damaged_safetensors(keep, tmp_path):
   path = t5_copy(tmp_path)
   truncate(os.path.join(path, "model.safetensors"), keep)
-  t5_fails(path, ValueError, os.path.join(path, "model.safetensors"),
-           "not a readable safetensors file")
+  t5_fails(
+    path, ValueError, os.path.join(path, "model.safetensors"), "not a readable safetensors file"
+  )
 
 
 def test_t5_index_without_weight_map(tmp_path):
   path = t5_copy(tmp_path)
-  os.rename(os.path.join(path, "model.safetensors"),
-            os.path.join(path, "model-00001-of-00001.safetensors"))
+  os.rename(
+    os.path.join(path, "model.safetensors"), os.path.join(path, "model-00001-of-00001.safetensors")
+  )
   index = os.path.join(path, "model.safetensors.index.json")
   with open(index, "w") as f:
     json.dump({"metadata": {"total_size": 1}}, f)
   t5_fails(path, ValueError, index, "weight_map")
 
 
-@pytest.mark.parametrize("text,needle", [("", "is not valid JSON"),
-                                         (json.dumps({"model_type": "t5", "num_heads": 0}),
-                                          "num_heads=0")])
+@pytest.mark.parametrize(
+  "text,needle",
+  [("", "is not valid JSON"), (json.dumps({"model_type": "t5", "num_heads": 0}), "num_heads=0")],
+)
 def test_t5_invalid_config(text, needle, tmp_path):
   path = t5_copy(tmp_path)
   with open(os.path.join(path, "config.json"), "w") as f:
@@ -170,8 +187,10 @@ def test_t5_wrong_shape(tmp_path):
 
 def test_export_from_damaged_converted_params(tmp_path, capsys):
   conv = tmp_path / "conv"
-  assert cli.main(["deepfloyd-if", "--src", os.path.join(FIXTURES, "if_stage1"),
-                   "--out", str(conv)]) == 0
+  assert (
+    cli.main(["deepfloyd-if", "--src", os.path.join(FIXTURES, "if_stage1"), "--out", str(conv)])
+    == 0
+  )
   capsys.readouterr()
   truncate(conv / "params" / "_METADATA", 10)
   assert cli.main(["export-diffusers", "--src", str(conv), "--out", str(tmp_path / "out")]) == 2

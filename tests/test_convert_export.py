@@ -50,8 +50,9 @@ def apply(model, params, ref):
   kw = {}
   if "unet_lowres" in ref:
     kw = dict(lowres=ref["unet_lowres"], noise_level=ref["unet_noise_level"])
-  return jax.jit(model.apply)({"params": params}, ref["unet_x"], ref["unet_t"],
-                              ref["unet_text"], **kw)
+  return jax.jit(model.apply)(
+    {"params": params}, ref["unet_x"], ref["unet_t"], ref["unet_text"], **kw
+  )
 
 
 def max_err(a, b):
@@ -78,15 +79,16 @@ def test_roundtrip_fixture_to_diffusers(name, converted, tmp_path):
   out = tmp_path / "unet"
   assert export_cli(converted[name], out) == 0
   assert sorted(os.listdir(out)) == ["config.json", "diffusion_pytorch_model.safetensors"]
-  assert os.listdir(tmp_path) == ["unet"]                      # no temp folder left
+  assert os.listdir(tmp_path) == ["unet"]  # no temp folder left
   original = tensors(fixture(name, "unet"))
   exported = tensors(str(out))
   assert sorted(exported) == sorted(original)
   for k, v in original.items():
     assert exported[k].dtype == np.float32 and exported[k].shape == v.shape, k
     # bf16 / fp16 fixture weights widen to float32 exactly: bitwise equal.
-    np.testing.assert_array_equal(exported[k].view(np.uint32),
-                                  v.astype(np.float32).view(np.uint32), err_msg=k)
+    np.testing.assert_array_equal(
+      exported[k].view(np.uint32), v.astype(np.float32).view(np.uint32), err_msg=k
+    )
   assert read_json(out / "config.json") == read_json(fixture(name, "unet", "config.json"))
 
   # The export is a bare UNet folder: it loads back and matches diffusers' outputs
@@ -116,19 +118,26 @@ def test_export_without_kept_config_and_in_half_precision(converted, tmp_path):
   with open(src / "config.json", "w") as f:
     json.dump(meta, f)
   assert export_cli(src, tmp_path / "unet", "--dtype", "float16", "--stage", "if_II") == 0
-  assert (read_json(tmp_path / "unet" / "config.json")
-          == read_json(fixture("if_stage2", "unet", "config.json")))
-  original = tensors(fixture("if_stage2", "unet"))      # stored in fp16
+  assert read_json(tmp_path / "unet" / "config.json") == read_json(
+    fixture("if_stage2", "unet", "config.json")
+  )
+  original = tensors(fixture("if_stage2", "unet"))  # stored in fp16
   exported = tensors(str(tmp_path / "unet"))
-  assert all(np.array_equal(exported[k], v) and exported[k].dtype == np.float16
-             for k, v in original.items())
+  assert all(
+    np.array_equal(exported[k], v) and exported[k].dtype == np.float16 for k, v in original.items()
+  )
 
 
 def test_to_torch_inverts_to_flax():
   rng = np.random.default_rng(0)
-  cases = [(("conv_in", "kernel"), (3, 3, 4, 8)), (("x", "q", "kernel"), (8, 2, 4)),
-           (("x", "out", "kernel"), (2, 4, 8)), (("x", "proj", "kernel"), (5, 7)),
-           (("x", "q", "bias"), (2, 4)), (("x", "norm", "scale"), (8,))]
+  cases = [
+    (("conv_in", "kernel"), (3, 3, 4, 8)),
+    (("x", "q", "kernel"), (8, 2, 4)),
+    (("x", "out", "kernel"), (2, 4, 8)),
+    (("x", "proj", "kernel"), (5, 7)),
+    (("x", "q", "bias"), (2, 4)),
+    (("x", "norm", "scale"), (8,)),
+  ]
   for path, shape in cases:
     ours = rng.standard_normal(shape).astype(np.float32)
     torch = if_weights.to_torch(path, ours)
@@ -138,8 +147,11 @@ def test_to_torch_inverts_to_flax():
 
 def make_run(workdir, stage_config, ema, params):
   """A run workdir as the trainer leaves it: config.json + one orbax checkpoint."""
-  config = types.SimpleNamespace(to_json=lambda indent=2: json.dumps(
-      {"stages": {stage_config["name"]: stage_config}}, indent=indent))
+  config = types.SimpleNamespace(
+    to_json=lambda indent=2: json.dumps(
+      {"stages": {stage_config["name"]: stage_config}}, indent=indent
+    )
+  )
   run_lib.write_config(str(workdir), config)
   ckpt = checkpoint.StageCheckpointer(str(workdir), stage_config["name"], async_save=False)
   state = types.SimpleNamespace(step=np.int32(7), params=params, opt_state={}, ema_params=ema)
@@ -155,17 +167,18 @@ def test_export_from_a_run_reads_the_ema_params(converted, tmp_path):
   make_run(run, stage.to_dict(), ema, train)
   out = tmp_path / "unet"
   assert export_cli(run, out, "--stage", "if_I") == 0
-  assert read_json(out / "config.json") == read_json(fixture("if_stage1", "unet",
-                                                             "config.json"))
+  assert read_json(out / "config.json") == read_json(fixture("if_stage1", "unet", "config.json"))
   exported = tensors(str(out))
   n = len(stage.model.channels)
   for path, a in if_weights.flat_params(ema):
-    np.testing.assert_array_equal(exported[if_weights.diffusers_name(path, n)],
-                                  if_weights.to_torch(path, a))
+    np.testing.assert_array_equal(
+      exported[if_weights.diffusers_name(path, n)], if_weights.to_torch(path, a)
+    )
 
 
 def test_non_if_layout_stage_is_refused(tmp_path, capsys):
   import configs.demo as demo  # pylint: disable=g-import-not-at-top
+
   run = tmp_path / "run"
   run_lib.write_config(str(run), demo.get_config("tiny"))
   out = tmp_path / "unet"
@@ -173,7 +186,7 @@ def test_non_if_layout_stage_is_refused(tmp_path, capsys):
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "stage 'sr'" in err and "not IF-layout" in err, err
   assert "efficient=True" in err and "resample='conv'" in err, err
-  assert export_cli(run, out) == 2                      # two stages: --stage needed
+  assert export_cli(run, out) == 2  # two stages: --stage needed
   assert "pick one with --stage" in capsys.readouterr().err
   assert export_cli(run, out, "--stage", "nope") == 2
   assert "no stage 'nope'" in capsys.readouterr().err
@@ -215,7 +228,10 @@ def test_bare_unet_folder(name, tmp_path):
   assert stage.name == ("if_II" if sr else "if_I") and bool(stage.model.lowres_cond) == sr
   assert stage.sample.max_value == (1.0 if sr else 1.5)
   assert (stage.sample.threshold, stage.sample.quantile, stage.sample.variance) == (
-      "dynamic", 0.95, "learned_range")
+    "dynamic",
+    0.95,
+    "learned_range",
+  )
   assert stage.diffusion.num_train_steps == 1000 and stage.text.encoder == ""
   if sr:
     assert stage.diffusion.aug_num_train_steps == 1000 and stage.sample.noise_level == 250
@@ -233,13 +249,27 @@ def test_bare_unet_scheduler_from_a_folder(tmp_path, capsys):
   with open(sched / "scheduler_config.json", "w") as f:
     json.dump(dict(cfg, sample_max_value=1.25, thresholding=False), f)
   out = tmp_path / "conv"
-  assert cli.main(["deepfloyd-if", "--src", str(bare), "--out", str(out),
-                   "--scheduler", str(sched)]) == 0
+  assert (
+    cli.main(["deepfloyd-if", "--src", str(bare), "--out", str(out), "--scheduler", str(sched)])
+    == 0
+  )
   stage = deepfloyd_if.read_converted_config(str(out))
   assert stage.sample.max_value == 1.25 and stage.sample.threshold == "static"
   assert read_json(out / "config.json")["pipeline"] == "UNet2DConditionModel"
-  assert cli.main(["deepfloyd-if", "--src", str(bare), "--out", str(tmp_path / "o2"),
-                   "--scheduler", str(tmp_path / "nowhere")]) == 2
+  assert (
+    cli.main(
+      [
+        "deepfloyd-if",
+        "--src",
+        str(bare),
+        "--out",
+        str(tmp_path / "o2"),
+        "--scheduler",
+        str(tmp_path / "nowhere"),
+      ]
+    )
+    == 2
+  )
   assert "scheduler_config.json" in capsys.readouterr().err
   # A unet/ inside a pipeline folder takes the pipeline's scheduler.
   pipe = shutil.copytree(fixture("if_stage1"), tmp_path / "pipe")

@@ -74,11 +74,12 @@ def test_unet_matches_diffusers(name, loaded):
 
 def test_config_mapping():
   c1 = if_config.diffusers_config_to_model(
-      os.path.join(fixture("if_stage1"), "unet", "config.json"))
+    os.path.join(fixture("if_stage1"), "unet", "config.json")
+  )
   assert c1["attention"] == ("none", "self_cross", "self_cross")
   assert c1["mid_attention"] == "self_cross"
   assert c1["resample"] == "resblock" and not c1["lowres_cond"] and not c1["aug_embed"]
-  assert c1["resblock_out_scale"] == pytest.approx(2 ** 0.5) and c1["mid_out_scale"] == 1.0
+  assert c1["resblock_out_scale"] == pytest.approx(2**0.5) and c1["mid_out_scale"] == 1.0
   assert c1["text_dim"] == 40 and c1["text_proj_dim"] == 32 and c1["text_norm_groups"] == 32
   assert c1["act"] == "gelu" and c1["time_act"] == "gelu" and not c1["resblock_time_act"]
   with open(os.path.join(fixture("if_stage2"), "unet", "config.json")) as f:
@@ -96,8 +97,16 @@ def test_scheduler_steps_match_diffusers(name, max_value):
   step = jax.jit(samplers.if_ddpm_step)
   errs = []
   for i, (t, prev_t) in enumerate(zip(ref["step_t"], ref["step_prev_t"])):
-    x_prev, x0 = step(ref["step_model_out"][i], int(t), int(prev_t), ref["step_x_t"][i],
-                      ref["step_noise"][i], ac, 0.95, max_value)
+    x_prev, x0 = step(
+      ref["step_model_out"][i],
+      int(t),
+      int(prev_t),
+      ref["step_x_t"][i],
+      ref["step_noise"][i],
+      ac,
+      0.95,
+      max_value,
+    )
     np.testing.assert_allclose(x0, ref["step_x0"][i], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(x_prev, ref["step_x_prev"][i], rtol=1e-5, atol=1e-5)
     errs.append(max_err(x_prev, ref["step_x_prev"][i]))
@@ -134,15 +143,14 @@ def _rewrite_weights(folder, transform, name="diffusion_pytorch_model.safetensor
 
 def _shard(tensors, unet, variant=""):
   keys = sorted(tensors)
-  halves = (keys[: len(keys) // 2], keys[len(keys) // 2:])
+  halves = (keys[: len(keys) // 2], keys[len(keys) // 2 :])
   infix = f".{variant}" if variant else ""
   weight_map = {}
   for i, part in enumerate(halves):
     file = f"diffusion_pytorch_model{infix}-0000{i + 1}-of-00002.safetensors"
     save_file({k: tensors[k] for k in part}, os.path.join(unet, file))
     weight_map.update({k: file for k in part})
-  with open(os.path.join(unet, f"diffusion_pytorch_model.safetensors.index{infix}.json"),
-            "w") as f:
+  with open(os.path.join(unet, f"diffusion_pytorch_model.safetensors.index{infix}.json"), "w") as f:
     json.dump({"metadata": {}, "weight_map": weight_map}, f)
 
 
@@ -150,15 +158,16 @@ def _shard(tensors, unet, variant=""):
 def test_weight_file_variants(layout, loaded, tmp_path):
   folder = copy_stage("if_stage1", str(tmp_path / "src"))
   unet = os.path.join(folder, "unet")
-  to = lambda dt: (lambda ts: {k: v.astype(np.float32).astype(dt) for k, v in ts.items()})
+  to = lambda dt: lambda ts: {k: v.astype(np.float32).astype(dt) for k, v in ts.items()}
   if layout == "fp32":
     _rewrite_weights(folder, to(np.float32))
   elif layout == "fp16_variant":
     _rewrite_weights(folder, to(np.float16), "diffusion_pytorch_model.fp16.safetensors")
   else:
     dt = np.float16 if layout == "sharded_fp16" else np.float32
-    _rewrite_weights(folder, lambda ts: _shard(to(dt)(ts), unet,
-                                               "fp16" if dt == np.float16 else ""))
+    _rewrite_weights(
+      folder, lambda ts: _shard(to(dt)(ts), unet, "fp16" if dt == np.float16 else "")
+    )
   _, params = deepfloyd_if.load_unet(folder)
   _, expected = loaded["if_stage1"]
   errs = jax.tree.map(max_err, params, expected)
@@ -208,8 +217,9 @@ def _synthetic_folder(path, channels):
   tensors = {}
   for p, a in if_weights.flat_params(abstract):
     shape = if_weights.torch_shape(p, a.shape)
-    tensors[if_weights.diffusers_name(p, len(channels))] = rng.standard_normal(
-        shape).astype(np.float32)
+    tensors[if_weights.diffusers_name(p, len(channels))] = rng.standard_normal(shape).astype(
+      np.float32
+    )
   _rewrite_weights(path, lambda _: tensors)
   return path
 

@@ -23,8 +23,9 @@ T5 = os.path.join(FIXTURES, "t5_v1_1")
 
 def make_src(name, path, text=True):
   """A full IF pipeline folder: the fixture UNet plus the tiny T5 as text_encoder/tokenizer."""
-  shutil.copytree(os.path.join(FIXTURES, name), path,
-                  ignore=shutil.ignore_patterns("reference.npz"))
+  shutil.copytree(
+    os.path.join(FIXTURES, name), path, ignore=shutil.ignore_patterns("reference.npz")
+  )
   if text:
     shutil.copytree(T5, os.path.join(path, "text_encoder"))
     shutil.copytree(T5, os.path.join(path, "tokenizer"))
@@ -41,7 +42,7 @@ def test_cli_end_to_end(tmp_path):
   out1, out2 = tmp_path / "conv" / "if_I", tmp_path / "conv" / "if_II"
   assert run_cli(src1, out1) == 0
   assert run_cli(src2, out2, "--dtype", "bfloat16", "--lowres-resolution", "8") == 0
-  assert sorted(os.listdir(tmp_path / "conv")) == ["if_I", "if_II"]   # no temp dirs left
+  assert sorted(os.listdir(tmp_path / "conv")) == ["if_I", "if_II"]  # no temp dirs left
 
   st1, p1 = deepfloyd_if.load_converted(str(out1))
   st2, p2 = deepfloyd_if.load_converted(str(out2))
@@ -60,9 +61,14 @@ def test_cli_end_to_end(tmp_path):
   assert [s.kind for s in cascade.stages.values()] == ["discrete", "discrete"]
   assert cascade.text_len == 77 and not cascade.stages["if_I"].use_text_mask
   cascade.config.stages.if_II.sample.timesteps = "fast27"
-  out = cascade.sample(["a red cube", "two blue spheres"], jax.random.PRNGKey(0),
-                       steps={"if_I": 3}, batch_size=2, progress=False)
-  assert out.settings["if_I"].timesteps == (666, 333, 0)      # leading spacing
+  out = cascade.sample(
+    ["a red cube", "two blue spheres"],
+    jax.random.PRNGKey(0),
+    steps={"if_I": 3},
+    batch_size=2,
+    progress=False,
+  )
+  assert out.settings["if_I"].timesteps == (666, 333, 0)  # leading spacing
   assert len(out.settings["if_II"].timesteps) == 27
   assert out.images["if_I"].shape == (2, 16, 16, 3)
   assert out.images["if_II"].shape == (2, 16, 16, 3)
@@ -72,32 +78,80 @@ def test_cli_end_to_end(tmp_path):
   # (--cascade is a synonym of --workdir).
   out = tmp_path / "samples"
   for flag in ("--workdir", "--cascade"):
-    assert sample_cli.main([flag, f"{out1},{out2}", "--prompt", "a red cube",
-                            "--prompt", "two blue spheres", "--steps", "3,2",
-                            "--guidance", "7,off", "--out", str(out)]) == 0
+    assert (
+      sample_cli.main(
+        [
+          flag,
+          f"{out1},{out2}",
+          "--prompt",
+          "a red cube",
+          "--prompt",
+          "two blue spheres",
+          "--steps",
+          "3,2",
+          "--guidance",
+          "7,off",
+          "--out",
+          str(out),
+        ]
+      )
+      == 0
+    )
   files = sorted(os.listdir(out))
-  assert files == ["000_00.png", "001_00.png", "grid.png", "grid_if_I.png", "grid_if_II.png",
-                   "prompts.json"], files
-  assert sample_cli.main(["--workdir", f"{out1},{out2}", "--prompt", "x", "--steps", "3",
-                          "--out", str(out)]) == 2
+  assert files == [
+    "000_00.png",
+    "001_00.png",
+    "grid.png",
+    "grid_if_I.png",
+    "grid_if_II.png",
+    "prompts.json",
+  ], files
+  assert (
+    sample_cli.main(
+      ["--workdir", f"{out1},{out2}", "--prompt", "x", "--steps", "3", "--out", str(out)]
+    )
+    == 2
+  )
   # Solvers and editing on IF stages, from sample.py: DPM-Solver++ on stage I,
   # inpainting at both stages.
   from PIL import Image  # noqa: PLC0415
+
   init = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
   Image.fromarray(init).save(tmp_path / "init.png")
   mask = np.zeros((16, 16), np.uint8)
   mask[:8] = 255
   Image.fromarray(mask).save(tmp_path / "mask.png")
   edit = tmp_path / "edit"
-  assert sample_cli.main(["--workdir", f"{out1},{out2}", "--prompt", "a red cube",
-                          "--sampler", "dpmpp_2m,ddpm", "--steps", "3,2",
-                          "--init_image", str(tmp_path / "init.png"),
-                          "--mask", str(tmp_path / "mask.png"), "--out", str(edit)]) == 0
+  assert (
+    sample_cli.main(
+      [
+        "--workdir",
+        f"{out1},{out2}",
+        "--prompt",
+        "a red cube",
+        "--sampler",
+        "dpmpp_2m,ddpm",
+        "--steps",
+        "3,2",
+        "--init_image",
+        str(tmp_path / "init.png"),
+        "--mask",
+        str(tmp_path / "mask.png"),
+        "--out",
+        str(edit),
+      ]
+    )
+    == 0
+  )
   final = np.asarray(Image.open(edit / "000_00.png"))
-  assert (final[8:] == init[8:]).all()          # the unmasked half is kept exactly
+  assert (final[8:] == init[8:]).all()  # the unmasked half is kept exactly
   # A folder holding the converted stages is a run too.
-  assert sample_cli.main(["--workdir", str(tmp_path / "conv"), "--prompt", "x",
-                          "--steps", "2,2", "--out", str(out)]) == 0
+  assert (
+    sample_cli.main(
+      ["--workdir", str(tmp_path / "conv"), "--prompt", "x", "--steps", "2,2", "--out", str(out)]
+    )
+    == 0
+  )
 
 
 def assert_fails(src, out, capsys, *needles):
@@ -140,13 +194,24 @@ def edit_json(path, **changes):
 def test_unsupported_config_is_named(tmp_path, capsys):
   src = make_src("if_stage1", str(tmp_path / "src"), text=False)
   cfg = os.path.join(src, "unet", "config.json")
-  edit_json(cfg, down_block_types=["ResnetDownsampleBlock2D", "CrossAttnDownBlock2D",
-                                   "SimpleCrossAttnDownBlock2D"],
-            up_block_types=["SimpleCrossAttnUpBlock2D", "CrossAttnUpBlock2D",
-                            "ResnetUpsampleBlock2D"],
-            resnet_time_scale_shift="default")
-  assert_fails(src, tmp_path / "out", capsys, "CrossAttnDownBlock2D", "CrossAttnUpBlock2D",
-               "resnet_time_scale_shift='default'")
+  edit_json(
+    cfg,
+    down_block_types=[
+      "ResnetDownsampleBlock2D",
+      "CrossAttnDownBlock2D",
+      "SimpleCrossAttnDownBlock2D",
+    ],
+    up_block_types=["SimpleCrossAttnUpBlock2D", "CrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
+    resnet_time_scale_shift="default",
+  )
+  assert_fails(
+    src,
+    tmp_path / "out",
+    capsys,
+    "CrossAttnDownBlock2D",
+    "CrossAttnUpBlock2D",
+    "resnet_time_scale_shift='default'",
+  )
   src = make_src("if_stage1", str(tmp_path / "src2"), text=False)
   edit_json(os.path.join(src, "scheduler", "scheduler_config.json"), beta_schedule="linear")
   assert_fails(src, tmp_path / "out", capsys, "beta_schedule='linear'")
@@ -169,8 +234,10 @@ def test_missing_unmapped_and_misshaped_tensors(tmp_path, capsys):
   rewrite(src, lambda ts: ts.pop("mid_block.attentions.0.add_k_proj.weight"))
   assert_fails(src, out, capsys, "missing", "mid_block.attentions.0.add_k_proj.weight")
   src = make_src("if_stage2", str(tmp_path / "extra"), text=False)
-  rewrite(src, lambda ts: ts.update({"down_blocks.0.attentions.0.to_q.weight":
-                                     np.zeros((8, 8), np.float16)}))
+  rewrite(
+    src,
+    lambda ts: ts.update({"down_blocks.0.attentions.0.to_q.weight": np.zeros((8, 8), np.float16)}),
+  )
   assert_fails(src, out, capsys, "map to no parameter", "down_blocks.0.attentions.0.to_q.weight")
   src = make_src("if_stage2", str(tmp_path / "shape"), text=False)
   rewrite(src, lambda ts: ts.update({"conv_in.weight": np.zeros((9, 6, 3, 3), np.float16)}))
@@ -191,7 +258,7 @@ def test_output_must_be_new_or_empty(tmp_path, capsys):
   assert "exists" in capsys.readouterr().err
   assert os.listdir(out) == ["keep.txt"]
   (out / "keep.txt").unlink()
-  assert run_cli(src, out) == 0                       # an empty directory is fine
+  assert run_cli(src, out) == 0  # an empty directory is fine
   assert sorted(os.listdir(out)) == ["config.json", "params"]
 
 

@@ -23,35 +23,35 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(resolution=32, num_train=120, num_test=30, num_holdout=30)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def shapes_dir(tmp_path_factory):
-  data_dir = tmp_path_factory.mktemp('tfds')
-  datasets.prepare('shapes', data_dir, **TINY)
+  data_dir = tmp_path_factory.mktemp("tfds")
+  datasets.prepare("shapes", data_dir, **TINY)
   return data_dir
 
 
 def _decode(png):
-  return np.asarray(Image.open(io.BytesIO(png)).convert('RGB'))
+  return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
 
 
 def test_shapes_builder_renders_captions_that_match_its_pixels(shapes_dir):
-  builder = datasets.load_builder('shapes', shapes_dir, **TINY)
-  source = builder.as_data_source('train')
-  assert len(source) == TINY['num_train']
+  builder = datasets.load_builder("shapes", shapes_dir, **TINY)
+  source = builder.as_data_source("train")
+  assert len(source) == TINY["num_train"]
   for i in range(len(source)):
     example = source[i]
-    check_scene(_decode(example['image']), example['caption'].decode(), 32)
+    check_scene(_decode(example["image"]), example["caption"].decode(), 32)
 
 
 def test_holdout_compositions_only_in_holdout(shapes_dir):
-  builder = datasets.load_builder('shapes', shapes_dir, **TINY)
-  assert builder.info.metadata['holdout'] == ['green triangle']
+  builder = datasets.load_builder("shapes", shapes_dir, **TINY)
+  assert builder.info.metadata["holdout"] == ["green triangle"]
   sources = builder.as_data_source()
-  assert set(sources) == {'train', 'test', 'holdout'}
-  for split in ('train', 'test', 'holdout'):
-    scenes = [shapes.parse_caption(ex['caption']) for ex in sources[split]]
-    held = [shapes.has_composition(s, ['green triangle']) for s in scenes]
-    assert all(held) if split == 'holdout' else not any(held), split
+  assert set(sources) == {"train", "test", "holdout"}
+  for split in ("train", "test", "holdout"):
+    scenes = [shapes.parse_caption(ex["caption"]) for ex in sources[split]]
+    held = [shapes.has_composition(s, ["green triangle"]) for s in scenes]
+    assert all(held) if split == "holdout" else not any(held), split
     assert sum(len(s) == 2 for s in scenes) == len(scenes) // 2  # Half.
 
 
@@ -93,14 +93,19 @@ _NO_TF_SCRIPT = textwrap.dedent('''
 def test_prepare_and_read_never_import_tensorflow(tmp_path):
   # A fresh interpreter: earlier tests may already have imported everything.
   env = dict(os.environ, PYTHONPATH=REPO)
-  proc = subprocess.run([sys.executable, '-c', _NO_TF_SCRIPT, str(tmp_path)],
-                        capture_output=True, text=True, env=env, cwd=REPO,
-                        timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "-c", _NO_TF_SCRIPT, str(tmp_path)],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=REPO,
+    timeout=120,
+  )
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-  assert 'ATTEMPTS [] LOADED []' in proc.stdout
+  assert "ATTEMPTS [] LOADED []" in proc.stdout
 
 
-def _png(array, fmt='PNG'):
+def _png(array, fmt="PNG"):
   buf = io.BytesIO()
   Image.fromarray(array).save(buf, format=fmt)
   return buf.getvalue()
@@ -108,107 +113,128 @@ def _png(array, fmt='PNG'):
 
 def _write_folder(src, with_txt):
   """Three good images (RGB png, gray png, jpeg), one corrupt, one truncated."""
-  os.makedirs(src / 'sub')
-  files = {'a.png': _png(np.full((40, 60, 3), 200, np.uint8)),
-           'sub/b.png': _png(np.full((30, 30), 90, np.uint8)),
-           'c.jpg': _png(np.full((48, 32, 3), 50, np.uint8), 'JPEG'),
-           'bad.png': b'\x89PNG\r\n\x1a\n not really a png',
-           'cut.jpg': _png(np.full((64, 64, 3), 9, np.uint8), 'JPEG')[:200]}
-  captions = {name: f'caption of {name}' for name in files}
+  os.makedirs(src / "sub")
+  files = {
+    "a.png": _png(np.full((40, 60, 3), 200, np.uint8)),
+    "sub/b.png": _png(np.full((30, 30), 90, np.uint8)),
+    "c.jpg": _png(np.full((48, 32, 3), 50, np.uint8), "JPEG"),
+    "bad.png": b"\x89PNG\r\n\x1a\n not really a png",
+    "cut.jpg": _png(np.full((64, 64, 3), 9, np.uint8), "JPEG")[:200],
+  }
+  captions = {name: f"caption of {name}" for name in files}
   for name, data in files.items():
     (src / name).write_bytes(data)
   if with_txt:
     for name, caption in captions.items():
-      (src / name).with_suffix('.txt').write_text(caption)
-    (src / 'nocap.png').write_bytes(files['a.png'])  # No .txt: skipped.
+      (src / name).with_suffix(".txt").write_text(caption)
+    (src / "nocap.png").write_bytes(files["a.png"])  # No .txt: skipped.
   else:
-    rows = [{'file': n, 'caption': c} for n, c in captions.items()]
-    rows.append({'file': 'missing.png', 'caption': 'gone'})
-    (src / 'captions.jsonl').write_text(
-        '\n'.join(json.dumps(r) for r in rows) + '\n')
+    rows = [{"file": n, "caption": c} for n, c in captions.items()]
+    rows.append({"file": "missing.png", "caption": "gone"})
+    (src / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
 
 
-@pytest.mark.parametrize('with_txt', [True, False], ids=['txt', 'jsonl'])
-def test_image_captions_skips_and_counts_corrupt_images(tmp_path, caplog,
-                                                        with_txt):
-  src = tmp_path / 'src'
+@pytest.mark.parametrize("with_txt", [True, False], ids=["txt", "jsonl"])
+def test_image_captions_skips_and_counts_corrupt_images(tmp_path, caplog, with_txt):
+  src = tmp_path / "src"
   _write_folder(src, with_txt)
   with caplog.at_level(logging.WARNING):
-    builder = datasets.prepare('image_captions', tmp_path / 'tfds', src=src)
+    builder = datasets.prepare("image_captions", tmp_path / "tfds", src=src)
   meta = builder.info.metadata
-  assert builder.info.splits['train'].num_examples == 3
-  assert meta['num_skipped_unreadable'] == 2 if with_txt else 3
-  assert meta['num_skipped_no_caption'] == (1 if with_txt else 0)
-  assert 'bad.png' in meta['skipped_unreadable']
-  assert 'bad.png' in caplog.text and 'unreadable' in caplog.text
+  assert builder.info.splits["train"].num_examples == 3
+  assert meta["num_skipped_unreadable"] == 2 if with_txt else 3
+  assert meta["num_skipped_no_caption"] == (1 if with_txt else 0)
+  assert "bad.png" in meta["skipped_unreadable"]
+  assert "bad.png" in caplog.text and "unreadable" in caplog.text
   # The counts survive a reload from disk.
-  again = datasets.load_builder('image_captions', tmp_path / 'tfds')
-  assert again.info.metadata['num_skipped_unreadable'] == (
-      meta['num_skipped_unreadable'])
-  ds = pipeline.build_input('image_captions', tmp_path / 'tfds', 'train',
-                            resolution=24, batch_size=3, train=False)
+  again = datasets.load_builder("image_captions", tmp_path / "tfds")
+  assert again.info.metadata["num_skipped_unreadable"] == (meta["num_skipped_unreadable"])
+  ds = pipeline.build_input(
+    "image_captions", tmp_path / "tfds", "train", resolution=24, batch_size=3, train=False
+  )
   batch = next(iter(ds))
-  assert batch['image'].shape == (3, 24, 24, 3)
-  assert sorted(batch['caption']) == [
-      'caption of a.png', 'caption of c.jpg', 'caption of sub/b.png']
+  assert batch["image"].shape == (3, 24, 24, 3)
+  assert sorted(batch["caption"]) == [
+    "caption of a.png",
+    "caption of c.jpg",
+    "caption of sub/b.png",
+  ]
 
 
 def test_image_captions_max_resolution(tmp_path):
-  src = tmp_path / 'src'
+  src = tmp_path / "src"
   _write_folder(src, with_txt=True)
-  builder = datasets.prepare('image_captions', tmp_path / 'tfds', src=src,
-                             max_resolution=16)
-  assert builder.builder_config.name == 'max16'
-  sides = {min(_decode(ex['image']).shape[:2])
-           for ex in builder.as_data_source('train')}
+  builder = datasets.prepare("image_captions", tmp_path / "tfds", src=src, max_resolution=16)
+  assert builder.builder_config.name == "max16"
+  sides = {min(_decode(ex["image"]).shape[:2]) for ex in builder.as_data_source("train")}
   assert sides == {16}
 
 
-@pytest.mark.parametrize('make', ['missing', 'empty', 'uncaptioned'])
+@pytest.mark.parametrize("make", ["missing", "empty", "uncaptioned"])
 def test_image_captions_bad_source_folder(tmp_path, make):
-  src = tmp_path / 'src'
-  if make != 'missing':
+  src = tmp_path / "src"
+  if make != "missing":
     src.mkdir()
-  if make == 'uncaptioned':
-    (src / 'x.png').write_bytes(_png(np.zeros((8, 8, 3), np.uint8)))
-  error = FileNotFoundError if make == 'missing' else ValueError
+  if make == "uncaptioned":
+    (src / "x.png").write_bytes(_png(np.zeros((8, 8, 3), np.uint8)))
+  error = FileNotFoundError if make == "missing" else ValueError
   with pytest.raises(error, match=str(src)):
-    datasets.prepare('image_captions', tmp_path / 'tfds', src=src)
+    datasets.prepare("image_captions", tmp_path / "tfds", src=src)
 
 
 def test_bad_jsonl_line_names_file_and_line(tmp_path):
-  (tmp_path / 'captions.jsonl').write_text('{"file": "a.png"}\n')
-  with pytest.raises(ValueError, match=r'captions.jsonl:1'):
-    datasets.prepare('image_captions', tmp_path / 'tfds', src=tmp_path)
+  (tmp_path / "captions.jsonl").write_text('{"file": "a.png"}\n')
+  with pytest.raises(ValueError, match=r"captions.jsonl:1"):
+    datasets.prepare("image_captions", tmp_path / "tfds", src=tmp_path)
 
 
-@pytest.mark.parametrize('make', ['missing', 'empty', 'other_config'])
+@pytest.mark.parametrize("make", ["missing", "empty", "other_config"])
 def test_reading_a_missing_or_empty_dataset_dir(tmp_path, shapes_dir, make):
-  data_dir = {'missing': tmp_path / 'nope', 'empty': tmp_path,
-              'other_config': shapes_dir}[make]
-  match = {'missing': 'does not exist', 'empty': 'is empty',
-           'other_config': 'not prepared'}[make]
+  data_dir = {"missing": tmp_path / "nope", "empty": tmp_path, "other_config": shapes_dir}[make]
+  match = {"missing": "does not exist", "empty": "is empty", "other_config": "not prepared"}[make]
   with pytest.raises(FileNotFoundError, match=match) as info:
-    pipeline.build_input('shapes', data_dir, 'train', resolution=32,
-                         batch_size=2, train=True,
-                         builder_kwargs=dict(resolution=48))
+    pipeline.build_input(
+      "shapes",
+      data_dir,
+      "train",
+      resolution=32,
+      batch_size=2,
+      train=True,
+      builder_kwargs=dict(resolution=48),
+    )
   assert str(data_dir) in str(info.value)
 
 
 def test_resolution_mismatch_is_logged(shapes_dir, caplog):
-  builder = datasets.load_builder('shapes', shapes_dir, **TINY)
+  builder = datasets.load_builder("shapes", shapes_dir, **TINY)
   with caplog.at_level(logging.WARNING):
     datasets.check_resolution(builder, 64)
-  assert 'stores 32x32' in caplog.text and 'resolution is 64' in caplog.text
+  assert "stores 32x32" in caplog.text and "resolution is 64" in caplog.text
 
 
 def test_cli(tmp_path, capsys):
-  argv = ['--dataset', 'shapes', '--data_dir', str(tmp_path), '--resolution',
-          '16', '--num_train', '8', '--num_test', '2', '--num_holdout', '2']
+  argv = [
+    "--dataset",
+    "shapes",
+    "--data_dir",
+    str(tmp_path),
+    "--resolution",
+    "16",
+    "--num_train",
+    "8",
+    "--num_test",
+    "2",
+    "--num_holdout",
+    "2",
+  ]
   assert prepare_cli.main(argv) == 0
-  assert 'Prepared shapes/res16_' in capsys.readouterr().out
+  assert "Prepared shapes/res16_" in capsys.readouterr().out
   assert prepare_cli.main(argv) == 0
-  assert 'already prepared' in capsys.readouterr().out
-  assert prepare_cli.main(['--dataset', 'image_captions', '--data_dir',
-                           str(tmp_path), '--src', str(tmp_path / 'no')]) == 1
-  assert 'does not exist' in capsys.readouterr().err
+  assert "already prepared" in capsys.readouterr().out
+  assert (
+    prepare_cli.main(
+      ["--dataset", "image_captions", "--data_dir", str(tmp_path), "--src", str(tmp_path / "no")]
+    )
+    == 1
+  )
+  assert "does not exist" in capsys.readouterr().err

@@ -12,9 +12,13 @@ RES = 64
 def _region(position, res):
   """(y0, y1, x0, x1) of the quadrant of a position (whole image: center)."""
   h = res // 2
-  return {'top left': (0, h, 0, h), 'top right': (0, h, h, res),
-          'bottom left': (h, res, 0, h), 'bottom right': (h, res, h, res),
-          'center': (0, res, 0, res)}[position]
+  return {
+    "top left": (0, h, 0, h),
+    "top right": (0, h, h, res),
+    "bottom left": (h, res, 0, h),
+    "bottom right": (h, res, h, res),
+    "center": (0, res, 0, res),
+  }[position]
 
 
 def check_scene(image, caption, res=RES):
@@ -56,12 +60,11 @@ def check_scene(image, caption, res=RES):
 
 
 def test_palette_and_vocab_follow_the_spec():
-  assert shapes.PALETTE['red'] == (220, 20, 20)
-  assert shapes.PALETTE['blue'] == (30, 60, 230)
-  assert shapes.PALETTE['white'] == (235, 235, 235)
-  assert len(shapes.COLORS) == 7 and shapes.SHAPES == (
-      'circle', 'square', 'triangle')
-  assert len(shapes.POSITIONS) == 5 and 'center' in shapes.POSITIONS
+  assert shapes.PALETTE["red"] == (220, 20, 20)
+  assert shapes.PALETTE["blue"] == (30, 60, 230)
+  assert shapes.PALETTE["white"] == (235, 235, 235)
+  assert len(shapes.COLORS) == 7 and shapes.SHAPES == ("circle", "square", "triangle")
+  assert len(shapes.POSITIONS) == 5 and "center" in shapes.POSITIONS
 
 
 def test_rendered_pixels_match_captions():
@@ -89,47 +92,57 @@ def test_rendering_is_deterministic():
   np.testing.assert_array_equal(a[0], b[0])
   assert a[1] == b[1]
   assert shapes.sample_scene((1, 2, 4), 32)[1] != a[1] or not np.array_equal(
-      shapes.sample_scene((1, 2, 4), 32)[0], a[0])
+    shapes.sample_scene((1, 2, 4), 32)[0], a[0]
+  )
 
 
 def test_caption_grammar_round_trip():
-  caption = 'a red circle in the top left and a blue square in the bottom right'
+  caption = "a red circle in the top left and a blue square in the bottom right"
   objects = shapes.parse_caption(caption)
-  assert objects == [shapes.ShapeObject('red', 'circle', 'top left'),
-                     shapes.ShapeObject('blue', 'square', 'bottom right')]
+  assert objects == [
+    shapes.ShapeObject("red", "circle", "top left"),
+    shapes.ShapeObject("blue", "square", "bottom right"),
+  ]
   assert shapes.make_caption(objects) == caption
-  assert shapes.parse_caption(b'a white triangle in the center') == [
-      shapes.ShapeObject('white', 'triangle', 'center')]
+  assert shapes.parse_caption(b"a white triangle in the center") == [
+    shapes.ShapeObject("white", "triangle", "center")
+  ]
 
 
-@pytest.mark.parametrize('bad', [
-    'a purple circle in the top left', 'a red hexagon in the center',
-    'a red circle in the middle', 'red circle in the top left', ''])
+@pytest.mark.parametrize(
+  "bad",
+  [
+    "a purple circle in the top left",
+    "a red hexagon in the center",
+    "a red circle in the middle",
+    "red circle in the top left",
+    "",
+  ],
+)
 def test_parse_caption_rejects_bad_captions(bad):
   with pytest.raises(ValueError):
     shapes.parse_caption(bad)
 
 
 def test_holdout_sampling():
-  holdout = ('green triangle',)
+  holdout = ("green triangle",)
   for i in range(200):
     _, caption, objects = shapes.sample_scene((0, 0, i), 16, holdout=holdout)
-    assert 'green triangle' not in caption
-    _, caption, objects = shapes.sample_scene((0, 2, i), 16, holdout=holdout,
-                                              want_holdout=True)
+    assert "green triangle" not in caption
+    _, caption, objects = shapes.sample_scene((0, 2, i), 16, holdout=holdout, want_holdout=True)
     assert shapes.has_composition(objects, holdout)
 
 
 def test_bad_holdout_composition_names_the_value():
-  with pytest.raises(ValueError, match='purple triangle'):
-    shapes.parse_compositions(['purple triangle'])
-  with pytest.raises(ValueError, match='resolution must be >= 8, got 4'):
+  with pytest.raises(ValueError, match="purple triangle"):
+    shapes.parse_compositions(["purple triangle"])
+  with pytest.raises(ValueError, match="resolution must be >= 8, got 4"):
     shapes_builder.shapes_config(resolution=4)
 
 
 def test_config_names():
-  assert shapes_builder.shapes_config(64).name == 'res64'
+  assert shapes_builder.shapes_config(64).name == "res64"
   custom = shapes_builder.shapes_config(64, num_train=10)
-  assert custom.name.startswith('res64_')
+  assert custom.name.startswith("res64_")
   assert custom.name == shapes_builder.shapes_config(64, num_train=10).name
   assert custom.name != shapes_builder.shapes_config(64, num_train=11).name

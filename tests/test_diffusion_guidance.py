@@ -10,8 +10,7 @@ from imagen_jax.diffusion import guidance
 
 def test_static_threshold():
   x = jnp.array([[-3.0, -1.0, 0.25, 1.5]])
-  np.testing.assert_array_equal(guidance.static_threshold(x),
-                                [[-1.0, -1.0, 0.25, 1.0]])
+  np.testing.assert_array_equal(guidance.static_threshold(x), [[-1.0, -1.0, 0.25, 1.0]])
 
 
 def test_dynamic_threshold_below_one_is_identity():
@@ -23,17 +22,17 @@ def test_dynamic_threshold_clips_and_divides():
   # |x| = 1, 2, 3, 4: the 0.5 quantile (linear interpolation) is 2.5.
   x = jnp.array([1.0, -2.0, 3.0, -4.0]).reshape(1, 2, 2, 1)
   out = guidance.dynamic_threshold(x, 0.5)
-  np.testing.assert_allclose(out.reshape(-1), [0.4, -0.8, 1.0, -1.0],
-                             rtol=1e-6)
+  np.testing.assert_allclose(out.reshape(-1), [0.4, -0.8, 1.0, -1.0], rtol=1e-6)
   # max_value caps s at 2.
   out = guidance.dynamic_threshold(x, 0.5, max_value=2.0)
-  np.testing.assert_allclose(out.reshape(-1), [0.5, -1.0, 1.0, -1.0],
-                             rtol=1e-6)
+  np.testing.assert_allclose(out.reshape(-1), [0.5, -1.0, 1.0, -1.0], rtol=1e-6)
   # A cap above s changes nothing; +inf means no cap.
   for cap in (10.0, jnp.inf):
     np.testing.assert_allclose(
-        guidance.dynamic_threshold(x, 0.5, max_value=cap).reshape(-1),
-        [0.4, -0.8, 1.0, -1.0], rtol=1e-6)
+      guidance.dynamic_threshold(x, 0.5, max_value=cap).reshape(-1),
+      [0.4, -0.8, 1.0, -1.0],
+      rtol=1e-6,
+    )
 
 
 def test_dynamic_threshold_per_example_and_traced():
@@ -49,10 +48,10 @@ def test_dynamic_threshold_per_example_and_traced():
 def test_apply_threshold_modes():
   x = jnp.array([1.0, -2.0, 3.0, -4.0]).reshape(1, 4)
   np.testing.assert_array_equal(guidance.apply_threshold(x, "none"), x)
-  np.testing.assert_array_equal(guidance.apply_threshold(x, "static"),
-                                [[1.0, -1.0, 1.0, -1.0]])
-  np.testing.assert_allclose(guidance.apply_threshold(x, "dynamic", 0.5, None),
-                             [[0.4, -0.8, 1.0, -1.0]], rtol=1e-6)
+  np.testing.assert_array_equal(guidance.apply_threshold(x, "static"), [[1.0, -1.0, 1.0, -1.0]])
+  np.testing.assert_allclose(
+    guidance.apply_threshold(x, "dynamic", 0.5, None), [[0.4, -0.8, 1.0, -1.0]], rtol=1e-6
+  )
   with pytest.raises(ValueError, match="adaptive") as info:
     guidance.apply_threshold(x, "adaptive")
   assert "dynamic" in str(info.value)
@@ -65,9 +64,10 @@ def test_cfg_predict_one_call_and_channels():
     calls.append((x.shape, t.shape))
     # Channel 0: depends on cond flag; channel 1 ("variance"): flag-coded.
     flag = args["cond"][:, None, None, None]
-    return jnp.concatenate([x * (1.0 + flag) + t[:, None, None, None],
-                            jnp.broadcast_to(10.0 * flag + 1.0, x.shape)],
-                           axis=-1)
+    return jnp.concatenate(
+      [x * (1.0 + flag) + t[:, None, None, None], jnp.broadcast_to(10.0 * flag + 1.0, x.shape)],
+      axis=-1,
+    )
 
   b = 3
   x_t = jnp.arange(b * 4, dtype=jnp.float32).reshape(b, 2, 2, 1)
@@ -80,7 +80,5 @@ def test_cfg_predict_one_call_and_channels():
   np.testing.assert_allclose(out[..., :1], uncond + 3.0 * (cond - uncond))
   np.testing.assert_allclose(out[..., 1:], 11.0)  # From the cond half.
   # w = 1 is the conditional model; w = 0 the unconditional one.
-  np.testing.assert_allclose(
-      guidance.cfg_predict(model_fn, x_t, t, args, 1.0)[..., :1], cond)
-  np.testing.assert_allclose(
-      guidance.cfg_predict(model_fn, x_t, t, args, 0.0)[..., :1], uncond)
+  np.testing.assert_allclose(guidance.cfg_predict(model_fn, x_t, t, args, 1.0)[..., :1], cond)
+  np.testing.assert_allclose(guidance.cfg_predict(model_fn, x_t, t, args, 0.0)[..., :1], uncond)

@@ -21,8 +21,7 @@ def test_alpha_sigma_variance_preserving():
   alpha, sigma = schedules.alpha_sigma(logsnr)
   assert alpha.dtype == jnp.float32
   np.testing.assert_allclose(alpha**2 + sigma**2, 1.0, atol=1e-6)
-  np.testing.assert_allclose(
-      np.log(alpha**2) - np.log(sigma**2), logsnr, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.log(alpha**2) - np.log(sigma**2), logsnr, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["cosine", "linear"])
@@ -40,11 +39,10 @@ def test_cosine_end_points_and_reference():
   np.testing.assert_allclose(schedules.logsnr_cosine(0.0), 20.0, atol=1e-3)
   np.testing.assert_allclose(schedules.logsnr_cosine(1.0), -20.0, atol=1e-3)
   np.testing.assert_allclose(
-      schedules.logsnr_cosine(jnp.array([0.0, 1.0]), -10.0, 15.0),
-      [15.0, -10.0], atol=1e-3)
+    schedules.logsnr_cosine(jnp.array([0.0, 1.0]), -10.0, 15.0), [15.0, -10.0], atol=1e-3
+  )
   t = np.linspace(0.0, 0.98, 99)
-  np.testing.assert_allclose(
-      schedules.logsnr_cosine(t), _cosine_reference(t), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(schedules.logsnr_cosine(t), _cosine_reference(t), rtol=1e-4, atol=1e-4)
   # Strictly decreasing across the branch switch at logsnr = 0.
   t_mid = jnp.linspace(0.45, 0.55, 2001)
   assert np.all(np.diff(np.asarray(schedules.logsnr_cosine(t_mid))) < 0.0)
@@ -61,10 +59,10 @@ def test_cosine_shift_and_shapes():
 
 def test_linear_values():
   fn = schedules.get_logsnr_fn("linear")
-  np.testing.assert_allclose(fn(1.0), -math.log(math.expm1(0.1 + 0.5 * 19.9)),
-                             rtol=1e-5)
-  np.testing.assert_allclose(fn(0.25), -math.log(
-      math.expm1(0.1 * 0.25 + 0.5 * 19.9 * 0.0625)), rtol=1e-5)
+  np.testing.assert_allclose(fn(1.0), -math.log(math.expm1(0.1 + 0.5 * 19.9)), rtol=1e-5)
+  np.testing.assert_allclose(
+    fn(0.25), -math.log(math.expm1(0.1 * 0.25 + 0.5 * 19.9 * 0.0625)), rtol=1e-5
+  )
   np.testing.assert_allclose(fn(0.0), 20.0)  # Clamped: +inf at t = 0.
 
 
@@ -76,10 +74,11 @@ def test_unknown_schedule_name():
 
 def test_betas_squaredcos_cap_v2_independent():
   n = 1000
+
   def alpha_bar(s):
     return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
-  expected = [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999)
-              for i in range(n)]
+
+  expected = [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)]
   betas = schedules.betas_squaredcos_cap_v2()
   assert betas.shape == (1000,)
   np.testing.assert_allclose(betas, expected, rtol=1e-12, atol=1e-15)
@@ -93,8 +92,8 @@ def test_betas_squaredcos_cap_v2_independent():
   telescoped = [alpha_bar((i + 1) / n) / alpha_bar(0.0) for i in range(n - 1)]
   np.testing.assert_allclose(ac[:-1], telescoped, rtol=2e-4, atol=1e-7)
   np.testing.assert_allclose(
-      schedules.alphas_cumprod(betas, np.float64), np.cumprod(1 - betas),
-      rtol=1e-12)
+    schedules.alphas_cumprod(betas, np.float64), np.cumprod(1 - betas), rtol=1e-12
+  )
 
 
 def test_if_timesteps_spacings():
@@ -105,8 +104,7 @@ def test_if_timesteps_spacings():
   assert schedules.if_timesteps(4, steps_offset=1) == (751, 501, 251, 1)
   assert schedules.if_timesteps(1000) == tuple(range(999, -1, -1))
   assert schedules.if_timesteps(3, spacing="trailing") == (999, 666, 332)
-  assert schedules.if_timesteps(10, spacing="trailing") == tuple(
-      range(999, 0, -100))
+  assert schedules.if_timesteps(10, spacing="trailing") == tuple(range(999, 0, -100))
   assert schedules.if_timesteps(4, spacing="linspace") == (999, 666, 333, 0)
   assert all(isinstance(s, int) for s in leading)
 
@@ -119,9 +117,16 @@ def test_if_timesteps_bad_input():
 
 
 def test_if_named_schedules():
-  expected_lengths = {"fast27": 27, "smart27": 27, "smart50": 50,
-                      "smart100": 100, "smart185": 185, "super27": 27,
-                      "super40": 40, "super100": 100}
+  expected_lengths = {
+    "fast27": 27,
+    "smart27": 27,
+    "smart50": 50,
+    "smart100": 100,
+    "smart185": 185,
+    "super27": 27,
+    "super40": 40,
+    "super100": 100,
+  }
   assert set(if_schedules.IF_SCHEDULES) == set(expected_lengths)
   for name, length in expected_lengths.items():
     steps = if_schedules.named_if_timesteps(name)

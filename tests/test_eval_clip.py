@@ -33,8 +33,11 @@ def test_text_and_image_embeddings_match_transformers(scorer, ref):
   text = scorer.text_embeds(list(ref["prompts"]))  # incl. a truncated and an empty prompt
   np.testing.assert_allclose(text, ref["text_embeds"], atol=1e-4, rtol=0)
   model = clip.CLIP(scorer.config)
-  image = model.apply({"params": scorer._images.variables},  # pylint: disable=protected-access
-                      ref["pixel_values"], method=clip.CLIP.encode_image)
+  image = model.apply(
+    {"params": scorer._images.variables},  # pylint: disable=protected-access
+    ref["pixel_values"],
+    method=clip.CLIP.encode_image,
+  )
   np.testing.assert_allclose(np.asarray(image), ref["image_embeds"], atol=1e-4, rtol=0)
 
 
@@ -52,10 +55,12 @@ def test_sharded_equals_unsharded(scorer, ref):
   mesh = parallel.make_mesh(None)
   sharded = clip.CLIPScorer(FIXTURE, mesh=mesh, batch_size=8)
   images = np.concatenate([ref["images"]] * 3)  # 9 rows: one padded chunk
-  np.testing.assert_allclose(sharded.image_embeds(images), scorer.image_embeds(images),
-                             atol=1e-5, rtol=1e-5)
-  np.testing.assert_allclose(sharded.text_embeds(list(ref["prompts"])), ref["text_embeds"],
-                             atol=1e-4, rtol=0)
+  np.testing.assert_allclose(
+    sharded.image_embeds(images), scorer.image_embeds(images), atol=1e-5, rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    sharded.text_embeds(list(ref["prompts"])), ref["text_embeds"], atol=1e-4, rtol=0
+  )
 
 
 def test_clip_score():

@@ -33,8 +33,11 @@ def test_frechet_distance_closed_form_commuting_gaussians():
   np.testing.assert_allclose(got, expected, rtol=1e-10)
   # One-dimensional: (μ1 − μ2)² + (σ1 − σ2)².
   np.testing.assert_allclose(
-      metrics.frechet_distance(np.array([1.0]), np.array([[4.0]]),
-                               np.array([-2.0]), np.array([[9.0]])), 9.0 + 1.0)
+    metrics.frechet_distance(
+      np.array([1.0]), np.array([[4.0]]), np.array([-2.0]), np.array([[9.0]])
+    ),
+    9.0 + 1.0,
+  )
 
 
 def test_frechet_distance_matches_scipy_sqrtm_on_non_commuting_covariances():
@@ -48,38 +51,52 @@ def test_frechet_distance_matches_scipy_sqrtm_on_non_commuting_covariances():
 
 
 def test_fid_of_a_set_against_itself_is_zero_even_when_rank_deficient(caplog):
-  feats = np.random.default_rng(3).normal(size=(20, 64)) * 3.0   # N < D: singular covariance
+  feats = np.random.default_rng(3).normal(size=(20, 64)) * 3.0  # N < D: singular covariance
   with caplog.at_level(logging.WARNING):
-    stats = metrics.feature_stats(feats, network="n", network_resolution=299,
-                                  image_resolution=64)
+    stats = metrics.feature_stats(feats, network="n", network_resolution=299, image_resolution=64)
   assert "biased" in caplog.text and "20 samples < feature dimension 64" in caplog.text
   # The square roots of the ~44 zero eigenvalues carry √(rounding) each; scipy's
   # sqrtm is off by as much here (1.8e-5, and 1.3e-4 with pytorch-fid's 1e-6 offset).
   assert abs(metrics.fid(stats, stats)) < 1e-7 * np.trace(stats.sigma)
-  shifted = metrics.feature_stats(feats + 1.0, network="n", network_resolution=299,
-                                  image_resolution=64)
+  shifted = metrics.feature_stats(
+    feats + 1.0, network="n", network_resolution=299, image_resolution=64
+  )
   np.testing.assert_allclose(metrics.fid(stats, shifted), 64.0, rtol=1e-6)
   # The N×N route (factor, N < D) agrees with the D×D one (whose square roots of
   # zero eigenvalues carry the ~1e-8 relative rounding noted above).
-  other = metrics.feature_stats(np.random.default_rng(4).normal(size=(100, 64)),
-                                network="n", network_resolution=299, image_resolution=64)
+  other = metrics.feature_stats(
+    np.random.default_rng(4).normal(size=(100, 64)),
+    network="n",
+    network_resolution=299,
+    image_resolution=64,
+  )
   assert stats.factor is not None and other.factor is None
   np.testing.assert_allclose(
-      metrics.fid(stats, other),
-      metrics.frechet_distance(stats.mu, stats.sigma, other.mu, other.sigma), rtol=1e-7)
+    metrics.fid(stats, other),
+    metrics.frechet_distance(stats.mu, stats.sigma, other.mu, other.sigma),
+    rtol=1e-7,
+  )
 
 
 def test_stats_roundtrip_and_provenance_refused(tmp_path):
   feats = np.random.default_rng(4).normal(size=(30, 8))
-  stats = metrics.feature_stats(feats, network=inception.NETWORK, network_resolution=299,
-                                image_resolution=64, source="dataset shapes split test")
+  stats = metrics.feature_stats(
+    feats,
+    network=inception.NETWORK,
+    network_resolution=299,
+    image_resolution=64,
+    source="dataset shapes split test",
+  )
   path = str(tmp_path / "s.npz")
   stats.save(path)
   back = metrics.FeatureStats.load(path)
   np.testing.assert_array_equal(back.sigma, stats.sigma)
   assert (back.count, back.network, back.image_resolution) == (30, inception.NETWORK, 64)
-  for field, value in (("image_resolution", 256), ("network_resolution", 75),
-                       ("network", "clean-fid")):
+  for field, value in (
+    ("image_resolution", 256),
+    ("network_resolution", 75),
+    ("network", "clean-fid"),
+  ):
     other = metrics.FeatureStats(**{**vars(stats), field: value})
     with pytest.raises(ValueError, match=f"statistics differ in {field}"):
       metrics.fid(other, back)
@@ -102,8 +119,9 @@ def test_inception_matches_pytorch_fid(weights):
   state = inception.synthetic_state_dict(int(ref["seed"]))
   # The reference loaded exactly these tensors (strict load_state_dict), fc aside.
   assert sorted(state) == list(ref["names"])
-  np.testing.assert_allclose([state[n].astype(np.float64).sum() for n in ref["names"]],
-                             ref["sums"], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    [state[n].astype(np.float64).sum() for n in ref["names"]], ref["sums"], rtol=1e-6, atol=1e-6
+  )
   variables = inception.load_variables(weights)
   fn = jax.jit(inception.apply)
   for kind in ("small", "large"):  # 24px upsampled, 320px downsampled to 299

@@ -13,10 +13,14 @@ def _scenes(resolution, num, split_id=1, **kwargs):
 
 @pytest.mark.parametrize("resolution", [32, 64])
 def test_ground_truth_renders_score_correct(resolution):
-  scenes = _scenes(resolution, 150) + _scenes(resolution, 50, split_id=2,
-                                              holdout=("green triangle",), want_holdout=True)
-  wrong = [(cap, ev.score_image(img, cap)) for img, cap, _ in scenes
-           if not ev.score_image(img, cap)["correct"]]
+  scenes = _scenes(resolution, 150) + _scenes(
+    resolution, 50, split_id=2, holdout=("green triangle",), want_holdout=True
+  )
+  wrong = [
+    (cap, ev.score_image(img, cap))
+    for img, cap, _ in scenes
+    if not ev.score_image(img, cap)["correct"]
+  ]
   assert not wrong, wrong[:2]
 
 
@@ -52,15 +56,15 @@ def test_corrupted_images_score_incorrect():
   img = shapes.render(center, 64, rng)
   cap = shapes.make_caption(center)
   assert ev.score_image(img, cap)["correct"]
-  assert not ev.score_image(img[::-1], cap)["correct"]             # upside down
-  assert not ev.score_image(np.zeros_like(img), cap)["correct"]    # nothing drawn
+  assert not ev.score_image(img[::-1], cap)["correct"]  # upside down
+  assert not ev.score_image(np.zeros_like(img), cap)["correct"]  # nothing drawn
   recolored = (img.astype(np.float32) / 220.0)[..., :1] * np.asarray(shapes.PALETTE["blue"])
   assert not ev.score_image(recolored.astype(np.uint8), cap)["correct"]  # blue, not red
   corner = [shapes.ShapeObject("yellow", "circle", "top right")]
   img = shapes.render(corner, 32, rng)
   cap = shapes.make_caption(corner)
   assert ev.score_image(img, cap)["correct"]
-  assert not ev.score_image(img[:, ::-1], cap)["correct"]          # now top left
+  assert not ev.score_image(img[:, ::-1], cap)["correct"]  # now top left
   extra = corner + [shapes.ShapeObject("white", "square", "bottom left")]
   result = ev.score_image(shapes.render(extra, 32, rng), cap)
   assert not result["correct"] and result["extra"] == ["a white square in the bottom left"]
@@ -81,11 +85,16 @@ def test_noise_and_touching_objects():
 
 
 def test_summary_groups():
-  caps = ["a red circle in the center",
-          "a green triangle in the top left and a red square in the bottom right",
-          "a blue square in the top left and a red square in the bottom right"]
-  results = [{"num_objects": 1, "correct": True}, {"num_objects": 2, "correct": False},
-             {"num_objects": 2, "correct": True}]
+  caps = [
+    "a red circle in the center",
+    "a green triangle in the top left and a red square in the bottom right",
+    "a blue square in the top left and a red square in the bottom right",
+  ]
+  results = [
+    {"num_objects": 1, "correct": True},
+    {"num_objects": 2, "correct": False},
+    {"num_objects": 2, "correct": True},
+  ]
   s = ev.summarize(caps, results, ("green triangle",))
   assert s["single_object"] == {"accuracy": 1.0, "count": 1}
   assert s["two_object"] == {"accuracy": 0.5, "count": 2}
@@ -98,8 +107,9 @@ def test_split_captions_follow_the_data_config():
   held = ev.split_captions("holdout", 30, ("green triangle",))
   assert all("green triangle" not in c for c in test)
   assert all("green triangle" in c for c in held)
-  assert test == [shapes.sample_scene((0, 1, i), 32, holdout=("green triangle",))[1]
-                  for i in range(30)]
+  assert test == [
+    shapes.sample_scene((0, 1, i), 32, holdout=("green triangle",))[1] for i in range(30)
+  ]
   singles = ev.split_captions("test", 10, (), num_objects=1)
   assert all(" and " not in c for c in singles)
   with pytest.raises(ValueError, match="needs held-out compositions"):
@@ -108,9 +118,11 @@ def test_split_captions_follow_the_data_config():
 
 def test_data_settings_defaults_and_overrides():
   import ml_collections  # pylint: disable=g-import-not-at-top
+
   assert ev.data_settings(ml_collections.ConfigDict()) == (("green triangle",), 0)
   config = ml_collections.ConfigDict(
-      {"data": {"builder_kwargs": {"holdout": ["Blue circle"], "seed": 3}}})
+    {"data": {"builder_kwargs": {"holdout": ["Blue circle"], "seed": 3}}}
+  )
   assert ev.data_settings(config) == (("blue circle",), 3)
 
 

@@ -34,9 +34,25 @@ def files(tmp_path_factory):
     image = shapes_data.sample_scene((7, 0, i), 48)[0]
     Image.fromarray(image).save(folder / f"{i:02d}.png")
   stats = {32: str(root / "ref32.npz"), 16: str(root / "ref16.npz")}
-  assert fid_stats.main(["--folder", str(folder), "--resolution", "32", "--inception",
-                         weights, "--inception_resolution", "75", "--batch", str(NUM),
-                         "--out", stats[32]]) == 0
+  assert (
+    fid_stats.main(
+      [
+        "--folder",
+        str(folder),
+        "--resolution",
+        "32",
+        "--inception",
+        weights,
+        "--inception_resolution",
+        "75",
+        "--batch",
+        str(NUM),
+        "--out",
+        stats[32],
+      ]
+    )
+    == 0
+  )
   ref = metrics.FeatureStats.load(stats[32])
   assert (ref.count, ref.image_resolution, ref.network_resolution) == (12, 32, 75)
   ref.image_resolution = 16  # as from fid_stats --resolution 16: refused for 32px samples
@@ -45,15 +61,39 @@ def files(tmp_path_factory):
 
 
 def _common(files):
-  return ["--workdir", files["run"], "--steps", "2,2", "--batch", str(NUM), "--inception",
-          files["weights"], "--inception_resolution", "75"]
+  return [
+    "--workdir",
+    files["run"],
+    "--steps",
+    "2,2",
+    "--batch",
+    str(NUM),
+    "--inception",
+    files["weights"],
+    "--inception_resolution",
+    "75",
+  ]
 
 
 def test_sweep_end_to_end(files, capsys):
   out = files["root"] / "sweep"
-  rc = sweep.main(_common(files) + [
-      "--guidance", "2,5", "--metrics", "fid,clip,shapes", "--num", str(NUM),
-      "--reference", files["stats"][32], "--clip", CLIP_DIR, "--out", str(out)])
+  rc = sweep.main(
+    _common(files)
+    + [
+      "--guidance",
+      "2,5",
+      "--metrics",
+      "fid,clip,shapes",
+      "--num",
+      str(NUM),
+      "--reference",
+      files["stats"][32],
+      "--clip",
+      CLIP_DIR,
+      "--out",
+      str(out),
+    ]
+  )
   assert rc == 0
   table = json.loads((out / "sweep.json").read_text())
   rows = table["rows"]
@@ -71,9 +111,21 @@ def test_fid_cli(files, tmp_path):
   prompts = tmp_path / "p.txt"
   prompts.write_text("a red circle in the top left\n\na blue square in the center\n")
   path = tmp_path / "fid.json"
-  rc = fid.main(_common(files) + ["--reference", files["stats"][32], "--prompts_file",
-                                  str(prompts), "--num", str(NUM), "--clip", CLIP_DIR,
-                                  "--out", str(path)])
+  rc = fid.main(
+    _common(files)
+    + [
+      "--reference",
+      files["stats"][32],
+      "--prompts_file",
+      str(prompts),
+      "--num",
+      str(NUM),
+      "--clip",
+      CLIP_DIR,
+      "--out",
+      str(path),
+    ]
+  )
   assert rc == 0
   result = json.loads(path.read_text())
   assert result["num"] == NUM and math.isfinite(result["fid"]) and result["fid"] > 0
@@ -81,14 +133,17 @@ def test_fid_cli(files, tmp_path):
   assert result["clip_score"]["count"] == NUM
 
 
-@pytest.mark.parametrize("extra, message", [
+@pytest.mark.parametrize(
+  "extra, message",
+  [
     (["--metrics", "shapes,fid", "--reference", "REF16"], "statistics differ in image_resolution"),
     (["--metrics", "fid,bleu", "--prompts_file", "PROMPTS"], "unknown metrics ['bleu']"),
     (["--metrics", "shapes,fid"], "metric fid needs --reference"),
     (["--metrics", "clip", "--prompts_file", "PROMPTS"], "metric clip needs --clip"),
     (["--metrics", "shapes,fid", "--reference", "/nonexistent.npz"], "/nonexistent.npz: no such"),
     (["--metrics", "shapes", "--stage", "nope"], "--stage 'nope' is not one of"),
-])
+  ],
+)
 def test_sweep_bad_input(files, capsys, tmp_path, extra, message):
   prompts = tmp_path / "p.txt"
   prompts.write_text("a red circle\n")
@@ -107,8 +162,9 @@ def test_eval_during_training(files):
   config = run_lib.read_config(files["run"])
   # FID during training runs the 299px network: too slow for this test (the
   # metric itself is the CLIs' code, tested above); shapes and CLIP here.
-  config.train.update(dict(eval_every=2, eval_metrics=("shapes", "clip"), eval_num=NUM,
-                           eval_clip=CLIP_DIR))
+  config.train.update(
+    dict(eval_every=2, eval_metrics=("shapes", "clip"), eval_num=NUM, eval_clip=CLIP_DIR)
+  )
   mesh, rules = cascade_lib.sampling_mesh(config)
   encoder = TextEncoder.from_config(config.text, mesh, rules)
   with pytest.raises(ValueError, match="eval_clip"):

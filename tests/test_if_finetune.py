@@ -23,8 +23,17 @@ def finetune_config(converted, data_dir, steps):
   config.data.update(dict(name="shapes", data_dir=str(data_dir)))
   config.data.builder_kwargs = dict(resolution=32, num_train=64, num_test=16, num_holdout=16)
   config.mesh.shape = {"fsdp": -1}
-  config.train.update(dict(num_steps=steps, batch_size=8, lr=1e-3, warmup_steps=1,
-                           log_every=1, checkpoint_every=1, async_checkpoint=False))
+  config.train.update(
+    dict(
+      num_steps=steps,
+      batch_size=8,
+      lr=1e-3,
+      warmup_steps=1,
+      log_every=1,
+      checkpoint_every=1,
+      async_checkpoint=False,
+    )
+  )
   return config
 
 
@@ -42,16 +51,17 @@ def test_finetune_resume_sample_export(tmp_path):
   trainer.train_and_evaluate(finetune_config(converted, data, 2), str(tmp_path / "a"))
   config = finetune_config(converted, data, 3)
   resumed = trainer.train_and_evaluate(config, str(tmp_path / "a"))
-  straight = trainer.train_and_evaluate(finetune_config(converted, data, 3),
-                                        str(tmp_path / "b"))
+  straight = trainer.train_and_evaluate(finetune_config(converted, data, 3), str(tmp_path / "b"))
   assert resumed[0].step == straight[0].step == 3
   a = final_params(tmp_path / "a", config.stages.if_I)
   b = final_params(tmp_path / "b", config.stages.if_I)
   assert all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), a, b)))
   # It started from the converted weights (EMA after 3 steps stays close to them),
   # and it trained (they moved).
-  diffs = [float(np.abs(np.asarray(x) - np.asarray(y)).max())
-           for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(start))]
+  diffs = [
+    float(np.abs(np.asarray(x) - np.asarray(y)).max())
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(start))
+  ]
   assert 0 < max(diffs) < 0.05, max(diffs)
   with open(tmp_path / "a" / "if_I" / "metrics.jsonl") as f:
     losses = [json.loads(line)["loss"] for line in f]

@@ -17,24 +17,22 @@ import os
 
 import pytest
 
-PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                       "imagen_jax")
+PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "imagen_jax")
 
 LEAVES = {"axes", "config", "safetensors_dir", "lockfile", "cli"}
 # component → the imagen_jax components it may import (besides itself and the leaves).
 ALLOWED = {
-    "diffusion": set(),
-    "parallel": set(),
-    "models": {"parallel"},
-    "text": {"parallel"},
-    "data": {"parallel", "text"},
-    "stages": {"diffusion", "models", "parallel"},
-    "run": {"parallel", "stages"},
-    "cascade": {"diffusion", "models", "parallel", "run", "stages", "text"},
-    "convert": {"diffusion", "models", "parallel", "run", "stages", "text"},
-    "eval": {"cascade", "data", "diffusion", "models", "parallel", "run", "stages", "text"},
-    "train": {"cascade", "data", "diffusion", "eval", "models", "parallel", "run", "stages",
-              "text"},
+  "diffusion": set(),
+  "parallel": set(),
+  "models": {"parallel"},
+  "text": {"parallel"},
+  "data": {"parallel", "text"},
+  "stages": {"diffusion", "models", "parallel"},
+  "run": {"parallel", "stages"},
+  "cascade": {"diffusion", "models", "parallel", "run", "stages", "text"},
+  "convert": {"diffusion", "models", "parallel", "run", "stages", "text"},
+  "eval": {"cascade", "data", "diffusion", "models", "parallel", "run", "stages", "text"},
+  "train": {"cascade", "data", "diffusion", "eval", "models", "parallel", "run", "stages", "text"},
 }
 ALLOWED.update({leaf: set() for leaf in LEAVES})
 NO_FLAX = {"diffusion"}
@@ -100,7 +98,8 @@ def test_the_check_catches_an_upward_import(tmp_path, monkeypatch):
   pkg = tmp_path / "imagen_jax"
   (pkg / "diffusion").mkdir(parents=True)
   (pkg / "diffusion" / "bad.py").write_text(
-      "def f():\n  from imagen_jax.train import trainer\n  import flax\n")
+    "def f():\n  from imagen_jax.train import trainer\n  import flax\n"
+  )
   monkeypatch.setattr(__import__(__name__), "PACKAGE", str(pkg))
   found = upward_imports()
   assert any("imports imagen_jax.train" in b for b in found), found

@@ -10,24 +10,48 @@ from imagen_jax import config as config_lib
 from imagen_jax.models import UNet, UNetConfig, count_params, dummy_inputs, init_abstract
 from imagen_jax.models import __main__ as models_cli
 
-TINY = dict(channels=(16, 32), num_res_blocks=1, head_dim=8, norm_groups=4, text_dim=12,
-            text_pool_heads=2)
+TINY = dict(
+  channels=(16, 32), num_res_blocks=1, head_dim=8, norm_groups=4, text_dim=12, text_pool_heads=2
+)
 
 VARIANTS = {
-    "base": dict(TINY, attention=("none", "self_cross")),
-    "efficient": dict(TINY, channels=(16, 32, 32), num_res_blocks=(1, 2, 1),
-                      attention=("none", "none", "self_cross"), efficient=True,
-                      mid_block=False, skip_scale=2 ** -0.5, resample="avgpool"),
-    "no_self_attention": dict(TINY, attention=("none", "cross"), mid_attention="cross",
-                              efficient=True, skip_scale=2 ** -0.5),
-    "sr": dict(TINY, attention=("none", "self_cross"), lowres_cond=True, aug_embed=True,
-               efficient=True, text_proj_dim=16, text_pool_projected=True),
-    "if_like": dict(TINY, attention=("none", "self_cross"), resample="resblock", act="gelu",
-                    time_act="gelu", resblock_time_act=False, text_proj_dim=16,
-                    out_channels=6, text_norm="group_norm", lowres_cond=True,
-                    aug_embed=True),
-    "patch2": dict(TINY, attention=("none", "self"), patch_size=2, text_pool="mean",
-                   num_heads=1),
+  "base": dict(TINY, attention=("none", "self_cross")),
+  "efficient": dict(
+    TINY,
+    channels=(16, 32, 32),
+    num_res_blocks=(1, 2, 1),
+    attention=("none", "none", "self_cross"),
+    efficient=True,
+    mid_block=False,
+    skip_scale=2**-0.5,
+    resample="avgpool",
+  ),
+  "no_self_attention": dict(
+    TINY, attention=("none", "cross"), mid_attention="cross", efficient=True, skip_scale=2**-0.5
+  ),
+  "sr": dict(
+    TINY,
+    attention=("none", "self_cross"),
+    lowres_cond=True,
+    aug_embed=True,
+    efficient=True,
+    text_proj_dim=16,
+    text_pool_projected=True,
+  ),
+  "if_like": dict(
+    TINY,
+    attention=("none", "self_cross"),
+    resample="resblock",
+    act="gelu",
+    time_act="gelu",
+    resblock_time_act=False,
+    text_proj_dim=16,
+    out_channels=6,
+    text_norm="group_norm",
+    lowres_cond=True,
+    aug_embed=True,
+  ),
+  "patch2": dict(TINY, attention=("none", "self"), patch_size=2, text_pool="mean", num_heads=1),
 }
 
 
@@ -40,8 +64,10 @@ def _run(cfg, res=16, batch=2, seed=0):
   model = UNet(cfg)
   inputs = dummy_inputs(cfg, batch, res, text_len=5)
   rng = np.random.default_rng(seed)
-  inputs = {k: (jnp.asarray(rng.normal(size=v.shape), v.dtype)
-                if v.dtype != jnp.bool_ else v) for k, v in inputs.items()}
+  inputs = {
+    k: (jnp.asarray(rng.normal(size=v.shape), v.dtype) if v.dtype != jnp.bool_ else v)
+    for k, v in inputs.items()
+  }
   variables = model.init(jax.random.PRNGKey(seed), **inputs)
   return model, variables, inputs
 
@@ -72,8 +98,9 @@ def test_output_depends_on_every_input():
   model, variables, inputs = _run(cfg)
   # Zero-initialized output layers make a fresh UNet constant; randomize them.
   params = jax.tree_util.tree_map(
-      lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape, p.dtype),
-      nn.unbox(variables["params"]))
+    lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape, p.dtype),
+    nn.unbox(variables["params"]),
+  )
   apply = _apply(model)
   base = apply({"params": params}, **inputs)
   for key in ("x", "t", "text_emb", "lowres", "noise_level"):
@@ -85,8 +112,9 @@ def test_text_mask_hides_padding():
   cfg = UNetConfig(**VARIANTS["base"])
   model, variables, inputs = _run(cfg)
   params = jax.tree_util.tree_map(
-      lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(2), p.shape, p.dtype),
-      nn.unbox(variables["params"]))
+    lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(2), p.shape, p.dtype),
+    nn.unbox(variables["params"]),
+  )
   mask = jnp.array([[1, 1, 1, 0, 0]] * 2, bool)
   apply = _apply(model)
   out1 = apply({"params": params}, **dict(inputs, text_mask=mask))
@@ -101,8 +129,9 @@ def test_remat_matches_plain():
   cfg = UNetConfig(**VARIANTS["base"])
   model, variables, inputs = _run(cfg)
   remat_model = UNet(UNetConfig(**VARIANTS["base"], remat=True))
-  np.testing.assert_allclose(_apply(model)(variables, **inputs),
-                             _apply(remat_model)(variables, **inputs), atol=1e-6)
+  np.testing.assert_allclose(
+    _apply(model)(variables, **inputs), _apply(remat_model)(variables, **inputs), atol=1e-6
+  )
 
 
 @pytest.mark.parametrize("name", ["base", "if_like", "efficient"])
@@ -116,13 +145,16 @@ def test_every_param_has_logical_names(name):
     assert len(leaf.names) == leaf.value.ndim
 
 
-@pytest.mark.parametrize("change, match", [
+@pytest.mark.parametrize(
+  "change, match",
+  [
     (dict(x=jnp.zeros((2, 16, 16, 4))), r"\[B, H, W, 3\].*\(2, 16, 16, 4\)"),
     (dict(x=jnp.zeros((2, 10, 10, 3))), r"10×10 must be divisible by 4"),
     (dict(text_emb=jnp.zeros((2, 5, 7))), r"\[B, L, 12\].*\(2, 5, 7\)"),
     (dict(lowres=None), r"needs lowres"),
     (dict(noise_level=None), r"needs noise_level"),
-])
+  ],
+)
 def test_bad_inputs(change, match):
   cfg = UNetConfig(**VARIANTS["sr"])
   model, variables, inputs = _run(cfg)
@@ -139,15 +171,15 @@ def test_bad_config():
     UNetConfig.from_config(dict(TINY, widht=3))
 
 
-@pytest.mark.parametrize("path, target", [("configs/base64.py", 2.0e9),
-                                          ("configs/sr256.py", 600e6),
-                                          ("configs/sr1024.py", 400e6)])
+@pytest.mark.parametrize(
+  "path, target",
+  [("configs/base64.py", 2.0e9), ("configs/sr256.py", 600e6), ("configs/sr1024.py", 400e6)],
+)
 def test_paper_scale_param_counts(path, target):
   config = config_lib.load_config(path)
   (name,) = config.stage_order
   stage = config.stages[name]
-  params = init_abstract(UNet(UNetConfig.from_config(stage.model)),
-                         resolution=stage.resolution)
+  params = init_abstract(UNet(UNetConfig.from_config(stage.model)), resolution=stage.resolution)
   n = count_params(params)
   assert abs(n / target - 1) <= 0.10, (path, n)
 
@@ -161,16 +193,19 @@ def test_cli_prints_table_and_total(capsys):
   assert 360e6 <= total <= 440e6
 
 
-@pytest.mark.parametrize("shape, groups", [((2, 8, 8, 32), 8), ((3, 5, 40), 4),
-                                           ((2, 4, 4, 4, 16), 16)])
+@pytest.mark.parametrize(
+  "shape, groups", [((2, 8, 8, 32), 8), ((3, 5, 40), 4), ((2, 4, 4, 4, 16), 16)]
+)
 def test_group_norm_matches_flax(shape, groups):
   """Our GroupNorm (per-channel sums first) is flax's GroupNorm, values and gradients."""
   from imagen_jax.models.layers import GroupNorm  # pylint: disable=import-outside-toplevel
+
   x = jax.random.normal(jax.random.PRNGKey(0), shape) * 3.0 + 1.0
   ours = GroupNorm(num_groups=groups, epsilon=1e-5)
   params = nn.unbox(ours.init(jax.random.PRNGKey(1), x))
-  params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.PRNGKey(2), a.shape),
-                        params)
+  params = jax.tree.map(
+    lambda a: a + 0.3 * jax.random.normal(jax.random.PRNGKey(2), a.shape), params
+  )
   ref = nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=jnp.float32)
   loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))
   np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), atol=5e-6)

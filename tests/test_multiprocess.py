@@ -25,7 +25,7 @@ from imagen_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-_CONFIG_FILE = '''
+_CONFIG_FILE = """
 from imagen_jax import config as config_lib
 
 def get_config(strategy="fsdp"):
@@ -43,13 +43,16 @@ def get_config(strategy="fsdp"):
   config.stages.base.model.update(dict(channels=(16, 32), num_res_blocks=(1, 1),
                                        attention=("none", "self_cross")))
   return config
-'''
+"""
 
 
 def _write_config(tmp_path):
   path = tmp_path / "pod_config.py"
-  path.write_text(_CONFIG_FILE.format(demo=os.path.join(ROOT, "configs/demo.py:tiny"),
-                                      data=str(tmp_path / "data")))
+  path.write_text(
+    _CONFIG_FILE.format(
+      demo=os.path.join(ROOT, "configs/demo.py:tiny"), data=str(tmp_path / "data")
+    )
+  )
   return str(path)
 
 
@@ -60,8 +63,9 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = dict(
+    os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"
+  )
   return env
 
 
@@ -70,13 +74,30 @@ def _launch(config_file, workdir, *args, num_processes=2, devices=4, strategy="f
   port = _free_port()
   procs = []
   for i in range(num_processes):
-    dist = ([f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
-             f"--process_id={i}"] if num_processes > 1 else [])
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"),
-           f"--config={config_file}:{strategy}", f"--workdir={workdir}", "--stage=base",
-           "--distributed_timeout=120", *dist, *args]
-    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(devices), stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT))
+    dist = (
+      [
+        f"--coordinator_address=127.0.0.1:{port}",
+        f"--num_processes={num_processes}",
+        f"--process_id={i}",
+      ]
+      if num_processes > 1
+      else []
+    )
+    cmd = [
+      sys.executable,
+      os.path.join(ROOT, "train.py"),
+      f"--config={config_file}:{strategy}",
+      f"--workdir={workdir}",
+      "--stage=base",
+      "--distributed_timeout=120",
+      *dist,
+      *args,
+    ]
+    procs.append(
+      subprocess.Popen(
+        cmd, cwd=ROOT, env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+      )
+    )
   return procs
 
 
@@ -131,14 +152,24 @@ def test_two_processes_train_as_one_stop_together_and_resume_elastically(tmp_pat
   assert steps[0] == steps[1] >= 5, outs
   stopped = steps[0]
   assert sorted(int(s) for s in os.listdir(os.path.join(pod, "base", "checkpoints"))) == [
-      3, stopped]
+    3,
+    stopped,
+  ]
   assert [m["step"] for m in _metrics(pod)] == list(range(1, stopped + 1))
 
   # Restarting both continues from that step.
   _finish(_launch(config_file, pod, f"--config.train.num_steps={stopped + 1}"))
   # Elastic: the 2 × 4 FSDP checkpoint resumes in one process on 2 devices under dp.
-  _finish(_launch(config_file, pod, f"--config.train.num_steps={stopped + 2}",
-                  num_processes=1, devices=2, strategy="dp"))
+  _finish(
+    _launch(
+      config_file,
+      pod,
+      f"--config.train.num_steps={stopped + 2}",
+      num_processes=1,
+      devices=2,
+      strategy="dp",
+    )
+  )
   metrics = _metrics(pod)
   assert [m["step"] for m in metrics] == list(range(1, stopped + 3))
   losses = [m["loss"] for m in metrics]
@@ -149,20 +180,40 @@ def test_two_processes_train_as_one_stop_together_and_resume_elastically(tmp_pat
 def test_bad_launches_fail_in_one_line_naming_the_flag(tmp_path):
   config_file = _write_config(tmp_path)
   workdir = str(tmp_path / "bad")
-  base = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={config_file}",
-          f"--workdir={workdir}"]
-  out = subprocess.run(base + ["--coordinator_address=127.0.0.1:1", "--num_processes=2",
-                               "--process_id=2"], cwd=ROOT, env=_env(4),
-                       capture_output=True, text=True, timeout=120)
+  base = [
+    sys.executable,
+    os.path.join(ROOT, "train.py"),
+    f"--config={config_file}",
+    f"--workdir={workdir}",
+  ]
+  out = subprocess.run(
+    base + ["--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=2"],
+    cwd=ROOT,
+    env=_env(4),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert out.returncode != 0
   assert out.stderr.strip().splitlines()[-1] == (
-      "train.py: error: --process_id=2 is not in [0, --num_processes=2)")
+    "train.py: error: --process_id=2 is not in [0, --num_processes=2)"
+  )
   # No coordinator answers: one line naming --coordinator_address, not a hang.
   start = time.time()
-  out = subprocess.run(base + [f"--coordinator_address=127.0.0.1:{_free_port()}",
-                               "--num_processes=2", "--process_id=1",
-                               "--distributed_timeout=3"], cwd=ROOT, env=_env(4),
-                       capture_output=True, text=True, timeout=120)
+  out = subprocess.run(
+    base
+    + [
+      f"--coordinator_address=127.0.0.1:{_free_port()}",
+      "--num_processes=2",
+      "--process_id=1",
+      "--distributed_timeout=3",
+    ],
+    cwd=ROOT,
+    env=_env(4),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert out.returncode == 2, out.stderr[-2000:]
   last = out.stderr.strip().splitlines()[-1]
   assert last.startswith("error: --coordinator_address=127.0.0.1:"), out.stderr[-2000:]

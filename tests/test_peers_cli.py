@@ -22,8 +22,10 @@ def test_help_needs_no_peers():
 
 
 def test_parsing_imports_no_torch():
-  out = run(code="import sys, benchmarks.peers as p; a = p.parse_args(['--small']); "
-                 "print(a.which, a.resolution, 'torch' in sys.modules)")
+  out = run(
+    code="import sys, benchmarks.peers as p; a = p.parse_args(['--small']); "
+    "print(a.which, a.resolution, 'torch' in sys.modules)"
+  )
   assert out.returncode == 0, out.stderr
   assert out.stdout.split() == ["['if',", "'imagen']", "32", "False"]
 
@@ -34,8 +36,10 @@ def test_unknown_peer_is_a_usage_error():
   assert "unknown peer" in out.stderr
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch") is not None,
-                    reason="torch is importable: the peers may be installed")
+@pytest.mark.skipif(
+  importlib.util.find_spec("torch") is not None,
+  reason="torch is importable: the peers may be installed",
+)
 def test_missing_peers_exit_2_with_install_hint():
   out = run("--small")
   assert out.returncode == 2

@@ -26,8 +26,9 @@ def make_run(workdir, stages=None, step=7):
   config, _, params = tiny_cascade_parts()
   run_lib.write_config(str(workdir), config)
   for name in stages if stages is not None else config.stage_order:
-    state = TrainState(step=jnp.asarray(step, jnp.int32), params=params[name],
-                       ema_params=params[name], opt_state=())
+    state = TrainState(
+      step=jnp.asarray(step, jnp.int32), params=params[name], ema_params=params[name], opt_state=()
+    )
     ckpt = ckpt_lib.StageCheckpointer(str(workdir), name, async_save=False)
     ckpt.save(step, state, data_state={}, meta={"stage": name, "step": step})
     ckpt.close()
@@ -46,23 +47,50 @@ def test_end_to_end(run_dir, tmp_path, capsys, caplog):
   long_prompt = "a blue square in the center " * 4  # > 48 ByT5 tokens: truncated
   prompts_file.write_text(f"\n{long_prompt}\n\n")
   out = tmp_path / "out"
-  rc = sample.main(["--workdir", run_dir, "--prompt", "a red circle in the top left",
-                    "--prompts_file", str(prompts_file), "--num_per_prompt", "2",
-                    "--steps", "2,2", "--guidance", "4,off", "--out", str(out)])
+  rc = sample.main(
+    [
+      "--workdir",
+      run_dir,
+      "--prompt",
+      "a red circle in the top left",
+      "--prompts_file",
+      str(prompts_file),
+      "--num_per_prompt",
+      "2",
+      "--steps",
+      "2,2",
+      "--guidance",
+      "4,off",
+      "--out",
+      str(out),
+    ]
+  )
   assert rc == 0
   names = sorted(os.listdir(out))
-  assert names == ["000_00.png", "000_01.png", "001_00.png", "001_01.png", "grid.png",
-                   "grid_base.png", "grid_sr.png", "prompts.json"]
+  assert names == [
+    "000_00.png",
+    "000_01.png",
+    "001_00.png",
+    "001_01.png",
+    "grid.png",
+    "grid_base.png",
+    "grid_sr.png",
+    "prompts.json",
+  ]
   image = np.asarray(Image.open(out / "001_01.png"))
   assert image.shape == (32, 32, 3) and image.dtype == np.uint8
   assert json.loads((out / "prompts.json").read_text()) == [
-      "a red circle in the top left", long_prompt.strip()]
+    "a red circle in the top left",
+    long_prompt.strip(),
+  ]
   printed = capsys.readouterr().out
   assert str(out) in printed and "compile" in printed and "guidance off" in printed
   assert "truncated" in caplog.text
 
 
-@pytest.mark.parametrize("extra, message", [
+@pytest.mark.parametrize(
+  "extra, message",
+  [
     ([], "no prompts"),
     (["--prompts_file", "/nonexistent/prompts.txt"], "does not exist"),
     (["--prompt", "x", "--steps", "64"], "--steps has 1 value but the cascade has 2 stages"),
@@ -73,7 +101,8 @@ def test_end_to_end(run_dir, tmp_path, capsys, caplog):
     (["--prompt", "x", "--guidance", "inf,1"], "guidance must be a finite number"),
     (["--prompt", "x", "--guidance", "-1,1"], "guidance must be a finite number >= 0"),
     (["--prompt", "x", "--batch_size", "0"], "--batch_size must be >= 1"),
-])
+  ],
+)
 def test_bad_input(run_dir, capsys, extra, message):
   assert sample.main(["--workdir", run_dir] + extra) == 2
   assert message in capsys.readouterr().err
@@ -99,18 +128,37 @@ def test_missing_checkpoint_names_stage_and_command(tmp_path, capsys):
 
 
 def test_no_run_exits_2_without_traceback(tmp_path):
-  proc = subprocess.run([sys.executable, "sample.py", "--workdir", str(tmp_path / "none"),
-                         "--prompt", "a red circle"], cwd=REPO, capture_output=True,
-                        text=True, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "sample.py", "--workdir", str(tmp_path / "none"), "--prompt", "a red circle"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 2
   assert "config.json does not exist" in proc.stderr and "train.py" in proc.stderr
   assert "Traceback" not in proc.stderr
 
 
 def test_eval_cli_end_to_end(run_dir, tmp_path, capsys):
-  rc = eval_shapes.main(["--workdir", run_dir, "--num", "9", "--batch", "8", "--split",
-                         "holdout", "--steps", "1,1", "--guidance", "3,off",
-                         "--out", str(tmp_path)])
+  rc = eval_shapes.main(
+    [
+      "--workdir",
+      run_dir,
+      "--num",
+      "9",
+      "--batch",
+      "8",
+      "--split",
+      "holdout",
+      "--steps",
+      "1,1",
+      "--guidance",
+      "3,off",
+      "--out",
+      str(tmp_path),
+    ]
+  )
   assert rc == 0
   summary = json.loads(capsys.readouterr().out)
   assert summary["count"] == 9 and summary["holdout"]["count"] == 9

@@ -58,12 +58,15 @@ def test_kinds_from_one_schema():
   assert isinstance(build_stage(legacy), DiscreteStage)
 
 
-@pytest.mark.parametrize("override, message", [
+@pytest.mark.parametrize(
+  "override, message",
+  [
     (dict(sampler="euler_x"), "sampler 'euler_x'"),
     (dict(steps=0), "steps must be >= 1"),
     (dict(guidance=float("nan")), "guidance must be a finite number"),
     (dict(guidance=-2), "guidance must be a finite number"),
-])
+  ],
+)
 def test_bad_settings_name_the_stage(override, message):
   stage = build_stage(if_stage_config())
   with pytest.raises(ValueError, match=message):
@@ -77,8 +80,7 @@ def test_bad_settings_name_the_stage(override, message):
 def test_if_stage_fine_tunes():
   """IF's objective (ε MSE + vb) on one batch: Adam steps lower the loss."""
   stage = build_stage(if_stage_config())
-  params = jax.tree.map(jnp.asarray, deepfloyd_if.load_unet(
-      os.path.join(FIXTURES, "if_stage1"))[1])
+  params = jax.tree.map(jnp.asarray, deepfloyd_if.load_unet(os.path.join(FIXTURES, "if_stage1"))[1])
   rng = np.random.default_rng(1)
   x0 = jnp.asarray(np.tanh(rng.standard_normal((4, 16, 16, 3))), jnp.float32)
   text = jnp.asarray(rng.standard_normal((4, 6, 40)), jnp.float32)
@@ -88,7 +90,8 @@ def test_if_stage_fine_tunes():
   @jax.jit
   def step(params, opt_state):
     loss, grads = jax.value_and_grad(
-        lambda p: stage.loss(p, x0, text, mask, jax.random.PRNGKey(0)).mean())(params)
+      lambda p: stage.loss(p, x0, text, mask, jax.random.PRNGKey(0)).mean()
+    )(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
@@ -102,12 +105,14 @@ def test_if_stage_fine_tunes():
 
 
 def test_continuous_stage_loss_shapes():
-  config = config_lib.load_config(os.path.join(os.path.dirname(FIXTURES), "..", "configs",
-                                               "demo.py:tiny"))
+  config = config_lib.load_config(
+    os.path.join(os.path.dirname(FIXTURES), "..", "configs", "demo.py:tiny")
+  )
   stage = build_stage(config.stages.sr, text_dim=config.text.dim)
   assert isinstance(stage, ContinuousStage) and stage.is_sr
   params = jax.tree.map(jnp.asarray, stage.init(jax.random.PRNGKey(0)))
   x0 = jnp.zeros((2, 32, 32, 3))
-  loss = stage.loss(params, x0, jnp.zeros((2, 5, 32)), jnp.ones((2, 5), bool),
-                    jax.random.PRNGKey(1))
+  loss = stage.loss(
+    params, x0, jnp.zeros((2, 5, 32)), jnp.ones((2, 5), bool), jax.random.PRNGKey(1)
+  )
   assert loss.shape == (2,) and np.isfinite(loss).all()

@@ -13,9 +13,16 @@ import pytest
 from imagen_jax.text import T5Config, TextEncoder
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
-TINY = dict(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2,
-            num_heads=4, relative_attention_num_buckets=16,
-            relative_attention_max_distance=32)
+TINY = dict(
+  vocab_size=384,
+  d_model=32,
+  d_kv=8,
+  d_ff=64,
+  num_layers=2,
+  num_heads=4,
+  relative_attention_num_buckets=16,
+  relative_attention_max_distance=32,
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +56,7 @@ def test_encode_contract(tiny):
   assert np.all(np.isfinite(np.asarray(emb)))
   # Prompts are encoded independently of their batch mates.
   alone, _ = tiny.encode(["a red cube"], max_length=16)
-  np.testing.assert_allclose(np.asarray(alone[0]), np.asarray(emb[0]),
-                             atol=1e-5)
+  np.testing.assert_allclose(np.asarray(alone[0]), np.asarray(emb[0]), atol=1e-5)
 
 
 def test_no_retrace_for_same_shape(tiny):
@@ -72,8 +78,9 @@ def test_bfloat16_random_init(tiny):
   assert err < 0.1
 
 
-@pytest.mark.parametrize("prompts, error", [
-    ([], ValueError), ("a string", TypeError), ([1, 2], TypeError)])
+@pytest.mark.parametrize(
+  "prompts, error", [([], ValueError), ("a string", TypeError), ([1, 2], TypeError)]
+)
 def test_bad_prompts(tiny, prompts, error):
   with pytest.raises(error, match="prompt"):
     tiny.encode(prompts, 8)
@@ -122,6 +129,7 @@ def test_missing_weights(tmp_path):
 def test_missing_encoder_tensor(tmp_path):
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+
   d = _copy(tmp_path)
   with safe_open(str(d / "model.safetensors"), "numpy") as f:
     tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -153,8 +161,7 @@ def test_config_defaults_follow_transformers(tmp_path):
   """A config.json without feed_forward_proj is T5 v1.0 (ReLU), as in HF."""
   d = _copy(tmp_path)
   cfg = json.loads((d / "config.json").read_text())
-  for key in ("feed_forward_proj", "dense_act_fn", "is_gated_act",
-              "layer_norm_epsilon"):
+  for key in ("feed_forward_proj", "dense_act_fn", "is_gated_act", "layer_norm_epsilon"):
     cfg.pop(key)
   (d / "config.json").write_text(json.dumps(cfg))
   enc = TextEncoder.from_pretrained(str(d))
@@ -164,9 +171,11 @@ def test_config_defaults_follow_transformers(tmp_path):
 
 def test_import_is_light():
   """Importing the package pulls in neither transformers nor torch."""
-  code = ("import sys, imagen_jax.text; "
-          "assert 'transformers' not in sys.modules, 'transformers'; "
-          "assert 'torch' not in sys.modules, 'torch'")
+  code = (
+    "import sys, imagen_jax.text; "
+    "assert 'transformers' not in sys.modules, 'transformers'; "
+    "assert 'torch' not in sys.modules, 'torch'"
+  )
   subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -30,7 +30,8 @@ def _ref(name):
 @pytest.fixture(scope="module", params=NAMES)
 def fp32(request):
   return request.param, TextEncoder.from_pretrained(
-      os.path.join(FIXTURES, request.param), dtype=jnp.float32)
+    os.path.join(FIXTURES, request.param), dtype=jnp.float32
+  )
 
 
 def test_buckets_match_transformers():
@@ -68,8 +69,7 @@ def test_float32_parity(fp32):
 @pytest.mark.parametrize("name", NAMES)
 def test_bfloat16_parity(name):
   ref = _ref(name)
-  enc = TextEncoder.from_pretrained(os.path.join(FIXTURES, name),
-                                    dtype="bfloat16")
+  enc = TextEncoder.from_pretrained(os.path.join(FIXTURES, name), dtype="bfloat16")
   assert enc.params["params"]["token_embed"].dtype == jnp.bfloat16
   emb, _ = enc.encode(list(ref["prompts"]), int(ref["max_length"]))
   assert emb.dtype == jnp.bfloat16
@@ -78,9 +78,11 @@ def test_bfloat16_parity(name):
   err16 = float(np.max(np.abs(emb - ref["hidden_bf16"])))
   ref_err = float(np.max(np.abs(ref["hidden_bf16"] - ref["hidden_fp32"])))
   scale = float(np.max(np.abs(ref["hidden_fp32"])))
-  print(f"{name} bfloat16 max abs error: {err32:.3g} vs fp32 reference, "
-        f"{err16:.3g} vs transformers bf16 (which is {ref_err:.3g} off fp32; "
-        f"max |h| {scale:.3g})")
+  print(
+    f"{name} bfloat16 max abs error: {err32:.3g} vs fp32 reference, "
+    f"{err16:.3g} vs transformers bf16 (which is {ref_err:.3g} off fp32; "
+    f"max |h| {scale:.3g})"
+  )
   # bfloat16 keeps 8 mantissa bits: a few ulps at the largest magnitude.
   assert err32 <= 0.03 * scale
   assert err32 <= 2 * ref_err + 1e-2

@@ -23,18 +23,20 @@ def reference():
   return list(ref["prompts"]), int(ref["max_length"]), ref["hidden_fp32"]
 
 
-@pytest.mark.parametrize("strategy, shape", [
+@pytest.mark.parametrize(
+  "strategy, shape",
+  [
     ("fsdp_tp", {"data": 2, "fsdp": 2, "tensor": 2}),
     ("fsdp", {"data": 1, "fsdp": 8, "tensor": 1}),
     # 4-way tensor parallel over 2 heads: heads stay replicated, MLP splits.
     ("tp", {"data": 2, "fsdp": 1, "tensor": 4}),
-])
+  ],
+)
 def test_sharded_from_pretrained_matches(reference, strategy, shape):
   assert jax.device_count() == 8
   prompts, max_length, hidden = reference
   mesh = parallel.make_mesh({"shape": shape})
-  enc = TextEncoder.from_pretrained(V11, mesh=mesh,
-                                    rules=parallel.logical_rules(strategy))
+  enc = TextEncoder.from_pretrained(V11, mesh=mesh, rules=parallel.logical_rules(strategy))
   p = enc.params["params"]
   wi = p["block_0"]["mlp"]["wi_0"]
   if strategy == "fsdp":
@@ -52,11 +54,11 @@ def test_sharded_from_pretrained_matches(reference, strategy, shape):
 
 def test_sharded_random_init_matches_single_device():
   mesh = parallel.make_mesh({"shape": {"data": 2, "fsdp": 2, "tensor": 2}})
-  config = dict(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                num_heads=4)
+  config = dict(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
   single = TextEncoder.random_init(config, seed=3)
-  sharded = TextEncoder.random_init(config, seed=3, mesh=mesh,
-                                    rules=parallel.logical_rules("fsdp_tp"))
+  sharded = TextEncoder.random_init(
+    config, seed=3, mesh=mesh, rules=parallel.logical_rules("fsdp_tp")
+  )
   q = sharded.params["params"]["block_1"]["attn"]["q"]
   assert len(q.sharding.device_set) == 8 and not q.sharding.is_fully_replicated
   for a, b in zip(jax.tree.leaves(single.params), jax.tree.leaves(sharded.params)):

@@ -21,8 +21,12 @@ from imagen_jax.stages import build_stage
 from imagen_jax.train import optim, state as state_lib, step as step_lib, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MESHES = {"dp": {"data": -1}, "fsdp": {"fsdp": -1}, "tp": {"data": 2, "tensor": 4},
-          "fsdp_tp": {"data": 2, "fsdp": 2, "tensor": 2}}
+MESHES = {
+  "dp": {"data": -1},
+  "fsdp": {"fsdp": -1},
+  "tp": {"data": 2, "tensor": 4},
+  "fsdp_tp": {"data": 2, "fsdp": 2, "tensor": 2},
+}
 
 
 def _tiny_config(data_dir, **train):
@@ -30,8 +34,9 @@ def _tiny_config(data_dir, **train):
   config.data.data_dir = str(data_dir)
   config.train.update(train)
   # Two levels instead of three: the train step compiles several times faster.
-  config.stages.base.model.update(dict(channels=(16, 32), num_res_blocks=(1, 1),
-                                       attention=("none", "self_cross")))
+  config.stages.base.model.update(
+    dict(channels=(16, 32), num_res_blocks=(1, 1), attention=("none", "self_cross"))
+  )
   return config
 
 
@@ -42,10 +47,14 @@ def _mesh(strategy):
 def _fake_batch(config, b=8):
   rng = np.random.default_rng(0)
   r, d, length = config.stages.base.resolution, config.text.dim, 6
-  return ({"image": rng.integers(0, 256, (b, r, r, 3), dtype=np.uint8),
-           "text_emb": rng.normal(size=(b, length, d)).astype(np.float32),
-           "text_mask": np.arange(length)[None].repeat(b, 0) < rng.integers(1, 7, (b, 1))},
-          {"text_emb": np.zeros((length, d), np.float32), "text_mask": np.zeros(length, bool)})
+  return (
+    {
+      "image": rng.integers(0, 256, (b, r, r, 3), dtype=np.uint8),
+      "text_emb": rng.normal(size=(b, length, d)).astype(np.float32),
+      "text_mask": np.arange(length)[None].repeat(b, 0) < rng.integers(1, 7, (b, 1)),
+    },
+    {"text_emb": np.zeros((length, d), np.float32), "text_mask": np.zeros(length, bool)},
+  )
 
 
 def _one_step(config, strategy):
@@ -54,13 +63,16 @@ def _one_step(config, strategy):
   tx = optim.make_optimizer(tc)
   mesh = None if strategy is None else _mesh(strategy)
   rules = parallel.logical_rules(strategy or "dp")
-  state, shardings = state_lib.create_train_state(jax.random.PRNGKey(0), stage, tx, mesh,
-                                                  rules, text_len=6)
+  state, shardings = state_lib.create_train_state(
+    jax.random.PRNGKey(0), stage, tx, mesh, rules, text_len=6
+  )
   fn = step_lib.jit_train_step(stage, tx, tc, shardings, mesh, rules, optim.lr_schedule(tc))
   batch, uncond = _fake_batch(config)
   if mesh is not None:
-    batch = {k: jax.device_put(v, s) for (k, v), s in
-             zip(batch.items(), step_lib.batch_shardings(mesh).values())}
+    batch = {
+      k: jax.device_put(v, s)
+      for (k, v), s in zip(batch.items(), step_lib.batch_shardings(mesh).values())
+    }
   state, metrics = fn(state, batch, jax.random.PRNGKey(1), uncond)
   return jax.device_get(state.params), float(metrics["loss"])
 
@@ -88,8 +100,7 @@ def test_strategies_match_single_device(tmp_path):
 def test_adafactor_steps_under_fsdp_like_on_one_device(tmp_path):
   """Adafactor's factored moments (not shaped like the params, so replicated) step
   under FSDP exactly as on one device, and the step moves the parameters."""
-  config = _tiny_config(tmp_path, optimizer="adafactor", warmup_steps=0, lr=1e-2,
-                        weight_decay=0.0)
+  config = _tiny_config(tmp_path, optimizer="adafactor", warmup_steps=0, lr=1e-2, weight_decay=0.0)
   ref_params, ref_loss = _one_step(config, None)
   params, loss = _one_step(config, "fsdp")
   assert np.isfinite(loss) and abs(loss - ref_loss) < 1e-5
@@ -101,12 +112,15 @@ def test_fsdp_splits_params_and_optimizer_state(tmp_path):
   config = _tiny_config(tmp_path)
   stage = build_stage(config.stages.base)
   tx = optim.make_optimizer(config.train)
-  state, _ = state_lib.create_train_state(jax.random.PRNGKey(0), stage, tx, _mesh("fsdp"),
-                                          parallel.logical_rules("fsdp"), 6)
+  state, _ = state_lib.create_train_state(
+    jax.random.PRNGKey(0), stage, tx, _mesh("fsdp"), parallel.logical_rules("fsdp"), 6
+  )
   tree = (state.params, state.opt_state)
   total = sum(x.nbytes for x in jax.tree.leaves(tree))
-  per_device = [sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards
-                    if s.device == d) for d in jax.devices()]
+  per_device = [
+    sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == d)
+    for d in jax.devices()
+  ]
   assert max(per_device) <= 1.15 * total / 8, (per_device, total)
 
 
@@ -117,8 +131,7 @@ def _final_params(workdir, stage="base"):
 
 
 def test_resume_is_exact(tmp_path):
-  config = _tiny_config(tmp_path / "data", num_steps=6, checkpoint_every=3,
-                        async_checkpoint=False)
+  config = _tiny_config(tmp_path / "data", num_steps=6, checkpoint_every=3, async_checkpoint=False)
   straight = str(tmp_path / "straight")
   trainer.train_and_evaluate(config, straight, ["base"])
   resumed = str(tmp_path / "resumed")
@@ -136,11 +149,20 @@ def test_resume_is_exact(tmp_path):
 
 def test_sigterm_saves_and_exits_zero(tmp_path):
   workdir = tmp_path / "run"
-  cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config",
-         os.path.join(ROOT, "configs/demo.py:tiny"), "--workdir", str(workdir), "--stage",
-         "base", f"--config.data.data_dir={tmp_path / 'data'}",
-         "--config.train.num_steps=100000", "--config.train.checkpoint_every=100000",
-         "--config.train.sample_every=1"]
+  cmd = [
+    sys.executable,
+    os.path.join(ROOT, "train.py"),
+    "--config",
+    os.path.join(ROOT, "configs/demo.py:tiny"),
+    "--workdir",
+    str(workdir),
+    "--stage",
+    "base",
+    f"--config.data.data_dir={tmp_path / 'data'}",
+    "--config.train.num_steps=100000",
+    "--config.train.checkpoint_every=100000",
+    "--config.train.sample_every=1",
+  ]
   proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   metrics = workdir / "base" / "metrics.jsonl"
   deadline = time.time() + 240
@@ -160,8 +182,11 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
 
 def test_bad_settings(tmp_path):
   config = _tiny_config(tmp_path / "data", batch_size=12)
-  with pytest.raises(ValueError, match=r"batch_size=12 is not divisible by the data-parallel "
-                                       r"size 8"):
+  with pytest.raises(
+    ValueError,
+    match=r"batch_size=12 is not divisible by the data-parallel "
+    r"size 8",
+  ):
     trainer.train_and_evaluate(config, str(tmp_path / "a"), ["base"])
   with pytest.raises(ValueError, match="unknown stage 'nope'"):
     trainer.train_and_evaluate(config, str(tmp_path / "a"), ["nope"])

@@ -30,9 +30,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # _tiny_config's model on train.py's command line.
-MODEL_FLAGS = ("--config.stages.base.model.channels=(16, 32)",
-               "--config.stages.base.model.num_res_blocks=(1, 1)",
-               "--config.stages.base.model.attention=('none', 'self_cross')")
+MODEL_FLAGS = (
+  "--config.stages.base.model.channels=(16, 32)",
+  "--config.stages.base.model.num_res_blocks=(1, 1)",
+  "--config.stages.base.model.attention=('none', 'self_cross')",
+)
 
 
 def _tiny_config(data_dir, **train_settings):
@@ -42,8 +44,9 @@ def _tiny_config(data_dir, **train_settings):
   config.stage_order = ("base",)
   config.train.update(dict(async_checkpoint=False))
   config.train.update(train_settings)
-  config.stages.base.model.update(dict(channels=(16, 32), num_res_blocks=(1, 1),
-                                       attention=("none", "self_cross")))
+  config.stages.base.model.update(
+    dict(channels=(16, 32), num_res_blocks=(1, 1), attention=("none", "self_cross"))
+  )
   return config
 
 
@@ -76,11 +79,28 @@ def _tree(path):
 
 
 def _train_py(tmp_path, workdir, *flags, env=None, prefix=()):
-  cmd = [*prefix, sys.executable, os.path.join(ROOT, "train.py"), "--config",
-         os.path.join(ROOT, "configs/demo.py:tiny"), "--workdir", str(workdir), "--stage",
-         "base", f"--config.data.data_dir={tmp_path / 'data'}", *MODEL_FLAGS, *flags]
-  return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, env=dict(os.environ, **(env or {})))
+  cmd = [
+    *prefix,
+    sys.executable,
+    os.path.join(ROOT, "train.py"),
+    "--config",
+    os.path.join(ROOT, "configs/demo.py:tiny"),
+    "--workdir",
+    str(workdir),
+    "--stage",
+    "base",
+    f"--config.data.data_dir={tmp_path / 'data'}",
+    *MODEL_FLAGS,
+    *flags,
+  ]
+  return subprocess.Popen(
+    cmd,
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    env=dict(os.environ, **(env or {})),
+  )
 
 
 def _wait_for(proc, marker, seen, timeout=240):
@@ -103,10 +123,16 @@ def _wait_for(proc, marker, seen, timeout=240):
 def test_blowup_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, monkeypatch):
   workdir = tmp_path / "run"
   # Warmup: step 1 runs at lr 0 (finite), step 2 on at lr 1e30 (update norm inf).
-  flags = ["--config.train.lr=1e30", "--config.train.warmup_steps=1",
-           "--config.train.num_steps=20", "--config.train.checkpoint_every=1",
-           "--config.train.max_nonfinite_steps=2", "--config.train.async_checkpoint=False",
-           "--stage=base", *MODEL_FLAGS]
+  flags = [
+    "--config.train.lr=1e30",
+    "--config.train.warmup_steps=1",
+    "--config.train.num_steps=20",
+    "--config.train.checkpoint_every=1",
+    "--config.train.max_nonfinite_steps=2",
+    "--config.train.async_checkpoint=False",
+    "--stage=base",
+    *MODEL_FLAGS,
+  ]
   with pytest.raises(SystemExit) as exit_info:
     _main(tmp_path, workdir, flags, monkeypatch)
   assert exit_info.value.code == 1
@@ -124,8 +150,14 @@ def test_blowup_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, monkeypat
 def _main(tmp_path, workdir, flags, monkeypatch):
   """train.py's main in this process; exits (SystemExit) with its status, as the script."""
   del monkeypatch
-  argv = ["--config", os.path.join(ROOT, "configs/demo.py:tiny"), "--workdir",
-          str(workdir), f"--config.data.data_dir={tmp_path / 'data'}", *flags]
+  argv = [
+    "--config",
+    os.path.join(ROOT, "configs/demo.py:tiny"),
+    "--workdir",
+    str(workdir),
+    f"--config.data.data_dir={tmp_path / 'data'}",
+    *flags,
+  ]
   sys.exit(train.main(argv))
 
 
@@ -133,16 +165,21 @@ def test_step_skips_nonfinite_update():
   """Inside the jitted step: a NaN batch leaves params, EMA and moments untouched."""
   config = _tiny_config("unused")
   from imagen_jax.train import optim, state as state_lib, step as step_lib  # pylint: disable=import-outside-toplevel
+
   stage = build_stage(config.stages.base)
   tx = optim.make_optimizer(config.train)
-  state, shardings = state_lib.create_train_state(jax.random.PRNGKey(0), stage, tx, None,
-                                                  (), text_len=6)
-  fn = step_lib.jit_train_step(stage, tx, config.train, shardings, None, (),
-                               optim.lr_schedule(config.train))
+  state, shardings = state_lib.create_train_state(
+    jax.random.PRNGKey(0), stage, tx, None, (), text_len=6
+  )
+  fn = step_lib.jit_train_step(
+    stage, tx, config.train, shardings, None, (), optim.lr_schedule(config.train)
+  )
   r, d = config.stages.base.resolution, config.text.dim
-  batch = {"image": np.zeros((8, r, r, 3), np.uint8),
-           "text_emb": np.full((8, 6, d), np.nan, np.float32),
-           "text_mask": np.ones((8, 6), bool)}
+  batch = {
+    "image": np.zeros((8, r, r, 3), np.uint8),
+    "text_emb": np.full((8, 6, d), np.nan, np.float32),
+    "text_mask": np.ones((8, 6), bool),
+  }
   uncond = {"text_emb": np.zeros((6, d), np.float32), "text_mask": np.zeros(6, bool)}
   before = jax.device_get((state.params, state.ema_params, state.opt_state))
   state, metrics = fn(state, batch, jax.random.PRNGKey(1), uncond)
@@ -175,8 +212,7 @@ def _truncate_latest_ema(workdir):
 
 def test_damaged_latest_step_falls_back(tmp_path, capsys, caplog):
   workdir = tmp_path / "run"
-  config = _tiny_config(tmp_path / "data", num_steps=4, checkpoint_every=2,
-                        keep_checkpoints=3)
+  config = _tiny_config(tmp_path / "data", num_steps=4, checkpoint_every=2, keep_checkpoints=3)
   trainer.train_and_evaluate(config, str(workdir))
   assert _steps(workdir) == [2, 4]
   good, _ = _ema(workdir, step=2)
@@ -184,8 +220,12 @@ def test_damaged_latest_step_falls_back(tmp_path, capsys, caplog):
   # Sampling: the previous step, a warning naming the damaged one.
   out = tmp_path / "samples"
   with caplog.at_level(logging.WARNING):
-    assert sample.main(["--workdir", str(workdir), "--prompt", "a red circle",
-                        "--steps", "2", "--out", str(out)]) == 0
+    assert (
+      sample.main(
+        ["--workdir", str(workdir), "--prompt", "a red circle", "--steps", "2", "--out", str(out)]
+      )
+      == 0
+    )
   assert "checkpoint step 4" in caplog.text and "unreadable" in caplog.text
   assert os.path.isfile(out / "000_00.png")
   params, step = _ema(workdir)
@@ -239,8 +279,9 @@ def test_second_trainer_is_refused(trained, tmp_path):
 
 def _stale_lock(workdir, **info):
   with open(_lock_path(workdir), "w") as f:
-    json.dump(dict(dict(pid=1, host=socket.gethostname(), what="x", since="then",
-                        token="t"), **info), f)
+    json.dump(
+      dict(dict(pid=1, host=socket.gethostname(), what="x", since="then", token="t"), **info), f
+    )
 
 
 def test_stale_lock_is_taken_over(trained, caplog):
@@ -262,18 +303,34 @@ def test_stale_lock_is_taken_over(trained, caplog):
   assert "no heartbeat for 3600 s" in caplog.text
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("stages.base.diffusion.prediction", "eps",
-     "different diffusion setting for stage 'base': config.stages.base.diffusion."
-     "prediction is 'v' there but 'eps' now"),
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
+    (
+      "stages.base.diffusion.prediction",
+      "eps",
+      "different diffusion setting for stage 'base': config.stages.base.diffusion."
+      "prediction is 'v' there but 'eps' now",
+    ),
     ("stages.base.resolution", 8, "config.stages.base.resolution is 16 there but 8 now"),
-    ("text.max_length", 40, "different text encoder for stage 'base': config.text."
-     "max_length is 88 there but 40 now"),
-    ("data.builder_kwargs.num_train", 32, "different data source for stage 'base': "
-     "config.data.builder_kwargs.num_train is 64 there but 32 now"),
-    ("train.batch_size", 16, "different batch size for stage 'base': config.train."
-     "batch_size is 8 there but 16 now"),
-])
+    (
+      "text.max_length",
+      40,
+      "different text encoder for stage 'base': config.text.max_length is 88 there but 40 now",
+    ),
+    (
+      "data.builder_kwargs.num_train",
+      32,
+      "different data source for stage 'base': "
+      "config.data.builder_kwargs.num_train is 64 there but 32 now",
+    ),
+    (
+      "train.batch_size",
+      16,
+      "different batch size for stage 'base': config.train.batch_size is 8 there but 16 now",
+    ),
+  ],
+)
 def test_other_settings_are_refused_before_writing(trained, field, value, message):
   workdir, data = trained
   config = _tiny_config(data, num_steps=4)
@@ -295,8 +352,9 @@ def test_deleted_config_json(trained, tmp_path, caplog):
   try:
     other = _tiny_config(data, num_steps=2)
     other.stages.base.diffusion.schedule = "linear"
-    with pytest.raises(fingerprint.ConfigMismatch, match="config.stages.base.diffusion."
-                                                          "schedule is 'cosine' there"):
+    with pytest.raises(
+      fingerprint.ConfigMismatch, match="config.stages.base.diffusion.schedule is 'cosine' there"
+    ):
       trainer.train_and_evaluate(other, str(workdir))
     assert not os.path.exists(workdir / "config.json")  # refused before writing it
     # The checkpoints vouch for the same config: config.json is written again.
@@ -322,18 +380,20 @@ def test_config_json_is_written_once(trained):
 # 5. Settings validated up front ------------------------------------------------------
 
 
-@pytest.mark.parametrize("setting, value, message", [
+@pytest.mark.parametrize(
+  "setting, value, message",
+  [
     ("keep_checkpoints", 0, "config.train.keep_checkpoints=0 must be >= 1"),
     ("checkpoint_every", 0, "config.train.checkpoint_every=0 must be >= 1"),
     ("log_every", 0, "config.train.log_every=0 must be >= 1"),
     ("num_steps", 0, "config.train.num_steps=0 must be >= 1"),
     ("num_steps", -3, "config.train.num_steps=-3 must be >= 1"),
     ("batch_size", 0, "config.train.batch_size=0 must be >= 1"),
-    ("batch_size", 12, "config.train.batch_size=12 is not divisible by the data-parallel "
-                       "size 8"),
+    ("batch_size", 12, "config.train.batch_size=12 is not divisible by the data-parallel size 8"),
     ("sample_every", -1, "config.train.sample_every=-1 must be >= 0"),
     ("max_nonfinite_steps", -1, "config.train.max_nonfinite_steps=-1 must be >= 0"),
-])
+  ],
+)
 def test_bad_settings_fail_before_anything(tmp_path, setting, value, message):
   config = _tiny_config(tmp_path / "data", **{setting: value})
   with pytest.raises(validate.ConfigError) as e:
@@ -347,8 +407,9 @@ def test_train_py_bad_setting_exits_2(tmp_path):
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode == 2, out
   assert out.strip().splitlines()[-1] == (
-      "train.py: error: config.train.keep_checkpoints=0 must be >= 1: the checkpoints kept; "
-      "0 would delete the one just written")
+    "train.py: error: config.train.keep_checkpoints=0 must be >= 1: the checkpoints kept; "
+    "0 would delete the one just written"
+  )
   assert "Traceback" not in out and not os.path.exists(tmp_path / "run")
 
 
@@ -357,9 +418,13 @@ def test_train_py_bad_setting_exits_2(tmp_path):
 
 def test_sigterm_while_compiling_then_signals_during_the_save(tmp_path):
   workdir = tmp_path / "run"
-  proc = _train_py(tmp_path, workdir, "--config.train.num_steps=100000",
-                   "--config.train.checkpoint_every=100000",
-                   env={"IMAGEN_JAX_TEST_PAUSE": "stop_save:4"})
+  proc = _train_py(
+    tmp_path,
+    workdir,
+    "--config.train.num_steps=100000",
+    "--config.train.checkpoint_every=100000",
+    env={"IMAGEN_JAX_TEST_PAUSE": "stop_save:4"},
+  )
   seen = []
   _wait_for(proc, "stage base: compiling the train step", seen)
   proc.send_signal(signal.SIGTERM)
@@ -373,8 +438,7 @@ def test_sigterm_while_compiling_then_signals_during_the_save(tmp_path):
   assert "stage base: SIGTERM: saving checkpoint step" in out
   assert "preempted, checkpoint saved" in out
   steps = _steps(workdir)
-  assert len(steps) == 1 and not [d for d in os.listdir(_ckpt_dir(workdir))
-                                  if not d.isdigit()]
+  assert len(steps) == 1 and not [d for d in os.listdir(_ckpt_dir(workdir)) if not d.isdigit()]
   params, step = _ema(workdir)
   assert step == steps[0] and _finite(params)
   assert not os.path.exists(_lock_path(workdir))
@@ -388,8 +452,9 @@ def test_ctrl_c_before_training_exits_130(tmp_path):
   proc.send_signal(signal.SIGINT)
   out = "".join(seen) + proc.communicate(timeout=60)[0]
   assert proc.returncode == 130, out[-3000:]
-  assert out.strip().splitlines()[-1] == ("train.py: stopped by SIGINT before training "
-                                          "started; nothing to save")
+  assert out.strip().splitlines()[-1] == (
+    "train.py: stopped by SIGINT before training started; nothing to save"
+  )
   assert "Traceback" not in out
   assert not os.path.exists(_lock_path(workdir))
   assert not os.path.exists(_ckpt_dir(workdir))
@@ -402,21 +467,29 @@ def test_failed_save_keeps_earlier_checkpoints(tmp_path):
   workdir = tmp_path / "run"
   config = _tiny_config(tmp_path / "data", num_steps=2, checkpoint_every=2)
   trainer.train_and_evaluate(config, str(workdir))
-  biggest = max(os.path.getsize(os.path.join(r, f))
-                for r, _, fs in os.walk(_ckpt_dir(workdir)) for f in fs)
+  biggest = max(
+    os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(_ckpt_dir(workdir)) for f in fs
+  )
   # A file-size limit (in KiB) under one checkpoint file; SIGXFSZ ignored, so
   # write() fails with EFBIG as on a full disk. A shell sets both (no preexec_fn:
   # forking this multithreaded process to run Python in the child can deadlock).
   limit_kib = max(1, biggest // 2 // 1024)
   shell = ["bash", "-c", f"ulimit -f {limit_kib} && trap '' XFSZ && exec \"$@\"", "bash"]
-  proc = _train_py(tmp_path, workdir, "--config.train.num_steps=4",
-                   "--config.train.checkpoint_every=2", prefix=shell,
-                   env={"JAX_ENABLE_COMPILATION_CACHE": "false"})
+  proc = _train_py(
+    tmp_path,
+    workdir,
+    "--config.train.num_steps=4",
+    "--config.train.checkpoint_every=2",
+    prefix=shell,
+    env={"JAX_ENABLE_COMPILATION_CACHE": "false"},
+  )
   out = proc.communicate(timeout=240)[0]
   assert proc.returncode == 1, out[-3000:]
   last = out.strip().splitlines()[-1]
-  assert last.startswith(f"train.py: error: could not save the stage 'base' checkpoint of "
-                         f"step 4 to {_ckpt_dir(workdir)}/4: "), out[-3000:]
+  assert last.startswith(
+    f"train.py: error: could not save the stage 'base' checkpoint of "
+    f"step 4 to {_ckpt_dir(workdir)}/4: "
+  ), out[-3000:]
   assert os.strerror(errno.EFBIG) in last and "earlier checkpoints intact: [2]" in last
   assert out.count("train.py: error:") == 1  # (orbax logs its writers' errors before it)
   assert sorted(os.listdir(_ckpt_dir(workdir))) == ["2"]  # no temp folder left

@@ -43,16 +43,21 @@ def nchw(a: np.ndarray) -> torch.Tensor:
 
 def run_unet(folder: str, ref: dict, variant=None) -> np.ndarray:
   """The diffusers UNet of ``folder`` in float32 on the reference inputs (NHWC out)."""
-  unet = UNet2DConditionModel.from_pretrained(folder, variant=variant,
-                                              torch_dtype=torch.float32).eval()
+  unet = UNet2DConditionModel.from_pretrained(
+    folder, variant=variant, torch_dtype=torch.float32
+  ).eval()
   x = nchw(ref["unet_x"])
   kwargs = {}
   if "unet_lowres" in ref:
     x = torch.cat([x, nchw(ref["unet_lowres"])], dim=1)
     kwargs["class_labels"] = torch.from_numpy(ref["unet_noise_level"])
   with torch.no_grad():
-    out = unet(x, torch.from_numpy(ref["unet_t"]),
-               encoder_hidden_states=torch.from_numpy(ref["unet_text"]), **kwargs).sample
+    out = unet(
+      x,
+      torch.from_numpy(ref["unet_t"]),
+      encoder_hidden_states=torch.from_numpy(ref["unet_text"]),
+      **kwargs,
+    ).sample
   return out.permute(0, 2, 3, 1).numpy()
 
 
@@ -79,17 +84,18 @@ def check_stage(name: str, fixtures: str, tmp: str) -> bool:
       drop_kept_config(converted)
     for dtype in ("float32", "float16"):
       out = os.path.join(tmp, f"{os.path.basename(converted)}_{dtype}")
-      assert cli.main(["export-diffusers", "--src", converted, "--out", out,
-                       "--dtype", dtype]) == 0
+      assert cli.main(["export-diffusers", "--src", converted, "--out", out, "--dtype", dtype]) == 0
       got = run_unet(out, ref)
       err_ref = float(np.abs(got - ref["unet_out"]).max())
       err_orig = float(np.abs(got - original).max())
       # float16 rounds the fixture's bf16 weights (stage I): only float32 must be exact.
       good = err_ref <= TOL and err_orig == 0.0 if dtype == "float32" else err_ref < 1e-2
       ok &= good
-      print(f"{name} ({'kept' if kept else 'derived'} config, {dtype}): diffusers loads the "
-            f"export; max abs diff vs reference {err_ref:.2e}, vs the original folder "
-            f"{err_orig:.2e} {'OK' if good else 'FAIL'}")
+      print(
+        f"{name} ({'kept' if kept else 'derived'} config, {dtype}): diffusers loads the "
+        f"export; max abs diff vs reference {err_ref:.2e}, vs the original folder "
+        f"{err_orig:.2e} {'OK' if good else 'FAIL'}"
+      )
   return ok
 
 

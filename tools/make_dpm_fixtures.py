@@ -37,13 +37,40 @@ from diffusers import DPMSolverMultistepScheduler
 
 SEED = 0
 SHAPE = (2, 4, 4, 3)  # B, H, W, C.
-SMART27 = (999, 976, 952, 928, 905, 882, 858, 857, 810, 762, 715, 714, 572,
-           429, 428, 286, 285, 238, 190, 143, 142, 118, 95, 71, 47, 24, 0)
+SMART27 = (
+  999,
+  976,
+  952,
+  928,
+  905,
+  882,
+  858,
+  857,
+  810,
+  762,
+  715,
+  714,
+  572,
+  429,
+  428,
+  286,
+  285,
+  238,
+  190,
+  143,
+  142,
+  118,
+  95,
+  71,
+  47,
+  24,
+  0,
+)
 # name -> (timestep_spacing, num_inference_steps or custom timesteps).
 CASES = {
-    "leading10": ("leading", 10),
-    "trailing20": ("trailing", 20),
-    "smart27": ("leading", SMART27),
+  "leading10": ("leading", 10),
+  "trailing20": ("trailing", 20),
+  "smart27": ("leading", SMART27),
 }
 
 
@@ -51,19 +78,24 @@ def fake_model(x_nchw: torch.Tensor, t: int) -> torch.Tensor:
   """The deterministic 'UNet': eps channels then 3 ignored channels."""
   t = torch.tensor(float(t), dtype=torch.float32)
   c = torch.arange(x_nchw.shape[1], dtype=torch.float32).reshape(1, -1, 1, 1)
-  eps = (0.8 + 0.2 * torch.cos(t / 250.0)) * x_nchw + 0.1 * (c + 1.0) * (
-      torch.sin(t / 150.0))
+  eps = (0.8 + 0.2 * torch.cos(t / 250.0)) * x_nchw + 0.1 * (c + 1.0) * (torch.sin(t / 150.0))
   return torch.cat([eps, 0.5 * x_nchw], dim=1)
 
 
 def run_case(spacing, steps, x_start):
   scheduler = DPMSolverMultistepScheduler(
-      num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-      algorithm_type="dpmsolver++", solver_order=2,
-      prediction_type="epsilon", variance_type="learned_range",
-      thresholding=True, dynamic_thresholding_ratio=0.95,
-      sample_max_value=1.5, lower_order_final=True,
-      timestep_spacing=spacing)
+    num_train_timesteps=1000,
+    beta_schedule="squaredcos_cap_v2",
+    algorithm_type="dpmsolver++",
+    solver_order=2,
+    prediction_type="epsilon",
+    variance_type="learned_range",
+    thresholding=True,
+    dynamic_thresholding_ratio=0.95,
+    sample_max_value=1.5,
+    lower_order_final=True,
+    timestep_spacing=spacing,
+  )
   if isinstance(steps, int):
     scheduler.set_timesteps(steps)
   else:
@@ -73,8 +105,7 @@ def run_case(spacing, steps, x_start):
   for t in scheduler.timesteps:
     x = scheduler.step(fake_model(x, int(t)), t, x).prev_sample
     samples.append(x.numpy().transpose(0, 2, 3, 1))
-  return (scheduler.timesteps.numpy().astype(np.int32),
-          np.stack(samples).astype(np.float32))
+  return (scheduler.timesteps.numpy().astype(np.int32), np.stack(samples).astype(np.float32))
 
 
 def main():

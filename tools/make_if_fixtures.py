@@ -53,40 +53,85 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from diffusers import DDPMScheduler, UNet2DConditionModel  # noqa: E402
 
-TEXT_DIM = 40          # d_model of tests/fixtures/t5_v1_1
+TEXT_DIM = 40  # d_model of tests/fixtures/t5_v1_1
 TEXT_LEN = 5
 RES = 16
 COMMON = dict(
-    act_fn="gelu", addition_embed_type="text", addition_embed_type_num_heads=4,
-    attention_head_dim=8, cross_attention_dim=32, cross_attention_norm="group_norm",
-    encoder_hid_dim=TEXT_DIM, encoder_hid_dim_type="text_proj",
-    mid_block_type="UNetMidBlock2DSimpleCrossAttn", norm_num_groups=4, norm_eps=1e-5,
-    out_channels=6, resnet_out_scale_factor=2 ** 0.5, resnet_skip_time_act=True,
-    resnet_time_scale_shift="scale_shift", time_embedding_act_fn="gelu",
-    flip_sin_to_cos=True, freq_shift=0, sample_size=RES, block_out_channels=(8, 16, 16))
+  act_fn="gelu",
+  addition_embed_type="text",
+  addition_embed_type_num_heads=4,
+  attention_head_dim=8,
+  cross_attention_dim=32,
+  cross_attention_norm="group_norm",
+  encoder_hid_dim=TEXT_DIM,
+  encoder_hid_dim_type="text_proj",
+  mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+  norm_num_groups=4,
+  norm_eps=1e-5,
+  out_channels=6,
+  resnet_out_scale_factor=2**0.5,
+  resnet_skip_time_act=True,
+  resnet_time_scale_shift="scale_shift",
+  time_embedding_act_fn="gelu",
+  flip_sin_to_cos=True,
+  freq_shift=0,
+  sample_size=RES,
+  block_out_channels=(8, 16, 16),
+)
 STAGE1 = dict(
-    COMMON, in_channels=3, layers_per_block=1,
-    down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D",
-                      "SimpleCrossAttnDownBlock2D"),
-    up_block_types=("SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D",
-                    "ResnetUpsampleBlock2D"))
+  COMMON,
+  in_channels=3,
+  layers_per_block=1,
+  down_block_types=(
+    "ResnetDownsampleBlock2D",
+    "SimpleCrossAttnDownBlock2D",
+    "SimpleCrossAttnDownBlock2D",
+  ),
+  up_block_types=("SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+)
 STAGE2 = dict(
-    COMMON, in_channels=6, layers_per_block=(2, 1, 2), class_embed_type="timestep",
-    down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D",
-                      "SimpleCrossAttnDownBlock2D"),
-    up_block_types=("SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D",
-                    "ResnetUpsampleBlock2D"),
-    only_cross_attention=(False, False, True), mid_block_only_cross_attention=True)
+  COMMON,
+  in_channels=6,
+  layers_per_block=(2, 1, 2),
+  class_embed_type="timestep",
+  down_block_types=(
+    "ResnetDownsampleBlock2D",
+    "SimpleCrossAttnDownBlock2D",
+    "SimpleCrossAttnDownBlock2D",
+  ),
+  up_block_types=("SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+  only_cross_attention=(False, False, True),
+  mid_block_only_cross_attention=True,
+)
 SCHEDULER = dict(
-    _class_name="DDPMScheduler", beta_end=0.02, beta_schedule="squaredcos_cap_v2",
-    beta_start=0.0001, clip_sample=True, clip_sample_range=1.0,
-    dynamic_thresholding_ratio=0.95, num_train_timesteps=1000,
-    prediction_type="epsilon", sample_max_value=1.5, steps_offset=0, thresholding=True,
-    timestep_spacing="leading", trained_betas=None, variance_type="learned_range")
+  _class_name="DDPMScheduler",
+  beta_end=0.02,
+  beta_schedule="squaredcos_cap_v2",
+  beta_start=0.0001,
+  clip_sample=True,
+  clip_sample_range=1.0,
+  dynamic_thresholding_ratio=0.95,
+  num_train_timesteps=1000,
+  prediction_type="epsilon",
+  sample_max_value=1.5,
+  steps_offset=0,
+  thresholding=True,
+  timestep_spacing="leading",
+  trained_betas=None,
+  variance_type="learned_range",
+)
 NOISING_SCHEDULER = dict(
-    _class_name="DDPMScheduler", beta_end=0.02, beta_schedule="squaredcos_cap_v2",
-    beta_start=0.0001, clip_sample=True, clip_sample_range=1.0, num_train_timesteps=1000,
-    prediction_type="epsilon", variance_type="fixed_small", thresholding=False)
+  _class_name="DDPMScheduler",
+  beta_end=0.02,
+  beta_schedule="squaredcos_cap_v2",
+  beta_start=0.0001,
+  clip_sample=True,
+  clip_sample_range=1.0,
+  num_train_timesteps=1000,
+  prediction_type="epsilon",
+  variance_type="fixed_small",
+  thresholding=False,
+)
 STEP_TIMESTEPS = [999, 800, 799, 500, 17, 1, 0]
 
 
@@ -101,33 +146,41 @@ def build_unet(config: dict, dtype: torch.dtype, seed: int) -> UNet2DConditionMo
   gen = torch.Generator().manual_seed(seed + 1)
   with torch.no_grad():
     for name, p in unet.named_parameters():
-      if p.ndim == 1 and ("norm" in name):   # norms start at ones / zeros
+      if p.ndim == 1 and ("norm" in name):  # norms start at ones / zeros
         base = 1.0 if name.endswith("weight") else 0.0
         p.copy_(base + 0.3 * torch.randn(p.shape, generator=gen))
-      elif p.ndim == 1:                      # biases: make them visible
+      elif p.ndim == 1:  # biases: make them visible
         p.copy_(0.1 * torch.randn(p.shape, generator=gen))
       p.copy_(p.to(dtype).float())
   return unet
 
 
-def write_folder(path: str, unet, dtype, variant, pipeline: str, noising: bool,
-                 max_value: float) -> None:
+def write_folder(
+  path: str, unet, dtype, variant, pipeline: str, noising: bool, max_value: float
+) -> None:
   """A diffusers pipeline folder holding the UNet and scheduler configs."""
   if os.path.isdir(path):
     shutil.rmtree(path)
   os.makedirs(path)
-  index = {"_class_name": pipeline, "_diffusers_version": "0.42.1",
-           "feature_extractor": [None, None], "requires_safety_checker": False,
-           "safety_checker": [None, None], "scheduler": ["diffusers", "DDPMScheduler"],
-           "text_encoder": ["transformers", "T5EncoderModel"],
-           "tokenizer": ["transformers", "T5Tokenizer"],
-           "unet": ["diffusers", "UNet2DConditionModel"], "watermarker": [None, None]}
+  index = {
+    "_class_name": pipeline,
+    "_diffusers_version": "0.42.1",
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "DDPMScheduler"],
+    "text_encoder": ["transformers", "T5EncoderModel"],
+    "tokenizer": ["transformers", "T5Tokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "watermarker": [None, None],
+  }
   if noising:
     index["image_noising_scheduler"] = ["diffusers", "DDPMScheduler"]
   with open(os.path.join(path, "model_index.json"), "w") as f:
     json.dump(index, f, indent=2)
-  unet.to(dtype).save_pretrained(os.path.join(path, "unet"), safe_serialization=True,
-                                 variant=variant)
+  unet.to(dtype).save_pretrained(
+    os.path.join(path, "unet"), safe_serialization=True, variant=variant
+  )
   unet.float()
   schedulers = {"scheduler": dict(SCHEDULER, sample_max_value=max_value)}
   if noising:
@@ -171,12 +224,18 @@ def step_reference(max_value: float, gen) -> dict:
     model_out = torch.cat([eps, v], dim=1)
     seed = 1000 + i
     noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(seed))
-    x_prev, x0 = sched.step(model_out, t, x_t, generator=torch.Generator().manual_seed(seed),
-                            return_dict=False)
+    x_prev, x0 = sched.step(
+      model_out, t, x_t, generator=torch.Generator().manual_seed(seed), return_dict=False
+    )
     prev_t = STEP_TIMESTEPS[i + 1] if i + 1 < len(STEP_TIMESTEPS) else -1
     assert int(sched.previous_timestep(t)) == prev_t
-    for k, val in (("model_out", model_out), ("x_t", x_t), ("noise", noise),
-                   ("x_prev", x_prev), ("x0", x0)):
+    for k, val in (
+      ("model_out", model_out),
+      ("x_t", x_t),
+      ("noise", noise),
+      ("x_prev", x_prev),
+      ("x0", x0),
+    ):
       out[k].append(nhwc(val))
     out["t"].append(t)
     out["prev_t"].append(prev_t)
@@ -196,8 +255,12 @@ def upscale_reference(gen) -> dict:
   level = 250
   sched = DDPMScheduler.from_config(NOISING_SCHEDULER)
   noised = sched.add_noise(up, noise, torch.tensor([level] * 2))
-  return {"up_lowres": nhwc(lowres), "up_noise": nhwc(noise),
-          "up_noise_level": np.array(level), "up_out": nhwc(noised)}
+  return {
+    "up_lowres": nhwc(lowres),
+    "up_noise": nhwc(noise),
+    "up_noise_level": np.array(level),
+    "up_out": nhwc(noised),
+  }
 
 
 def main() -> None:
@@ -205,8 +268,10 @@ def main() -> None:
   parser.add_argument("--out", default=os.path.join("tests", "fixtures"))
   args = parser.parse_args()
   torch.set_grad_enabled(False)
-  stages = [("if_stage1", STAGE1, torch.bfloat16, None, "IFPipeline", 1.5, 0),
-            ("if_stage2", STAGE2, torch.float16, "fp16", "IFSuperResolutionPipeline", 1.0, 10)]
+  stages = [
+    ("if_stage1", STAGE1, torch.bfloat16, None, "IFPipeline", 1.5, 0),
+    ("if_stage2", STAGE2, torch.float16, "fp16", "IFSuperResolutionPipeline", 1.0, 10),
+  ]
   for name, config, dtype, variant, pipeline, max_value, seed in stages:
     stage2 = "class_embed_type" in config
     unet = build_unet(config, dtype, seed)

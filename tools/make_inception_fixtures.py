@@ -28,17 +28,24 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from imagen_jax.eval import inception  # noqa: E402  pylint: disable=wrong-import-position
 
-OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                   "tests", "fixtures", "inception_parity.npz")
+OUT = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  "tests",
+  "fixtures",
+  "inception_parity.npz",
+)
 SEED = 0
 
 
 def synthetic_reference(seed: int) -> tuple[torch.nn.Module, dict]:
   """pytorch-fid's InceptionV3 loaded (strict) with synthetic weights, and those weights."""
   from pytorch_fid import inception as ptfid  # pylint: disable=g-import-not-at-top
+
   # Build the FID network once without weights, only to learn its state-dict layout.
-  with mock.patch.object(ptfid, "load_state_dict_from_url", return_value={}), \
-       mock.patch.object(torch.nn.Module, "load_state_dict", return_value=None):
+  with (
+    mock.patch.object(ptfid, "load_state_dict_from_url", return_value={}),
+    mock.patch.object(torch.nn.Module, "load_state_dict", return_value=None),
+  ):
     skeleton = ptfid.fid_inception_v3()
   state = {}
   for name, t in skeleton.state_dict().items():
@@ -56,30 +63,46 @@ def make_fixture(out: str) -> None:
   rng = np.random.default_rng(0)
   # Two small images (upsampled to 299 inside, as our 64px samples are) and one
   # larger than 299 (downsampled without antialiasing, as pytorch-fid does).
-  images = [rng.integers(0, 256, (2, 24, 24, 3), dtype=np.uint8),
-            # 8×8 blocks: compresses to a few KB, still crosses pixel edges.
-            rng.integers(0, 256, (1, 40, 40, 3), dtype=np.uint8).repeat(8, 1).repeat(8, 2)]
+  images = [
+    rng.integers(0, 256, (2, 24, 24, 3), dtype=np.uint8),
+    # 8×8 blocks: compresses to a few KB, still crosses pixel edges.
+    rng.integers(0, 256, (1, 40, 40, 3), dtype=np.uint8).repeat(8, 1).repeat(8, 2),
+  ]
   feats = []
   with torch.no_grad():
     for x in images:
       t = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255.0
       feats.append(model(t)[0][:, :, 0, 0].numpy())
-  names = sorted(n for n in state if not n.endswith("num_batches_tracked")
-                 and not n.startswith("fc."))
+  names = sorted(
+    n for n in state if not n.endswith("num_batches_tracked") and not n.startswith("fc.")
+  )
   sums = np.asarray([float(state[n].double().sum()) for n in names])
-  np.savez_compressed(out, images_small=images[0], features_small=feats[0],
-                      images_large=images[1], features_large=feats[1],
-                      names=np.asarray(names), sums=sums, seed=SEED)
-  print(f"wrote {out} ({os.path.getsize(out) // 1024} KB); feature std "
-        f"{feats[0].std():.3f}, mean {feats[0].mean():.3f}")
+  np.savez_compressed(
+    out,
+    images_small=images[0],
+    features_small=feats[0],
+    images_large=images[1],
+    features_large=feats[1],
+    names=np.asarray(names),
+    sums=sums,
+    seed=SEED,
+  )
+  print(
+    f"wrote {out} ({os.path.getsize(out) // 1024} KB); feature std "
+    f"{feats[0].std():.3f}, mean {feats[0].mean():.3f}"
+  )
 
 
 def convert(src: str, out: str) -> None:
   """A pytorch-fid .pth state dict → .safetensors (float32, same names, fc dropped)."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+
   state = torch.load(src, map_location="cpu", weights_only=True)
-  tensors = {k: v.float().numpy() for k, v in state.items()
-             if not k.endswith("num_batches_tracked") and not k.startswith("fc.")}
+  tensors = {
+    k: v.float().numpy()
+    for k, v in state.items()
+    if not k.endswith("num_batches_tracked") and not k.startswith("fc.")
+  }
   save_file(tensors, out, metadata={"network": inception.NETWORK, "source": os.path.basename(src)})
   inception.load_variables(out)  # Fails loudly if the layout is not the FID network's.
   print(f"wrote {out}: {len(tensors)} tensors")

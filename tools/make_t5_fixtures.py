@@ -30,15 +30,33 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 PROMPTS = [
-    "",
-    "a red cube",
-    "two blue spheres left of a green cone",
-    "A small Yellow triangle above a big purple square, drawn on white paper "
-    "next to three tiny orange stars and a circle",
-    "Über café: 123 #!",
+  "",
+  "a red cube",
+  "two blue spheres left of a green cone",
+  "A small Yellow triangle above a big purple square, drawn on white paper "
+  "next to three tiny orange stars and a circle",
+  "Über café: 123 #!",
 ]
-WORDS = ["a", "red", "blue", "green", "cube", "sphere", "s", "cone", "left",
-         "of", "two", "small", "big", "on", "the", "above", "square", "star"]
+WORDS = [
+  "a",
+  "red",
+  "blue",
+  "green",
+  "cube",
+  "sphere",
+  "s",
+  "cone",
+  "left",
+  "of",
+  "two",
+  "small",
+  "big",
+  "on",
+  "the",
+  "above",
+  "square",
+  "star",
+]
 BUCKET_CONFIGS = [(32, 128), (16, 24), (64, 256), (8, 16)]
 
 
@@ -62,24 +80,29 @@ def randomize_norms(model: torch.nn.Module, gen: torch.Generator) -> None:
 
 def reference(model_cls, path: str, tok, max_length: int) -> dict:
   """Prompts, token ids, masks and encoder hidden states (float32, bfloat16)."""
-  enc = tok(PROMPTS, padding="max_length", truncation=True,
-            max_length=max_length, return_tensors="pt")
-  out = {"input_ids": enc["input_ids"].numpy().astype(np.int32),
-         "attention_mask": enc["attention_mask"].numpy().astype(bool),
-         "max_length": np.int32(max_length), "prompts": np.array(PROMPTS)}
-  for name, dtype in (("hidden_fp32", torch.float32),
-                      ("hidden_bf16", torch.bfloat16)):
+  enc = tok(
+    PROMPTS, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+  )
+  out = {
+    "input_ids": enc["input_ids"].numpy().astype(np.int32),
+    "attention_mask": enc["attention_mask"].numpy().astype(bool),
+    "max_length": np.int32(max_length),
+    "prompts": np.array(PROMPTS),
+  }
+  for name, dtype in (("hidden_fp32", torch.float32), ("hidden_bf16", torch.bfloat16)):
     model = model_cls.from_pretrained(path, dtype=dtype).eval()
     encoder = model.get_encoder() if hasattr(model, "get_encoder") else model
     with torch.no_grad():
-      h = encoder(input_ids=enc["input_ids"],
-                  attention_mask=enc["attention_mask"]).last_hidden_state
+      h = encoder(
+        input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]
+      ).last_hidden_state
     out[name] = h.float().numpy()
   return out
 
 
-def build(out_dir: str, name: str, config: transformers.T5Config, model_cls,
-          tok, max_length: int, seed: int) -> None:
+def build(
+  out_dir: str, name: str, config: transformers.T5Config, model_cls, tok, max_length: int, seed: int
+) -> None:
   path = os.path.join(out_dir, name)
   os.makedirs(path, exist_ok=True)
   torch.manual_seed(seed)
@@ -87,8 +110,9 @@ def build(out_dir: str, name: str, config: transformers.T5Config, model_cls,
   randomize_norms(model, torch.Generator().manual_seed(seed + 1))
   model.save_pretrained(path, safe_serialization=True)
   tok.save_pretrained(path)
-  np.savez_compressed(os.path.join(path, "reference.npz"),
-                      **reference(model_cls, path, tok, max_length))
+  np.savez_compressed(
+    os.path.join(path, "reference.npz"), **reference(model_cls, path, tok, max_length)
+  )
   print(name, sorted(os.listdir(path)))
 
 
@@ -98,31 +122,63 @@ def buckets(out_dir: str) -> None:
   fn = transformers.models.t5.modeling_t5.T5Attention._relative_position_bucket
   out = {"relative_position": rel.numpy().astype(np.int32)}
   for nb, md in BUCKET_CONFIGS:
-    out[f"buckets_{nb}_{md}"] = fn(rel, bidirectional=True, num_buckets=nb,
-                                   max_distance=md).numpy().astype(np.int16)
+    out[f"buckets_{nb}_{md}"] = (
+      fn(rel, bidirectional=True, num_buckets=nb, max_distance=md).numpy().astype(np.int16)
+    )
   os.makedirs(out_dir, exist_ok=True)
   np.savez_compressed(os.path.join(out_dir, "buckets.npz"), **out)
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", default=os.path.join(
-      os.path.dirname(__file__), "..", "tests", "fixtures"))
+  parser.add_argument(
+    "--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures")
+  )
   args = parser.parse_args()
   v10 = transformers.T5Config(
-      vocab_size=128, d_model=32, d_kv=6, d_ff=64, num_layers=2,
-      num_decoder_layers=1, num_heads=4, relative_attention_num_buckets=32,
-      relative_attention_max_distance=128, feed_forward_proj="relu",
-      dropout_rate=0.0)
-  build(args.out, "t5_v1_0", v10, transformers.T5ForConditionalGeneration,
-        sp_tokenizer(), max_length=16, seed=0)
+    vocab_size=128,
+    d_model=32,
+    d_kv=6,
+    d_ff=64,
+    num_layers=2,
+    num_decoder_layers=1,
+    num_heads=4,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    feed_forward_proj="relu",
+    dropout_rate=0.0,
+  )
+  build(
+    args.out,
+    "t5_v1_0",
+    v10,
+    transformers.T5ForConditionalGeneration,
+    sp_tokenizer(),
+    max_length=16,
+    seed=0,
+  )
   v11 = transformers.T5Config(
-      vocab_size=384, d_model=40, d_kv=12, d_ff=64, num_layers=2, num_heads=2,
-      relative_attention_num_buckets=16, relative_attention_max_distance=24,
-      feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-      dropout_rate=0.0)
-  build(args.out, "t5_v1_1", v11, transformers.T5EncoderModel,
-        transformers.ByT5Tokenizer(), max_length=48, seed=1)
+    vocab_size=384,
+    d_model=40,
+    d_kv=12,
+    d_ff=64,
+    num_layers=2,
+    num_heads=2,
+    relative_attention_num_buckets=16,
+    relative_attention_max_distance=24,
+    feed_forward_proj="gated-gelu",
+    tie_word_embeddings=False,
+    dropout_rate=0.0,
+  )
+  build(
+    args.out,
+    "t5_v1_1",
+    v11,
+    transformers.T5EncoderModel,
+    transformers.ByT5Tokenizer(),
+    max_length=48,
+    seed=1,
+  )
   buckets(os.path.join(args.out, "t5_buckets"))
 
 

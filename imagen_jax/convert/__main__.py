@@ -29,44 +29,67 @@ EXIT_ERROR = 2
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog="python -m imagen_jax.convert",
-                                   description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(
+    prog="python -m imagen_jax.convert", description=__doc__.splitlines()[0]
+  )
   sub = parser.add_subparsers(dest="command", required=True)
   p = sub.add_parser("deepfloyd-if", help="convert a diffusers DeepFloyd IF folder")
-  p.add_argument("--src", required=True,
-                 help="IF pipeline folder (model_index.json, unet/, ...) or a bare UNet "
-                      "folder (config.json + safetensors)")
+  p.add_argument(
+    "--src",
+    required=True,
+    help="IF pipeline folder (model_index.json, unet/, ...) or a bare UNet "
+    "folder (config.json + safetensors)",
+  )
   p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
   p.add_argument("--dtype", default="float32", choices=deepfloyd_if.DTYPES)
-  p.add_argument("--variant", default=None,
-                 help="weights variant to read, e.g. fp16 (default: full precision, "
-                      "falling back to fp16)")
-  p.add_argument("--lowres-resolution", type=int, default=None,
-                 help="stage II input resolution (default: resolution // 4)")
-  p.add_argument("--scheduler", default=None,
-                 help="folder with the scheduler_config.json to use (or a pipeline folder "
-                      "with scheduler/); default: the pipeline's, else IF's for the stage")
-  e = sub.add_parser("export-diffusers",
-                     help="write a diffusers UNet2DConditionModel folder from our params")
-  e.add_argument("--src", required=True,
-                 help="a converted IF folder or a training run's workdir")
-  e.add_argument("--stage", default=None,
-                 help="stage name (needed when --src holds several)")
+  p.add_argument(
+    "--variant",
+    default=None,
+    help="weights variant to read, e.g. fp16 (default: full precision, falling back to fp16)",
+  )
+  p.add_argument(
+    "--lowres-resolution",
+    type=int,
+    default=None,
+    help="stage II input resolution (default: resolution // 4)",
+  )
+  p.add_argument(
+    "--scheduler",
+    default=None,
+    help="folder with the scheduler_config.json to use (or a pipeline folder "
+    "with scheduler/); default: the pipeline's, else IF's for the stage",
+  )
+  e = sub.add_parser(
+    "export-diffusers", help="write a diffusers UNet2DConditionModel folder from our params"
+  )
+  e.add_argument("--src", required=True, help="a converted IF folder or a training run's workdir")
+  e.add_argument("--stage", default=None, help="stage name (needed when --src holds several)")
   e.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
-  e.add_argument("--dtype", default="float32", choices=sorted(if_export.OUT_DTYPES),
-                 help="dtype of the written tensors")
+  e.add_argument(
+    "--dtype",
+    default="float32",
+    choices=sorted(if_export.OUT_DTYPES),
+    help="dtype of the written tensors",
+  )
   return parser.parse_args(argv)
 
 
 def _run(args: argparse.Namespace) -> str:
   if args.command == "deepfloyd-if":
-    out = deepfloyd_if.convert(args.src, args.out, dtype=args.dtype, variant=args.variant,
-                               lowres_resolution=args.lowres_resolution,
-                               scheduler=args.scheduler)
+    out = deepfloyd_if.convert(
+      args.src,
+      args.out,
+      dtype=args.dtype,
+      variant=args.variant,
+      lowres_resolution=args.lowres_resolution,
+      scheduler=args.scheduler,
+    )
     return f"converted {args.src} -> {out} ({args.dtype})"
   out = if_export.export(args.src, args.out, stage_name=args.stage, dtype=args.dtype)
-  return f"exported {args.src}{f' stage {args.stage}' if args.stage else ''} -> {out} " \
-         f"(diffusers UNet2DConditionModel, {args.dtype})"
+  return (
+    f"exported {args.src}{f' stage {args.stage}' if args.stage else ''} -> {out} "
+    f"(diffusers UNet2DConditionModel, {args.dtype})"
+  )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

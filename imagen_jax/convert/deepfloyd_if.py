@@ -55,21 +55,35 @@ FORMAT = "imagen_jax/deepfloyd_if"
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 DTYPES = ("float32", "bfloat16")
-TEXT_MAX_LENGTH = 77       # IF's tokenizer length (pipeline_if.encode_prompt)
+TEXT_MAX_LENGTH = 77  # IF's tokenizer length (pipeline_if.encode_prompt)
 SCHEDULES = ("squaredcos_cap_v2",)
 SCHEDULER_FILE = "scheduler_config.json"
 # The scheduler_config.json of IF's released pipelines (IF-I-*, IF-II-*): what a
 # bare UNet folder samples with unless told otherwise. Stage II differs only in
 # sample_max_value; its image_noising_scheduler uses the same betas.
 IF_SCHEDULER = dict(
-    _class_name="DDPMScheduler", beta_schedule="squaredcos_cap_v2", beta_start=0.0001,
-    beta_end=0.02, clip_sample=True, clip_sample_range=1.0, dynamic_thresholding_ratio=0.95,
-    num_train_timesteps=1000, prediction_type="epsilon", sample_max_value=1.5,
-    thresholding=True, trained_betas=None, variance_type="learned_range")
+  _class_name="DDPMScheduler",
+  beta_schedule="squaredcos_cap_v2",
+  beta_start=0.0001,
+  beta_end=0.02,
+  clip_sample=True,
+  clip_sample_range=1.0,
+  dynamic_thresholding_ratio=0.95,
+  num_train_timesteps=1000,
+  prediction_type="epsilon",
+  sample_max_value=1.5,
+  thresholding=True,
+  trained_betas=None,
+  variance_type="learned_range",
+)
 IF_II_MAX_VALUE = 1.0
 IF_NOISING_SCHEDULER = dict(
-    _class_name="DDPMScheduler", beta_schedule="squaredcos_cap_v2", num_train_timesteps=1000,
-    variance_type="fixed_small", thresholding=False)
+  _class_name="DDPMScheduler",
+  beta_schedule="squaredcos_cap_v2",
+  num_train_timesteps=1000,
+  variance_type="fixed_small",
+  thresholding=False,
+)
 
 
 def _check_dtype(dtype: str) -> str:
@@ -92,20 +106,24 @@ def _scheduler_settings(folder: if_config.IFFolder) -> dict:
   if s.get("timestep_spacing", "leading") not in ("leading", "trailing", "linspace"):
     bad.append(f"timestep_spacing={s['timestep_spacing']!r}")
   if bad:
-    raise ValueError(f"{folder.path}: unsupported scheduler settings "
-                     + "; ".join(bad))
-  threshold = ("dynamic" if s.get("thresholding") else
-               "static" if s.get("clip_sample", True) else "none")
-  return dict(num_train_steps=int(s.get("num_train_timesteps", 1000)),
-              variance=s.get("variance_type", "fixed_small"), threshold=threshold,
-              quantile=float(s.get("dynamic_thresholding_ratio", 0.995)),
-              max_value=float(s.get("sample_max_value", 1.0)),
-              spacing=s.get("timestep_spacing", "leading"),
-              steps_offset=int(s.get("steps_offset", 0)))
+    raise ValueError(f"{folder.path}: unsupported scheduler settings " + "; ".join(bad))
+  threshold = (
+    "dynamic" if s.get("thresholding") else "static" if s.get("clip_sample", True) else "none"
+  )
+  return dict(
+    num_train_steps=int(s.get("num_train_timesteps", 1000)),
+    variance=s.get("variance_type", "fixed_small"),
+    threshold=threshold,
+    quantile=float(s.get("dynamic_thresholding_ratio", 0.995)),
+    max_value=float(s.get("sample_max_value", 1.0)),
+    spacing=s.get("timestep_spacing", "leading"),
+    steps_offset=int(s.get("steps_offset", 0)),
+  )
 
 
-def build_stage_config(folder: if_config.IFFolder, dtype: str = "float32",
-                       lowres_resolution: Optional[int] = None) -> ml_collections.ConfigDict:
+def build_stage_config(
+  folder: if_config.IFFolder, dtype: str = "float32", lowres_resolution: Optional[int] = None
+) -> ml_collections.ConfigDict:
   """The stage config of a converted IF UNet (model, diffusion, sample, text).
 
   Args:
@@ -124,22 +142,41 @@ def build_stage_config(folder: if_config.IFFolder, dtype: str = "float32",
   stage.resolution = res
   stage.lowres_resolution = (lowres_resolution or res // 4) if sr else None
   stage.model = model
-  stage.diffusion = dict(kind="if_ddpm", prediction="eps", beta_schedule="squaredcos_cap_v2",
-                         num_train_steps=sched["num_train_steps"])
+  stage.diffusion = dict(
+    kind="if_ddpm",
+    prediction="eps",
+    beta_schedule="squaredcos_cap_v2",
+    num_train_steps=sched["num_train_steps"],
+  )
   if sr:
     noising = folder.noising_config or {}
     if noising.get("beta_schedule", "squaredcos_cap_v2") not in SCHEDULES:
-      raise ValueError(f"{folder.path}/image_noising_scheduler: unsupported beta_schedule "
-                       f"{noising['beta_schedule']!r} (supported: {SCHEDULES})")
+      raise ValueError(
+        f"{folder.path}/image_noising_scheduler: unsupported beta_schedule "
+        f"{noising['beta_schedule']!r} (supported: {SCHEDULES})"
+      )
     stage.diffusion.aug_num_train_steps = int(noising.get("num_train_timesteps", 1000))
   # diffusers pipeline defaults: IF-I 100 steps, guidance 7; IF-II 50 steps, guidance 4.
-  stage.sample = dict(sampler="if_ddpm", steps=50 if sr else 100, timesteps="",
-                      spacing=sched["spacing"], steps_offset=sched["steps_offset"],
-                      guidance=4.0 if sr else 7.0, threshold=sched["threshold"],
-                      quantile=sched["quantile"], max_value=sched["max_value"],
-                      variance=sched["variance"], noise_level=250 if sr else 0)
-  stage.text = dict(encoder=folder.text_encoder_dir or "", tokenizer=folder.tokenizer_dir or "",
-                    max_length=TEXT_MAX_LENGTH, dim=model["text_dim"], use_mask=False)
+  stage.sample = dict(
+    sampler="if_ddpm",
+    steps=50 if sr else 100,
+    timesteps="",
+    spacing=sched["spacing"],
+    steps_offset=sched["steps_offset"],
+    guidance=4.0 if sr else 7.0,
+    threshold=sched["threshold"],
+    quantile=sched["quantile"],
+    max_value=sched["max_value"],
+    variance=sched["variance"],
+    noise_level=250 if sr else 0,
+  )
+  stage.text = dict(
+    encoder=folder.text_encoder_dir or "",
+    tokenizer=folder.tokenizer_dir or "",
+    max_length=TEXT_MAX_LENGTH,
+    dim=model["text_dim"],
+    use_mask=False,
+  )
   # The source UNet config, verbatim: export-diffusers writes it back.
   stage.diffusers_unet = folder.unet_config
   return stage
@@ -162,8 +199,9 @@ def _read_schedulers(path: str) -> tuple[dict, Optional[dict]]:
     return _read_json(os.path.join(path, SCHEDULER_FILE)), None
   main = os.path.join(path, "scheduler", SCHEDULER_FILE)
   if not os.path.isfile(main):
-    raise FileNotFoundError(f"scheduler folder {path!r} holds neither {SCHEDULER_FILE} "
-                            f"nor scheduler/{SCHEDULER_FILE}")
+    raise FileNotFoundError(
+      f"scheduler folder {path!r} holds neither {SCHEDULER_FILE} nor scheduler/{SCHEDULER_FILE}"
+    )
   noising = os.path.join(path, "image_noising_scheduler", SCHEDULER_FILE)
   return _read_json(main), _read_json(noising) if os.path.isfile(noising) else None
 
@@ -172,23 +210,32 @@ def _read_bare_unet(path: str) -> if_config.IFFolder:
   """A folder with only a diffusers UNet (config.json + weights)."""
   cfg = _read_json(os.path.join(path, "config.json"))
   if cfg.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
-    raise ValueError(f"{path}/config.json is a {cfg['_class_name']}, not a "
-                     "UNet2DConditionModel (nor is there a model_index.json)")
+    raise ValueError(
+      f"{path}/config.json is a {cfg['_class_name']}, not a "
+      "UNet2DConditionModel (nor is there a model_index.json)"
+    )
   sr = cfg.get("class_embed_type") == "timestep" or cfg.get("in_channels") == 6
   sched = dict(IF_SCHEDULER, sample_max_value=IF_II_MAX_VALUE) if sr else dict(IF_SCHEDULER)
   noising = dict(IF_NOISING_SCHEDULER) if sr else None
   parent = os.path.dirname(os.path.abspath(path))
   text_encoder = tokenizer = None
-  if (os.path.isfile(os.path.join(parent, "model_index.json"))
-      and os.path.isfile(os.path.join(parent, "scheduler", SCHEDULER_FILE))):
-    sched, noising = _read_schedulers(parent)   # the pipeline around it, and its T5
+  if os.path.isfile(os.path.join(parent, "model_index.json")) and os.path.isfile(
+    os.path.join(parent, "scheduler", SCHEDULER_FILE)
+  ):
+    sched, noising = _read_schedulers(parent)  # the pipeline around it, and its T5
     te, tok = os.path.join(parent, "text_encoder"), os.path.join(parent, "tokenizer")
     text_encoder = te if os.path.isfile(os.path.join(te, "config.json")) else None
     tokenizer = tok if os.path.isdir(tok) else None
-  return if_config.IFFolder(path=os.path.abspath(path), pipeline="UNet2DConditionModel",
-                            unet_dir=path, unet_config=cfg, scheduler_config=sched,
-                            noising_config=noising, text_encoder_dir=text_encoder,
-                            tokenizer_dir=tokenizer)
+  return if_config.IFFolder(
+    path=os.path.abspath(path),
+    pipeline="UNet2DConditionModel",
+    unet_dir=path,
+    unet_config=cfg,
+    scheduler_config=sched,
+    noising_config=noising,
+    text_encoder_dir=text_encoder,
+    tokenizer_dir=tokenizer,
+  )
 
 
 def read_folder(src: str, scheduler: Optional[str] = None) -> if_config.IFFolder:
@@ -203,13 +250,17 @@ def read_folder(src: str, scheduler: Optional[str] = None) -> if_config.IFFolder
     FileNotFoundError: no such folder, or neither layout's files.
     ValueError: files that are not those of an IF UNet (named).
   """
-  bare = (os.path.isdir(src) and not os.path.isfile(os.path.join(src, "model_index.json"))
-          and os.path.isfile(os.path.join(src, "config.json")))
+  bare = (
+    os.path.isdir(src)
+    and not os.path.isfile(os.path.join(src, "model_index.json"))
+    and os.path.isfile(os.path.join(src, "config.json"))
+  )
   folder = _read_bare_unet(src) if bare else if_config.read_if_folder(src)
   if scheduler:
     sched, noising = _read_schedulers(scheduler)
-    folder = dataclasses.replace(folder, scheduler_config=sched,
-                                 noising_config=noising or folder.noising_config)
+    folder = dataclasses.replace(
+      folder, scheduler_config=sched, noising_config=noising or folder.noising_config
+    )
   return folder
 
 
@@ -218,8 +269,10 @@ def _check_text_encoder(folder: if_config.IFFolder, text_dim: int) -> None:
     return
   d_model = t5_loading.read_config(folder.text_encoder_dir).d_model
   if d_model != text_dim:
-    raise ValueError(f"{folder.text_encoder_dir}: d_model={d_model}, but the UNet expects "
-                     f"{text_dim}-wide text embeddings (encoder_hid_dim / cross_attention_dim)")
+    raise ValueError(
+      f"{folder.text_encoder_dir}: d_model={d_model}, but the UNet expects "
+      f"{text_dim}-wide text embeddings (encoder_hid_dim / cross_attention_dim)"
+    )
 
 
 def abstract_params(model: UNet) -> Any:
@@ -229,13 +282,15 @@ def abstract_params(model: UNet) -> Any:
   return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **inputs))["params"]
 
 
-def _stream(folder: if_config.IFFolder, model: UNet, boxed: Any,
-            variant: Optional[str]) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+def _stream(
+  folder: if_config.IFFolder, model: UNet, boxed: Any, variant: Optional[str]
+) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
   """Yields (our path, converted array in the param dtype), one tensor at a time."""
   dtype = jnp.dtype(model.config.param_dtype)
   with WeightsReader(folder.unet_dir, variant) as reader:
-    items = if_weights.plan(nn.unbox(boxed), len(model.config.channels), reader.keys(),
-                            reader.shape)
+    items = if_weights.plan(
+      nn.unbox(boxed), len(model.config.channels), reader.keys(), reader.shape
+    )
     for path, name, shape in items:
       array = if_weights.to_flax(path, reader.get(name), shape)
       if array.dtype != dtype:
@@ -249,18 +304,29 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
   tree[path[-1]] = value
 
 
-def _prepare(src: str, dtype: str, lowres_resolution: Optional[int] = None,
-             scheduler: Optional[str] = None, variant: Optional[str] = None):
+def _prepare(
+  src: str,
+  dtype: str,
+  lowres_resolution: Optional[int] = None,
+  scheduler: Optional[str] = None,
+  variant: Optional[str] = None,
+):
   folder = read_folder(src, scheduler)
   stage = build_stage_config(folder, _check_dtype(dtype), lowres_resolution)
   _check_text_encoder(folder, stage.text.dim)
   with WeightsReader(folder.unet_dir, variant) as reader:
-    reader.keys()   # a missing or damaged weights file fails here, before any tracing
+    reader.keys()  # a missing or damaged weights file fails here, before any tracing
   return folder, stage, UNet(UNetConfig.from_config(stage.model))
 
 
-def load_unet(src: str, *, dtype: str = "float32", variant: Optional[str] = None,
-              mesh: Any = None, rules: Any = None) -> tuple[UNet, dict]:
+def load_unet(
+  src: str,
+  *,
+  dtype: str = "float32",
+  variant: Optional[str] = None,
+  mesh: Any = None,
+  rules: Any = None,
+) -> tuple[UNet, dict]:
   """Loads a diffusers IF UNet into our UNet, tensor by tensor.
 
   Args:
@@ -305,7 +371,7 @@ def staged_output(out: str) -> Iterator[str]:
     yield tmp
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)   # mkdtemp made it private
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
     if os.path.isdir(out):
       os.rmdir(out)
     os.rename(tmp, out)
@@ -314,8 +380,15 @@ def staged_output(out: str) -> Iterator[str]:
     raise
 
 
-def convert(src: str, out: str, *, dtype: str = "float32", variant: Optional[str] = None,
-            lowres_resolution: Optional[int] = None, scheduler: Optional[str] = None) -> str:
+def convert(
+  src: str,
+  out: str,
+  *,
+  dtype: str = "float32",
+  variant: Optional[str] = None,
+  lowres_resolution: Optional[int] = None,
+  scheduler: Optional[str] = None,
+) -> str:
   """Converts an IF UNet into ``out`` (config.json + orbax params/).
 
   Nothing appears at ``out`` unless the whole conversion succeeded.
@@ -347,8 +420,15 @@ def convert(src: str, out: str, *, dtype: str = "float32", variant: Optional[str
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(tmp, PARAMS_DIR), params)
     checkpointer.wait_until_finished()
-    meta = dict(format=FORMAT, version=1, source=folder.path, pipeline=folder.pipeline,
-                weights=weights, scheduler=folder.scheduler_config, stage=stage.to_dict())
+    meta = dict(
+      format=FORMAT,
+      version=1,
+      source=folder.path,
+      pipeline=folder.pipeline,
+      weights=weights,
+      scheduler=folder.scheduler_config,
+      stage=stage.to_dict(),
+    )
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       json.dump(meta, f, indent=2)
   return out
@@ -370,8 +450,9 @@ def read_converted_config(out_dir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(meta["stage"])
 
 
-def load_converted(out_dir: str, *, mesh: Any = None,
-                   rules: Any = None) -> tuple[ml_collections.ConfigDict, dict]:
+def load_converted(
+  out_dir: str, *, mesh: Any = None, rules: Any = None
+) -> tuple[ml_collections.ConfigDict, dict]:
   """Reads a ``convert`` output back.
 
   Args:
@@ -392,14 +473,18 @@ def load_converted(out_dir: str, *, mesh: Any = None,
   boxed = abstract_params(model)
   target = nn.unbox(boxed)
   if mesh is not None:
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          target, parallel.logical_shardings(boxed, mesh, rules))
+    target = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      target,
+      parallel.logical_shardings(boxed, mesh, rules),
+    )
   params_dir = os.path.abspath(os.path.join(out_dir, PARAMS_DIR))
   try:
     params = ocp.StandardCheckpointer().restore(params_dir, target)
   except Exception as e:  # orbax/tensorstore raise many kinds for a damaged checkpoint
-    raise ValueError(f"{params_dir}: cannot restore the converted params "
-                     f"({' '.join(str(e).split())})") from None
+    raise ValueError(
+      f"{params_dir}: cannot restore the converted params ({' '.join(str(e).split())})"
+    ) from None
   if mesh is None:
     params = jax.tree.map(jnp.asarray, params)
   return stage, params

@@ -26,11 +26,19 @@ DIFFUSERS_TEXT_NORM_GROUPS = 32
 DIFFUSERS_ATTN_EPS = 1e-5
 # Config values that must hold (anything else has no counterpart in our UNet).
 REQUIRED = dict(
-    resnet_time_scale_shift="scale_shift", time_embedding_type="positional",
-    timestep_post_act=None, time_cond_proj_dim=None, class_embeddings_concat=False,
-    conv_in_kernel=3, conv_out_kernel=3, center_input_sample=False,
-    dual_cross_attention=False, num_class_embeds=None, num_attention_heads=None,
-    attention_type="default")
+  resnet_time_scale_shift="scale_shift",
+  time_embedding_type="positional",
+  timestep_post_act=None,
+  time_cond_proj_dim=None,
+  class_embeddings_concat=False,
+  conv_in_kernel=3,
+  conv_out_kernel=3,
+  center_input_sample=False,
+  dual_cross_attention=False,
+  num_class_embeds=None,
+  num_attention_heads=None,
+  attention_type="default",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +55,7 @@ class IFFolder:
     text_encoder_dir: ``<path>/text_encoder`` when it holds a config, else None.
     tokenizer_dir: ``<path>/tokenizer`` when present, else None.
   """
+
   path: str
   pipeline: str
   unet_dir: str
@@ -84,23 +93,32 @@ def read_if_folder(path: str) -> IFFolder:
   index = _read_json(os.path.join(path, "model_index.json"), hint)
   pipeline = str(index.get("_class_name", ""))
   if not pipeline.startswith("IF"):
-    raise ValueError(f"{path}/model_index.json describes {pipeline or 'no pipeline'!r}, "
-                     "not a DeepFloyd IF pipeline (IFPipeline, IFSuperResolutionPipeline, ...)")
+    raise ValueError(
+      f"{path}/model_index.json describes {pipeline or 'no pipeline'!r}, "
+      "not a DeepFloyd IF pipeline (IFPipeline, IFSuperResolutionPipeline, ...)"
+    )
   unet = _read_json(os.path.join(path, "unet", "config.json"), hint)
   if unet.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
-    raise ValueError(f"{path}/unet/config.json is a {unet['_class_name']}, "
-                     "not a UNet2DConditionModel")
+    raise ValueError(
+      f"{path}/unet/config.json is a {unet['_class_name']}, not a UNet2DConditionModel"
+    )
   sched = _read_json(os.path.join(path, "scheduler", "scheduler_config.json"), hint)
   noising_file = os.path.join(path, "image_noising_scheduler", "scheduler_config.json")
   noising = _read_json(noising_file, "") if os.path.isfile(noising_file) else None
   te = os.path.join(path, "text_encoder")
   tok = os.path.join(path, "tokenizer")
-  return IFFolder(path=os.path.abspath(path), pipeline=pipeline,
-                  unet_dir=os.path.join(path, "unet"), unet_config=unet,
-                  scheduler_config=sched, noising_config=noising,
-                  text_encoder_dir=(os.path.abspath(te) if os.path.isfile(
-                      os.path.join(te, "config.json")) else None),
-                  tokenizer_dir=os.path.abspath(tok) if os.path.isdir(tok) else None)
+  return IFFolder(
+    path=os.path.abspath(path),
+    pipeline=pipeline,
+    unet_dir=os.path.join(path, "unet"),
+    unet_config=unet,
+    scheduler_config=sched,
+    noising_config=noising,
+    text_encoder_dir=(
+      os.path.abspath(te) if os.path.isfile(os.path.join(te, "config.json")) else None
+    ),
+    tokenizer_dir=os.path.abspath(tok) if os.path.isdir(tok) else None,
+  )
 
 
 def _per_block(value: Any, n: int, name: str) -> tuple:
@@ -113,8 +131,9 @@ def _per_block(value: Any, n: int, name: str) -> tuple:
 
 def _check_supported(cfg: dict) -> None:
   """Raises ValueError naming every config value our UNet cannot express."""
-  bad = [f"{k}={cfg[k]!r} (supported: {v!r})" for k, v in REQUIRED.items()
-         if k in cfg and cfg[k] != v]
+  bad = [
+    f"{k}={cfg[k]!r} (supported: {v!r})" for k, v in REQUIRED.items() if k in cfg and cfg[k] != v
+  ]
   down = [b for b in cfg.get("down_block_types", ()) if b not in DOWN_BLOCKS]
   up = [b for b in cfg.get("up_block_types", ()) if b not in UP_BLOCKS]
   if down:
@@ -126,10 +145,12 @@ def _check_supported(cfg: dict) -> None:
   for key, allowed in (("act_fn", ACTIVATIONS), ("time_embedding_act_fn", ACTIVATIONS)):
     if cfg.get(key) is not None and cfg[key] not in allowed:
       bad.append(f"{key}={cfg[key]!r} (supported: {sorted(allowed)})")
-  for key, allowed in (("class_embed_type", (None, "timestep")),
-                       ("addition_embed_type", (None, "text")),
-                       ("encoder_hid_dim_type", (None, "text_proj")),
-                       ("cross_attention_norm", (None, "group_norm", "layer_norm"))):
+  for key, allowed in (
+    ("class_embed_type", (None, "timestep")),
+    ("addition_embed_type", (None, "text")),
+    ("encoder_hid_dim_type", (None, "text_proj")),
+    ("cross_attention_norm", (None, "group_norm", "layer_norm")),
+  ):
     if cfg.get(key) not in allowed:
       bad.append(f"{key}={cfg[key]!r} (supported: {list(allowed)})")
   if not isinstance(cfg.get("cross_attention_dim", 1280), int):
@@ -145,21 +166,28 @@ def _attention_kinds(cfg: dict, n: int) -> tuple[tuple[str, ...], str]:
   down = tuple(cfg["down_block_types"])
   up = tuple(cfg["up_block_types"])
   if len(up) != n or len(down) != n:
-    raise ValueError(f"unet config has {len(down)} down and {len(up)} up blocks for "
-                     f"{n} block_out_channels")
+    raise ValueError(
+      f"unet config has {len(down)} down and {len(up)} up blocks for {n} block_out_channels"
+    )
   only = cfg.get("only_cross_attention", False)
   only = _per_block(only, n, "only_cross_attention")
-  kinds = tuple("none" if not DOWN_BLOCKS[b] else ("cross" if o else "self_cross")
-                for b, o in zip(down, only))
+  kinds = tuple(
+    "none" if not DOWN_BLOCKS[b] else ("cross" if o else "self_cross") for b, o in zip(down, only)
+  )
   for k, b in enumerate(up):
     if UP_BLOCKS[b] != (kinds[n - 1 - k] != "none"):
-      raise ValueError(f"unsupported diffusers UNet config: up_blocks[{k}] is {b} but "
-                       f"down_blocks[{n - 1 - k}] is {down[n - 1 - k]} (our UNet uses the "
-                       "same attention on both sides of a level)")
+      raise ValueError(
+        f"unsupported diffusers UNet config: up_blocks[{k}] is {b} but "
+        f"down_blocks[{n - 1 - k}] is {down[n - 1 - k]} (our UNet uses the "
+        "same attention on both sides of a level)"
+      )
   mid_only = cfg.get("mid_block_only_cross_attention")
   if mid_only is None:
-    mid_only = cfg.get("only_cross_attention", False) if isinstance(
-        cfg.get("only_cross_attention", False), bool) else False
+    mid_only = (
+      cfg.get("only_cross_attention", False)
+      if isinstance(cfg.get("only_cross_attention", False), bool)
+      else False
+    )
   return kinds, "cross" if mid_only else "self_cross"
 
 
@@ -183,17 +211,23 @@ def diffusers_config_to_model(unet_config: Any) -> dict:
   kinds, mid_kind = _attention_kinds(cfg, n)
   head_dims = set(_per_block(cfg.get("attention_head_dim", 8), n, "attention_head_dim"))
   if len(head_dims) != 1:
-    raise ValueError(f"unsupported diffusers UNet config: attention_head_dim differs per "
-                     f"block {cfg['attention_head_dim']!r}")
+    raise ValueError(
+      f"unsupported diffusers UNet config: attention_head_dim differs per "
+      f"block {cfg['attention_head_dim']!r}"
+    )
   in_ch = int(cfg.get("in_channels", 4))
   if in_ch not in (IMAGE_CHANNELS, 2 * IMAGE_CHANNELS):
-    raise ValueError(f"unsupported diffusers UNet config: in_channels={in_ch} (IF: 3 for "
-                     "stage I, 6 = image + upscaled low-res image for super-resolution)")
+    raise ValueError(
+      f"unsupported diffusers UNet config: in_channels={in_ch} (IF: 3 for "
+      "stage I, 6 = image + upscaled low-res image for super-resolution)"
+    )
   norm_eps = float(cfg.get("norm_eps", 1e-5))
   has_attn = any(k != "none" for k in kinds) or cfg.get("mid_block_type") is not None
   if has_attn and norm_eps != DIFFUSERS_ATTN_EPS:
-    raise ValueError(f"unsupported diffusers UNet config: norm_eps={norm_eps} (diffusers' "
-                     f"SimpleCrossAttn blocks normalize with {DIFFUSERS_ATTN_EPS})")
+    raise ValueError(
+      f"unsupported diffusers UNet config: norm_eps={norm_eps} (diffusers' "
+      f"SimpleCrossAttn blocks normalize with {DIFFUSERS_ATTN_EPS})"
+    )
   cross_dim = int(cfg.get("cross_attention_dim", 1280))
   hid_dim = cfg.get("encoder_hid_dim")
   projected = hid_dim is not None  # diffusers: encoder_hid_dim alone means text_proj
@@ -201,39 +235,40 @@ def diffusers_config_to_model(unet_config: Any) -> dict:
   act = ACTIVATIONS[cfg.get("act_fn", "silu")]
   time_act = cfg.get("time_embedding_act_fn")
   return dict(
-      channels=channels,
-      num_res_blocks=tuple(int(b) for b in _per_block(cfg.get("layers_per_block", 2), n,
-                                                        "layers_per_block")),
-      attention=kinds,
-      mid_block=cfg.get("mid_block_type", MID_BLOCKS[0]) is not None,
-      mid_attention=mid_kind,
-      in_channels=IMAGE_CHANNELS,
-      out_channels=int(cfg.get("out_channels", 4)),
-      head_dim=int(head_dims.pop()),
-      time_embed_dim=cfg.get("time_embedding_dim") or 4 * channels[0],
-      text_dim=int(hid_dim) if projected else cross_dim,
-      text_proj_dim=cross_dim if projected else None,
-      text_pool="attention" if cfg.get("addition_embed_type") == "text" else "none",
-      text_pool_heads=int(cfg.get("addition_embed_type_num_heads", 64)),
-      text_pool_projected=False,
-      text_norm=text_norm,
-      text_norm_groups=DIFFUSERS_TEXT_NORM_GROUPS if text_norm == "group_norm" else None,
-      lowres_cond=in_ch == 2 * IMAGE_CHANNELS,
-      aug_embed=cfg.get("class_embed_type") == "timestep",
-      efficient=False,
-      resample="resblock",
-      skip_scale=1.0,
-      resblock_out_scale=float(cfg.get("resnet_out_scale_factor", 1.0)),
-      mid_out_scale=float(cfg.get("mid_block_scale_factor", 1.0)),
-      norm_groups=int(cfg.get("norm_num_groups", 32)),
-      norm_eps=norm_eps,
-      act=act,
-      time_act=ACTIVATIONS[time_act] if time_act else None,
-      resblock_time_act=not cfg.get("resnet_skip_time_act", False),
-      flip_sin_to_cos=bool(cfg.get("flip_sin_to_cos", True)),
-      freq_shift=float(cfg.get("freq_shift", 0)),
-      attn_bias=True,
-      patch_size=1,
-      dtype="float32",
-      param_dtype="float32",
+    channels=channels,
+    num_res_blocks=tuple(
+      int(b) for b in _per_block(cfg.get("layers_per_block", 2), n, "layers_per_block")
+    ),
+    attention=kinds,
+    mid_block=cfg.get("mid_block_type", MID_BLOCKS[0]) is not None,
+    mid_attention=mid_kind,
+    in_channels=IMAGE_CHANNELS,
+    out_channels=int(cfg.get("out_channels", 4)),
+    head_dim=int(head_dims.pop()),
+    time_embed_dim=cfg.get("time_embedding_dim") or 4 * channels[0],
+    text_dim=int(hid_dim) if projected else cross_dim,
+    text_proj_dim=cross_dim if projected else None,
+    text_pool="attention" if cfg.get("addition_embed_type") == "text" else "none",
+    text_pool_heads=int(cfg.get("addition_embed_type_num_heads", 64)),
+    text_pool_projected=False,
+    text_norm=text_norm,
+    text_norm_groups=DIFFUSERS_TEXT_NORM_GROUPS if text_norm == "group_norm" else None,
+    lowres_cond=in_ch == 2 * IMAGE_CHANNELS,
+    aug_embed=cfg.get("class_embed_type") == "timestep",
+    efficient=False,
+    resample="resblock",
+    skip_scale=1.0,
+    resblock_out_scale=float(cfg.get("resnet_out_scale_factor", 1.0)),
+    mid_out_scale=float(cfg.get("mid_block_scale_factor", 1.0)),
+    norm_groups=int(cfg.get("norm_num_groups", 32)),
+    norm_eps=norm_eps,
+    act=act,
+    time_act=ACTIVATIONS[time_act] if time_act else None,
+    resblock_time_act=not cfg.get("resnet_skip_time_act", False),
+    flip_sin_to_cos=bool(cfg.get("flip_sin_to_cos", True)),
+    freq_shift=float(cfg.get("freq_shift", 0)),
+    attn_bias=True,
+    patch_size=1,
+    dtype="float32",
+    param_dtype="float32",
   )

@@ -36,7 +36,7 @@ from imagen_jax.stages import build_stage
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
-DIFFUSERS_VERSION = "0.42.1"   # the version whose UNet2DConditionModel the mapping was checked on
+DIFFUSERS_VERSION = "0.42.1"  # the version whose UNet2DConditionModel the mapping was checked on
 OUT_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 # UNetConfig fields that change no parameter and no output of a float32 forward pass.
 _IGNORED = ("dtype", "param_dtype", "remat")
@@ -45,10 +45,17 @@ _IGNORED = ("dtype", "param_dtype", "remat")
 # if_config.REQUIRED, plus the keys diffusers writes that our UNet has no use for
 # (their UNet2DConditionModel defaults).
 REQUIRED_DEFAULTS = dict(
-    if_config.REQUIRED, addition_time_embed_dim=None, downsample_padding=1, dropout=0.0,
-    encoder_hid_dim=None, projection_class_embeddings_input_dim=None,
-    reverse_transformer_layers_per_block=None, transformer_layers_per_block=1,
-    upcast_attention=False, use_linear_projection=False)
+  if_config.REQUIRED,
+  addition_time_embed_dim=None,
+  downsample_padding=1,
+  dropout=0.0,
+  encoder_hid_dim=None,
+  projection_class_embeddings_input_dim=None,
+  reverse_transformer_layers_per_block=None,
+  transformer_layers_per_block=1,
+  upcast_attention=False,
+  use_linear_projection=False,
+)
 
 
 def _ints(value: Any) -> Any:
@@ -80,39 +87,52 @@ def model_to_diffusers_config(model: Any, resolution: int) -> dict:
   projected = c.text_proj_dim is not None
   cfg = dict(REQUIRED_DEFAULTS)
   cfg.update(
-      _class_name="UNet2DConditionModel", _diffusers_version=DIFFUSERS_VERSION,
-      act_fn=c.act, addition_embed_type="text" if c.text_pool == "attention" else None,
-      addition_embed_type_num_heads=c.text_pool_heads, attention_head_dim=c.head_dim,
-      block_out_channels=list(c.channels),
-      class_embed_type="timestep" if c.aug_embed else None,
-      cross_attention_dim=c.text_proj_dim if projected else c.text_dim,
-      cross_attention_norm=c.text_norm,
-      down_block_types=[("SimpleCrossAttnDownBlock2D" if k != "none"
-                         else "ResnetDownsampleBlock2D") for k in kinds],
-      encoder_hid_dim=c.text_dim if projected else None,
-      encoder_hid_dim_type="text_proj" if projected else None,
-      flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=_ints(c.freq_shift),
-      in_channels=2 * c.in_channels if c.lowres_cond else c.in_channels,
-      layers_per_block=blocks[0] if len(set(blocks)) == 1 else list(blocks),
-      mid_block_only_cross_attention=None if mid_only == mid_default else mid_only,
-      mid_block_scale_factor=_ints(c.resblock_out_scale if c.mid_out_scale is None
-                                   else c.mid_out_scale),
-      mid_block_type="UNetMidBlock2DSimpleCrossAttn" if c.mid_block else None,
-      norm_eps=c.norm_eps, norm_num_groups=c.norm_groups, only_cross_attention=only_cfg,
-      out_channels=c.out_channels, resnet_out_scale_factor=_ints(c.resblock_out_scale),
-      resnet_skip_time_act=not c.resblock_time_act, sample_size=int(resolution),
-      time_embedding_act_fn=c.time_act,
-      time_embedding_dim=(None if c.time_embed_dim in (None, 4 * c.channels[0])
-                          else c.time_embed_dim),
-      up_block_types=[("SimpleCrossAttnUpBlock2D" if kinds[n - 1 - i] != "none"
-                       else "ResnetUpsampleBlock2D") for i in range(n)])
+    _class_name="UNet2DConditionModel",
+    _diffusers_version=DIFFUSERS_VERSION,
+    act_fn=c.act,
+    addition_embed_type="text" if c.text_pool == "attention" else None,
+    addition_embed_type_num_heads=c.text_pool_heads,
+    attention_head_dim=c.head_dim,
+    block_out_channels=list(c.channels),
+    class_embed_type="timestep" if c.aug_embed else None,
+    cross_attention_dim=c.text_proj_dim if projected else c.text_dim,
+    cross_attention_norm=c.text_norm,
+    down_block_types=[
+      ("SimpleCrossAttnDownBlock2D" if k != "none" else "ResnetDownsampleBlock2D") for k in kinds
+    ],
+    encoder_hid_dim=c.text_dim if projected else None,
+    encoder_hid_dim_type="text_proj" if projected else None,
+    flip_sin_to_cos=c.flip_sin_to_cos,
+    freq_shift=_ints(c.freq_shift),
+    in_channels=2 * c.in_channels if c.lowres_cond else c.in_channels,
+    layers_per_block=blocks[0] if len(set(blocks)) == 1 else list(blocks),
+    mid_block_only_cross_attention=None if mid_only == mid_default else mid_only,
+    mid_block_scale_factor=_ints(
+      c.resblock_out_scale if c.mid_out_scale is None else c.mid_out_scale
+    ),
+    mid_block_type="UNetMidBlock2DSimpleCrossAttn" if c.mid_block else None,
+    norm_eps=c.norm_eps,
+    norm_num_groups=c.norm_groups,
+    only_cross_attention=only_cfg,
+    out_channels=c.out_channels,
+    resnet_out_scale_factor=_ints(c.resblock_out_scale),
+    resnet_skip_time_act=not c.resblock_time_act,
+    sample_size=int(resolution),
+    time_embedding_act_fn=c.time_act,
+    time_embedding_dim=(
+      None if c.time_embed_dim in (None, 4 * c.channels[0]) else c.time_embed_dim
+    ),
+    up_block_types=[
+      ("SimpleCrossAttnUpBlock2D" if kinds[n - 1 - i] != "none" else "ResnetUpsampleBlock2D")
+      for i in range(n)
+    ],
+  )
   return dict(sorted(cfg.items()))
 
 
 def _canonical(model: Any) -> dict:
   """UNetConfig fields with the defaults that mean the same thing resolved."""
-  d = {k: v for k, v in UNetConfig.from_config(dict(model)).__dict__.items()
-       if k not in _IGNORED}
+  d = {k: v for k, v in UNetConfig.from_config(dict(model)).__dict__.items() if k not in _IGNORED}
   if d["mid_out_scale"] is None:
     d["mid_out_scale"] = d["resblock_out_scale"]
   if d["time_embed_dim"] is None:
@@ -167,17 +187,20 @@ def _stage_of_run(src: str, stage_name: Optional[str]) -> ml_collections.ConfigD
   if stage_name is None and len(names) == 1:
     stage_name = names[0]
   if stage_name not in stages:
-    raise ValueError(f"{src}/config.json has stages {names}; pick one with --stage"
-                     if stage_name is None else
-                     f"{src}/config.json has no stage {stage_name!r} (stages: {names})")
+    raise ValueError(
+      f"{src}/config.json has stages {names}; pick one with --stage"
+      if stage_name is None
+      else f"{src}/config.json has no stage {stage_name!r} (stages: {names})"
+    )
   stage = stages[stage_name]
   if "name" not in stage:
     stage.name = stage_name
   return stage
 
 
-def read_stage(src: str, stage_name: Optional[str] = None
-               ) -> tuple[ml_collections.ConfigDict, bool]:
+def read_stage(
+  src: str, stage_name: Optional[str] = None
+) -> tuple[ml_collections.ConfigDict, bool]:
   """The stage config behind ``src``, and whether ``src`` is a converted IF folder.
 
   Args:
@@ -190,8 +213,9 @@ def read_stage(src: str, stage_name: Optional[str] = None
   """
   config_file = os.path.join(src, CONFIG_FILE)
   if not os.path.isfile(config_file):
-    raise FileNotFoundError(f"{config_file} not found: --src must be a converted IF folder "
-                            "or a training run's workdir")
+    raise FileNotFoundError(
+      f"{config_file} not found: --src must be a converted IF folder or a training run's workdir"
+    )
   if deepfloyd_if._read_json(config_file).get("format") == deepfloyd_if.FORMAT:
     stage = deepfloyd_if.read_converted_config(src)
     if stage_name not in (None, stage.name):
@@ -206,13 +230,17 @@ def _tensor_specs(params: Any, num_levels: int) -> list:
   ``params`` was restored into the model's abstract tree, so its structure and
   shapes are the model's.
   """
-  return sorted((if_weights.diffusers_name(path, num_levels),
-                 if_weights.torch_shape(path, tuple(a.shape)), path)
-                for path, a in if_weights.flat_params(params))
+  return sorted(
+    (
+      if_weights.diffusers_name(path, num_levels),
+      if_weights.torch_shape(path, tuple(a.shape)),
+      path,
+    )
+    for path, a in if_weights.flat_params(params)
+  )
 
 
-def export(src: str, out: str, *, stage_name: Optional[str] = None,
-           dtype: str = "float32") -> str:
+def export(src: str, out: str, *, stage_name: Optional[str] = None, dtype: str = "float32") -> str:
   """Writes a diffusers UNet folder from a converted IF stage or a run's stage.
 
   Args:
@@ -245,8 +273,9 @@ def export(src: str, out: str, *, stage_name: Optional[str] = None,
     except FileNotFoundError:
       raise
     except Exception as e:  # orbax/tensorstore raise many kinds for a damaged checkpoint
-      raise ValueError(f"{src}: cannot restore the EMA params of stage {stage.name!r} "
-                       f"({' '.join(str(e).split())})") from None
+      raise ValueError(
+        f"{src}: cannot restore the EMA params of stage {stage.name!r} ({' '.join(str(e).split())})"
+      ) from None
   specs = _tensor_specs(params, len(stage.model.channels))
   flat = dict(if_weights.flat_params(params))
   target = np.dtype(OUT_DTYPES[dtype])
@@ -259,9 +288,12 @@ def export(src: str, out: str, *, stage_name: Optional[str] = None,
       yield if_weights.to_torch(path, array)
 
   with deepfloyd_if.staged_output(out) as tmp:
-    write_safetensors(os.path.join(tmp, WEIGHTS_FILE),
-                      [(name, shape, target) for name, shape, _ in specs], tensors(),
-                      metadata={"format": "pt"})
+    write_safetensors(
+      os.path.join(tmp, WEIGHTS_FILE),
+      [(name, shape, target) for name, shape, _ in specs],
+      tensors(),
+      metadata={"format": "pt"},
+    )
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       json.dump(unet_config, f, indent=2, sort_keys=True)
       f.write("\n")

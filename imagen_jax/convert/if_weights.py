@@ -20,14 +20,40 @@ from typing import Any, Iterator
 
 import numpy as np
 
-_TOP = {"conv_in": "conv_in", "time_embed": "time_embedding", "aug_embed": "class_embedding",
-        "text_proj": "encoder_hid_proj", "norm_out": "conv_norm_out", "conv_out": "conv_out"}
-_POOL = {"norm_in": "norm1", "norm_out": "norm2", "proj": "proj", "q": "pool.q_proj",
-         "k": "pool.k_proj", "v": "pool.v_proj"}
-_RES = {"norm1": "norm1", "conv1": "conv1", "time_proj": "time_emb_proj", "norm2": "norm2",
-        "conv2": "conv2", "skip": "conv_shortcut"}
-_ATTN = {"norm": "group_norm", "text_norm": "norm_cross", "q": "to_q", "k": "to_k",
-         "v": "to_v", "text_k": "add_k_proj", "text_v": "add_v_proj", "out": "to_out.0"}
+_TOP = {
+  "conv_in": "conv_in",
+  "time_embed": "time_embedding",
+  "aug_embed": "class_embedding",
+  "text_proj": "encoder_hid_proj",
+  "norm_out": "conv_norm_out",
+  "conv_out": "conv_out",
+}
+_POOL = {
+  "norm_in": "norm1",
+  "norm_out": "norm2",
+  "proj": "proj",
+  "q": "pool.q_proj",
+  "k": "pool.k_proj",
+  "v": "pool.v_proj",
+}
+_RES = {
+  "norm1": "norm1",
+  "conv1": "conv1",
+  "time_proj": "time_emb_proj",
+  "norm2": "norm2",
+  "conv2": "conv2",
+  "skip": "conv_shortcut",
+}
+_ATTN = {
+  "norm": "group_norm",
+  "text_norm": "norm_cross",
+  "q": "to_q",
+  "k": "to_k",
+  "v": "to_v",
+  "text_k": "add_k_proj",
+  "text_v": "add_v_proj",
+  "out": "to_out.0",
+}
 _LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 
 
@@ -44,8 +70,11 @@ def _block_prefix(module: str, num_levels: int) -> tuple[str, dict]:
     side, lvl, which = m.groups()
     block = int(lvl) if side == "down" else num_levels - 1 - int(lvl)
     return f"{side}_blocks.{block}.{which}rs.0", _RES
-  named = {"mid_res0": ("mid_block.resnets.0", _RES), "mid_res1": ("mid_block.resnets.1", _RES),
-           "mid_attn": ("mid_block.attentions.0", _ATTN)}
+  named = {
+    "mid_res0": ("mid_block.resnets.0", _RES),
+    "mid_res1": ("mid_block.resnets.1", _RES),
+    "mid_attn": ("mid_block.attentions.0", _ATTN),
+  }
   if module in named:
     return named[module]
   raise KeyError(module)
@@ -75,8 +104,9 @@ def diffusers_name(path: tuple[str, ...], num_levels: int) -> str:
     prefix, table = _block_prefix(head, num_levels)
     return f"{prefix}.{table[rest[0]]}.{_LEAF[rest[1]]}"
   except (KeyError, IndexError):
-    raise KeyError(f"our UNet parameter {'/'.join(path)} has no diffusers counterpart "
-                   "known to the converter") from None
+    raise KeyError(
+      f"our UNet parameter {'/'.join(path)} has no diffusers counterpart known to the converter"
+    ) from None
 
 
 def _is_conv(path: tuple[str, ...], shape: tuple[int, ...]) -> bool:
@@ -89,9 +119,9 @@ def torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...
     kh, kw, i, o = shape
     return (o, i, kh, kw)
   if path[-1] == "kernel":
-    if len(shape) == 3 and path[-2] == "out":      # [heads, dh, C] ← [C, heads·dh]
+    if len(shape) == 3 and path[-2] == "out":  # [heads, dh, C] ← [C, heads·dh]
       return (shape[2], shape[0] * shape[1])
-    if len(shape) == 3:                             # [C, heads, dh] ← [heads·dh, C]
+    if len(shape) == 3:  # [C, heads, dh] ← [heads·dh, C]
       return (shape[1] * shape[2], shape[0])
     return (shape[1], shape[0])
   if path[-1] == "bias":
@@ -152,22 +182,27 @@ def plan(abstract: Any, num_levels: int, keys: set[str], shape_of) -> list:
       map to no parameter (all named).
     ValueError: a tensor whose shape does not fit (tensor and both shapes named).
   """
-  items = [(p, diffusers_name(p, num_levels), tuple(a.shape))
-           for p, a in flat_params(abstract)]
+  items = [(p, diffusers_name(p, num_levels), tuple(a.shape)) for p, a in flat_params(abstract)]
   wanted = {name for _, name, _ in items}
   missing = sorted(wanted - keys)
   if missing:
-    raise KeyError(f"{len(missing)} tensor(s) missing from the checkpoint: "
-                   f"{missing[:20]}{' ...' if len(missing) > 20 else ''}")
+    raise KeyError(
+      f"{len(missing)} tensor(s) missing from the checkpoint: "
+      f"{missing[:20]}{' ...' if len(missing) > 20 else ''}"
+    )
   unmapped = sorted(keys - wanted)
   if unmapped:
-    raise KeyError(f"{len(unmapped)} checkpoint tensor(s) map to no parameter of the UNet "
-                   f"built from unet/config.json: {unmapped[:20]}"
-                   f"{' ...' if len(unmapped) > 20 else ''}")
+    raise KeyError(
+      f"{len(unmapped)} checkpoint tensor(s) map to no parameter of the UNet "
+      f"built from unet/config.json: {unmapped[:20]}"
+      f"{' ...' if len(unmapped) > 20 else ''}"
+    )
   for path, name, shape in items:
     stored, expected = tuple(shape_of(name)), torch_shape(path, shape)
     if stored != expected:
-      raise ValueError(f"shape mismatch: tensor {name!r} has shape {stored} in the "
-                       f"checkpoint, but unet/config.json implies {expected} (our "
-                       f"parameter {'/'.join(path)} {shape})")
+      raise ValueError(
+        f"shape mismatch: tensor {name!r} has shape {stored} in the "
+        f"checkpoint, but unet/config.json implies {expected} (our "
+        f"parameter {'/'.join(path)} {shape})"
+      )
   return items

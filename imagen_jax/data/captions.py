@@ -21,10 +21,9 @@ import hashlib
 import json
 import os
 
-IMAGE_EXTENSIONS = frozenset(
-    {'.png', '.jpg', '.jpeg', '.webp', '.bmp', '.gif'})
-JSONL_NAME = 'captions.jsonl'
-_BOM = b'\xef\xbb\xbf'
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"})
+JSONL_NAME = "captions.jsonl"
+_BOM = b"\xef\xbb\xbf"
 
 
 @dataclasses.dataclass
@@ -36,6 +35,7 @@ class Listing:
     no_caption: image paths without a caption (no or empty .txt), sorted.
     bad_caption: `.txt` files that could not be read, as `path: reason`.
   """
+
   pairs: list[tuple[str, str]]
   no_caption: list[str] = dataclasses.field(default_factory=list)
   bad_caption: list[str] = dataclasses.field(default_factory=list)
@@ -43,23 +43,27 @@ class Listing:
 
 def _jsonl_captions(path: str, lineno: int, line: bytes) -> tuple[str, list]:
   """(file, captions) of one captions.jsonl line; ValueError naming it."""
-  where = f'{path}:{lineno}'
+  where = f"{path}:{lineno}"
   try:
-    text = line.decode('utf-8')
+    text = line.decode("utf-8")
   except UnicodeDecodeError as e:
-    raise ValueError(f'{where}: not UTF-8 (byte {line[e.start]:#04x} at '
-                     f'column {e.start + 1}); save the file as UTF-8.') from e
+    raise ValueError(
+      f"{where}: not UTF-8 (byte {line[e.start]:#04x} at "
+      f"column {e.start + 1}); save the file as UTF-8."
+    ) from e
   try:
     row = json.loads(text)
-    file, caption = row['file'], row['caption']
+    file, caption = row["file"], row["caption"]
   except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(f'{where}: expected a JSON object with "file" and '
-                     f'"caption", got {text.strip()[:200]!r}') from e
+    raise ValueError(
+      f'{where}: expected a JSON object with "file" and "caption", got {text.strip()[:200]!r}'
+    ) from e
   captions = caption if isinstance(caption, list) else [caption]
-  if not isinstance(file, str) or not all(
-      isinstance(c, (str, int, float)) for c in captions):
-    raise ValueError(f'{where}: "file" must be a string and "caption" a '
-                     f'string or a list of strings, got {text.strip()[:200]!r}')
+  if not isinstance(file, str) or not all(isinstance(c, (str, int, float)) for c in captions):
+    raise ValueError(
+      f'{where}: "file" must be a string and "caption" a '
+      f"string or a list of strings, got {text.strip()[:200]!r}"
+    )
   return file, [str(c).strip() for c in captions if str(c).strip()]
 
 
@@ -72,10 +76,10 @@ def read_jsonl(src: str) -> list[tuple[str, str]]:
   """
   path = os.path.join(src, JSONL_NAME)
   pairs = []
-  with open(path, 'rb') as f:
+  with open(path, "rb") as f:
     for lineno, line in enumerate(f, start=1):
       if lineno == 1 and line.startswith(_BOM):
-        line = line[len(_BOM):]
+        line = line[len(_BOM) :]
       if not line.strip():
         continue
       file, captions = _jsonl_captions(path, lineno, line)
@@ -89,8 +93,8 @@ def read_txt(path: str) -> list[str]:
   Raises:
     UnicodeDecodeError: the file is not UTF-8.
   """
-  with open(path, 'rb') as f:
-    text = f.read().decode('utf-8-sig')
+  with open(path, "rb") as f:
+    text = f.read().decode("utf-8-sig")
   return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -103,15 +107,16 @@ def _walk_txt(src: str) -> Listing:
       if ext.lower() not in IMAGE_EXTENSIONS:
         continue
       path = os.path.join(root, name)
-      txt = os.path.join(root, stem + '.txt')
+      txt = os.path.join(root, stem + ".txt")
       captions = []
       if os.path.exists(txt):
         try:
           captions = read_txt(txt)
         except UnicodeDecodeError as e:
           listing.bad_caption.append(
-              f'{txt}: not UTF-8 (byte {e.object[e.start]:#04x} at offset '
-              f'{e.start}); save it as UTF-8')
+            f"{txt}: not UTF-8 (byte {e.object[e.start]:#04x} at offset "
+            f"{e.start}); save it as UTF-8"
+          )
           continue
       if captions:
         listing.pairs.extend((path, c) for c in captions)
@@ -137,21 +142,24 @@ def find_captioned_images(src: str | os.PathLike) -> Listing:
   src = os.fspath(src)
   if not os.path.isdir(src):
     raise FileNotFoundError(
-        f'image_captions source folder {src!r} does not exist or is not a '
-        'directory.')
+      f"image_captions source folder {src!r} does not exist or is not a directory."
+    )
   if os.path.exists(os.path.join(src, JSONL_NAME)):
     listing = Listing(read_jsonl(src))
     if not listing.pairs:
-      raise ValueError(f'{os.path.join(src, JSONL_NAME)} lists no images.')
+      raise ValueError(f"{os.path.join(src, JSONL_NAME)} lists no images.")
   else:
     listing = _walk_txt(src)
     if not listing.pairs and not listing.no_caption:
       raise ValueError(
-          f'image_captions source folder {src!r} is empty: no images with '
-          f'extensions {sorted(IMAGE_EXTENSIONS)} and no {JSONL_NAME}.')
+        f"image_captions source folder {src!r} is empty: no images with "
+        f"extensions {sorted(IMAGE_EXTENSIONS)} and no {JSONL_NAME}."
+      )
     if not listing.pairs:
-      raise ValueError(f'No image in {src!r} has a caption: give each image '
-                       f'a same-stem .txt file or write {JSONL_NAME}.')
+      raise ValueError(
+        f"No image in {src!r} has a caption: give each image "
+        f"a same-stem .txt file or write {JSONL_NAME}."
+      )
   listing.pairs = sorted(set(listing.pairs))
   listing.no_caption.sort()
   listing.bad_caption.sort()
@@ -175,10 +183,9 @@ def fingerprint(src: str | os.PathLike) -> tuple[str, int]:
   for root, _, files in os.walk(src):
     for name in files:
       ext = os.path.splitext(name)[1].lower()
-      if ext in IMAGE_EXTENSIONS or ext == '.txt' or name == JSONL_NAME:
+      if ext in IMAGE_EXTENSIONS or ext == ".txt" or name == JSONL_NAME:
         path = os.path.join(root, name)
         st = os.stat(path)
-        entries.append((os.path.relpath(path, src), st.st_size,
-                        st.st_mtime_ns))
-  digest = hashlib.sha256(json.dumps(sorted(entries)).encode('utf-8'))
+        entries.append((os.path.relpath(path, src), st.st_size, st.st_mtime_ns))
+  digest = hashlib.sha256(json.dumps(sorted(entries)).encode("utf-8"))
   return digest.hexdigest(), len(entries)

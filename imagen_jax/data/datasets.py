@@ -23,30 +23,28 @@ from imagen_jax.data import image_captions as image_captions_lib
 from imagen_jax.data import shapes_builder
 
 _log = logging.getLogger(__name__)
-FILE_FORMAT = 'array_record'
+FILE_FORMAT = "array_record"
 # Dataset name -> keyword arguments its config accepts.
 BUILDER_KWARGS: dict[str, tuple[str, ...]] = {
-    'shapes': ('resolution', 'num_train', 'num_test', 'num_holdout', 'holdout',
-               'seed'),
-    'image_captions': ('max_resolution',),
+  "shapes": ("resolution", "num_train", "num_test", "num_holdout", "holdout", "seed"),
+  "image_captions": ("max_resolution",),
 }
-_BUILDERS = {'shapes': shapes_builder.Shapes,
-             'image_captions': image_captions_lib.ImageCaptions}
+_BUILDERS = {"shapes": shapes_builder.Shapes, "image_captions": image_captions_lib.ImageCaptions}
 
 
 def _config(name: str, kwargs: dict[str, Any]):
   """Builds the config of one of our builders from keyword arguments."""
   unknown = set(kwargs) - set(BUILDER_KWARGS[name])
   if unknown:
-    raise TypeError(f'Unknown {name} settings {sorted(unknown)}; accepted: '
-                    f'{list(BUILDER_KWARGS[name])}.')
-  if name == 'shapes':
+    raise TypeError(
+      f"Unknown {name} settings {sorted(unknown)}; accepted: {list(BUILDER_KWARGS[name])}."
+    )
+  if name == "shapes":
     return shapes_builder.shapes_config(**kwargs)
   return image_captions_lib.image_captions_config(**kwargs)
 
 
-def load_builder(name: str, data_dir: str | os.PathLike,
-                 **kwargs) -> tfds.core.DatasetBuilder:
+def load_builder(name: str, data_dir: str | os.PathLike, **kwargs) -> tfds.core.DatasetBuilder:
   """Returns the builder of a dataset under `data_dir` (prepared or not).
 
   Args:
@@ -66,8 +64,9 @@ def load_builder(name: str, data_dir: str | os.PathLike,
       config = config.name
     return cls(config=config, data_dir=data_dir, file_format=FILE_FORMAT)
   if kwargs:
-    raise TypeError(f'Settings {sorted(kwargs)} only apply to '
-                    f'{sorted(BUILDER_KWARGS)}, not to {name!r}.')
+    raise TypeError(
+      f"Settings {sorted(kwargs)} only apply to {sorted(BUILDER_KWARGS)}, not to {name!r}."
+    )
   require_data_dir(data_dir, name)
   return tfds.builder(name, data_dir=data_dir)
 
@@ -77,19 +76,20 @@ def require_data_dir(data_dir: str, name: str) -> None:
   path = epath.Path(data_dir)  # local or remote (gs://...), as TFDS reads it
   if not path.is_dir():
     raise FileNotFoundError(
-        f'Dataset directory {data_dir!r} does not exist; prepare {name!r} '
-        'first, e.g. `python -m imagen_jax.data.prepare --dataset '
-        f'{name.split("/")[0]} --data_dir {data_dir}`.')
+      f"Dataset directory {data_dir!r} does not exist; prepare {name!r} "
+      "first, e.g. `python -m imagen_jax.data.prepare --dataset "
+      f"{name.split('/')[0]} --data_dir {data_dir}`."
+    )
   if not any(True for _ in path.iterdir()):
     raise FileNotFoundError(
-        f'Dataset directory {data_dir!r} is empty; prepare {name!r} there '
-        'first with `python -m imagen_jax.data.prepare`.')
+      f"Dataset directory {data_dir!r} is empty; prepare {name!r} there "
+      "first with `python -m imagen_jax.data.prepare`."
+    )
 
 
 def is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
   """`builder.is_prepared()`, without TFDS' warning for a missing folder."""
-  return ((builder.data_path / 'dataset_info.json').exists()
-          and builder.is_prepared())
+  return (builder.data_path / "dataset_info.json").exists() and builder.is_prepared()
 
 
 def require_prepared(builder: tfds.core.DatasetBuilder) -> None:
@@ -98,16 +98,21 @@ def require_prepared(builder: tfds.core.DatasetBuilder) -> None:
   require_data_dir(root, builder.info.full_name)
   if not is_prepared(builder):
     raise FileNotFoundError(
-        f'Dataset {builder.info.full_name!r} is not prepared: no complete '
-        f'{builder.data_dir!r}. Prepare it with `python -m '
-        f'imagen_jax.data.prepare --dataset {builder.name} --data_dir {root}` '
-        'and the same settings (or imagen_jax.data.datasets.prepare).')
+      f"Dataset {builder.info.full_name!r} is not prepared: no complete "
+      f"{builder.data_dir!r}. Prepare it with `python -m "
+      f"imagen_jax.data.prepare --dataset {builder.name} --data_dir {root}` "
+      "and the same settings (or imagen_jax.data.datasets.prepare)."
+    )
 
 
-def prepare(name: str, data_dir: str | os.PathLike, *,
-            src: str | os.PathLike | None = None,
-            wait: float | None = None,
-            **kwargs) -> tfds.core.DatasetBuilder:
+def prepare(
+  name: str,
+  data_dir: str | os.PathLike,
+  *,
+  src: str | os.PathLike | None = None,
+  wait: float | None = None,
+  **kwargs,
+) -> tfds.core.DatasetBuilder:
   """Prepares a dataset unless it already is, printing progress.
 
   Preparation holds a lock file per dataset folder
@@ -133,52 +138,52 @@ def prepare(name: str, data_dir: str | os.PathLike, *,
   """
   data_dir = os.fspath(data_dir)
   if name not in _BUILDERS:
-    raise ValueError(f'Can only prepare {sorted(_BUILDERS)}, not {name!r}; '
-                     'prepare other TFDS datasets with the tfds CLI and read '
-                     'them from their data_dir.')
-  if name == 'image_captions':
+    raise ValueError(
+      f"Can only prepare {sorted(_BUILDERS)}, not {name!r}; "
+      "prepare other TFDS datasets with the tfds CLI and read "
+      "them from their data_dir."
+    )
+  if name == "image_captions":
     if src is None:
-      raise ValueError('image_captions needs src=<folder of images>.')
+      raise ValueError("image_captions needs src=<folder of images>.")
     captions_lib.find_captioned_images(src)  # Fails early, clearly.
   elif src is not None:
-    raise ValueError(f'src only applies to image_captions, not {name!r}.')
+    raise ValueError(f"src only applies to image_captions, not {name!r}.")
   config_name = _config(name, kwargs).name
   epath.Path(data_dir, name).mkdir(parents=True, exist_ok=True)
-  lock = os.path.join(data_dir, name, f'{config_name}.lock')
-  with lockfile.hold(lock, what=f'preparation of {name}/{config_name} in '
-                     f'{data_dir}', wait=wait):
+  lock = os.path.join(data_dir, name, f"{config_name}.lock")
+  with lockfile.hold(lock, what=f"preparation of {name}/{config_name} in {data_dir}", wait=wait):
     builder = load_builder(name, data_dir, **kwargs)
     if not is_prepared(builder):
       return _download_and_prepare(builder, src)
     changed = None if src is None else _source_changed(builder, src)
     if changed is None:
-      print(f'{builder.info.full_name} already prepared in {builder.data_dir}')
+      print(f"{builder.info.full_name} already prepared in {builder.data_dir}")
       return builder
-    _log.warning('%s: %s; preparing it again.', builder.info.full_name,
-                 changed)
+    _log.warning("%s: %s; preparing it again.", builder.info.full_name, changed)
     return _prepare_again(builder, src, name, data_dir, kwargs)
 
 
-def _source_changed(builder: tfds.core.DatasetBuilder,
-                    src: str | os.PathLike) -> str | None:
+def _source_changed(builder: tfds.core.DatasetBuilder, src: str | os.PathLike) -> str | None:
   """Why the source of a prepared image_captions differs now, or None."""
   meta = builder.info.metadata or {}
-  old = meta.get('source_fingerprint')
+  old = meta.get("source_fingerprint")
   new, num_files = captions_lib.fingerprint(src)
   if old == new:
     return None
   if old is None:
-    return (f'it was prepared from {meta.get("source_dir")} without a source '
-            'fingerprint')
-  return (f'its source folder {os.path.abspath(src)} changed since it was '
-          f'prepared from {meta.get("source_dir")} (file names, sizes or '
-          f'mtimes; {meta.get("source_files")} files then, {num_files} now)')
+    return f"it was prepared from {meta.get('source_dir')} without a source fingerprint"
+  return (
+    f"its source folder {os.path.abspath(src)} changed since it was "
+    f"prepared from {meta.get('source_dir')} (file names, sizes or "
+    f"mtimes; {meta.get('source_files')} files then, {num_files} now)"
+  )
 
 
 def _prepare_again(builder, src, name, data_dir, kwargs):
   """Prepares anew, keeping the old files aside until it succeeded."""
   old = os.fspath(builder.data_dir)
-  aside = os.path.join(os.path.dirname(old), f'.{os.path.basename(old)}.old')
+  aside = os.path.join(os.path.dirname(old), f".{os.path.basename(old)}.old")
   if os.path.exists(aside):  # Left by a run that died here.
     shutil.rmtree(aside)
   os.rename(old, aside)
@@ -195,16 +200,14 @@ def _prepare_again(builder, src, name, data_dir, kwargs):
 def _download_and_prepare(builder, src):
   download_config = None
   if src is not None:
-    download_config = tfds.download.DownloadConfig(
-        manual_dir=os.path.abspath(os.fspath(src)))
-  print(f'Preparing {builder.info.full_name} in {builder.data_dir} ...',
-        flush=True)
+    download_config = tfds.download.DownloadConfig(manual_dir=os.path.abspath(os.fspath(src)))
+  print(f"Preparing {builder.info.full_name} in {builder.data_dir} ...", flush=True)
   start = time.perf_counter()
-  builder.download_and_prepare(download_config=download_config,
-                               file_format=FILE_FORMAT)
+  builder.download_and_prepare(download_config=download_config, file_format=FILE_FORMAT)
   sizes = {k: v.num_examples for k, v in builder.info.splits.items()}
-  print(f'Prepared {builder.info.full_name} in '
-        f'{time.perf_counter() - start:.1f} s: {sizes}', flush=True)
+  print(
+    f"Prepared {builder.info.full_name} in {time.perf_counter() - start:.1f} s: {sizes}", flush=True
+  )
   return builder
 
 
@@ -224,26 +227,31 @@ def builder_settings(data: Mapping[str, Any]) -> dict[str, Any]:
   Raises:
     ValueError: one line naming the offending `config.data` field.
   """
-  name, kwargs = data['name'], dict(data.get('builder_kwargs') or {})
+  name, kwargs = data["name"], dict(data.get("builder_kwargs") or {})
   accepted = BUILDER_KWARGS.get(name, ())
   unknown = sorted(set(kwargs) - set(accepted))
   if unknown:
-    owners = sorted(n for n, keys in BUILDER_KWARGS.items()
-                    if n != name and set(unknown) <= set(keys))
-    whose = f' (settings of {owners[0]})' if owners else ''
+    owners = sorted(
+      n for n, keys in BUILDER_KWARGS.items() if n != name and set(unknown) <= set(keys)
+    )
+    whose = f" (settings of {owners[0]})" if owners else ""
     raise ValueError(
-        f'config.data.builder_kwargs.{unknown[0]}: config.data.name={name!r} '
-        f'does not accept {unknown}{whose}; it accepts {list(accepted)}. Use '
-        f'a config written for {name} (for your own images: '
-        'configs/own_data.py).')
-  src = data.get('src') or ''
-  if name == 'image_captions' and data.get('prepare', True) and not src:
-    raise ValueError('config.data.src is empty: image_captions prepares a '
-                     'folder of captioned images, e.g. '
-                     '--config.data.src=my_images/.')
-  if src and name != 'image_captions':
-    raise ValueError(f'config.data.src={src!r} only applies to '
-                     f'image_captions, not to config.data.name={name!r}.')
+      f"config.data.builder_kwargs.{unknown[0]}: config.data.name={name!r} "
+      f"does not accept {unknown}{whose}; it accepts {list(accepted)}. Use "
+      f"a config written for {name} (for your own images: "
+      "configs/own_data.py)."
+    )
+  src = data.get("src") or ""
+  if name == "image_captions" and data.get("prepare", True) and not src:
+    raise ValueError(
+      "config.data.src is empty: image_captions prepares a "
+      "folder of captioned images, e.g. "
+      "--config.data.src=my_images/."
+    )
+  if src and name != "image_captions":
+    raise ValueError(
+      f"config.data.src={src!r} only applies to image_captions, not to config.data.name={name!r}."
+    )
   return kwargs
 
 
@@ -257,24 +265,23 @@ def prepare_from_config(data: Mapping[str, Any]) -> dict[str, Any]:
     The builder settings (`builder_settings(data)`).
   """
   kwargs = builder_settings(data)
-  if data.get('prepare', True) and data['name'] in _BUILDERS:
-    if data['name'] == 'image_captions':
-      prepare(data['name'], data['data_dir'], src=data['src'], **kwargs)
+  if data.get("prepare", True) and data["name"] in _BUILDERS:
+    if data["name"] == "image_captions":
+      prepare(data["name"], data["data_dir"], src=data["src"], **kwargs)
     else:
-      prepare(data['name'], data['data_dir'], **kwargs)
+      prepare(data["name"], data["data_dir"], **kwargs)
   return kwargs
 
 
 def stored_sides(builder: tfds.core.DatasetBuilder) -> tuple[int, int] | None:
   """(smallest, largest) stored image side from the metadata, or None."""
   meta = builder.info.metadata or {}
-  if 'min_side' in meta and 'max_side' in meta:
-    return int(meta['min_side']), int(meta['max_side'])
+  if "min_side" in meta and "max_side" in meta:
+    return int(meta["min_side"]), int(meta["max_side"])
   return None
 
 
-def check_resolution(builder: tfds.core.DatasetBuilder,
-                     resolution: int) -> None:
+def check_resolution(builder: tfds.core.DatasetBuilder, resolution: int) -> None:
   """Warns when the pipeline's resolution does not match the stored images.
 
   Images smaller than `resolution` are upsampled (blurry); for `shapes` any
@@ -288,13 +295,23 @@ def check_resolution(builder: tfds.core.DatasetBuilder,
   if sides is None:
     return
   small, large = sides
-  if builder.name == 'shapes' and small != resolution:
+  if builder.name == "shapes" and small != resolution:
     _log.warning(
-        'Dataset %s stores %dx%d images but the pipeline resolution is %d; '
-        'they will be resized. Prepare shapes with resolution=%d to avoid '
-        'it.', builder.info.full_name, small, small, resolution, resolution)
+      "Dataset %s stores %dx%d images but the pipeline resolution is %d; "
+      "they will be resized. Prepare shapes with resolution=%d to avoid "
+      "it.",
+      builder.info.full_name,
+      small,
+      small,
+      resolution,
+      resolution,
+    )
   elif small < resolution:
     _log.warning(
-        'Dataset %s has images with shorter side %d (largest %d) below the '
-        'pipeline resolution %d: they will be upsampled.',
-        builder.info.full_name, small, large, resolution)
+      "Dataset %s has images with shorter side %d (largest %d) below the "
+      "pipeline resolution %d: they will be upsampled.",
+      builder.info.full_name,
+      small,
+      large,
+      resolution,
+    )

@@ -60,8 +60,9 @@ def decode_image(image: Any) -> np.ndarray:
   return image[..., :3]
 
 
-def resize_and_crop(image: np.ndarray, resolution: int,
-                    rng: np.random.Generator | None = None) -> np.ndarray:
+def resize_and_crop(
+  image: np.ndarray, resolution: int, rng: np.random.Generator | None = None
+) -> np.ndarray:
   """Resizes the shorter side to `resolution`, then crops a square.
 
   Args:
@@ -75,40 +76,44 @@ def resize_and_crop(image: np.ndarray, resolution: int,
   h, w = image.shape[:2]
   if min(h, w) != resolution:
     scale = resolution / min(h, w)
-    size = (max(resolution, round(w * scale)),
-            max(resolution, round(h * scale)))
-    image = np.asarray(Image.fromarray(image).resize(
-        size, Image.Resampling.BICUBIC, reducing_gap=3.0))
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    image = np.asarray(
+      Image.fromarray(image).resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    )
     h, w = image.shape[:2]
   dy, dx = h - resolution, w - resolution
   if rng is None:
     top, left = dy // 2, dx // 2
   else:
     top, left = int(rng.integers(dy + 1)), int(rng.integers(dx + 1))
-  return image[top:top + resolution, left:left + resolution]
+  return image[top : top + resolution, left : left + resolution]
 
 
 def _caption(value: Any) -> str:
-  return value.decode('utf-8') if isinstance(value, bytes) else str(value)
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def _preprocess(example: Mapping[str, Any], rng: np.random.Generator | None,
-                *, resolution: int, image_key: str, caption_key: str) -> dict:
+def _preprocess(
+  example: Mapping[str, Any],
+  rng: np.random.Generator | None,
+  *,
+  resolution: int,
+  image_key: str,
+  caption_key: str,
+) -> dict:
   """Decodes and crops one example (module-level, so grain can pickle it)."""
   image = resize_and_crop(decode_image(example[image_key]), resolution, rng)
-  return {'image': image, 'caption': _caption(example[caption_key])}
+  return {"image": image, "caption": _caption(example[caption_key])}
 
 
 def _batch_fn(examples: Sequence[dict]) -> Batch:
   """Stacks images to uint8 [B, R, R, 3]; captions to an object array [B]."""
   captions = np.empty((len(examples),), dtype=object)
-  captions[:] = [e['caption'] for e in examples]
-  return {'image': np.stack([e['image'] for e in examples]),
-          'caption': captions}
+  captions[:] = [e["caption"] for e in examples]
+  return {"image": np.stack([e["image"] for e in examples]), "caption": captions}
 
 
-def shard(source: Sequence[Any], process_index: int,
-          process_count: int) -> grain.MapDataset:
+def shard(source: Sequence[Any], process_index: int, process_count: int) -> grain.MapDataset:
   """This process's examples: index `process_index` + k * `process_count`.
 
   The source is first cut to a multiple of `process_count` (dropping at most
@@ -116,12 +121,12 @@ def shard(source: Sequence[Any], process_index: int,
   per epoch and all processes step in lockstep.
   """
   if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} is not in '
-                     f'[0, process_count={process_count}).')
+    raise ValueError(f"process_index {process_index} is not in [0, process_count={process_count}).")
   n = len(source) // process_count * process_count
   if n == 0:
-    raise ValueError(f'The source has {len(source)} examples, fewer than '
-                     f'process_count={process_count}.')
+    raise ValueError(
+      f"The source has {len(source)} examples, fewer than process_count={process_count}."
+    )
   ds = grain.MapDataset.source(source)
   return ds[:n][process_index::process_count]
 
@@ -135,8 +140,15 @@ class _ProcessRows(grain.MapDataset):
   is dropped (all processes step in lockstep).
   """
 
-  def __init__(self, parent: grain.MapDataset, *, batch_size: int, process_index: int,
-               process_count: int, start: int):
+  def __init__(
+    self,
+    parent: grain.MapDataset,
+    *,
+    batch_size: int,
+    process_index: int,
+    process_count: int,
+    start: int,
+  ):
     super().__init__(parent)
     self._b, self._p, self._start = batch_size, process_index, start
     self._global = batch_size * process_count
@@ -151,18 +163,25 @@ class _ProcessRows(grain.MapDataset):
     return self._parent[self._start + k * self._global + self._p * self._b + j]
 
   def __str__(self) -> str:
-    return (f'ProcessRows(b={self._b}, p={self._p}, B={self._global}, '
-            f'start={self._start})')
+    return f"ProcessRows(b={self._b}, p={self._p}, B={self._global}, start={self._start})"
 
 
-def make_dataset(source: Sequence[Any], *, resolution: int, batch_size: int,
-                 train: bool, seed: int = 0, process_index: int = 0,
-                 process_count: int = 1, start_example: int = 0,
-                 num_epochs: int | None = None,
-                 drop_remainder: bool | None = None,
-                 read_threads: int | None = None,
-                 image_key: str = 'image',
-                 caption_key: str = 'caption') -> grain.IterDataset:
+def make_dataset(
+  source: Sequence[Any],
+  *,
+  resolution: int,
+  batch_size: int,
+  train: bool,
+  seed: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+  start_example: int = 0,
+  num_epochs: int | None = None,
+  drop_remainder: bool | None = None,
+  read_threads: int | None = None,
+  image_key: str = "image",
+  caption_key: str = "caption",
+) -> grain.IterDataset:
   """Builds the per-process input pipeline.
 
   Args:
@@ -190,26 +209,33 @@ def make_dataset(source: Sequence[Any], *, resolution: int, batch_size: int,
     [B] of str}`; `iter()` it for a checkpointable iterator.
   """
   if batch_size < 1 or resolution < 1:
-    raise ValueError(f'batch_size ({batch_size}) and resolution '
-                     f'({resolution}) must be positive.')
+    raise ValueError(f"batch_size ({batch_size}) and resolution ({resolution}) must be positive.")
   num_epochs = (None if train else 1) if num_epochs is None else num_epochs
-  preprocess = functools.partial(_preprocess, resolution=resolution,
-                                 image_key=image_key, caption_key=caption_key)
+  preprocess = functools.partial(
+    _preprocess, resolution=resolution, image_key=image_key, caption_key=caption_key
+  )
   if train:
     if not 0 <= process_index < process_count:
-      raise ValueError(f'process_index {process_index} is not in '
-                       f'[0, process_count={process_count}).')
+      raise ValueError(
+        f"process_index {process_index} is not in [0, process_count={process_count})."
+      )
     if len(source) < process_count:
-      raise ValueError(f'The source has {len(source)} examples, fewer than '
-                       f'process_count={process_count}.')
+      raise ValueError(
+        f"The source has {len(source)} examples, fewer than process_count={process_count}."
+      )
     if start_example < 0:
-      raise ValueError(f'start_example={start_example} must be >= 0.')
+      raise ValueError(f"start_example={start_example} must be >= 0.")
     ds = grain.MapDataset.source(source).shuffle(seed=seed)
     if num_epochs != 1:
       ds = ds.repeat(num_epochs)
     ds = ds.random_map(preprocess, seed=seed)
-    ds = _ProcessRows(ds, batch_size=batch_size, process_index=process_index,
-                      process_count=process_count, start=start_example)
+    ds = _ProcessRows(
+      ds,
+      batch_size=batch_size,
+      process_index=process_index,
+      process_count=process_count,
+      start=start_example,
+    )
     ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_batch_fn)
   else:
     ds = shard(source, process_index, process_count)
@@ -219,15 +245,25 @@ def make_dataset(source: Sequence[Any], *, resolution: int, batch_size: int,
     ds = ds.batch(batch_size, drop_remainder=bool(drop_remainder), batch_fn=_batch_fn)
   if read_threads is None:
     read_threads = min(4, os.cpu_count() or 1)
-  return ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=read_threads, prefetch_buffer_size=max(2, read_threads)))
+  return ds.to_iter_dataset(
+    grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2, read_threads))
+  )
 
 
-def build_input(name: str, data_dir: str | os.PathLike, split: str, *,
-                resolution: int, batch_size: int, train: bool, seed: int = 0,
-                process_index: int = 0, process_count: int = 1,
-                builder_kwargs: Mapping[str, Any] | None = None,
-                **kwargs) -> grain.IterDataset:
+def build_input(
+  name: str,
+  data_dir: str | os.PathLike,
+  split: str,
+  *,
+  resolution: int,
+  batch_size: int,
+  train: bool,
+  seed: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+  builder_kwargs: Mapping[str, Any] | None = None,
+  **kwargs,
+) -> grain.IterDataset:
   """Loads a prepared dataset and builds its pipeline.
 
   Args:
@@ -253,14 +289,27 @@ def build_input(name: str, data_dir: str | os.PathLike, split: str, *,
   datasets.require_prepared(builder)
   datasets.check_resolution(builder, resolution)
   source = builder.as_data_source(split=split)
-  return make_dataset(source, resolution=resolution, batch_size=batch_size,
-                      train=train, seed=seed, process_index=process_index,
-                      process_count=process_count, **kwargs)
+  return make_dataset(
+    source,
+    resolution=resolution,
+    batch_size=batch_size,
+    train=train,
+    seed=seed,
+    process_index=process_index,
+    process_count=process_count,
+    **kwargs,
+  )
 
 
-def train_input(data: Mapping[str, Any], *, resolution: int, batch_size: int,
-                process_index: int = 0, process_count: int = 1,
-                **kwargs) -> grain.IterDataset:
+def train_input(
+  data: Mapping[str, Any],
+  *,
+  resolution: int,
+  batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  **kwargs,
+) -> grain.IterDataset:
   """The training pipeline of a config's `data` group, prepared if needed.
 
   Checks the settings (`datasets.builder_settings`: one-line errors naming
@@ -281,15 +330,22 @@ def train_input(data: Mapping[str, Any], *, resolution: int, batch_size: int,
     As `make_dataset`, with train=True.
   """
   settings = datasets.prepare_from_config(data)
-  return build_input(data['name'], data['data_dir'], data['split'],
-                     resolution=resolution, batch_size=batch_size, train=True,
-                     seed=data['seed'], process_index=process_index,
-                     process_count=process_count, builder_kwargs=settings,
-                     **kwargs)
+  return build_input(
+    data["name"],
+    data["data_dir"],
+    data["split"],
+    resolution=resolution,
+    batch_size=batch_size,
+    train=True,
+    seed=data["seed"],
+    process_index=process_index,
+    process_count=process_count,
+    builder_kwargs=settings,
+    **kwargs,
+  )
 
 
-def make_global_batch(batch: Mapping[str, Any], mesh: Any,
-                      partition_spec: Any) -> dict[str, Any]:
+def make_global_batch(batch: Mapping[str, Any], mesh: Any, partition_spec: Any) -> dict[str, Any]:
   """Assembles global jax Arrays from every process's local batch.
 
   Numeric leaves become `jax.Array`s of global shape [B * process_count, ...]
@@ -306,11 +362,12 @@ def make_global_batch(batch: Mapping[str, Any], mesh: Any,
     The same keys, numeric values as global `jax.Array`s.
   """
   import jax  # pylint: disable=g-import-not-at-top  (keep reading jax-free)
+
   sharding = jax.sharding.NamedSharding(mesh, partition_spec)
   out = {}
   for key, value in batch.items():
     value = np.asarray(value)
-    if value.dtype.kind in 'OUS':
+    if value.dtype.kind in "OUS":
       out[key] = value
     else:
       out[key] = jax.make_array_from_process_local_data(sharding, value)

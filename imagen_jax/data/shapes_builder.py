@@ -25,13 +25,13 @@ import tensorflow_datasets as tfds
 
 from imagen_jax.data import shapes
 
-DEFAULT_HOLDOUT: tuple[str, ...] = ('green triangle',)
+DEFAULT_HOLDOUT: tuple[str, ...] = ("green triangle",)
 DEFAULT_NUM_TRAIN = 20_000
 DEFAULT_NUM_TEST = 500
 DEFAULT_NUM_HOLDOUT = 500
 PREDEFINED_RESOLUTIONS: tuple[int, ...] = (32, 64, 128, 256, 1024)
 # Fixed split ids: each example's seed is (config seed, split id, index).
-_SPLIT_IDS = {'train': 0, 'test': 1, 'holdout': 2}
+_SPLIT_IDS = {"train": 0, "test": 1, "holdout": 2}
 
 
 @dataclasses.dataclass(eq=False)
@@ -46,6 +46,7 @@ class ShapesConfig(tfds.core.BuilderConfig):
     holdout: held-out `'{color} {shape}'` compositions.
     seed: base seed; example i of a split is rendered from (seed, split, i).
   """
+
   resolution: int = 64
   num_train: int = DEFAULT_NUM_TRAIN
   num_test: int = DEFAULT_NUM_TEST
@@ -55,18 +56,23 @@ class ShapesConfig(tfds.core.BuilderConfig):
 
 
 def _is_default(resolution, num_train, num_test, num_holdout, holdout, seed):
-  return (resolution in PREDEFINED_RESOLUTIONS
-          and (num_train, num_test, num_holdout, tuple(holdout), seed)
-          == (DEFAULT_NUM_TRAIN, DEFAULT_NUM_TEST, DEFAULT_NUM_HOLDOUT,
-              DEFAULT_HOLDOUT, 0))
+  return resolution in PREDEFINED_RESOLUTIONS and (
+    num_train,
+    num_test,
+    num_holdout,
+    tuple(holdout),
+    seed,
+  ) == (DEFAULT_NUM_TRAIN, DEFAULT_NUM_TEST, DEFAULT_NUM_HOLDOUT, DEFAULT_HOLDOUT, 0)
 
 
-def shapes_config(resolution: int = 64,
-                  num_train: int = DEFAULT_NUM_TRAIN,
-                  num_test: int = DEFAULT_NUM_TEST,
-                  num_holdout: int = DEFAULT_NUM_HOLDOUT,
-                  holdout: Sequence[str] = DEFAULT_HOLDOUT,
-                  seed: int = 0) -> ShapesConfig:
+def shapes_config(
+  resolution: int = 64,
+  num_train: int = DEFAULT_NUM_TRAIN,
+  num_test: int = DEFAULT_NUM_TEST,
+  num_holdout: int = DEFAULT_NUM_HOLDOUT,
+  holdout: Sequence[str] = DEFAULT_HOLDOUT,
+  seed: int = 0,
+) -> ShapesConfig:
   """Returns the config for these settings, with a name unique to them.
 
   Args:
@@ -82,58 +88,70 @@ def shapes_config(resolution: int = 64,
   """
   holdout = shapes.parse_compositions(holdout)
   if resolution < 8:
-    raise ValueError(f'shapes resolution must be >= 8, got {resolution}.')
+    raise ValueError(f"shapes resolution must be >= 8, got {resolution}.")
   if min(num_train, num_test, num_holdout) < 0:
-    raise ValueError('Split sizes must be >= 0, got num_train='
-                     f'{num_train} num_test={num_test} '
-                     f'num_holdout={num_holdout}.')
+    raise ValueError(
+      "Split sizes must be >= 0, got num_train="
+      f"{num_train} num_test={num_test} "
+      f"num_holdout={num_holdout}."
+    )
   if not holdout:
     num_holdout = 0
-  name = f'res{resolution}'
-  if not _is_default(resolution, num_train, num_test, num_holdout, holdout,
-                     seed):
+  name = f"res{resolution}"
+  if not _is_default(resolution, num_train, num_test, num_holdout, holdout, seed):
     key = json.dumps([num_train, num_test, num_holdout, sorted(holdout), seed])
-    name += '_' + hashlib.sha1(key.encode()).hexdigest()[:8]
+    name += "_" + hashlib.sha1(key.encode()).hexdigest()[:8]
   return ShapesConfig(
-      name=name,
-      description=(f'{resolution}x{resolution} shapes; train={num_train} '
-                   f'test={num_test} holdout={num_holdout} held out: '
-                   f'{list(holdout)}; seed={seed}'),
-      resolution=resolution, num_train=num_train, num_test=num_test,
-      num_holdout=num_holdout, holdout=holdout, seed=seed)
+    name=name,
+    description=(
+      f"{resolution}x{resolution} shapes; train={num_train} "
+      f"test={num_test} holdout={num_holdout} held out: "
+      f"{list(holdout)}; seed={seed}"
+    ),
+    resolution=resolution,
+    num_train=num_train,
+    num_test=num_test,
+    num_holdout=num_holdout,
+    holdout=holdout,
+    seed=seed,
+  )
 
 
 class Shapes(tfds.core.GeneratorBasedBuilder):
   """Captioned synthetic shapes (see `imagen_jax.data.shapes`)."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [shapes_config(r) for r in PREDEFINED_RESOLUTIONS]
-  DEFAULT_CONFIG_NAME = 'res64'
+  DEFAULT_CONFIG_NAME = "res64"
 
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self.builder_config
     return self.dataset_info_from_configs(
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            # PNG bytes, uint8 [R, R, 3] once decoded.
-            'image': tfds.features.Tensor(shape=(), dtype=np.object_),
-            'caption': tfds.features.Text(),
-        }),
-        metadata=tfds.core.MetadataDict(
-            resolution=cfg.resolution, holdout=list(cfg.holdout),
-            seed=cfg.seed, min_side=cfg.resolution,
-            max_side=cfg.resolution),
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          # PNG bytes, uint8 [R, R, 3] once decoded.
+          "image": tfds.features.Tensor(shape=(), dtype=np.object_),
+          "caption": tfds.features.Text(),
+        }
+      ),
+      metadata=tfds.core.MetadataDict(
+        resolution=cfg.resolution,
+        holdout=list(cfg.holdout),
+        seed=cfg.seed,
+        min_side=cfg.resolution,
+        max_side=cfg.resolution,
+      ),
     )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download: every example is rendered.
     cfg = self.builder_config
-    sizes = {'train': cfg.num_train, 'test': cfg.num_test}
+    sizes = {"train": cfg.num_train, "test": cfg.num_test}
     if cfg.holdout:
-      sizes['holdout'] = cfg.num_holdout
-    return {split: self._generate_examples(split, n)
-            for split, n in sizes.items()}
+      sizes["holdout"] = cfg.num_holdout
+    return {split: self._generate_examples(split, n) for split, n in sizes.items()}
 
   def _generate_examples(self, split: str, num_examples: int):
     """Yields `(index, {'image': PNG bytes, 'caption': str})`.
@@ -144,7 +162,10 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
     cfg = self.builder_config
     for i in range(num_examples):
       image, caption, _ = shapes.sample_scene(
-          (cfg.seed, _SPLIT_IDS[split], i), cfg.resolution,
-          holdout=cfg.holdout, want_holdout=split == 'holdout',
-          num_objects=1 + i % 2)
-      yield i, {'image': shapes.encode_png(image), 'caption': caption}
+        (cfg.seed, _SPLIT_IDS[split], i),
+        cfg.resolution,
+        holdout=cfg.holdout,
+        want_holdout=split == "holdout",
+        num_objects=1 + i % 2,
+      )
+      yield i, {"image": shapes.encode_png(image), "caption": caption}

@@ -14,15 +14,15 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
-    "THRESHOLD_MODES",
-    "apply_threshold",
-    "cfg_batch",
-    "cfg_predict",
-    "check_threshold_mode",
-    "dynamic_threshold",
-    "guided_output",
-    "parse_guidance",
-    "static_threshold",
+  "THRESHOLD_MODES",
+  "apply_threshold",
+  "cfg_batch",
+  "cfg_predict",
+  "check_threshold_mode",
+  "dynamic_threshold",
+  "guided_output",
+  "parse_guidance",
+  "static_threshold",
 ]
 
 THRESHOLD_MODES = ("none", "static", "dynamic")
@@ -62,15 +62,13 @@ def cfg_batch(cond: Any, uncond: Any = None) -> Any:
     The pytree with every leaf [2B, ...]: rows [0, B) unconditional.
   """
   uncond = cond if uncond is None else uncond
-  return jax.tree.map(lambda u, c: jnp.concatenate([jnp.asarray(u), jnp.asarray(c)]),
-                      uncond, cond)
+  return jax.tree.map(lambda u, c: jnp.concatenate([jnp.asarray(u), jnp.asarray(c)]), uncond, cond)
 
 
 def check_threshold_mode(mode: str) -> None:
   """Raises ValueError unless `mode` is one of THRESHOLD_MODES."""
   if mode not in THRESHOLD_MODES:
-    raise ValueError(
-        f"Unknown threshold mode {mode!r}; valid: {list(THRESHOLD_MODES)}.")
+    raise ValueError(f"Unknown threshold mode {mode!r}; valid: {list(THRESHOLD_MODES)}.")
 
 
 def static_threshold(x0_hat) -> jax.Array:
@@ -110,8 +108,7 @@ def dynamic_threshold(x0_hat, quantile=0.995, max_value=None) -> jax.Array:
   return jnp.clip(x0_hat, -s, s) / s
 
 
-def apply_threshold(x0_hat, mode: str, quantile=0.995,
-                    max_value=None) -> jax.Array:
+def apply_threshold(x0_hat, mode: str, quantile=0.995, max_value=None) -> jax.Array:
   """Applies thresholding `mode` ('none', 'static' or 'dynamic') to x0_hat.
 
   Args:
@@ -132,8 +129,7 @@ def apply_threshold(x0_hat, mode: str, quantile=0.995,
   return dynamic_threshold(x0_hat, quantile, max_value)
 
 
-def cfg_predict(model_fn: Callable[..., jax.Array], x_t, t, args: Any,
-                guidance_scale) -> jax.Array:
+def cfg_predict(model_fn: Callable[..., jax.Array], x_t, t, args: Any, guidance_scale) -> jax.Array:
   """Classifier-free guidance from one model call on the doubled batch.
 
   The model sees concat([x_t, x_t]) and concat([t, t]); the caller arranges
@@ -156,13 +152,13 @@ def cfg_predict(model_fn: Callable[..., jax.Array], x_t, t, args: Any,
   out = jnp.asarray(out, jnp.float32)
   out_uncond, out_cond = jnp.split(out, 2, axis=0)
   c = x_t.shape[-1]
-  guided = out_uncond[..., :c] + guidance_scale * (
-      out_cond[..., :c] - out_uncond[..., :c])
+  guided = out_uncond[..., :c] + guidance_scale * (out_cond[..., :c] - out_uncond[..., :c])
   return jnp.concatenate([guided, out_cond[..., c:]], axis=-1)
 
 
-def guided_output(model_fn: Callable[..., jax.Array], x_t, t, args: Any,
-                  guidance_scale, use_guidance: bool) -> jax.Array:
+def guided_output(
+  model_fn: Callable[..., jax.Array], x_t, t, args: Any, guidance_scale, use_guidance: bool
+) -> jax.Array:
   """The model output a sampler uses: guided when use_guidance, else plain.
 
   Args:

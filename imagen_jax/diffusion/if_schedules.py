@@ -11,6 +11,7 @@ step sizes.
 import types
 
 # pyformat: disable
+# fmt: off
 _FAST27 = (
     999, 800, 799, 600, 599, 500, 400, 399, 377, 355, 333, 311, 288, 266,
     244, 222, 200, 199, 177, 155, 133, 111, 88, 66, 44, 22, 0)
@@ -69,10 +70,12 @@ _SUPER100 = (
     514, 500, 499, 485, 471, 457, 442, 428, 414, 400, 399, 379, 359, 340,
     320, 300, 299, 279, 259, 240, 220, 200, 199, 166, 133, 100, 99, 66, 33,
     0)
+# fmt: on
 # pyformat: enable
 
 # Read-only mapping name -> tuple of int timesteps (highest first).
-IF_SCHEDULES = types.MappingProxyType({
+IF_SCHEDULES = types.MappingProxyType(
+  {
     "fast27": _FAST27,
     "smart27": _SMART27,
     "smart50": _SMART50,
@@ -81,7 +84,8 @@ IF_SCHEDULES = types.MappingProxyType({
     "super27": _SUPER27,
     "super40": _SUPER40,
     "super100": _SUPER100,
-})
+  }
+)
 
 
 def named_if_timesteps(name: str) -> tuple[int, ...]:
@@ -91,6 +95,5 @@ def named_if_timesteps(name: str) -> tuple[int, ...]:
     ValueError: for an unknown name.
   """
   if name not in IF_SCHEDULES:
-    raise ValueError(
-        f"Unknown IF timestep schedule {name!r}; known: {sorted(IF_SCHEDULES)}.")
+    raise ValueError(f"Unknown IF timestep schedule {name!r}; known: {sorted(IF_SCHEDULES)}.")
   return IF_SCHEDULES[name]

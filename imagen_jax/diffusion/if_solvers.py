@@ -30,34 +30,54 @@ from imagen_jax.diffusion import losses
 from imagen_jax.diffusion import solvers
 
 __all__ = [
-    "if_ddim_sample",
-    "if_dpmpp_2m_sample",
-    "if_euler_sample",
-    "if_heun_sample",
+  "if_ddim_sample",
+  "if_dpmpp_2m_sample",
+  "if_euler_sample",
+  "if_heun_sample",
 ]
 
 
 @functools.partial(
-    jax.jit,
-    static_argnames=("model_fn", "shape", "prediction", "num_train_steps",
-                     "threshold", "use_guidance", "method"))
-def _discrete_solver(rng, args, opts, num_steps, timesteps, edit, *,
-                     model_fn, shape, prediction, num_train_steps, threshold,
-                     use_guidance, method):
+  jax.jit,
+  static_argnames=(
+    "model_fn",
+    "shape",
+    "prediction",
+    "num_train_steps",
+    "threshold",
+    "use_guidance",
+    "method",
+  ),
+)
+def _discrete_solver(
+  rng,
+  args,
+  opts,
+  num_steps,
+  timesteps,
+  edit,
+  *,
+  model_fn,
+  shape,
+  prediction,
+  num_train_steps,
+  threshold,
+  use_guidance,
+  method,
+):
   """The jitted loop of the IF (discrete-schedule) solvers."""
   predict = solvers.make_predictor(
-      model_fn, args, opts, prediction=prediction, threshold=threshold,
-      use_guidance=use_guidance)
+    model_fn, args, opts, prediction=prediction, threshold=threshold, use_guidance=use_guidance
+  )
   table = jnp.asarray(solvers.discrete_logsnr_table(num_train_steps))
   if method in ("dpmpp_2m", "ddim"):
-    logsnr_at = solvers.discrete_logsnr_fn(num_train_steps, timesteps,
-                                           num_steps)
+    logsnr_at = solvers.discrete_logsnr_fn(num_train_steps, timesteps, num_steps)
 
     def point(i):
       return timesteps[jnp.clip(i, 0, timesteps.shape[0] - 1)], logsnr_at(i)
+
     order = 1 if method == "ddim" else 2
-    return solvers.dpmpp_run(predict, point, rng, shape, num_steps, edit,
-                             order)
+    return solvers.dpmpp_run(predict, point, rng, shape, num_steps, edit, order)
   smin, smax = solvers.edm_bounds(opts, table[-1], table[0])
 
   def edm_point(i):
@@ -66,8 +86,7 @@ def _discrete_solver(rng, args, opts, num_steps, timesteps, edit, *,
     t = jnp.argmin(jnp.abs(table - target)).astype(jnp.int32)
     return t, jnp.where(sigma > 0, table[t], jnp.inf)
 
-  return solvers.edm_run(predict, edm_point, rng, shape, num_steps, edit,
-                         heun=method == "heun")
+  return solvers.edm_run(predict, edm_point, rng, shape, num_steps, edit, heun=method == "heun")
 
 
 def _padded_timesteps(timesteps, num_train_steps):
@@ -78,18 +97,34 @@ def _padded_timesteps(timesteps, num_train_steps):
   if not timesteps:
     raise ValueError("timesteps must hold at least one step, got none.")
   if not all(0 <= s < num_train_steps for s in timesteps):
-    raise ValueError(
-        f"timesteps must lie in [0, {num_train_steps}), got {timesteps}.")
+    raise ValueError(f"timesteps must lie in [0, {num_train_steps}), got {timesteps}.")
   if len(timesteps) > num_train_steps:
-    raise ValueError(
-        f"at most {num_train_steps} timesteps, got {len(timesteps)}.")
+    raise ValueError(f"at most {num_train_steps} timesteps, got {len(timesteps)}.")
   padded = timesteps + [0] * (num_train_steps - len(timesteps))
   return jnp.asarray(padded, jnp.int32), len(timesteps)
 
 
-def _discrete(method, model_fn, shape, rng, args, *, timesteps, num_steps,
-              num_train_steps, prediction, guidance_scale, threshold,
-              quantile, max_value, x_init, strength, known, mask, **edm):
+def _discrete(
+  method,
+  model_fn,
+  shape,
+  rng,
+  args,
+  *,
+  timesteps,
+  num_steps,
+  num_train_steps,
+  prediction,
+  guidance_scale,
+  threshold,
+  quantile,
+  max_value,
+  x_init,
+  strength,
+  known,
+  mask,
+  **edm,
+):
   """Checks the options of an IF solver and runs its jitted loop."""
   losses.check_prediction_kind(prediction)
   guidance_lib.check_threshold_mode(threshold)
@@ -102,18 +137,40 @@ def _discrete(method, model_fn, shape, rng, args, *, timesteps, num_steps,
   edit = loop.make_edit(shape, x_init, strength, known, mask)
   opts = solvers.solver_opts(guidance_scale, quantile, max_value, **edm)
   return _discrete_solver(
-      rng, args, opts, jnp.asarray(num_steps, jnp.int32),
-      jnp.asarray(timesteps, jnp.int32), edit, model_fn=model_fn,
-      shape=tuple(shape), prediction=prediction,
-      num_train_steps=num_train_steps, threshold=threshold,
-      use_guidance=guidance_scale is not None, method=method)
+    rng,
+    args,
+    opts,
+    jnp.asarray(num_steps, jnp.int32),
+    jnp.asarray(timesteps, jnp.int32),
+    edit,
+    model_fn=model_fn,
+    shape=tuple(shape),
+    prediction=prediction,
+    num_train_steps=num_train_steps,
+    threshold=threshold,
+    use_guidance=guidance_scale is not None,
+    method=method,
+  )
 
 
-def if_dpmpp_2m_sample(model_fn, shape, rng, args, *, timesteps,
-                       num_train_steps: int = 1000, prediction: str = "eps",
-                       guidance_scale=None, threshold: str = "dynamic",
-                       quantile=0.95, max_value=1.5, x_init=None,
-                       strength=1.0, known=None, mask=None) -> jax.Array:
+def if_dpmpp_2m_sample(
+  model_fn,
+  shape,
+  rng,
+  args,
+  *,
+  timesteps,
+  num_train_steps: int = 1000,
+  prediction: str = "eps",
+  guidance_scale=None,
+  threshold: str = "dynamic",
+  quantile=0.95,
+  max_value=1.5,
+  x_init=None,
+  strength=1.0,
+  known=None,
+  mask=None,
+) -> jax.Array:
   """DPM-Solver++ 2M on IF's discrete schedule, one jitted loop.
 
   Args:
@@ -140,18 +197,44 @@ def if_dpmpp_2m_sample(model_fn, shape, rng, args, *, timesteps,
     x0: [B, H, W, C] float32 (one model call per timestep).
   """
   return _discrete(
-      "dpmpp_2m", model_fn, shape, rng, args, timesteps=timesteps,
-      num_steps=None, num_train_steps=num_train_steps, prediction=prediction,
-      guidance_scale=guidance_scale, threshold=threshold, quantile=quantile,
-      max_value=max_value, x_init=x_init, strength=strength, known=known,
-      mask=mask)
+    "dpmpp_2m",
+    model_fn,
+    shape,
+    rng,
+    args,
+    timesteps=timesteps,
+    num_steps=None,
+    num_train_steps=num_train_steps,
+    prediction=prediction,
+    guidance_scale=guidance_scale,
+    threshold=threshold,
+    quantile=quantile,
+    max_value=max_value,
+    x_init=x_init,
+    strength=strength,
+    known=known,
+    mask=mask,
+  )
 
 
-def if_ddim_sample(model_fn, shape, rng, args, *, timesteps,
-                   num_train_steps: int = 1000, prediction: str = "eps",
-                   guidance_scale=None, threshold: str = "dynamic",
-                   quantile=0.95, max_value=1.5, x_init=None, strength=1.0,
-                   known=None, mask=None) -> jax.Array:
+def if_ddim_sample(
+  model_fn,
+  shape,
+  rng,
+  args,
+  *,
+  timesteps,
+  num_train_steps: int = 1000,
+  prediction: str = "eps",
+  guidance_scale=None,
+  threshold: str = "dynamic",
+  quantile=0.95,
+  max_value=1.5,
+  x_init=None,
+  strength=1.0,
+  known=None,
+  mask=None,
+) -> jax.Array:
   """Deterministic DDIM (eta = 0) on IF's discrete schedule, one jitted loop.
 
   Args: as in `if_dpmpp_2m_sample` (DPM-Solver++ of order 1 is DDIM).
@@ -160,19 +243,47 @@ def if_ddim_sample(model_fn, shape, rng, args, *, timesteps,
     x0: [B, H, W, C] float32.
   """
   return _discrete(
-      "ddim", model_fn, shape, rng, args, timesteps=timesteps,
-      num_steps=None, num_train_steps=num_train_steps, prediction=prediction,
-      guidance_scale=guidance_scale, threshold=threshold, quantile=quantile,
-      max_value=max_value, x_init=x_init, strength=strength, known=known,
-      mask=mask)
+    "ddim",
+    model_fn,
+    shape,
+    rng,
+    args,
+    timesteps=timesteps,
+    num_steps=None,
+    num_train_steps=num_train_steps,
+    prediction=prediction,
+    guidance_scale=guidance_scale,
+    threshold=threshold,
+    quantile=quantile,
+    max_value=max_value,
+    x_init=x_init,
+    strength=strength,
+    known=known,
+    mask=mask,
+  )
 
 
-def if_euler_sample(model_fn, shape, rng, args, *, num_steps: int,
-                    num_train_steps: int = 1000, prediction: str = "eps",
-                    guidance_scale=None, threshold: str = "dynamic",
-                    quantile=0.95, max_value=1.5, x_init=None, strength=1.0,
-                    known=None, mask=None, sigma_min=0.002, sigma_max=80.0,
-                    rho=7.0) -> jax.Array:
+def if_euler_sample(
+  model_fn,
+  shape,
+  rng,
+  args,
+  *,
+  num_steps: int,
+  num_train_steps: int = 1000,
+  prediction: str = "eps",
+  guidance_scale=None,
+  threshold: str = "dynamic",
+  quantile=0.95,
+  max_value=1.5,
+  x_init=None,
+  strength=1.0,
+  known=None,
+  mask=None,
+  sigma_min=0.002,
+  sigma_max=80.0,
+  rho=7.0,
+) -> jax.Array:
   """Euler over EDM's sigma grid on IF's discrete schedule, one jitted loop.
 
   Args:
@@ -186,20 +297,50 @@ def if_euler_sample(model_fn, shape, rng, args, *, num_steps: int,
     x0: [B, H, W, C] float32 (n model calls).
   """
   return _discrete(
-      "euler", model_fn, shape, rng, args, timesteps=None,
-      num_steps=num_steps, num_train_steps=num_train_steps,
-      prediction=prediction, guidance_scale=guidance_scale,
-      threshold=threshold, quantile=quantile, max_value=max_value,
-      x_init=x_init, strength=strength, known=known, mask=mask,
-      sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
+    "euler",
+    model_fn,
+    shape,
+    rng,
+    args,
+    timesteps=None,
+    num_steps=num_steps,
+    num_train_steps=num_train_steps,
+    prediction=prediction,
+    guidance_scale=guidance_scale,
+    threshold=threshold,
+    quantile=quantile,
+    max_value=max_value,
+    x_init=x_init,
+    strength=strength,
+    known=known,
+    mask=mask,
+    sigma_min=sigma_min,
+    sigma_max=sigma_max,
+    rho=rho,
+  )
 
 
-def if_heun_sample(model_fn, shape, rng, args, *, num_steps: int,
-                   num_train_steps: int = 1000, prediction: str = "eps",
-                   guidance_scale=None, threshold: str = "dynamic",
-                   quantile=0.95, max_value=1.5, x_init=None, strength=1.0,
-                   known=None, mask=None, sigma_min=0.002, sigma_max=80.0,
-                   rho=7.0) -> jax.Array:
+def if_heun_sample(
+  model_fn,
+  shape,
+  rng,
+  args,
+  *,
+  num_steps: int,
+  num_train_steps: int = 1000,
+  prediction: str = "eps",
+  guidance_scale=None,
+  threshold: str = "dynamic",
+  quantile=0.95,
+  max_value=1.5,
+  x_init=None,
+  strength=1.0,
+  known=None,
+  mask=None,
+  sigma_min=0.002,
+  sigma_max=80.0,
+  rho=7.0,
+) -> jax.Array:
   """Heun over EDM's sigma grid on IF's discrete schedule, one jitted loop.
 
   Args: as in `if_euler_sample`.
@@ -208,9 +349,24 @@ def if_heun_sample(model_fn, shape, rng, args, *, num_steps: int,
     x0: [B, H, W, C] float32 (2n - 1 model calls).
   """
   return _discrete(
-      "heun", model_fn, shape, rng, args, timesteps=None,
-      num_steps=num_steps, num_train_steps=num_train_steps,
-      prediction=prediction, guidance_scale=guidance_scale,
-      threshold=threshold, quantile=quantile, max_value=max_value,
-      x_init=x_init, strength=strength, known=known, mask=mask,
-      sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
+    "heun",
+    model_fn,
+    shape,
+    rng,
+    args,
+    timesteps=None,
+    num_steps=num_steps,
+    num_train_steps=num_train_steps,
+    prediction=prediction,
+    guidance_scale=guidance_scale,
+    threshold=threshold,
+    quantile=quantile,
+    max_value=max_value,
+    x_init=x_init,
+    strength=strength,
+    known=known,
+    mask=mask,
+    sigma_min=sigma_min,
+    sigma_max=sigma_max,
+    rho=rho,
+  )

@@ -38,13 +38,13 @@ from imagen_jax.diffusion import losses
 from imagen_jax.diffusion import schedules
 
 __all__ = [
-    "Edit",
-    "check_continuous",
-    "make_edit",
-    "predict_x0_eps",
-    "run",
-    "scalar",
-    "start_index",
+  "Edit",
+  "check_continuous",
+  "make_edit",
+  "predict_x0_eps",
+  "run",
+  "scalar",
+  "start_index",
 ]
 
 
@@ -69,9 +69,20 @@ def check_continuous(num_steps, prediction, threshold, schedule):
   return schedules.get_logsnr_fn(schedule)
 
 
-def predict_x0_eps(model_fn, x_t, t, logsnr, args, *, prediction: str,
-                   guidance_scale=1.0, use_guidance: bool = False,
-                   threshold: str = "none", quantile=0.995, max_value=None):
+def predict_x0_eps(
+  model_fn,
+  x_t,
+  t,
+  logsnr,
+  args,
+  *,
+  prediction: str,
+  guidance_scale=1.0,
+  use_guidance: bool = False,
+  threshold: str = "none",
+  quantile=0.995,
+  max_value=None,
+):
   """One (guided) model call turned into thresholded x0_hat and its eps_hat.
 
   Args:
@@ -93,9 +104,8 @@ def predict_x0_eps(model_fn, x_t, t, logsnr, args, *, prediction: str,
     (x0_hat, eps_hat): both [B, H, W, C] float32; eps_hat is recomputed from
     the thresholded x0_hat so the two stay consistent with x_t.
   """
-  out = guidance_lib.guided_output(model_fn, x_t, t, args, guidance_scale,
-                                   use_guidance)
-  pred = out[..., :x_t.shape[-1]]
+  out = guidance_lib.guided_output(model_fn, x_t, t, args, guidance_scale, use_guidance)
+  pred = out[..., : x_t.shape[-1]]
   x0_hat = losses.x0_from_pred(prediction, x_t, pred, logsnr)
   x0_hat = guidance_lib.apply_threshold(x0_hat, threshold, quantile, max_value)
   eps_hat = losses.eps_from_pred("x0", x_t, x0_hat, logsnr)
@@ -110,14 +120,14 @@ class Edit(NamedTuple):
   known: None or [B, H, W, C] float32, the image whose mask-0 pixels stay.
   mask: None or [B, H, W, 1] float32, 1 = regenerate (None iff known is None).
   """
+
   x_init: jax.Array
   strength: jax.Array
   known: Optional[jax.Array]
   mask: Optional[jax.Array]
 
 
-def make_edit(shape, x_init=None, strength=1.0, known=None,
-              mask=None) -> Edit:
+def make_edit(shape, x_init=None, strength=1.0, known=None, mask=None) -> Edit:
   """Checks and packs a sampler's image-to-image / inpainting arguments.
 
   Args:
@@ -151,14 +161,11 @@ def make_edit(shape, x_init=None, strength=1.0, known=None,
   if known is not None:
     if tuple(known.shape) != shape:
       raise ValueError(f"known has shape {tuple(known.shape)}, want {shape}.")
-    if tuple(mask.shape[:3]) != shape[:3] or mask.shape[3] not in (
-        1, shape[3]):
-      raise ValueError(
-          f"mask has shape {tuple(mask.shape)}, want {shape[:3] + (1,)}.")
+    if tuple(mask.shape[:3]) != shape[:3] or mask.shape[3] not in (1, shape[3]):
+      raise ValueError(f"mask has shape {tuple(mask.shape)}, want {shape[:3] + (1,)}.")
     known = jnp.asarray(known, jnp.float32)
     mask = jnp.asarray(mask, jnp.float32)
-  return Edit(jnp.asarray(x_init, jnp.float32), scalar(strength, 1.0), known,
-              mask)
+  return Edit(jnp.asarray(x_init, jnp.float32), scalar(strength, 1.0), known, mask)
 
 
 def start_index(num_steps, strength) -> jax.Array:
@@ -179,16 +186,22 @@ def start_index(num_steps, strength) -> jax.Array:
 def _paste_known(x, edit: Edit, logsnr, key):
   """x with its mask-0 pixels replaced by `known` noised to logsnr."""
   noise = jax.random.normal(key, x.shape, jnp.float32)
-  noised = losses.q_sample(edit.known, noise,
-                           jnp.full((x.shape[0],), logsnr, jnp.float32))
+  noised = losses.q_sample(edit.known, noise, jnp.full((x.shape[0],), logsnr, jnp.float32))
   return edit.mask * x + (1.0 - edit.mask) * noised
 
 
 StepFn = Callable[[jax.Array, jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
 
 
-def run(step_fn: StepFn, extra_init: Any, rng, shape, num_steps, edit: Edit,
-        logsnr_at: Callable[[jax.Array], jax.Array]) -> jax.Array:
+def run(
+  step_fn: StepFn,
+  extra_init: Any,
+  rng,
+  shape,
+  num_steps,
+  edit: Edit,
+  logsnr_at: Callable[[jax.Array], jax.Array],
+) -> jax.Array:
   """Runs a sampler's steps from its (possibly edited) start; call under jit.
 
   Args:
@@ -211,20 +224,17 @@ def run(step_fn: StepFn, extra_init: Any, rng, shape, num_steps, edit: Edit,
   n = jnp.asarray(num_steps, jnp.int32)
   start = start_index(n, edit.strength)
   logsnr_start = jnp.full((shape[0],), logsnr_at(start), jnp.float32)
-  x = jnp.where(start == 0, noise,
-                losses.q_sample(edit.x_init, noise, logsnr_start))
+  x = jnp.where(start == 0, noise, losses.q_sample(edit.x_init, noise, logsnr_start))
   x = jnp.where(start == n, edit.x_init, x)  # Strength 0: nothing to do.
   inpaint = edit.known is not None
   if inpaint:
-    x = _paste_known(x, edit, logsnr_at(start),
-                     jax.random.fold_in(rng_known, start))
+    x = _paste_known(x, edit, logsnr_at(start), jax.random.fold_in(rng_known, start))
 
   def body(i, carry):
     x, extra = carry
     x, extra = step_fn(i, x, extra, jax.random.fold_in(rng_steps, i))
     if inpaint:
-      x = _paste_known(x, edit, logsnr_at(i + 1),
-                       jax.random.fold_in(rng_known, i + 1))
+      x = _paste_known(x, edit, logsnr_at(i + 1), jax.random.fold_in(rng_known, i + 1))
     return x, extra
 
   x, _ = jax.lax.fori_loop(start, n, body, (x, extra_init))

@@ -14,16 +14,16 @@ import jax.numpy as jnp
 from imagen_jax.diffusion.schedules import alpha_sigma
 
 __all__ = [
-    "PREDICTION_KINDS",
-    "check_prediction_kind",
-    "diffusion_loss",
-    "eps_from_pred",
-    "expand_to",
-    "get_target",
-    "min_snr_weight",
-    "noise_augment",
-    "q_sample",
-    "x0_from_pred",
+  "PREDICTION_KINDS",
+  "check_prediction_kind",
+  "diffusion_loss",
+  "eps_from_pred",
+  "expand_to",
+  "get_target",
+  "min_snr_weight",
+  "noise_augment",
+  "q_sample",
+  "x0_from_pred",
 ]
 
 PREDICTION_KINDS = ("eps", "x0", "v")
@@ -32,8 +32,7 @@ PREDICTION_KINDS = ("eps", "x0", "v")
 def check_prediction_kind(kind: str) -> None:
   """Raises ValueError unless `kind` is one of PREDICTION_KINDS."""
   if kind not in PREDICTION_KINDS:
-    raise ValueError(
-        f"Unknown prediction kind {kind!r}; valid: {list(PREDICTION_KINDS)}.")
+    raise ValueError(f"Unknown prediction kind {kind!r}; valid: {list(PREDICTION_KINDS)}.")
 
 
 def expand_to(v, x) -> jax.Array:
@@ -200,8 +199,13 @@ def noise_augment(x_lowres, aug_t, eps, logsnr_fn) -> jax.Array:
 
 def _normal_kl(mean1, logvar1, mean2, logvar2) -> jax.Array:
   """KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)), elementwise, in nats."""
-  return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
-                + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
+  return 0.5 * (
+    -1.0
+    + logvar2
+    - logvar1
+    + jnp.exp(logvar1 - logvar2)
+    + jnp.square(mean1 - mean2) * jnp.exp(-logvar2)
+  )
 
 
 def _discretized_gaussian_nll(x0, mean, logvar) -> jax.Array:
@@ -210,9 +214,13 @@ def _discretized_gaussian_nll(x0, mean, logvar) -> jax.Array:
   upper = jax.scipy.stats.norm.cdf(inv_std * (x0 - mean + 1.0 / 255.0))
   lower = jax.scipy.stats.norm.cdf(inv_std * (x0 - mean - 1.0 / 255.0))
   tiny = 1e-12
-  log_p = jnp.where(x0 < -0.999, jnp.log(jnp.maximum(upper, tiny)),
-                    jnp.where(x0 > 0.999, jnp.log(jnp.maximum(1.0 - lower, tiny)),
-                              jnp.log(jnp.maximum(upper - lower, tiny))))
+  log_p = jnp.where(
+    x0 < -0.999,
+    jnp.log(jnp.maximum(upper, tiny)),
+    jnp.where(
+      x0 > 0.999, jnp.log(jnp.maximum(1.0 - lower, tiny)), jnp.log(jnp.maximum(upper - lower, tiny))
+    ),
+  )
   return -log_p
 
 

@@ -64,18 +64,18 @@ from imagen_jax.diffusion import solvers
 predict_x0_eps = loop.predict_x0_eps
 
 __all__ = [
-    "DISCRETE_SAMPLERS",
-    "SAMPLERS",
-    "VARIANCE_KINDS",
-    "ancestral_step",
-    "ddim_sample",
-    "ddim_step",
-    "ddpm_sample",
-    "get_discrete_sampler",
-    "get_sampler",
-    "if_ddpm_sample",
-    "if_ddpm_step",
-    "predict_x0_eps",
+  "DISCRETE_SAMPLERS",
+  "SAMPLERS",
+  "VARIANCE_KINDS",
+  "ancestral_step",
+  "ddim_sample",
+  "ddim_step",
+  "ddpm_sample",
+  "get_discrete_sampler",
+  "get_sampler",
+  "if_ddpm_sample",
+  "if_ddpm_step",
+  "predict_x0_eps",
 ]
 
 ModelFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
@@ -107,8 +107,7 @@ def ancestral_step(x_t, x0_hat, logsnr_t, logsnr_s, noise) -> jax.Array:
   return mean + bc(sigma_s * jnp.sqrt(c)) * noise
 
 
-def ddim_step(x_t, x0_hat, eps_hat, logsnr_t, logsnr_s, noise,
-              eta=0.0) -> jax.Array:
+def ddim_step(x_t, x0_hat, eps_hat, logsnr_t, logsnr_s, noise, eta=0.0) -> jax.Array:
   """Generalized DDIM step from t to s < t (Song et al. 2021).
 
   x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat + c noise with
@@ -136,12 +135,36 @@ def ddim_step(x_t, x0_hat, eps_hat, logsnr_t, logsnr_s, noise,
 
 
 @functools.partial(
-    jax.jit,
-    static_argnames=("model_fn", "shape", "num_steps", "prediction",
-                     "logsnr_fn", "threshold", "use_guidance", "method"))
-def _continuous_loop(rng, args, guidance_scale, quantile, max_value, eta,
-                     edit, *, model_fn, shape, num_steps, prediction,
-                     logsnr_fn, threshold, use_guidance, method):
+  jax.jit,
+  static_argnames=(
+    "model_fn",
+    "shape",
+    "num_steps",
+    "prediction",
+    "logsnr_fn",
+    "threshold",
+    "use_guidance",
+    "method",
+  ),
+)
+def _continuous_loop(
+  rng,
+  args,
+  guidance_scale,
+  quantile,
+  max_value,
+  eta,
+  edit,
+  *,
+  model_fn,
+  shape,
+  num_steps,
+  prediction,
+  logsnr_fn,
+  threshold,
+  use_guidance,
+  method,
+):
   """The jitted loop shared by ddpm_sample ('ancestral') and ddim_sample."""
   batch = shape[0]
 
@@ -152,26 +175,45 @@ def _continuous_loop(rng, args, guidance_scale, quantile, max_value, eta,
     t, s = time_at(i), time_at(i + 1)
     logsnr_t, logsnr_s = logsnr_fn(t), logsnr_fn(s)
     x0_hat, eps_hat = predict_x0_eps(
-        model_fn, x_t, jnp.full((batch,), t), jnp.full((batch,), logsnr_t),
-        args, prediction=prediction, guidance_scale=guidance_scale,
-        use_guidance=use_guidance, threshold=threshold, quantile=quantile,
-        max_value=max_value)
+      model_fn,
+      x_t,
+      jnp.full((batch,), t),
+      jnp.full((batch,), logsnr_t),
+      args,
+      prediction=prediction,
+      guidance_scale=guidance_scale,
+      use_guidance=use_guidance,
+      threshold=threshold,
+      quantile=quantile,
+      max_value=max_value,
+    )
     noise = jax.random.normal(key, shape)
     noise = jnp.where(i == num_steps - 1, 0.0, noise)  # Last step: no noise.
     if method == "ancestral":
       return ancestral_step(x_t, x0_hat, logsnr_t, logsnr_s, noise), extra
-    return ddim_step(x_t, x0_hat, eps_hat, logsnr_t, logsnr_s, noise,
-                     eta), extra
+    return ddim_step(x_t, x0_hat, eps_hat, logsnr_t, logsnr_s, noise, eta), extra
 
-  return loop.run(step, (), rng, shape, num_steps, edit,
-                  lambda i: logsnr_fn(time_at(i)))
+  return loop.run(step, (), rng, shape, num_steps, edit, lambda i: logsnr_fn(time_at(i)))
 
 
-def ddpm_sample(model_fn: ModelFn, shape, rng, args, *, num_steps: int,
-                prediction: str = "eps", schedule: Schedule = "cosine",
-                guidance_scale=None, threshold: str = "static",
-                quantile=0.995, max_value=None, x_init=None, strength=1.0,
-                known=None, mask=None) -> jax.Array:
+def ddpm_sample(
+  model_fn: ModelFn,
+  shape,
+  rng,
+  args,
+  *,
+  num_steps: int,
+  prediction: str = "eps",
+  schedule: Schedule = "cosine",
+  guidance_scale=None,
+  threshold: str = "static",
+  quantile=0.995,
+  max_value=None,
+  x_init=None,
+  strength=1.0,
+  known=None,
+  mask=None,
+) -> jax.Array:
   """Continuous-time ancestral sampler (VDM form), jitted as one loop.
 
   Args:
@@ -199,19 +241,43 @@ def ddpm_sample(model_fn: ModelFn, shape, rng, args, *, num_steps: int,
   logsnr_fn = loop.check_continuous(num_steps, prediction, threshold, schedule)
   edit = loop.make_edit(shape, x_init, strength, known, mask)
   return _continuous_loop(
-      rng, args, loop.scalar(guidance_scale, 1.0),
-      loop.scalar(quantile, 0.995), loop.scalar(max_value, jnp.inf),
-      loop.scalar(1.0, 1.0), edit, model_fn=model_fn, shape=tuple(shape),
-      num_steps=num_steps, prediction=prediction, logsnr_fn=logsnr_fn,
-      threshold=threshold, use_guidance=guidance_scale is not None,
-      method="ancestral")
+    rng,
+    args,
+    loop.scalar(guidance_scale, 1.0),
+    loop.scalar(quantile, 0.995),
+    loop.scalar(max_value, jnp.inf),
+    loop.scalar(1.0, 1.0),
+    edit,
+    model_fn=model_fn,
+    shape=tuple(shape),
+    num_steps=num_steps,
+    prediction=prediction,
+    logsnr_fn=logsnr_fn,
+    threshold=threshold,
+    use_guidance=guidance_scale is not None,
+    method="ancestral",
+  )
 
 
-def ddim_sample(model_fn: ModelFn, shape, rng, args, *, num_steps: int,
-                prediction: str = "eps", schedule: Schedule = "cosine",
-                guidance_scale=None, threshold: str = "static",
-                quantile=0.995, max_value=None, eta=0.0, x_init=None,
-                strength=1.0, known=None, mask=None) -> jax.Array:
+def ddim_sample(
+  model_fn: ModelFn,
+  shape,
+  rng,
+  args,
+  *,
+  num_steps: int,
+  prediction: str = "eps",
+  schedule: Schedule = "cosine",
+  guidance_scale=None,
+  threshold: str = "static",
+  quantile=0.995,
+  max_value=None,
+  eta=0.0,
+  x_init=None,
+  strength=1.0,
+  known=None,
+  mask=None,
+) -> jax.Array:
   """DDIM sampler (eta = 0 deterministic, eta = 1 ancestral), one jitted loop.
 
   Args:
@@ -226,17 +292,37 @@ def ddim_sample(model_fn: ModelFn, shape, rng, args, *, num_steps: int,
   logsnr_fn = loop.check_continuous(num_steps, prediction, threshold, schedule)
   edit = loop.make_edit(shape, x_init, strength, known, mask)
   return _continuous_loop(
-      rng, args, loop.scalar(guidance_scale, 1.0),
-      loop.scalar(quantile, 0.995), loop.scalar(max_value, jnp.inf),
-      loop.scalar(eta, 0.0), edit, model_fn=model_fn, shape=tuple(shape),
-      num_steps=num_steps, prediction=prediction, logsnr_fn=logsnr_fn,
-      threshold=threshold, use_guidance=guidance_scale is not None,
-      method="ddim")
+    rng,
+    args,
+    loop.scalar(guidance_scale, 1.0),
+    loop.scalar(quantile, 0.995),
+    loop.scalar(max_value, jnp.inf),
+    loop.scalar(eta, 0.0),
+    edit,
+    model_fn=model_fn,
+    shape=tuple(shape),
+    num_steps=num_steps,
+    prediction=prediction,
+    logsnr_fn=logsnr_fn,
+    threshold=threshold,
+    use_guidance=guidance_scale is not None,
+    method="ddim",
+  )
 
 
-def if_ddpm_step(model_output, t, prev_t, x_t, noise, alphas_cumprod,
-                 quantile=0.95, max_value=1.5, *, threshold: str = "dynamic",
-                 variance: str = "learned_range"):
+def if_ddpm_step(
+  model_output,
+  t,
+  prev_t,
+  x_t,
+  noise,
+  alphas_cumprod,
+  quantile=0.95,
+  max_value=1.5,
+  *,
+  threshold: str = "dynamic",
+  variance: str = "learned_range",
+):
   """One DeepFloyd IF / diffusers `DDPMScheduler.step` (epsilon prediction).
 
   abar_t = alphas_cumprod[t], abar_prev = alphas_cumprod[prev_t] (1 when
@@ -268,13 +354,13 @@ def if_ddpm_step(model_output, t, prev_t, x_t, noise, alphas_cumprod,
     (x_prev, x0_hat): both [B, H, W, C] float32.
   """
   if variance not in VARIANCE_KINDS:
-    raise ValueError(
-        f"Unknown variance kind {variance!r}; valid: {list(VARIANCE_KINDS)}.")
+    raise ValueError(f"Unknown variance kind {variance!r}; valid: {list(VARIANCE_KINDS)}.")
   c = x_t.shape[-1]
   if variance == "learned_range" and model_output.shape[-1] != 2 * c:
     raise ValueError(
-        f"variance='learned_range' needs {2 * c} output channels (eps and v), "
-        f"got {model_output.shape[-1]}.")
+      f"variance='learned_range' needs {2 * c} output channels (eps and v), "
+      f"got {model_output.shape[-1]}."
+    )
   model_output = jnp.asarray(model_output, jnp.float32)
   x_t = jnp.asarray(x_t, jnp.float32)
   ac = jnp.asarray(alphas_cumprod, jnp.float32)
@@ -284,11 +370,11 @@ def if_ddpm_step(model_output, t, prev_t, x_t, noise, alphas_cumprod,
   # beta_t rounds to 1 in float32 when abar_t << abar_prev (t = 999).
   alpha_t = abar_t / abar_prev
   beta_t = 1.0 - alpha_t
-  x0_hat = (x_t - jnp.sqrt(1.0 - abar_t) * model_output[..., :c]) / jnp.sqrt(
-      abar_t)
+  x0_hat = (x_t - jnp.sqrt(1.0 - abar_t) * model_output[..., :c]) / jnp.sqrt(abar_t)
   x0_hat = guidance_lib.apply_threshold(x0_hat, threshold, quantile, max_value)
   mean = (jnp.sqrt(abar_prev) * beta_t / (1.0 - abar_t)) * x0_hat + (
-      jnp.sqrt(alpha_t) * (1.0 - abar_prev) / (1.0 - abar_t)) * x_t
+    jnp.sqrt(alpha_t) * (1.0 - abar_prev) / (1.0 - abar_t)
+  ) * x_t
   beta_tilde = jnp.maximum((1.0 - abar_prev) / (1.0 - abar_t) * beta_t, 1e-20)
   std = _if_std(model_output[..., c:], beta_t, beta_tilde, variance)
   x_prev = mean + jnp.where(t > 0, std * noise, 0.0)
@@ -316,36 +402,80 @@ def _if_std(v, beta_t, beta_tilde, variance):
 
 
 @functools.partial(
-    jax.jit,
-    static_argnames=("model_fn", "shape", "timesteps", "num_train_steps",
-                     "threshold", "variance", "use_guidance"))
-def _if_loop(rng, args, guidance_scale, quantile, max_value, edit, *,
-             model_fn, shape, timesteps, num_train_steps, threshold, variance,
-             use_guidance):
+  jax.jit,
+  static_argnames=(
+    "model_fn",
+    "shape",
+    "timesteps",
+    "num_train_steps",
+    "threshold",
+    "variance",
+    "use_guidance",
+  ),
+)
+def _if_loop(
+  rng,
+  args,
+  guidance_scale,
+  quantile,
+  max_value,
+  edit,
+  *,
+  model_fn,
+  shape,
+  timesteps,
+  num_train_steps,
+  threshold,
+  variance,
+  use_guidance,
+):
   """The jitted loop of if_ddpm_sample."""
-  ac = jnp.asarray(schedules.alphas_cumprod(
-      schedules.betas_squaredcos_cap_v2(num_train_steps)))
+  ac = jnp.asarray(schedules.alphas_cumprod(schedules.betas_squaredcos_cap_v2(num_train_steps)))
   ts = jnp.asarray(timesteps, jnp.int32)
   prev_ts = jnp.asarray(schedules.previous_timesteps(timesteps), jnp.int32)
 
   def step(i, x_t, extra, key):
     t = ts[i]
-    out = guidance_lib.guided_output(model_fn, x_t, jnp.full((shape[0],), t),
-                                     args, guidance_scale, use_guidance)
+    out = guidance_lib.guided_output(
+      model_fn, x_t, jnp.full((shape[0],), t), args, guidance_scale, use_guidance
+    )
     noise = jax.random.normal(key, shape)
-    x_prev, _ = if_ddpm_step(out, t, prev_ts[i], x_t, noise, ac, quantile,
-                             max_value, threshold=threshold, variance=variance)
+    x_prev, _ = if_ddpm_step(
+      out,
+      t,
+      prev_ts[i],
+      x_t,
+      noise,
+      ac,
+      quantile,
+      max_value,
+      threshold=threshold,
+      variance=variance,
+    )
     return x_prev, extra
 
   logsnr_at = solvers.discrete_logsnr_fn(num_train_steps, ts, len(timesteps))
   return loop.run(step, (), rng, shape, len(timesteps), edit, logsnr_at)
 
 
-def if_ddpm_sample(model_fn: ModelFn, shape, rng, args, *, timesteps,
-                   num_train_steps: int = 1000, guidance_scale=None,
-                   threshold: str = "dynamic", quantile=0.95, max_value=1.5,
-                   variance: str = "learned_range", x_init=None,
-                   strength=1.0, known=None, mask=None) -> jax.Array:
+def if_ddpm_sample(
+  model_fn: ModelFn,
+  shape,
+  rng,
+  args,
+  *,
+  timesteps,
+  num_train_steps: int = 1000,
+  guidance_scale=None,
+  threshold: str = "dynamic",
+  quantile=0.95,
+  max_value=1.5,
+  variance: str = "learned_range",
+  x_init=None,
+  strength=1.0,
+  known=None,
+  mask=None,
+) -> jax.Array:
   """DeepFloyd IF's discrete DDPM sampler, one jitted loop.
 
   Args:
@@ -377,20 +507,26 @@ def if_ddpm_sample(model_fn: ModelFn, shape, rng, args, *, timesteps,
   if not timesteps:
     raise ValueError("timesteps must hold at least one step, got none.")
   if not all(0 <= s < num_train_steps for s in timesteps):
-    raise ValueError(
-        f"timesteps must lie in [0, {num_train_steps}), got {timesteps}.")
+    raise ValueError(f"timesteps must lie in [0, {num_train_steps}), got {timesteps}.")
   guidance_lib.check_threshold_mode(threshold)
   if variance not in VARIANCE_KINDS:
-    raise ValueError(
-        f"Unknown variance kind {variance!r}; valid: {list(VARIANCE_KINDS)}.")
+    raise ValueError(f"Unknown variance kind {variance!r}; valid: {list(VARIANCE_KINDS)}.")
   edit = loop.make_edit(shape, x_init, strength, known, mask)
   return _if_loop(
-      rng, args, loop.scalar(guidance_scale, 1.0), loop.scalar(quantile, 0.95),
-      loop.scalar(max_value, jnp.inf), edit, model_fn=model_fn,
-      shape=tuple(shape),
-      timesteps=timesteps, num_train_steps=num_train_steps,
-      threshold=threshold, variance=variance,
-      use_guidance=guidance_scale is not None)
+    rng,
+    args,
+    loop.scalar(guidance_scale, 1.0),
+    loop.scalar(quantile, 0.95),
+    loop.scalar(max_value, jnp.inf),
+    edit,
+    model_fn=model_fn,
+    shape=tuple(shape),
+    timesteps=timesteps,
+    num_train_steps=num_train_steps,
+    threshold=threshold,
+    variance=variance,
+    use_guidance=guidance_scale is not None,
+  )
 
 
 SAMPLERS = ("ddpm", "ddim", "if_ddpm", "dpmpp_2m", "euler", "heun")
@@ -406,9 +542,14 @@ def get_sampler(name: str) -> Callable[..., jax.Array]:
   Raises:
     ValueError: for an unknown name.
   """
-  fns = {"ddpm": ddpm_sample, "ddim": ddim_sample, "if_ddpm": if_ddpm_sample,
-         "dpmpp_2m": solvers.dpmpp_2m_sample, "euler": solvers.euler_sample,
-         "heun": solvers.heun_sample}
+  fns = {
+    "ddpm": ddpm_sample,
+    "ddim": ddim_sample,
+    "if_ddpm": if_ddpm_sample,
+    "dpmpp_2m": solvers.dpmpp_2m_sample,
+    "euler": solvers.euler_sample,
+    "heun": solvers.heun_sample,
+  }
   if name not in fns:
     raise ValueError(f"Unknown sampler {name!r}; valid: {list(SAMPLERS)}.")
   return fns[name]
@@ -424,11 +565,13 @@ def get_discrete_sampler(name: str) -> Callable[..., jax.Array]:
   Raises:
     ValueError: for an unknown name.
   """
-  fns = {"ddpm": if_ddpm_sample, "ddim": if_solvers.if_ddim_sample,
-         "dpmpp_2m": if_solvers.if_dpmpp_2m_sample,
-         "euler": if_solvers.if_euler_sample,
-         "heun": if_solvers.if_heun_sample}
+  fns = {
+    "ddpm": if_ddpm_sample,
+    "ddim": if_solvers.if_ddim_sample,
+    "dpmpp_2m": if_solvers.if_dpmpp_2m_sample,
+    "euler": if_solvers.if_euler_sample,
+    "heun": if_solvers.if_heun_sample,
+  }
   if name not in fns:
-    raise ValueError(f"Unknown IF sampler {name!r}; valid: "
-                     f"{list(DISCRETE_SAMPLERS)}.")
+    raise ValueError(f"Unknown IF sampler {name!r}; valid: {list(DISCRETE_SAMPLERS)}.")
   return fns[name]

@@ -23,23 +23,24 @@ import numpy as np
 
 
 __all__ = [
-    "LOGSNR_SCHEDULES",
-    "SPACINGS",
-    "alpha_sigma",
-    "alphas_cumprod",
-    "betas_squaredcos_cap_v2",
-    "get_logsnr_fn",
-    "if_timesteps",
-    "logsnr_cosine",
-    "logsnr_linear",
-    "previous_timesteps",
+  "LOGSNR_SCHEDULES",
+  "SPACINGS",
+  "alpha_sigma",
+  "alphas_cumprod",
+  "betas_squaredcos_cap_v2",
+  "get_logsnr_fn",
+  "if_timesteps",
+  "logsnr_cosine",
+  "logsnr_linear",
+  "previous_timesteps",
 ]
 
 LogSnrFn = Callable[[jax.Array], jax.Array]
 
 
-def logsnr_cosine(t, logsnr_min: float = -20.0, logsnr_max: float = 20.0,
-                  shift: float = 0.0) -> jax.Array:
+def logsnr_cosine(
+  t, logsnr_min: float = -20.0, logsnr_max: float = 20.0, shift: float = 0.0
+) -> jax.Array:
   """Cosine log-SNR schedule, logsnr(t) = -2 log tan(a t + b) + shift.
 
   a and b are chosen so that logsnr(0) = logsnr_max and logsnr(1) = logsnr_min
@@ -71,9 +72,13 @@ def logsnr_cosine(t, logsnr_min: float = -20.0, logsnr_max: float = 20.0,
   return logsnr + shift
 
 
-def logsnr_linear(t, beta_min: float = 0.1, beta_max: float = 20.0,
-                  logsnr_min: float = -20.0,
-                  logsnr_max: float = 20.0) -> jax.Array:
+def logsnr_linear(
+  t,
+  beta_min: float = 0.1,
+  beta_max: float = 20.0,
+  logsnr_min: float = -20.0,
+  logsnr_max: float = 20.0,
+) -> jax.Array:
   """Continuous VP "linear beta" log-SNR schedule (Song et al. 2021).
 
   logsnr(t) = -log(expm1(beta_min t + (beta_max - beta_min) t^2 / 2)), clamped
@@ -118,8 +123,7 @@ def get_logsnr_fn(name: str, **kwargs) -> LogSnrFn:
   """
   fns = {"cosine": logsnr_cosine, "linear": logsnr_linear}
   if name not in fns:
-    raise ValueError(
-        f"Unknown log-SNR schedule {name!r}; known: {sorted(fns)}.")
+    raise ValueError(f"Unknown log-SNR schedule {name!r}; known: {sorted(fns)}.")
   if not kwargs:
     return fns[name]
   return functools.partial(fns[name], **kwargs)
@@ -143,8 +147,7 @@ def alpha_sigma(logsnr) -> tuple[jax.Array, jax.Array]:
 # Discrete DDPM (DeepFloyd IF).
 
 
-def betas_squaredcos_cap_v2(num_train_steps: int = 1000,
-                            max_beta: float = 0.999) -> np.ndarray:
+def betas_squaredcos_cap_v2(num_train_steps: int = 1000, max_beta: float = 0.999) -> np.ndarray:
   """Betas of the squared-cosine schedule (Nichol & Dhariwal 2021).
 
   alpha_bar(t) = cos^2((t + 0.008) / 1.008 * pi / 2);
@@ -158,8 +161,10 @@ def betas_squaredcos_cap_v2(num_train_steps: int = 1000,
     betas: [N] float64.
   """
   i = np.arange(num_train_steps, dtype=np.float64)
+
   def alpha_bar(s):
     return np.cos((s + 0.008) / 1.008 * np.pi / 2) ** 2
+
   ratio = alpha_bar((i + 1) / num_train_steps) / alpha_bar(i / num_train_steps)
   return np.minimum(1.0 - ratio, max_beta)
 
@@ -184,9 +189,12 @@ def alphas_cumprod(betas, dtype=np.float32) -> np.ndarray:
 SPACINGS = ("leading", "trailing", "linspace")
 
 
-def if_timesteps(num_inference_steps: int, num_train_steps: int = 1000,
-                 spacing: str = "leading",
-                 steps_offset: int = 0) -> tuple[int, ...]:
+def if_timesteps(
+  num_inference_steps: int,
+  num_train_steps: int = 1000,
+  spacing: str = "leading",
+  steps_offset: int = 0,
+) -> tuple[int, ...]:
   """Inference timesteps as diffusers `DDPMScheduler.set_timesteps` makes them.
 
   Args:
@@ -205,8 +213,7 @@ def if_timesteps(num_inference_steps: int, num_train_steps: int = 1000,
   """
   n = num_inference_steps
   if not 1 <= n <= num_train_steps:
-    raise ValueError(
-        f"num_inference_steps must be in [1, {num_train_steps}], got {n}.")
+    raise ValueError(f"num_inference_steps must be in [1, {num_train_steps}], got {n}.")
   if spacing == "leading":
     steps = (np.arange(n) * (num_train_steps // n)).round()[::-1]
     steps = steps + steps_offset
@@ -215,8 +222,7 @@ def if_timesteps(num_inference_steps: int, num_train_steps: int = 1000,
   elif spacing == "linspace":
     steps = np.linspace(0, num_train_steps - 1, n).round()[::-1]
   else:
-    raise ValueError(
-        f"Unknown timestep spacing {spacing!r}; known: {list(SPACINGS)}.")
+    raise ValueError(f"Unknown timestep spacing {spacing!r}; known: {list(SPACINGS)}.")
   return tuple(int(s) for s in steps.astype(np.int64))
 
 

@@ -49,18 +49,18 @@ from imagen_jax.diffusion import loop
 from imagen_jax.diffusion import schedules
 
 __all__ = [
-    "discrete_logsnr_fn",
-    "discrete_logsnr_table",
-    "dpmpp_2m_sample",
-    "dpmpp_2m_update",
-    "dpmpp_run",
-    "edm_bounds",
-    "edm_run",
-    "euler_sample",
-    "heun_sample",
-    "karras_sigma",
-    "make_predictor",
-    "solver_opts",
+  "discrete_logsnr_fn",
+  "discrete_logsnr_table",
+  "dpmpp_2m_sample",
+  "dpmpp_2m_update",
+  "dpmpp_run",
+  "edm_bounds",
+  "edm_run",
+  "euler_sample",
+  "heun_sample",
+  "karras_sigma",
+  "make_predictor",
+  "solver_opts",
 ]
 
 _BISECTION_ITERS = 40
@@ -68,8 +68,9 @@ _BISECTION_ITERS = 40
 
 def discrete_logsnr_table(num_train_steps: int = 1000) -> np.ndarray:
   """log(abar / (1 - abar)) of IF's squaredcos_cap_v2 schedule, [N] float32."""
-  ac = schedules.alphas_cumprod(
-      schedules.betas_squaredcos_cap_v2(num_train_steps)).astype(np.float64)
+  ac = schedules.alphas_cumprod(schedules.betas_squaredcos_cap_v2(num_train_steps)).astype(
+    np.float64
+  )
   return (np.log(ac) - np.log1p(-ac)).astype(np.float32)
 
 
@@ -112,8 +113,9 @@ def karras_sigma(i, num_steps, sigma_min, sigma_max, rho) -> jax.Array:
   return jnp.where(i >= n, 0.0, sigma)
 
 
-def dpmpp_2m_update(x_t, x0_hat, x0_prev, logsnr_prev, logsnr_t, logsnr_s,
-                    first_order) -> jax.Array:
+def dpmpp_2m_update(
+  x_t, x0_hat, x0_prev, logsnr_prev, logsnr_t, logsnr_s, first_order
+) -> jax.Array:
   """One DPM-Solver++ (2M) step from t to s (see the module docstring).
 
   Args:
@@ -136,8 +138,7 @@ def dpmpp_2m_update(x_t, x0_hat, x0_prev, logsnr_prev, logsnr_t, logsnr_s,
   return (sigma_s / sigma_t) * x_t - (alpha_s * jnp.expm1(-h)) * d
 
 
-def make_predictor(model_fn, args, opts, *, prediction, threshold,
-                   use_guidance):
+def make_predictor(model_fn, args, opts, *, prediction, threshold, use_guidance):
   """The guided, thresholded prediction a solver calls at each grid point.
 
   Args:
@@ -150,13 +151,23 @@ def make_predictor(model_fn, args, opts, *, prediction, threshold,
     predict(x [B, ...], t_model [], logsnr []) -> (x0_hat, eps_hat), both
     [B, ...] float32.
   """
+
   def predict(x, t_model, logsnr):
     b = x.shape[0]
     return loop.predict_x0_eps(
-        model_fn, x, jnp.full((b,), t_model), jnp.full((b,), logsnr), args,
-        prediction=prediction, guidance_scale=opts["guidance_scale"],
-        use_guidance=use_guidance, threshold=threshold,
-        quantile=opts["quantile"], max_value=opts["max_value"])
+      model_fn,
+      x,
+      jnp.full((b,), t_model),
+      jnp.full((b,), logsnr),
+      args,
+      prediction=prediction,
+      guidance_scale=opts["guidance_scale"],
+      use_guidance=use_guidance,
+      threshold=threshold,
+      quantile=opts["quantile"],
+      max_value=opts["max_value"],
+    )
+
   return predict
 
 
@@ -183,12 +194,10 @@ def dpmpp_run(predict, point, rng, shape, num_steps, edit, order):
     _, logsnr_prev = point(jnp.maximum(i - 1, 0))
     x0_hat, _ = predict(x_t, t_model, logsnr_t)
     first_order = (order == 1) | (i == start) | (i == n - 1)
-    x_s = dpmpp_2m_update(x_t, x0_hat, x0_prev, logsnr_prev, logsnr_t,
-                          logsnr_s, first_order)
+    x_s = dpmpp_2m_update(x_t, x0_hat, x0_prev, logsnr_prev, logsnr_t, logsnr_s, first_order)
     return x_s, x0_hat
 
-  return loop.run(step, jnp.zeros(shape, jnp.float32), rng, shape, n, edit,
-                  lambda i: point(i)[1])
+  return loop.run(step, jnp.zeros(shape, jnp.float32), rng, shape, n, edit, lambda i: point(i)[1])
 
 
 def edm_run(predict, point, rng, shape, num_steps, edit, heun):
@@ -202,6 +211,7 @@ def edm_run(predict, point, rng, shape, num_steps, edit, heun):
   Returns:
     x0: [B, H, W, C] float32.
   """
+
   def step(i, x_t, extra, key):
     del key  # Deterministic.
     t_model, logsnr_t = point(i)
@@ -221,19 +231,19 @@ def edm_run(predict, point, rng, shape, num_steps, edit, heun):
     x_s = jax.lax.cond(jnp.isfinite(logsnr_s), correct, lambda x: x, x_s)
     return x_s, extra
 
-  return loop.run(step, (), rng, shape, num_steps, edit,
-                  lambda i: point(i)[1])
+  return loop.run(step, (), rng, shape, num_steps, edit, lambda i: point(i)[1])
 
 
 def _bisect_time(logsnr_fn, logsnr) -> jax.Array:
   """t in [0, 1] with logsnr_fn(t) = logsnr (logsnr_fn decreasing), [] f32."""
+
   def body(_, bounds):
     lo, hi = bounds
     mid = 0.5 * (lo + hi)
     above = logsnr_fn(mid) > logsnr
     return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
-  lo, hi = jax.lax.fori_loop(0, _BISECTION_ITERS, body,
-                             (jnp.float32(0.0), jnp.float32(1.0)))
+
+  lo, hi = jax.lax.fori_loop(0, _BISECTION_ITERS, body, (jnp.float32(0.0), jnp.float32(1.0)))
   return 0.5 * (lo + hi)
 
 
@@ -254,35 +264,57 @@ def edm_bounds(opts, logsnr_lo, logsnr_hi):
 
 
 @functools.partial(
-    jax.jit,
-    static_argnames=("model_fn", "shape", "prediction", "logsnr_fn",
-                     "threshold", "use_guidance", "method"))
-def _continuous_solver(rng, args, opts, num_steps, edit, *, model_fn, shape,
-                       prediction, logsnr_fn, threshold, use_guidance,
-                       method):
+  jax.jit,
+  static_argnames=(
+    "model_fn",
+    "shape",
+    "prediction",
+    "logsnr_fn",
+    "threshold",
+    "use_guidance",
+    "method",
+  ),
+)
+def _continuous_solver(
+  rng,
+  args,
+  opts,
+  num_steps,
+  edit,
+  *,
+  model_fn,
+  shape,
+  prediction,
+  logsnr_fn,
+  threshold,
+  use_guidance,
+  method,
+):
   """The jitted loop of the continuous-time solvers."""
-  predict = make_predictor(model_fn, args, opts, prediction=prediction,
-                           threshold=threshold, use_guidance=use_guidance)
+  predict = make_predictor(
+    model_fn, args, opts, prediction=prediction, threshold=threshold, use_guidance=use_guidance
+  )
   if method in ("dpmpp_2m", "ddim"):
+
     def point(i):
       t = 1.0 - i.astype(jnp.float32) / num_steps.astype(jnp.float32)
       return t, logsnr_fn(t)
+
     order = 1 if method == "ddim" else 2
     return dpmpp_run(predict, point, rng, shape, num_steps, edit, order)
-  smin, smax = edm_bounds(opts, logsnr_fn(jnp.float32(1.0)),
-                          logsnr_fn(jnp.float32(0.0)))
+  smin, smax = edm_bounds(opts, logsnr_fn(jnp.float32(1.0)), logsnr_fn(jnp.float32(0.0)))
 
   def edm_point(i):
     sigma = karras_sigma(i, num_steps, smin, smax, opts["rho"])
     t = _bisect_time(logsnr_fn, -2.0 * jnp.log(jnp.maximum(sigma, 1e-30)))
     return t, jnp.where(sigma > 0, logsnr_fn(t), jnp.inf)
 
-  return edm_run(predict, edm_point, rng, shape, num_steps, edit,
-                 heun=method == "heun")
+  return edm_run(predict, edm_point, rng, shape, num_steps, edit, heun=method == "heun")
 
 
-def solver_opts(guidance_scale, quantile, max_value, sigma_min=0.002,
-                sigma_max=80.0, rho=7.0) -> dict:
+def solver_opts(
+  guidance_scale, quantile, max_value, sigma_min=0.002, sigma_max=80.0, rho=7.0
+) -> dict:
   """The traced numbers of a solver call, as a dict of float32 scalars.
 
   Args:
@@ -293,34 +325,73 @@ def solver_opts(guidance_scale, quantile, max_value, sigma_min=0.002,
   Returns:
     {name: [] float32} for the six names.
   """
-  return dict(guidance_scale=loop.scalar(guidance_scale, 1.0),
-              quantile=loop.scalar(quantile, 0.995),
-              max_value=loop.scalar(max_value, jnp.inf),
-              sigma_min=loop.scalar(sigma_min, 0.002),
-              sigma_max=loop.scalar(sigma_max, 80.0),
-              rho=loop.scalar(rho, 7.0))
+  return dict(
+    guidance_scale=loop.scalar(guidance_scale, 1.0),
+    quantile=loop.scalar(quantile, 0.995),
+    max_value=loop.scalar(max_value, jnp.inf),
+    sigma_min=loop.scalar(sigma_min, 0.002),
+    sigma_max=loop.scalar(sigma_max, 80.0),
+    rho=loop.scalar(rho, 7.0),
+  )
 
 
-def _continuous(method, model_fn, shape, rng, args, *, num_steps, prediction,
-                schedule, guidance_scale, threshold, quantile, max_value,
-                x_init, strength, known, mask, **edm):
+def _continuous(
+  method,
+  model_fn,
+  shape,
+  rng,
+  args,
+  *,
+  num_steps,
+  prediction,
+  schedule,
+  guidance_scale,
+  threshold,
+  quantile,
+  max_value,
+  x_init,
+  strength,
+  known,
+  mask,
+  **edm,
+):
   """Checks the options of a continuous solver and runs its jitted loop."""
-  logsnr_fn = loop.check_continuous(num_steps, prediction, threshold,
-                                    schedule)
+  logsnr_fn = loop.check_continuous(num_steps, prediction, threshold, schedule)
   edit = loop.make_edit(shape, x_init, strength, known, mask)
   return _continuous_solver(
-      rng, args, solver_opts(guidance_scale, quantile, max_value, **edm),
-      jnp.asarray(num_steps, jnp.int32), edit, model_fn=model_fn,
-      shape=tuple(shape), prediction=prediction, logsnr_fn=logsnr_fn,
-      threshold=threshold, use_guidance=guidance_scale is not None,
-      method=method)
+    rng,
+    args,
+    solver_opts(guidance_scale, quantile, max_value, **edm),
+    jnp.asarray(num_steps, jnp.int32),
+    edit,
+    model_fn=model_fn,
+    shape=tuple(shape),
+    prediction=prediction,
+    logsnr_fn=logsnr_fn,
+    threshold=threshold,
+    use_guidance=guidance_scale is not None,
+    method=method,
+  )
 
 
-def dpmpp_2m_sample(model_fn, shape, rng, args, *, num_steps: int,
-                    prediction: str = "eps", schedule="cosine",
-                    guidance_scale=None, threshold: str = "static",
-                    quantile=0.995, max_value=None, x_init=None,
-                    strength=1.0, known=None, mask=None) -> jax.Array:
+def dpmpp_2m_sample(
+  model_fn,
+  shape,
+  rng,
+  args,
+  *,
+  num_steps: int,
+  prediction: str = "eps",
+  schedule="cosine",
+  guidance_scale=None,
+  threshold: str = "static",
+  quantile=0.995,
+  max_value=None,
+  x_init=None,
+  strength=1.0,
+  known=None,
+  mask=None,
+) -> jax.Array:
   """DPM-Solver++ 2M for a continuous-time stage, one jitted loop.
 
   Args:
@@ -333,18 +404,46 @@ def dpmpp_2m_sample(model_fn, shape, rng, args, *, num_steps: int,
     x0: [B, H, W, C] float32 (n model calls).
   """
   return _continuous(
-      "dpmpp_2m", model_fn, shape, rng, args, num_steps=num_steps,
-      prediction=prediction, schedule=schedule, guidance_scale=guidance_scale,
-      threshold=threshold, quantile=quantile, max_value=max_value,
-      x_init=x_init, strength=strength, known=known, mask=mask)
+    "dpmpp_2m",
+    model_fn,
+    shape,
+    rng,
+    args,
+    num_steps=num_steps,
+    prediction=prediction,
+    schedule=schedule,
+    guidance_scale=guidance_scale,
+    threshold=threshold,
+    quantile=quantile,
+    max_value=max_value,
+    x_init=x_init,
+    strength=strength,
+    known=known,
+    mask=mask,
+  )
 
 
-def euler_sample(model_fn, shape, rng, args, *, num_steps: int,
-                 prediction: str = "eps", schedule="cosine",
-                 guidance_scale=None, threshold: str = "static",
-                 quantile=0.995, max_value=None, x_init=None, strength=1.0,
-                 known=None, mask=None, sigma_min=0.002, sigma_max=80.0,
-                 rho=7.0) -> jax.Array:
+def euler_sample(
+  model_fn,
+  shape,
+  rng,
+  args,
+  *,
+  num_steps: int,
+  prediction: str = "eps",
+  schedule="cosine",
+  guidance_scale=None,
+  threshold: str = "static",
+  quantile=0.995,
+  max_value=None,
+  x_init=None,
+  strength=1.0,
+  known=None,
+  mask=None,
+  sigma_min=0.002,
+  sigma_max=80.0,
+  rho=7.0,
+) -> jax.Array:
   """Euler on the probability-flow ODE over EDM's sigma grid, one jit.
 
   Args:
@@ -355,19 +454,49 @@ def euler_sample(model_fn, shape, rng, args, *, num_steps: int,
     x0: [B, H, W, C] float32 (n model calls).
   """
   return _continuous(
-      "euler", model_fn, shape, rng, args, num_steps=num_steps,
-      prediction=prediction, schedule=schedule, guidance_scale=guidance_scale,
-      threshold=threshold, quantile=quantile, max_value=max_value,
-      x_init=x_init, strength=strength, known=known, mask=mask,
-      sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
+    "euler",
+    model_fn,
+    shape,
+    rng,
+    args,
+    num_steps=num_steps,
+    prediction=prediction,
+    schedule=schedule,
+    guidance_scale=guidance_scale,
+    threshold=threshold,
+    quantile=quantile,
+    max_value=max_value,
+    x_init=x_init,
+    strength=strength,
+    known=known,
+    mask=mask,
+    sigma_min=sigma_min,
+    sigma_max=sigma_max,
+    rho=rho,
+  )
 
 
-def heun_sample(model_fn, shape, rng, args, *, num_steps: int,
-                prediction: str = "eps", schedule="cosine",
-                guidance_scale=None, threshold: str = "static",
-                quantile=0.995, max_value=None, x_init=None, strength=1.0,
-                known=None, mask=None, sigma_min=0.002, sigma_max=80.0,
-                rho=7.0) -> jax.Array:
+def heun_sample(
+  model_fn,
+  shape,
+  rng,
+  args,
+  *,
+  num_steps: int,
+  prediction: str = "eps",
+  schedule="cosine",
+  guidance_scale=None,
+  threshold: str = "static",
+  quantile=0.995,
+  max_value=None,
+  x_init=None,
+  strength=1.0,
+  known=None,
+  mask=None,
+  sigma_min=0.002,
+  sigma_max=80.0,
+  rho=7.0,
+) -> jax.Array:
   """Heun (EDM's 2nd-order sampler, no churn), one jitted loop.
 
   Args:
@@ -377,8 +506,23 @@ def heun_sample(model_fn, shape, rng, args, *, num_steps: int,
     x0: [B, H, W, C] float32 (2n - 1 model calls).
   """
   return _continuous(
-      "heun", model_fn, shape, rng, args, num_steps=num_steps,
-      prediction=prediction, schedule=schedule, guidance_scale=guidance_scale,
-      threshold=threshold, quantile=quantile, max_value=max_value,
-      x_init=x_init, strength=strength, known=known, mask=mask,
-      sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
+    "heun",
+    model_fn,
+    shape,
+    rng,
+    args,
+    num_steps=num_steps,
+    prediction=prediction,
+    schedule=schedule,
+    guidance_scale=guidance_scale,
+    threshold=threshold,
+    quantile=quantile,
+    max_value=max_value,
+    x_init=x_init,
+    strength=strength,
+    known=known,
+    mask=mask,
+    sigma_min=sigma_min,
+    sigma_max=sigma_max,
+    rho=rho,
+  )

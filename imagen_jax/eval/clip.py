@@ -33,6 +33,7 @@ from imagen_jax.safetensors_dir import WeightsReader
 @dataclasses.dataclass(frozen=True)
 class TowerConfig:
   """One transformer tower (text or vision)."""
+
   hidden_size: int
   intermediate_size: int
   num_layers: int
@@ -44,10 +45,11 @@ class TowerConfig:
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
   """What the Flax towers need from a CLIP config.json."""
+
   text: TowerConfig
   vision: TowerConfig
   vocab_size: int
-  max_length: int           # max_position_embeddings of the text tower
+  max_length: int  # max_position_embeddings of the text tower
   eos_token_id: int
   image_size: int
   patch_size: int
@@ -59,22 +61,37 @@ class CLIPConfig:
     t, v = config["text_config"], config["vision_config"]
 
     def tower(c):
-      return TowerConfig(c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"],
-                         c["num_attention_heads"], c.get("hidden_act", "quick_gelu"),
-                         c.get("layer_norm_eps", 1e-5))
-    return cls(text=tower(t), vision=tower(v), vocab_size=t["vocab_size"],
-               max_length=t.get("max_position_embeddings", 77),
-               eos_token_id=t.get("eos_token_id", 2), image_size=v["image_size"],
-               patch_size=v["patch_size"], projection_dim=config.get("projection_dim", 512))
+      return TowerConfig(
+        c["hidden_size"],
+        c["intermediate_size"],
+        c["num_hidden_layers"],
+        c["num_attention_heads"],
+        c.get("hidden_act", "quick_gelu"),
+        c.get("layer_norm_eps", 1e-5),
+      )
+
+    return cls(
+      text=tower(t),
+      vision=tower(v),
+      vocab_size=t["vocab_size"],
+      max_length=t.get("max_position_embeddings", 77),
+      eos_token_id=t.get("eos_token_id", 2),
+      image_size=v["image_size"],
+      patch_size=v["patch_size"],
+      projection_dim=config.get("projection_dim", 512),
+    )
 
 
-_ACTS = {"quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-         "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-         "gelu_new": lambda x: jax.nn.gelu(x, approximate=True)}
+_ACTS = {
+  "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+  "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+}
 
 
 class Attention(nn.Module):
   """Multi-head attention with q/k/v/out projections (biases), as CLIPAttention."""
+
   config: TowerConfig
 
   @nn.compact
@@ -123,6 +140,7 @@ class Encoder(nn.Module):
 
 class TextTower(nn.Module):
   """token ids [B, L] int, mask [B, L] → pooled hidden state [B, D]."""
+
   config: CLIPConfig
 
   @nn.compact
@@ -133,7 +151,7 @@ class TextTower(nn.Module):
     pos = nn.Embed(c.max_length, t.hidden_size, name="position_embedding")
     x = tok(ids) + pos(jnp.arange(l))[None]
     allowed = jnp.tril(jnp.ones((l, l), bool))[None] & (mask[:, None, :] > 0)  # [B, q, k]
-    bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)[:, None]      # [B, 1, q, k]
+    bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)[:, None]  # [B, 1, q, k]
     x = Encoder(t, name="encoder")(x, bias)
     x = nn.LayerNorm(t.eps, name="final_layer_norm")(x)
     if c.eos_token_id == 2:  # configs from before the eos fix: the highest id is the eos
@@ -145,20 +163,24 @@ class TextTower(nn.Module):
 
 class VisionTower(nn.Module):
   """normalized pixels [B, S, S, 3] → pooled class-token state [B, D]."""
+
   config: CLIPConfig
 
   @nn.compact
   def __call__(self, pixels: jax.Array) -> jax.Array:
     c, v = self.config, self.config.vision
     p = c.patch_size
-    x = nn.Conv(v.hidden_size, (p, p), (p, p), padding="VALID", use_bias=False,
-                name="patch_embedding")(pixels)
+    x = nn.Conv(
+      v.hidden_size, (p, p), (p, p), padding="VALID", use_bias=False, name="patch_embedding"
+    )(pixels)
     b = x.shape[0]
     x = x.reshape(b, -1, v.hidden_size)
     cls = self.param("class_embedding", nn.initializers.normal(0.02), (v.hidden_size,))
     x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, v.hidden_size)), x], 1)
-    x = x + nn.Embed(x.shape[1], v.hidden_size, name="position_embedding")(
-        jnp.arange(x.shape[1]))[None]
+    x = (
+      x
+      + nn.Embed(x.shape[1], v.hidden_size, name="position_embedding")(jnp.arange(x.shape[1]))[None]
+    )
     x = nn.LayerNorm(v.eps, name="pre_layrnorm")(x)
     x = Encoder(v, name="encoder")(x)
     return nn.LayerNorm(v.eps, name="post_layernorm")(x[:, 0])
@@ -166,6 +188,7 @@ class VisionTower(nn.Module):
 
 class CLIP(nn.Module):
   """Both towers and their projections (``text_projection``, ``visual_projection``)."""
+
   config: CLIPConfig
 
   def setup(self):
@@ -189,11 +212,13 @@ class CLIP(nn.Module):
 # ----------------------------------------------------------------------------
 # Preprocessing.
 
+
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
   """preprocessor_config.json's resize / crop / normalization."""
+
   shortest_edge: int
-  crop: tuple[int, int]       # (height, width)
+  crop: tuple[int, int]  # (height, width)
   mean: tuple[float, ...]
   std: tuple[float, ...]
 
@@ -203,8 +228,12 @@ class Preprocess:
     edge = size.get("shortest_edge", size.get("height")) if isinstance(size, dict) else size
     crop = c.get("crop_size", image_size)
     crop = (crop["height"], crop["width"]) if isinstance(crop, dict) else (crop, crop)
-    return cls(int(edge), crop, tuple(c.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
-               tuple(c.get("image_std", (0.26862954, 0.26130258, 0.27577711))))
+    return cls(
+      int(edge),
+      crop,
+      tuple(c.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
+      tuple(c.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
+    )
 
   def __call__(self, images: jax.Array) -> jax.Array:
     """uint8 [B, H, W, 3] → float32 [B, crop_h, crop_w, 3], normalized."""
@@ -217,12 +246,13 @@ class Preprocess:
       x = jnp.clip(x, 0.0, 255.0)
     ch_, cw = self.crop
     top, left = (nh - ch_) // 2, (nw - cw) // 2
-    x = x[:, top:top + ch_, left:left + cw] / 255.0
+    x = x[:, top : top + ch_, left : left + cw] / 255.0
     return (x - jnp.asarray(self.mean)) / jnp.asarray(self.std)
 
 
 # ----------------------------------------------------------------------------
 # Loading a Hugging Face folder.
+
 
 def _hf_name(path: tuple[str, ...]) -> tuple[str, str]:
   """Flax param path → (transformers tensor name, transform)."""
@@ -239,19 +269,24 @@ def _hf_name(path: tuple[str, ...]) -> tuple[str, str]:
   return ".".join(mods + [torch_leaf]), kind
 
 
-def _read(reader: WeightsReader, names: set, name: str, kind: str, shape: tuple,
-          path: str) -> np.ndarray:
+def _read(
+  reader: WeightsReader, names: set, name: str, kind: str, shape: tuple, path: str
+) -> np.ndarray:
   if name not in names:
-    raise ValueError(f"{path}: tensor {name!r} missing; expected a transformers CLIPModel "
-                     f"checkpoint (shape {shape} here)")
+    raise ValueError(
+      f"{path}: tensor {name!r} missing; expected a transformers CLIPModel "
+      f"checkpoint (shape {shape} here)"
+    )
   value = np.asarray(reader.get(name), np.float32)
   if kind == "dense":
     value = value.T
   elif kind == "conv":  # OIHW → HWIO
     value = value.transpose(2, 3, 1, 0)
   if value.shape != tuple(shape):
-    raise ValueError(f"{path}: tensor {name!r} has shape {value.shape} (as Flax), expected "
-                     f"{tuple(shape)} from config.json")
+    raise ValueError(
+      f"{path}: tensor {name!r} has shape {value.shape} (as Flax), expected "
+      f"{tuple(shape)} from config.json"
+    )
   return value
 
 
@@ -259,10 +294,13 @@ def load_params(path: str, config: CLIPConfig) -> dict:
   """Reads the CLIPModel weights of folder `path` into CLIP's Flax params."""
   model = CLIP(config)
   s = config.image_size
-  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                            jnp.zeros((1, config.max_length), jnp.int32),
-                            jnp.ones((1, config.max_length), jnp.int32),
-                            jnp.zeros((1, s, s, 3), jnp.float32))["params"]
+  abstract = jax.eval_shape(
+    model.init,
+    jax.random.PRNGKey(0),
+    jnp.zeros((1, config.max_length), jnp.int32),
+    jnp.ones((1, config.max_length), jnp.int32),
+    jnp.zeros((1, s, s, 3), jnp.float32),
+  )["params"]
   params: dict = {}
   with WeightsReader(path, weights_name="model") as reader:
     names = reader.keys()
@@ -292,11 +330,14 @@ class CLIPScorer:
     """
     from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
     from imagen_jax.eval import features  # pylint: disable=g-import-not-at-top
+
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
-      raise FileNotFoundError(f"{config_path}: no such file; expected a Hugging Face CLIP "
-                              "folder (config.json, model.safetensors, tokenizer files, "
-                              "preprocessor_config.json)")
+      raise FileNotFoundError(
+        f"{config_path}: no such file; expected a Hugging Face CLIP "
+        "folder (config.json, model.safetensors, tokenizer files, "
+        "preprocessor_config.json)"
+      )
     with open(config_path) as f:
       self.config = CLIPConfig.from_json(json.load(f))
     pre_path = os.path.join(path, "preprocessor_config.json")
@@ -311,21 +352,27 @@ class CLIPScorer:
     model = CLIP(self.config)
 
     def image_fn(params, images):
-      return model.apply({"params": params}, self.preprocess(images),
-                         method=CLIP.encode_image)
+      return model.apply({"params": params}, self.preprocess(images), method=CLIP.encode_image)
 
     def text_fn(params, ids, mask):
       return model.apply({"params": params}, ids, mask, method=CLIP.encode_text)
 
-    self._images = features.FeatureExtractor(image_fn, params, mesh=mesh, rules=rules,
-                                             batch_size=batch_size)
-    self._text = features.FeatureExtractor(text_fn, self._images.variables, mesh=mesh,
-                                           rules=rules, batch_size=batch_size)
+    self._images = features.FeatureExtractor(
+      image_fn, params, mesh=mesh, rules=rules, batch_size=batch_size
+    )
+    self._text = features.FeatureExtractor(
+      text_fn, self._images.variables, mesh=mesh, rules=rules, batch_size=batch_size
+    )
 
   def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """(ids int32 [N, L], mask int32 [N, L]), padded and truncated to max_length."""
-    tok = self.tokenizer(list(prompts), padding="max_length", truncation=True,
-                         max_length=self.config.max_length, return_tensors="np")
+    tok = self.tokenizer(
+      list(prompts),
+      padding="max_length",
+      truncation=True,
+      max_length=self.config.max_length,
+      return_tensors="np",
+    )
     return tok["input_ids"].astype(np.int32), tok["attention_mask"].astype(np.int32)
 
   def image_embeds(self, images: np.ndarray, progress: bool = False) -> np.ndarray:
@@ -336,10 +383,12 @@ class CLIPScorer:
     """N prompts → float32 [N, E] (unnormalized)."""
     return self._text(*self.tokenize(prompts))
 
-  def scores(self, images: np.ndarray, prompts: Sequence[str],
-             progress: bool = False) -> np.ndarray:
+  def scores(
+    self, images: np.ndarray, prompts: Sequence[str], progress: bool = False
+  ) -> np.ndarray:
     """Per-image CLIP score 100 · max(cos, 0) against its prompt: float64 [N]."""
     from imagen_jax.eval import metrics  # pylint: disable=g-import-not-at-top
+
     if len(images) != len(prompts):
       raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
     return metrics.clip_scores(self.image_embeds(images, progress), self.text_embeds(prompts))

@@ -55,8 +55,9 @@ def _shapes_metrics(images, prompts, holdout) -> dict[str, float]:
   return out
 
 
-def make_eval_fn(config: Any, workdir: str, text_encoder: Any, mesh=None,
-                 rules=None) -> Callable[[Stage, Any, int], dict[str, float]]:
+def make_eval_fn(
+  config: Any, workdir: str, text_encoder: Any, mesh=None, rules=None
+) -> Callable[[Stage, Any, int], dict[str, float]]:
   """An ``eval_fn(stage, ema_params, step) -> {name: float}`` (see the module doc).
 
   The metric networks load once, on the first call; each stage's cascade is
@@ -84,12 +85,15 @@ def make_eval_fn(config: Any, workdir: str, text_encoder: Any, mesh=None,
     if not nets:
       if "fid" in names:
         nets["reference"] = metrics.FeatureStats.load(tc.eval_reference)
-        nets["inception"] = fid_lib.InceptionFeatures(tc.eval_inception, mesh=mesh, rules=rules,
-                                                      batch_size=batch or len(prompts))
+        nets["inception"] = fid_lib.InceptionFeatures(
+          tc.eval_inception, mesh=mesh, rules=rules, batch_size=batch or len(prompts)
+        )
       if "clip" in names:
         from imagen_jax.eval import clip as clip_lib  # pylint: disable=g-import-not-at-top
-        nets["clip"] = clip_lib.CLIPScorer(tc.eval_clip, mesh=mesh, rules=rules,
-                                           batch_size=batch or len(prompts))
+
+        nets["clip"] = clip_lib.CLIPScorer(
+          tc.eval_clip, mesh=mesh, rules=rules, batch_size=batch or len(prompts)
+        )
     return nets
 
   def eval_fn(stage: Stage, ema_params: Any, step: int) -> dict[str, float]:
@@ -97,14 +101,16 @@ def make_eval_fn(config: Any, workdir: str, text_encoder: Any, mesh=None,
       return {}
     start = time.perf_counter()
     if stage.name not in cascades:
-      cascades[stage.name] = cascade_lib.sub_cascade(config, workdir, stage, ema_params,
-                                                     text_encoder, mesh, rules)
+      cascades[stage.name] = cascade_lib.sub_cascade(
+        config, workdir, stage, ema_params, text_encoder, mesh, rules
+      )
     cascade = cascades[stage.name]
     if cascade is None:
       return {}
     cascade.set_params(stage.name, ema_params)
-    images = cascade.sample(prompts, jax.random.PRNGKey(tc.seed), batch_size=batch,
-                            progress=False).final
+    images = cascade.sample(
+      prompts, jax.random.PRNGKey(tc.seed), batch_size=batch, progress=False
+    ).final
     out: dict[str, float] = {}
     if "shapes" in names:
       out.update(_shapes_metrics(images, prompts, holdout))

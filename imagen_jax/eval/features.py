@@ -25,9 +25,15 @@ class FeatureExtractor:
     num_shards: how many ways each chunk splits (1 without a mesh).
   """
 
-  def __init__(self, apply_fn: Callable, variables: Any, *,
-               mesh: Optional[jax.sharding.Mesh] = None, rules: Optional[Sequence] = None,
-               batch_size: int = 64):
+  def __init__(
+    self,
+    apply_fn: Callable,
+    variables: Any,
+    *,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    rules: Optional[Sequence] = None,
+    batch_size: int = 64,
+  ):
     """Builds the jitted extractor.
 
     Args:
@@ -56,8 +62,9 @@ class FeatureExtractor:
   def _put(self, x: np.ndarray) -> jax.Array:
     return jax.device_put(x) if self._rows is None else jax.device_put(x, self._rows)
 
-  def __call__(self, *arrays: np.ndarray, progress: bool = False,
-               desc: str = "features") -> np.ndarray:
+  def __call__(
+    self, *arrays: np.ndarray, progress: bool = False, desc: str = "features"
+  ) -> np.ndarray:
     """Features of every row.
 
     Args:
@@ -73,10 +80,13 @@ class FeatureExtractor:
     if n == 0:
       raise ValueError("no inputs to extract features from")
     out = []
-    for start in tqdm(range(0, n, self.batch_size), desc=desc, unit="batch",
-                      disable=not progress):
-      chunk = [self._put(parallel.pad_rows(np.asarray(a[start:start + self.batch_size]),
-                                  self.batch_size)) for a in arrays]
+    for start in tqdm(range(0, n, self.batch_size), desc=desc, unit="batch", disable=not progress):
+      chunk = [
+        self._put(
+          parallel.pad_rows(np.asarray(a[start : start + self.batch_size]), self.batch_size)
+        )
+        for a in arrays
+      ]
       feats = self._fn(self.variables, *chunk)
-      out.append(np.asarray(feats, np.float32)[:min(self.batch_size, n - start)])
+      out.append(np.asarray(feats, np.float32)[: min(self.batch_size, n - start)])
     return np.concatenate(out)

@@ -29,8 +29,15 @@ from imagen_jax.eval import features, inception, metrics
 class InceptionFeatures:
   """Images → FID Inception pool features and their statistics."""
 
-  def __init__(self, path: str, *, mesh=None, rules=None, batch_size: int = 64,
-               resolution: int = inception.RESOLUTION):
+  def __init__(
+    self,
+    path: str,
+    *,
+    mesh=None,
+    rules=None,
+    batch_size: int = 64,
+    resolution: int = inception.RESOLUTION,
+  ):
     """Loads the weights (``inception.load_variables``) and jits the network.
 
     Args:
@@ -41,16 +48,18 @@ class InceptionFeatures:
         compare; smaller (>= 75) only for smoke tests.
     """
     if resolution < inception.MIN_RESOLUTION:
-      raise ValueError(f"inception resolution must be >= {inception.MIN_RESOLUTION}, "
-                       f"got {resolution}")
+      raise ValueError(
+        f"inception resolution must be >= {inception.MIN_RESOLUTION}, got {resolution}"
+      )
     self.resolution = resolution
     variables = inception.load_variables(path)
 
     def fn(variables, images):
       return inception.apply(variables, images, resolution)
 
-    self._extract = features.FeatureExtractor(fn, variables, mesh=mesh, rules=rules,
-                                              batch_size=batch_size)
+    self._extract = features.FeatureExtractor(
+      fn, variables, mesh=mesh, rules=rules, batch_size=batch_size
+    )
 
   def __call__(self, images: np.ndarray, progress: bool = False) -> np.ndarray:
     """uint8 [N, R, R, 3] → float32 [N, 2048]."""
@@ -59,25 +68,39 @@ class InceptionFeatures:
       raise ValueError(f"expected uint8 images [N, H, W, 3], got {images.dtype} {images.shape}")
     return self._extract(images, progress=progress, desc="inception")
 
-  def stats(self, images: np.ndarray, source: str = "",
-            progress: bool = False) -> metrics.FeatureStats:
+  def stats(
+    self, images: np.ndarray, source: str = "", progress: bool = False
+  ) -> metrics.FeatureStats:
     """FeatureStats of uint8 images [N, R, R, 3] (all of one resolution R)."""
     return self.stats_of(self(images, progress), int(images.shape[1]), source)
 
-  def stats_of(self, feats: np.ndarray, image_resolution: int,
-               source: str = "") -> metrics.FeatureStats:
+  def stats_of(
+    self, feats: np.ndarray, image_resolution: int, source: str = ""
+  ) -> metrics.FeatureStats:
     """FeatureStats of this network's features [N, 2048] of R×R images."""
-    return metrics.feature_stats(feats, network=inception.NETWORK,
-                                 network_resolution=self.resolution,
-                                 image_resolution=image_resolution, source=source)
+    return metrics.feature_stats(
+      feats,
+      network=inception.NETWORK,
+      network_resolution=self.resolution,
+      image_resolution=image_resolution,
+      source=source,
+    )
 
 
-def check_reference(path: str, inception_resolution: int, image_resolution: int,
-                    source: str) -> metrics.FeatureStats:
+def check_reference(
+  path: str, inception_resolution: int, image_resolution: int, source: str
+) -> metrics.FeatureStats:
   """Loads reference statistics; ValueError unless they match this network and resolution."""
   reference = metrics.FeatureStats.load(path)
-  probe = metrics.FeatureStats(np.zeros(1), np.zeros((1, 1)), 0, inception.NETWORK,
-                               inception_resolution, image_resolution, source)
+  probe = metrics.FeatureStats(
+    np.zeros(1),
+    np.zeros((1, 1)),
+    0,
+    inception.NETWORK,
+    inception_resolution,
+    image_resolution,
+    source,
+  )
   probe.check_compatible(reference)
   return reference
 
@@ -121,16 +144,24 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--batch", type=int, default=64, help="images per jitted call")
   p.add_argument("--seed", type=int, default=0, help="sampling seed")
   p.add_argument("--inception", help="FID InceptionV3 weights (.safetensors, pytorch-fid names)")
-  p.add_argument("--inception_resolution", type=int, default=inception.RESOLUTION,
-                 help="the network's input side; 299 for comparable FID, smaller only "
-                      "for smoke tests")
+  p.add_argument(
+    "--inception_resolution",
+    type=int,
+    default=inception.RESOLUTION,
+    help="the network's input side; 299 for comparable FID, smaller only for smoke tests",
+  )
   p.add_argument("--clip", help="a local Hugging Face CLIP folder, for the CLIP score")
 
 
-def evaluate_images(images: np.ndarray, prompts: Sequence[str], *,
-                    inception_fn: Optional[InceptionFeatures] = None,
-                    reference: Optional[metrics.FeatureStats] = None,
-                    clip_scorer: Any = None, source: str = "") -> dict:
+def evaluate_images(
+  images: np.ndarray,
+  prompts: Sequence[str],
+  *,
+  inception_fn: Optional[InceptionFeatures] = None,
+  reference: Optional[metrics.FeatureStats] = None,
+  clip_scorer: Any = None,
+  source: str = "",
+) -> dict:
   """FID (when inception_fn and reference) and CLIP score (when clip_scorer) of images.
 
   Returns:
@@ -146,8 +177,9 @@ def evaluate_images(images: np.ndarray, prompts: Sequence[str], *,
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m imagen_jax.eval.fid",
-                              description="FID (and CLIP score) of a trained cascade.")
+  p = argparse.ArgumentParser(
+    prog="python -m imagen_jax.eval.fid", description="FID (and CLIP score) of a trained cascade."
+  )
   add_sampling_flags(p)
   p.add_argument("--reference", required=True, help="statistics from imagen_jax.eval.fid_stats")
   p.add_argument("--prompts_file", required=True, help="one prompt a line, cycled to --num")
@@ -163,6 +195,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   from imagen_jax import cascade as cascade_lib  # pylint: disable=g-import-not-at-top
   from imagen_jax.eval import clip as clip_lib  # pylint: disable=g-import-not-at-top
   from imagen_jax import run as run_lib  # pylint: disable=g-import-not-at-top
+
   args = parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.ERROR)
@@ -176,30 +209,53 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     guidance = per_stage_arg(args.guidance, float)
     cascade_lib.per_stage(steps, config.stage_order, "steps")
     cascade_lib.per_stage(guidance, config.stage_order, "guidance")
-    reference = check_reference(args.reference, args.inception_resolution,
-                                config.stages[config.stage_order[-1]].resolution, args.workdir)
+    reference = check_reference(
+      args.reference,
+      args.inception_resolution,
+      config.stages[config.stage_order[-1]].resolution,
+      args.workdir,
+    )
     prompts = cycle(read_prompts(args.prompts_file), args.num)
     cascade = cascade_lib.Cascade.from_workdir(args.workdir)
-    inception_fn = InceptionFeatures(args.inception, mesh=cascade.mesh, rules=cascade.rules,
-                                     batch_size=args.batch,
-                                     resolution=args.inception_resolution)
-    scorer = (clip_lib.CLIPScorer(args.clip, mesh=cascade.mesh, rules=cascade.rules,
-                                  batch_size=args.batch) if args.clip else None)
+    inception_fn = InceptionFeatures(
+      args.inception,
+      mesh=cascade.mesh,
+      rules=cascade.rules,
+      batch_size=args.batch,
+      resolution=args.inception_resolution,
+    )
+    scorer = (
+      clip_lib.CLIPScorer(args.clip, mesh=cascade.mesh, rules=cascade.rules, batch_size=args.batch)
+      if args.clip
+      else None
+    )
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   start = time.perf_counter()
-  out = cascade.sample(prompts, jax.random.key(args.seed), steps=steps, guidance=guidance,
-                       batch_size=args.batch)
-  result = evaluate_images(out.final, prompts, inception_fn=inception_fn, reference=reference,
-                           clip_scorer=scorer, source=args.workdir)
-  result.update(reference=args.reference, reference_source=reference.source,
-                reference_count=reference.count, network=inception.NETWORK,
-                inception_resolution=args.inception_resolution,
-                image_resolution=int(out.final.shape[1]), seed=args.seed,
-                settings={n: dataclasses.asdict(s) for n, s in out.settings.items()},
-                checkpoint_steps=cascade.checkpoint_steps,
-                wall_s=round(time.perf_counter() - start, 2))
+  out = cascade.sample(
+    prompts, jax.random.key(args.seed), steps=steps, guidance=guidance, batch_size=args.batch
+  )
+  result = evaluate_images(
+    out.final,
+    prompts,
+    inception_fn=inception_fn,
+    reference=reference,
+    clip_scorer=scorer,
+    source=args.workdir,
+  )
+  result.update(
+    reference=args.reference,
+    reference_source=reference.source,
+    reference_count=reference.count,
+    network=inception.NETWORK,
+    inception_resolution=args.inception_resolution,
+    image_resolution=int(out.final.shape[1]),
+    seed=args.seed,
+    settings={n: dataclasses.asdict(s) for n, s in out.settings.items()},
+    checkpoint_steps=cascade.checkpoint_steps,
+    wall_s=round(time.perf_counter() - start, 2),
+  )
   path = args.out or os.path.join(args.workdir, "eval_fid.json")
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:

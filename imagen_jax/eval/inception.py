@@ -30,8 +30,8 @@ import numpy as np
 
 NETWORK = "pytorch-fid-inception-v3"  # what produced the features (stored in stats)
 FEATURE_DIM = 2048
-RESOLUTION = 299                       # pytorch-fid's input size
-MIN_RESOLUTION = 75                    # the smallest input the stride-2 stem accepts
+RESOLUTION = 299  # pytorch-fid's input size
+MIN_RESOLUTION = 75  # the smallest input the stride-2 stem accepts
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -40,16 +40,23 @@ def _pair(v: Any) -> tuple[int, int]:
 
 class BasicConv(nn.Module):
   """conv (no bias) → BatchNorm (eps 1e-3, running statistics) → ReLU."""
+
   features: int
   kernel: Any = 1
   strides: int = 1
-  padding: Any = 0   # int or (pad_h, pad_w), symmetric as in PyTorch
+  padding: Any = 0  # int or (pad_h, pad_w), symmetric as in PyTorch
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     ph, pw = _pair(self.padding)
-    x = nn.Conv(self.features, _pair(self.kernel), _pair(self.strides),
-                padding=((ph, ph), (pw, pw)), use_bias=False, name="conv")(x)
+    x = nn.Conv(
+      self.features,
+      _pair(self.kernel),
+      _pair(self.strides),
+      padding=((ph, ph), (pw, pw)),
+      use_bias=False,
+      name="conv",
+    )(x)
     x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, name="bn")(x)
     return nn.relu(x)
 
@@ -83,7 +90,6 @@ class InceptionA(nn.Module):
 
 
 class InceptionB(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     a = BasicConv(384, 3, 2, name="branch3x3")(x)
@@ -113,7 +119,6 @@ class InceptionC(nn.Module):
 
 
 class InceptionD(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     a = BasicConv(192, name="branch3x3_1")(x)
@@ -132,12 +137,22 @@ class InceptionE(nn.Module):
   def __call__(self, x):
     a = BasicConv(320, name="branch1x1")(x)
     b = BasicConv(384, name="branch3x3_1")(x)
-    b = jnp.concatenate([BasicConv(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(b),
-                         BasicConv(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(b)], -1)
+    b = jnp.concatenate(
+      [
+        BasicConv(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(b),
+        BasicConv(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(b),
+      ],
+      -1,
+    )
     c = BasicConv(448, name="branch3x3dbl_1")(x)
     c = BasicConv(384, 3, padding=1, name="branch3x3dbl_2")(c)
-    c = jnp.concatenate([BasicConv(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(c),
-                         BasicConv(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(c)], -1)
+    c = jnp.concatenate(
+      [
+        BasicConv(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(c),
+        BasicConv(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(c),
+      ],
+      -1,
+    )
     d = BasicConv(192, name="branch_pool")(self.pool(x))
     return jnp.concatenate([a, b, c, d], -1)
 
@@ -158,8 +173,7 @@ class FIDInceptionV3(nn.Module):
     x = InceptionA(64, name="Mixed_5c")(x)
     x = InceptionA(64, name="Mixed_5d")(x)
     x = InceptionB(name="Mixed_6a")(x)
-    for name, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160),
-                     ("Mixed_6e", 192)):
+    for name, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)):
       x = InceptionC(c7, name=name)(x)
     x = InceptionD(name="Mixed_7a")(x)
     x = InceptionE(_avg_pool, name="Mixed_7b")(x)
@@ -182,8 +196,12 @@ def preprocess(images: jax.Array, resolution: int = RESOLUTION) -> jax.Array:
 # ----------------------------------------------------------------------------
 # Weights: pytorch-fid state-dict names ↔ Flax variables.
 
-_BN = {"weight": ("params", "scale"), "bias": ("params", "bias"),
-       "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+_BN = {
+  "weight": ("params", "scale"),
+  "bias": ("params", "bias"),
+  "running_mean": ("batch_stats", "mean"),
+  "running_var": ("batch_stats", "var"),
+}
 
 
 def torch_names(abstract_variables: Any) -> dict[str, tuple[tuple[str, ...], tuple]]:
@@ -204,20 +222,25 @@ def torch_names(abstract_variables: Any) -> dict[str, tuple[tuple[str, ...], tup
 
 def abstract_variables(resolution: int = MIN_RESOLUTION) -> Any:
   """The Flax variables' shapes (``params`` and ``batch_stats``), without computing them."""
-  return jax.eval_shape(FIDInceptionV3().init, jax.random.PRNGKey(0),
-                        jnp.zeros((1, resolution, resolution, 3), jnp.float32))
+  return jax.eval_shape(
+    FIDInceptionV3().init,
+    jax.random.PRNGKey(0),
+    jnp.zeros((1, resolution, resolution, 3), jnp.float32),
+  )
 
 
 def _read_tensors(path: str) -> Any:
   """A name → array getter over a .safetensors or .npz file (lazy for safetensors)."""
   if not os.path.isfile(path):
     raise FileNotFoundError(
-        f"{path}: no such file; expected the FID InceptionV3 weights as .safetensors "
-        "(tools/make_inception_fixtures.py --convert pt_inception-2015-12-05-6726825d.pth)")
+      f"{path}: no such file; expected the FID InceptionV3 weights as .safetensors "
+      "(tools/make_inception_fixtures.py --convert pt_inception-2015-12-05-6726825d.pth)"
+    )
   if path.endswith(".npz"):
     data = np.load(path)
     return set(data.files), lambda name: data[name]
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+
   f = safe_open(path, "np")
   return set(f.keys()), f.get_tensor
 
@@ -234,14 +257,18 @@ def load_variables(path: str) -> dict:
   variables: dict = {}
   for name, (keys, shape) in torch_names(abstract_variables()).items():
     if name not in names:
-      raise ValueError(f"{path}: tensor {name!r} missing; expected pytorch-fid's "
-                       f"InceptionV3 state dict (shape {shape} here)")
+      raise ValueError(
+        f"{path}: tensor {name!r} missing; expected pytorch-fid's "
+        f"InceptionV3 state dict (shape {shape} here)"
+      )
     value = np.asarray(get(name), np.float32)
     if value.ndim == 4:  # OIHW → HWIO
       value = value.transpose(2, 3, 1, 0)
     if value.shape != shape:
-      raise ValueError(f"{path}: tensor {name!r} has shape {value.shape} (as Flax), "
-                       f"expected {shape}: not pytorch-fid's FID InceptionV3")
+      raise ValueError(
+        f"{path}: tensor {name!r} has shape {value.shape} (as Flax), "
+        f"expected {shape}: not pytorch-fid's FID InceptionV3"
+      )
     node = variables
     for k in keys[:-1]:
       node = node.setdefault(k, {})
@@ -266,7 +293,7 @@ def _unit_hash(name: str, n: int, seed: int) -> np.ndarray:
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     z = z ^ (z >> np.uint64(31))
-  return (z >> np.uint64(11)).astype(np.float64) / float(2 ** 53)
+  return (z >> np.uint64(11)).astype(np.float64) / float(2**53)
 
 
 def synthetic_tensor(name: str, shape: Sequence[int], seed: int = 0) -> np.ndarray:

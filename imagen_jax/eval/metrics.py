@@ -28,21 +28,21 @@ _log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class FeatureStats:
   """Mean and covariance of a feature set, with where they came from."""
-  mu: np.ndarray          # float64 [D]
-  sigma: np.ndarray       # float64 [D, D]
-  count: int              # N, the samples behind them
-  network: str            # e.g. inception.NETWORK
+
+  mu: np.ndarray  # float64 [D]
+  sigma: np.ndarray  # float64 [D, D]
+  count: int  # N, the samples behind them
+  network: str  # e.g. inception.NETWORK
   network_resolution: int  # the network's input side (299 for FID)
-  image_resolution: int   # the images' side before the network resized them
-  source: str = ""        # free text: dataset/split, folder or run
+  image_resolution: int  # the images' side before the network resized them
+  source: str = ""  # free text: dataset/split, folder or run
   # (features − mu) / √(N − 1), float64 [N, D], kept in memory when N <= D: then
   # sigma = factorᵀ factor has rank < N and the FID needs only N×N matrices.
   factor: Optional[np.ndarray] = dataclasses.field(default=None, repr=False, compare=False)
 
   def save(self, path: str) -> None:
     """Writes an .npz with mu, sigma and the provenance fields."""
-    meta = {k: v for k, v in dataclasses.asdict(self).items()
-            if k not in ("mu", "sigma", "factor")}
+    meta = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("mu", "sigma", "factor")}
     np.savez(path, mu=self.mu, sigma=self.sigma, meta=json.dumps(meta))
 
   @classmethod
@@ -54,30 +54,41 @@ class FeatureStats:
       ValueError: an .npz without the provenance this module writes.
     """
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"{path}: no such reference statistics file "
-                              "(python -m imagen_jax.eval.fid_stats writes one)")
+      raise FileNotFoundError(
+        f"{path}: no such reference statistics file "
+        "(python -m imagen_jax.eval.fid_stats writes one)"
+      )
     with np.load(path) as data:
       if "meta" not in data or "mu" not in data or "sigma" not in data:
-        raise ValueError(f"{path}: expected mu, sigma and meta (what network and resolution "
-                         "produced them; python -m imagen_jax.eval.fid_stats), found "
-                         f"{sorted(data.files)}")
+        raise ValueError(
+          f"{path}: expected mu, sigma and meta (what network and resolution "
+          "produced them; python -m imagen_jax.eval.fid_stats), found "
+          f"{sorted(data.files)}"
+        )
       meta = json.loads(str(data["meta"]))
-      return cls(mu=data["mu"].astype(np.float64), sigma=data["sigma"].astype(np.float64),
-                 **meta)
+      return cls(mu=data["mu"].astype(np.float64), sigma=data["sigma"].astype(np.float64), **meta)
 
   def check_compatible(self, other: "FeatureStats") -> None:
     """Raises ValueError unless both come from the same network at the same resolutions."""
     for field in ("network", "network_resolution", "image_resolution"):
       a, b = getattr(self, field), getattr(other, field)
       if a != b:
-        raise ValueError(f"statistics differ in {field}: {a!r} ({self.source or 'samples'}) "
-                         f"vs {b!r} ({other.source or 'reference'}); recompute the "
-                         f"reference with python -m imagen_jax.eval.fid_stats at the same "
-                         "network and resolution")
+        raise ValueError(
+          f"statistics differ in {field}: {a!r} ({self.source or 'samples'}) "
+          f"vs {b!r} ({other.source or 'reference'}); recompute the "
+          f"reference with python -m imagen_jax.eval.fid_stats at the same "
+          "network and resolution"
+        )
 
 
-def feature_stats(features: np.ndarray, *, network: str, network_resolution: int,
-                  image_resolution: int, source: str = "") -> FeatureStats:
+def feature_stats(
+  features: np.ndarray,
+  *,
+  network: str,
+  network_resolution: int,
+  image_resolution: int,
+  source: str = "",
+) -> FeatureStats:
   """Mean and (unbiased) covariance of features [N, D], in float64.
 
   Raises:
@@ -90,15 +101,25 @@ def feature_stats(features: np.ndarray, *, network: str, network_resolution: int
   if n < MIN_SAMPLES:
     raise ValueError(f"{n} samples: a covariance needs at least {MIN_SAMPLES}")
   if n < d:
-    _log.warning("FID from %d samples < feature dimension %d: the covariance is "
-                 "rank-deficient and the estimate biased upwards; compare only "
-                 "numbers from equally many samples (papers use 10k-50k)", n, d)
+    _log.warning(
+      "FID from %d samples < feature dimension %d: the covariance is "
+      "rank-deficient and the estimate biased upwards; compare only "
+      "numbers from equally many samples (papers use 10k-50k)",
+      n,
+      d,
+    )
   mu = features.mean(0)
   factor = (features - mu) / np.sqrt(n - 1)
-  return FeatureStats(mu=mu, sigma=factor.T @ factor, count=n, network=network,
-                      network_resolution=network_resolution,
-                      image_resolution=image_resolution, source=source,
-                      factor=factor if n <= d else None)
+  return FeatureStats(
+    mu=mu,
+    sigma=factor.T @ factor,
+    count=n,
+    network=network,
+    network_resolution=network_resolution,
+    image_resolution=image_resolution,
+    source=source,
+    factor=factor if n <= d else None,
+  )
 
 
 def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
@@ -107,8 +128,13 @@ def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
   return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
-                     sigma2: np.ndarray, factor1: Optional[np.ndarray] = None) -> float:
+def frechet_distance(
+  mu1: np.ndarray,
+  sigma1: np.ndarray,
+  mu2: np.ndarray,
+  sigma2: np.ndarray,
+  factor1: Optional[np.ndarray] = None,
+) -> float:
   """‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½), in float64.
 
   tr((Σ1 Σ2)^½) is computed as tr((Σ1^½ Σ2 Σ1^½)^½): the two matrices are
@@ -131,8 +157,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
   mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
   sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
   if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-    raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, "
-                     f"sigma {sigma1.shape} vs {sigma2.shape}")
+    raise ValueError(
+      f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}"
+    )
   if factor1 is not None:
     inner = factor1 @ sigma2 @ factor1.T
   else:
@@ -149,8 +176,7 @@ def fid(samples: FeatureStats, reference: FeatureStats) -> float:
   samples.check_compatible(reference)
   if samples.factor is None and reference.factor is not None:
     samples, reference = reference, samples  # Symmetric: factor the low-rank one.
-  return frechet_distance(samples.mu, samples.sigma, reference.mu, reference.sigma,
-                          samples.factor)
+  return frechet_distance(samples.mu, samples.sigma, reference.mu, reference.sigma, samples.factor)
 
 
 def clip_scores(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
@@ -170,5 +196,8 @@ def clip_scores(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
 def summary(values: np.ndarray) -> dict[str, Optional[float]]:
   """{'mean', 'std', 'count'} of per-sample scores."""
   values = np.asarray(values, np.float64)
-  return {"mean": float(values.mean()) if len(values) else None,
-          "std": float(values.std()) if len(values) else None, "count": int(len(values))}
+  return {
+    "mean": float(values.mean()) if len(values) else None,
+    "std": float(values.std()) if len(values) else None,
+    "count": int(len(values)),
+  }

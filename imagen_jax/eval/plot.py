@@ -28,8 +28,17 @@ def _fmt(v: float) -> str:
   return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
 
 
-def line_plot(xs: Sequence[float], ys: Sequence[float], labels: Sequence[str], path: str, *,
-              x_label: str, y_label: str, title: str, note: Optional[str] = None) -> None:
+def line_plot(
+  xs: Sequence[float],
+  ys: Sequence[float],
+  labels: Sequence[str],
+  path: str,
+  *,
+  x_label: str,
+  y_label: str,
+  title: str,
+  note: Optional[str] = None,
+) -> None:
   """Writes a PNG with the points (xs[i], ys[i]) labelled labels[i], joined in order.
 
   Args:
@@ -49,8 +58,10 @@ def line_plot(xs: Sequence[float], ys: Sequence[float], labels: Sequence[str], p
   (xa, xb), (ya, yb) = (xt[0], xt[-1]), (yt[0], yt[-1])
 
   def px(x, y):
-    return (x0 + (x - xa) / ((xb - xa) or 1) * (x1 - x0),
-            y1 - (y - ya) / ((yb - ya) or 1) * (y1 - y0))
+    return (
+      x0 + (x - xa) / ((xb - xa) or 1) * (x1 - x0),
+      y1 - (y - ya) / ((yb - ya) or 1) * (y1 - y0),
+    )
 
   for t in xt:
     u = px(t, ya)[0]
@@ -72,7 +83,6 @@ def line_plot(xs: Sequence[float], ys: Sequence[float], labels: Sequence[str], p
     d.text(((x0 + x1) / 2, 32), note, fill=(90, 90, 90), font=small, anchor="mt")
   d.text(((x0 + x1) / 2, _SIZE[1] - 24), x_label, fill="black", font=font, anchor="mm")
   label_img = Image.new("RGB", (y1 - y0, 22), "white")
-  ImageDraw.Draw(label_img).text(((y1 - y0) / 2, 11), y_label, fill="black", font=font,
-                                 anchor="mm")
+  ImageDraw.Draw(label_img).text(((y1 - y0) / 2, 11), y_label, fill="black", font=font, anchor="mm")
   img.paste(label_img.rotate(90, expand=True), (8, y0))
   img.save(path)

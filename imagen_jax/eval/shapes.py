@@ -39,16 +39,18 @@ from scipy import ndimage
 
 from imagen_jax.data import shapes
 
-MIN_COVERAGE = 0.25      # a pixel at least this much of a palette color is foreground
-MAX_RESIDUAL = 60.0      # RGB distance from the scaled palette color to still count
+MIN_COVERAGE = 0.25  # a pixel at least this much of a palette color is foreground
+MAX_RESIDUAL = 60.0  # RGB distance from the scaled palette color to still count
 MIN_OBJECT_AREA = 0.015  # blob area (fraction of the image) to count as an object
-MIN_EXTRA_AREA = 0.03    # an unmatched blob this large makes the image incorrect
+MIN_EXTRA_AREA = 0.03  # an unmatched blob this large makes the image incorrect
 # (fill ratio, centroid drop) of each shape; drop = (cy - box center) / height.
-PROTOTYPES = {"circle": (shapes.FILL_RATIOS["circle"], 0.0),
-              "square": (shapes.FILL_RATIOS["square"], 0.0),
-              "triangle": (shapes.FILL_RATIOS["triangle"], 1.0 / 6.0)}
-MAX_SPAN = 0.55         # a blob wider or taller than this (of the side) is two objects
-DROP_WEIGHT = 2.0        # the drop's weight against the fill ratio in the distance
+PROTOTYPES = {
+  "circle": (shapes.FILL_RATIOS["circle"], 0.0),
+  "square": (shapes.FILL_RATIOS["square"], 0.0),
+  "triangle": (shapes.FILL_RATIOS["triangle"], 1.0 / 6.0),
+}
+MAX_SPAN = 0.55  # a blob wider or taller than this (of the side) is two objects
+DROP_WEIGHT = 2.0  # the drop's weight against the fill ratio in the distance
 
 _COLOR_NAMES = tuple(shapes.PALETTE)
 _PALETTE = np.asarray([shapes.PALETTE[c] for c in _COLOR_NAMES], np.float32)  # [K, 3]
@@ -58,13 +60,14 @@ _SPLIT_IDS = {"train": 0, "test": 1, "holdout": 2}  # as the shapes TFDS builder
 @dataclasses.dataclass
 class Blob:
   """One detected object."""
+
   color: str
   shape: str
   position: str
-  area: float                # fraction of the image (coverage-weighted)
-  centroid: tuple            # (x, y) fractions of the side
-  fill: float                # coverage / bounding-box area
-  drop: float                # (centroid y - box center y) / box height
+  area: float  # fraction of the image (coverage-weighted)
+  centroid: tuple  # (x, y) fractions of the side
+  fill: float  # coverage / bounding-box area
+  drop: float  # (centroid y - box center y) / box height
 
   def describe(self) -> str:
     return f"a {self.color} {self.shape} in the {self.position}"
@@ -80,10 +83,10 @@ def color_map(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     (index int [H, W], -1 for background or unassigned; coverage float [H, W]
     in [0, 1]).
   """
-  p = image.astype(np.float32).reshape(-1, 1, 3)                        # [P, 1, 3]
-  a = (p * _PALETTE).sum(-1) / (_PALETTE * _PALETTE).sum(-1)            # [P, K]
+  p = image.astype(np.float32).reshape(-1, 1, 3)  # [P, 1, 3]
+  a = (p * _PALETTE).sum(-1) / (_PALETTE * _PALETTE).sum(-1)  # [P, K]
   a = np.clip(a, 0.0, 1.0)
-  residual = np.linalg.norm(p - a[..., None] * _PALETTE, axis=-1)       # [P, K]
+  residual = np.linalg.norm(p - a[..., None] * _PALETTE, axis=-1)  # [P, K]
   best = residual.argmin(-1)
   cov = a[np.arange(len(best)), best]
   ok = (cov >= MIN_COVERAGE) & (residual[np.arange(len(best)), best] <= MAX_RESIDUAL)
@@ -93,18 +96,17 @@ def color_map(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _soft_extent(cov: np.ndarray, axis: int) -> tuple[float, float, float]:
   """(start, end, length) along an axis from the coverage profile (sub-pixel)."""
-  profile = cov.max(axis=axis)                  # per row or column, in [0, 1]
+  profile = cov.max(axis=axis)  # per row or column, in [0, 1]
   idx = np.nonzero(profile > 0)[0]
   first, last = idx[0], idx[-1]
-  start = first + 1.0 - profile[first]          # partial first and last lines
+  start = first + 1.0 - profile[first]  # partial first and last lines
   end = last + profile[last]
   return start, end, max(end - start, 1e-6)
 
 
 def classify_shape(fill: float, drop: float) -> str:
   """The nearest shape prototype in (fill ratio, weighted centroid drop)."""
-  dist = {name: np.hypot(fill - f, DROP_WEIGHT * (drop - d))
-          for name, (f, d) in PROTOTYPES.items()}
+  dist = {name: np.hypot(fill - f, DROP_WEIGHT * (drop - d)) for name, (f, d) in PROTOTYPES.items()}
   return min(dist, key=dist.get)
 
 
@@ -119,11 +121,19 @@ def _measure(cov: np.ndarray, color: str, side: int) -> Blob:
   fill = area / (w * h)
   drop = (cy - (y0 + y1) / 2.0) / h
   fx, fy = cx / side, cy / side
-  position = min(shapes.POSITION_CENTERS, key=lambda k: np.hypot(
-      fx - shapes.POSITION_CENTERS[k][0], fy - shapes.POSITION_CENTERS[k][1]))
-  return Blob(color=color, shape=classify_shape(fill, drop), position=position,
-              area=area / side ** 2, centroid=(round(fx, 4), round(fy, 4)),
-              fill=round(fill, 4), drop=round(drop, 4))
+  position = min(
+    shapes.POSITION_CENTERS,
+    key=lambda k: np.hypot(fx - shapes.POSITION_CENTERS[k][0], fy - shapes.POSITION_CENTERS[k][1]),
+  )
+  return Blob(
+    color=color,
+    shape=classify_shape(fill, drop),
+    position=position,
+    area=area / side**2,
+    centroid=(round(fx, 4), round(fy, 4)),
+    fill=round(fill, 4),
+    drop=round(drop, 4),
+  )
 
 
 def _label(mask: np.ndarray, cov: np.ndarray) -> tuple[np.ndarray, int]:
@@ -172,8 +182,7 @@ def _split_wide(labels: np.ndarray, n: int) -> tuple[np.ndarray, int]:
   return out, count
 
 
-def find_objects(image: np.ndarray,
-                 min_area: float = MIN_OBJECT_AREA) -> list[Blob]:
+def find_objects(image: np.ndarray, min_area: float = MIN_OBJECT_AREA) -> list[Blob]:
   """Detects the colored objects of an image, largest first.
 
   Args:
@@ -193,7 +202,7 @@ def find_objects(image: np.ndarray,
     labels, n = _label(index == k, cov)
     for j in range(1, n + 1):
       c = np.where(labels == j, cov, 0.0)
-      if c.sum() >= min_area * side ** 2:
+      if c.sum() >= min_area * side**2:
         blobs.append(_measure(c, color, side))
   return sorted(blobs, key=lambda b: -b.area)
 
@@ -203,9 +212,11 @@ def _match(expected: shapes.ShapeObject, blobs: list, used: set) -> tuple[Option
   same_color = [i for i, b in enumerate(blobs) if b.color == expected.color and i not in used]
   if not same_color:
     return None, f"no {expected.color} object"
+
   def rank(i):
     b = blobs[i]
     return (b.position != expected.position, b.shape != expected.shape, -b.area)
+
   i = min(same_color, key=rank)
   b = blobs[i]
   if b.position != expected.position:
@@ -234,13 +245,22 @@ def score_image(image: np.ndarray, caption: str) -> dict[str, Any]:
     i, verdict = _match(obj, blobs, used)
     if i is not None:
       used.add(i)
-    objects.append({"expected": obj.phrase(), "verdict": verdict,
-                    "found": None if i is None else blobs[i].describe()})
-  extra = [b.describe() for i, b in enumerate(blobs)
-           if i not in used and b.area >= MIN_EXTRA_AREA]
+    objects.append(
+      {
+        "expected": obj.phrase(),
+        "verdict": verdict,
+        "found": None if i is None else blobs[i].describe(),
+      }
+    )
+  extra = [b.describe() for i, b in enumerate(blobs) if i not in used and b.area >= MIN_EXTRA_AREA]
   correct = all(o["verdict"] == "ok" for o in objects) and not extra
-  return {"correct": bool(correct), "num_objects": len(expected), "objects": objects,
-          "extra": extra, "detected": [dataclasses.asdict(b) for b in blobs]}
+  return {
+    "correct": bool(correct),
+    "num_objects": len(expected),
+    "objects": objects,
+    "extra": extra,
+    "detected": [dataclasses.asdict(b) for b in blobs],
+  }
 
 
 # ----------------------------------------------------------------------------
@@ -258,8 +278,13 @@ def data_settings(config: Any) -> tuple[tuple, int]:
   return shapes.parse_compositions(holdout or ()), int(seed or 0)
 
 
-def split_captions(split: str, num: int, holdout: Sequence[str], data_seed: int = 0,
-                   num_objects: Optional[int] = None) -> list:
+def split_captions(
+  split: str,
+  num: int,
+  holdout: Sequence[str],
+  data_seed: int = 0,
+  num_objects: Optional[int] = None,
+) -> list:
   """The first `num` captions of a shapes split, as the TFDS builder draws them.
 
   Args:
@@ -277,13 +302,19 @@ def split_captions(split: str, num: int, holdout: Sequence[str], data_seed: int 
     raise ValueError(f"split must be 'test' or 'holdout', got {split!r}")
   if split == "holdout" and not holdout:
     raise ValueError("split 'holdout' needs held-out compositions, the run's data has none")
-  return [shapes.sample_scene((data_seed, _SPLIT_IDS[split], i), 8, holdout=holdout,
-                              want_holdout=split == "holdout", num_objects=num_objects)[1]
-          for i in range(num)]
+  return [
+    shapes.sample_scene(
+      (data_seed, _SPLIT_IDS[split], i),
+      8,
+      holdout=holdout,
+      want_holdout=split == "holdout",
+      num_objects=num_objects,
+    )[1]
+    for i in range(num)
+  ]
 
 
-def summarize(captions: Sequence[str], results: Sequence[dict],
-              holdout: Sequence[str]) -> dict:
+def summarize(captions: Sequence[str], results: Sequence[dict], holdout: Sequence[str]) -> dict:
   """Accuracy overall, for one- and two-object prompts and held-out compositions.
 
   Returns:
@@ -295,18 +326,27 @@ def summarize(captions: Sequence[str], results: Sequence[dict],
     groups["single_object" if r["num_objects"] == 1 else "two_object"].append(r["correct"])
     if shapes.has_composition(shapes.parse_caption(caption), holdout):
       groups["holdout"].append(r["correct"])
+
   def acc(values):
-    return {"accuracy": round(float(np.mean(values)), 4) if values else None,
-            "count": len(values)}
+    return {"accuracy": round(float(np.mean(values)), 4) if values else None, "count": len(values)}
+
   summary = acc([r["correct"] for r in results])
   summary.update({k: acc(v) for k, v in groups.items()})
   return summary
 
 
-def evaluate(cascade: Any, captions: Sequence[str], rng: Any, *, batch_size: int = 50,
-             steps: Any = None, guidance: Any = None, sampler: Any = None,
-             holdout: Sequence[str] = (),
-             progress: bool = True) -> tuple[dict, list, np.ndarray]:
+def evaluate(
+  cascade: Any,
+  captions: Sequence[str],
+  rng: Any,
+  *,
+  batch_size: int = 50,
+  steps: Any = None,
+  guidance: Any = None,
+  sampler: Any = None,
+  holdout: Sequence[str] = (),
+  progress: bool = True,
+) -> tuple[dict, list, np.ndarray]:
   """Renders captions through a cascade and scores the final images.
 
   Args:
@@ -322,8 +362,15 @@ def evaluate(cascade: Any, captions: Sequence[str], rng: Any, *, batch_size: int
     (summary (see ``summarize``) plus per-stage timings, per-image results,
     final images uint8 [N, R, R, 3]).
   """
-  out = cascade.sample(list(captions), rng, steps=steps, guidance=guidance, sampler=sampler,
-                       batch_size=batch_size, progress=progress)
+  out = cascade.sample(
+    list(captions),
+    rng,
+    steps=steps,
+    guidance=guidance,
+    sampler=sampler,
+    batch_size=batch_size,
+    progress=progress,
+  )
   results = [score_image(image, c) for image, c in zip(out.final, captions)]
   for r, c in zip(results, captions):
     r["caption"] = c
@@ -336,24 +383,31 @@ def evaluate(cascade: Any, captions: Sequence[str], rng: Any, *, batch_size: int
 def _per_stage_arg(text: Optional[str], kind) -> Optional[list]:
   if text is None:
     return None
-  return [v if kind is float and v.lower() in ("off", "none") else kind(v)
-          for v in (s.strip() for s in text.split(","))]
+  return [
+    v if kind is float and v.lower() in ("off", "none") else kind(v)
+    for v in (s.strip() for s in text.split(","))
+  ]
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m imagen_jax.eval.shapes",
-                              description="Scores a trained shapes cascade.")
+  p = argparse.ArgumentParser(
+    prog="python -m imagen_jax.eval.shapes", description="Scores a trained shapes cascade."
+  )
   p.add_argument("--workdir", required=True)
   p.add_argument("--num", type=int, default=100, help="prompts to evaluate")
   p.add_argument("--split", choices=("test", "holdout"), default="test")
   p.add_argument("--seed", type=int, default=0, help="sampling seed")
   p.add_argument("--batch", type=int, default=50, help="images per sampler call")
-  p.add_argument("--objects", type=int, choices=(0, 1, 2), default=0,
-                 help="objects per prompt: 0 = as the split (1 or 2), else fixed")
+  p.add_argument(
+    "--objects",
+    type=int,
+    choices=(0, 1, 2),
+    default=0,
+    help="objects per prompt: 0 = as the split (1 or 2), else fixed",
+  )
   p.add_argument("--steps", help="steps per stage, e.g. 32,16 (default: the config's)")
   p.add_argument("--guidance", help="guidance per stage, e.g. 3,1 (default: the config's)")
-  p.add_argument("--sampler", help="sampler per stage, e.g. dpmpp_2m,ddim (default: the "
-                 "config's)")
+  p.add_argument("--sampler", help="sampler per stage, e.g. dpmpp_2m,ddim (default: the config's)")
   p.add_argument("--out", help="directory for the JSON and grid (default: WORKDIR)")
   return p.parse_args(argv)
 
@@ -363,6 +417,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   import jax  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from imagen_jax import cascade as cascade_lib  # pylint: disable=g-import-not-at-top
+
   args = parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices
@@ -379,11 +434,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   start = time.perf_counter()
-  summary, results, images = evaluate(cascade, captions, jax.random.key(args.seed),
-                                      batch_size=args.batch, steps=steps,
-                                      guidance=guidance, sampler=sampler, holdout=holdout)
-  summary.update(split=args.split, seed=args.seed, wall_s=round(time.perf_counter() - start, 2),
-                 checkpoint_steps=cascade.checkpoint_steps)
+  summary, results, images = evaluate(
+    cascade,
+    captions,
+    jax.random.key(args.seed),
+    batch_size=args.batch,
+    steps=steps,
+    guidance=guidance,
+    sampler=sampler,
+    holdout=holdout,
+  )
+  summary.update(
+    split=args.split,
+    seed=args.seed,
+    wall_s=round(time.perf_counter() - start, 2),
+    checkpoint_steps=cascade.checkpoint_steps,
+  )
   out_dir = args.out or args.workdir
   os.makedirs(out_dir, exist_ok=True)
   base = os.path.join(out_dir, f"eval_shapes_{args.split}")
@@ -392,8 +458,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   borders = [(40, 200, 40) if r["correct"] else (220, 40, 40) for r in results]
   Image.fromarray(cascade_lib.make_grid(images, borders=borders)).save(base + ".png")
   print(json.dumps(summary, indent=1, default=float))
-  print(f"wrote {base}.json and {base}.png (green border: correct, red: incorrect)",
-        file=sys.stderr)
+  print(
+    f"wrote {base}.json and {base}.png (green border: correct, red: incorrect)", file=sys.stderr
+  )
   return 0
 
 

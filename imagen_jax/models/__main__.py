@@ -29,8 +29,11 @@ def _order(group: str) -> tuple:
   if not m:
     return (4 if group in ("norm_out", "conv_out") else 0, group)
   level = int(m.group(2) or 0)
-  return ({"down": 1, "mid": 2, "up": 3}[m.group(1)],
-          -level if m.group(1) == "up" else level, group)
+  return (
+    {"down": 1, "mid": 2, "up": 3}[m.group(1)],
+    -level if m.group(1) == "up" else level,
+    group,
+  )
 
 
 def param_table(params) -> list[tuple[str, int]]:
@@ -60,9 +63,14 @@ def main(argv=None):
     n = sum(c for _, c in rows)
     total += n
     width = max(len(r) for r, _ in rows) + 2
-    print(f"stage {name}: {stage.resolution}×{stage.resolution}"
-          + (f" (from {stage.lowres_resolution}×{stage.lowres_resolution})"
-             if stage.lowres_resolution else ""))
+    print(
+      f"stage {name}: {stage.resolution}×{stage.resolution}"
+      + (
+        f" (from {stage.lowres_resolution}×{stage.lowres_resolution})"
+        if stage.lowres_resolution
+        else ""
+      )
+    )
     for group, count in rows:
       print(f"  {group:<{width}}{count:>15,}")
     print(f"  {'stage total':<{width}}{n:>15,}")

@@ -52,8 +52,10 @@ def check_impl(impl: str, platform: Optional[str] = None) -> None:
   platform = platform or jax.default_backend()
   need = _PLATFORM_OF.get(impl)
   if need and platform != need:
-    raise ValueError(f"attention_impl {impl!r} needs a {need.upper()} but this "
-                     f"platform is {platform!r}; use 'auto', 'chunked' or 'xla'")
+    raise ValueError(
+      f"attention_impl {impl!r} needs a {need.upper()} but this "
+      f"platform is {platform!r}; use 'auto', 'chunked' or 'xla'"
+    )
 
 
 def xla_attention(q, k, v, mask=None):
@@ -70,8 +72,13 @@ def _cudnn_ok(q, k) -> bool:
   # cuDNN's flash kernel: half precision, head dim ≤ 128 and a multiple of 8, and
   # (its training kernel, with the mask as a bias) an even query length.
   d = q.shape[-1]
-  return q.dtype in (jnp.bfloat16, jnp.float16) and d <= 128 and d % 8 == 0 and \
-      k.dtype == q.dtype and q.shape[1] % 2 == 0
+  return (
+    q.dtype in (jnp.bfloat16, jnp.float16)
+    and d <= 128
+    and d % 8 == 0
+    and k.dtype == q.dtype
+    and q.shape[1] % 2 == 0
+  )
 
 
 def _fallback(q, k, platform: str) -> str:
@@ -136,15 +143,17 @@ def _cudnn_attention(q, k, v, mask):
       k, v = jnp.pad(k, pad), jnp.pad(v, pad)
       mask = jnp.pad(mask, ((0, 0), (0, 1)))
     mask = jnp.broadcast_to(mask[:, None, None, :], (b, 1, t, mask.shape[1]))
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0,
-                                      implementation="cudnn")
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0, implementation="cudnn")
 
 
 def _splash_attention(q, k, v, mask, block: int = 128, interpret: bool = False):
   """Splash attention per example (``interpret``: Pallas' interpreter, for CPU tests)."""
   # pylint: disable=import-outside-toplevel
   from jax.experimental.pallas.ops.tpu.splash_attention import (
-      splash_attention_kernel as splash, splash_attention_mask as splash_mask)
+    splash_attention_kernel as splash,
+    splash_attention_mask as splash_mask,
+  )
+
   b, t, n, _ = q.shape
   s = k.shape[1]
   tp, sp = -(-t // block) * block, -(-s // block) * block
@@ -152,19 +161,26 @@ def _splash_attention(q, k, v, mask, block: int = 128, interpret: bool = False):
   # Masked and padded keys get segment 1, every query segment 0.
   kv_ids = jnp.pad(jnp.where(mask, 0, 1), ((0, 0), (0, sp - s)), constant_values=1)
   q_ids = jnp.zeros((b, tp), jnp.int32)
-  heads_first = lambda x, L: jnp.pad(x, ((0, 0), (0, L - x.shape[1]), (0, 0), (0, 0))
-                                     ).transpose(0, 2, 1, 3)
+  heads_first = lambda x, L: jnp.pad(x, ((0, 0), (0, L - x.shape[1]), (0, 0), (0, 0))).transpose(
+    0, 2, 1, 3
+  )
   kernel = splash.make_splash_mha_single_device(
-      splash_mask.MultiHeadMask([splash_mask.FullMask((tp, sp))] * n),
-      block_sizes=splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
-                                    block_q_dkv=block, block_kv_dkv=block,
-                                    block_kv_dkv_compute=block, block_q_dq=block,
-                                    block_kv_dq=block),
-      interpret=interpret)
-  out = jax.vmap(lambda q1, k1, v1, qi, ki: kernel(q1, k1, v1,
-                                                   segment_ids=splash.SegmentIds(qi, ki)))(
-      heads_first(q, tp), heads_first(k, sp), heads_first(v, sp), q_ids,
-      kv_ids.astype(jnp.int32))
+    splash_mask.MultiHeadMask([splash_mask.FullMask((tp, sp))] * n),
+    block_sizes=splash.BlockSizes(
+      block_q=block,
+      block_kv=block,
+      block_kv_compute=block,
+      block_q_dkv=block,
+      block_kv_dkv=block,
+      block_kv_dkv_compute=block,
+      block_q_dq=block,
+      block_kv_dq=block,
+    ),
+    interpret=interpret,
+  )
+  out = jax.vmap(
+    lambda q1, k1, v1, qi, ki: kernel(q1, k1, v1, segment_ids=splash.SegmentIds(qi, ki))
+  )(heads_first(q, tp), heads_first(k, sp), heads_first(v, sp), q_ids, kv_ids.astype(jnp.int32))
   return out.transpose(0, 2, 1, 3)[:, :t].astype(v.dtype)
 
 
@@ -183,13 +199,14 @@ def chunked_attention(q, k, v, mask=None, *, q_chunk: int = 256, k_chunk: int = 
   mask = jnp.ones((b, s), bool) if mask is None else mask.astype(bool)
   qc, kc = min(q_chunk, t), min(k_chunk, s)
   nq, nk = -(-t // qc), -(-s // kc)
-  heads_first = lambda x, L: jnp.pad(x.transpose(0, 2, 1, 3).reshape(b * n, x.shape[1], d),
-                                     ((0, 0), (0, L - x.shape[1]), (0, 0)))
+  heads_first = lambda x, L: jnp.pad(
+    x.transpose(0, 2, 1, 3).reshape(b * n, x.shape[1], d), ((0, 0), (0, L - x.shape[1]), (0, 0))
+  )
   qh = heads_first(q, nq * qc).reshape(b * n, nq, qc, d)
   kh = heads_first(k, nk * kc).reshape(b * n, nk, kc, d)
   vh = heads_first(v, nk * kc).reshape(b * n, nk, kc, d)
   mh = jnp.pad(jnp.repeat(mask, n, axis=0), ((0, 0), (0, nk * kc - s))).reshape(b * n, nk, kc)
-  out = _flash(qh, kh, vh, mh)                               # [BN, nq, qc, D]
+  out = _flash(qh, kh, vh, mh)  # [BN, nq, qc, D]
   out = out.reshape(b, n, nq * qc, d)[:, :, :t]
   return out.transpose(0, 2, 1, 3)
 
@@ -202,6 +219,7 @@ def _logits(qt, kb, mb):
 
 def _fwd_tile(qt, kh, vh, mh):
   """One query tile against all key blocks → (out [qc, D], row max [qc], row sum [qc])."""
+
   def block(carry, xs):
     mx, l, acc = carry
     kb, vb, mb = xs
@@ -209,13 +227,14 @@ def _fwd_tile(qt, kh, vh, mh):
     mx_new = jnp.maximum(mx, s.max(-1))
     p = jnp.exp(s - mx_new[:, None])
     c = jnp.exp(mx - mx_new)
-    acc = acc * c[:, None] + jnp.einsum("qk,kd->qd", p.astype(vb.dtype), vb,
-                                        preferred_element_type=jnp.float32)
+    acc = acc * c[:, None] + jnp.einsum(
+      "qk,kd->qd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32
+    )
     return (mx_new, l * c + p.sum(-1), acc), None
 
   qc, d = qt.shape
   init = (jnp.full((qc,), -jnp.inf), jnp.zeros((qc,)), jnp.zeros((qc, d)))
-  if kh.shape[0] == 1:   # no loop when every key fits one block (the common case)
+  if kh.shape[0] == 1:  # no loop when every key fits one block (the common case)
     (mx, l, acc), _ = block(init, (kh[0], vh[0], mh[0]))
   else:
     (mx, l, acc), _ = lax.scan(block, init, (kh, vh, mh))
@@ -236,17 +255,17 @@ def _flash_fwd(qh, kh, vh, mh):
 
 def _bwd_head(qh, kh, vh, mh, out, mx, l, dout):
   """One (example, head): gradients for its query tiles and key blocks."""
-  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), -1)   # [nq, qc]
+  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), -1)  # [nq, qc]
 
   def q_tile(carry, xs):
     qt, dt, mxt, lt, deltat = xs
 
     def k_block(dq, blk):
       kb, vb, mb = blk
-      p = jnp.exp(_logits(qt, kb, mb) - mxt[:, None]) / lt[:, None]          # [qc, kc]
+      p = jnp.exp(_logits(qt, kb, mb) - mxt[:, None]) / lt[:, None]  # [qc, kc]
       dv = jnp.einsum("qk,qd->kd", p.astype(dt.dtype), dt, preferred_element_type=jnp.float32)
       dp = jnp.einsum("qd,kd->qk", dt, vb, preferred_element_type=jnp.float32)
-      ds = jnp.where(mb[None, :], p * (dp - deltat[:, None]), 0.).astype(qt.dtype)
+      ds = jnp.where(mb[None, :], p * (dp - deltat[:, None]), 0.0).astype(qt.dtype)
       dq = dq + jnp.einsum("qk,kd->qd", ds, kb, preferred_element_type=jnp.float32)
       return dq, (jnp.einsum("qk,qd->kd", ds, qt, preferred_element_type=jnp.float32), dv)
 

@@ -24,10 +24,10 @@ from imagen_jax.models import attention as attention_lib
 Dtype = Any
 
 _ACTIVATIONS = {
-    "silu": nn.silu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),   # exact, as torch nn.GELU()
-    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": nn.relu,
+  "silu": nn.silu,
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact, as torch nn.GELU()
+  "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+  "relu": nn.relu,
 }
 
 
@@ -42,18 +42,25 @@ def _named(init: Callable, names: tuple[Optional[str], ...]) -> Callable:
   return nn.with_logical_partitioning(init, names)
 
 
-def dense(features, names, *, dtype, param_dtype, use_bias=True, zero_init=False,
-          name=None) -> nn.Dense:
+def dense(
+  features, names, *, dtype, param_dtype, use_bias=True, zero_init=False, name=None
+) -> nn.Dense:
   """nn.Dense whose kernel has logical names ``names = (in_axis, out_axis)``."""
   kinit = nn.initializers.zeros_init() if zero_init else nn.linear.default_kernel_init
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                  kernel_init=_named(kinit, names),
-                  bias_init=_named(nn.initializers.zeros_init(), names[-1:]),
-                  name=name)
+  return nn.Dense(
+    features,
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    kernel_init=_named(kinit, names),
+    bias_init=_named(nn.initializers.zeros_init(), names[-1:]),
+    name=name,
+  )
 
 
-def conv(features, names, *, kernel=3, stride=1, dtype, param_dtype, zero_init=False,
-         name=None) -> nn.Conv:
+def conv(
+  features, names, *, kernel=3, stride=1, dtype, param_dtype, zero_init=False, name=None
+) -> nn.Conv:
   """A 2-D convolution with symmetric (PyTorch-style) padding of ``kernel // 2``.
 
   ``names = (in_axis, out_axis)``; the spatial kernel axes are never sharded
@@ -62,11 +69,17 @@ def conv(features, names, *, kernel=3, stride=1, dtype, param_dtype, zero_init=F
   """
   kinit = nn.initializers.zeros_init() if zero_init else nn.linear.default_kernel_init
   pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), dtype=dtype, param_dtype=param_dtype,
-                 kernel_init=_named(kinit, (None, None) + tuple(names)),
-                 bias_init=_named(nn.initializers.zeros_init(), tuple(names[-1:])),
-                 name=name)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=((pad, pad), (pad, pad)),
+    dtype=dtype,
+    param_dtype=param_dtype,
+    kernel_init=_named(kinit, (None, None) + tuple(names)),
+    bias_init=_named(nn.initializers.zeros_init(), tuple(names[-1:])),
+    name=name,
+  )
 
 
 class GroupNorm(nn.Module):
@@ -79,6 +92,7 @@ class GroupNorm(nn.Module):
   XLA:CPU runs several times faster than flax's layout (``benchmarks.kernels``
   GroupNorm rows; figures in benchmarks/RESULTS.md).
   """
+
   num_groups: int
   epsilon: float = 1e-5
   param_dtype: Dtype = jnp.float32
@@ -89,17 +103,19 @@ class GroupNorm(nn.Module):
     if c % self.num_groups:
       raise ValueError(f"{c} channels do not split into {self.num_groups} groups")
     per_group = c // self.num_groups
-    scale = self.param("scale", _named(nn.initializers.ones_init(), (axes.NORM,)), (c,),
-                       self.param_dtype)
-    bias = self.param("bias", _named(nn.initializers.zeros_init(), (axes.NORM,)), (c,),
-                      self.param_dtype)
+    scale = self.param(
+      "scale", _named(nn.initializers.ones_init(), (axes.NORM,)), (c,), self.param_dtype
+    )
+    bias = self.param(
+      "bias", _named(nn.initializers.zeros_init(), (axes.NORM,)), (c,), self.param_dtype
+    )
     x = x.astype(jnp.float32)
     middle = tuple(range(1, x.ndim - 1))
     count = per_group * math.prod(x.shape[1:-1])
     group_sum = lambda v: v.sum(middle).reshape(b, self.num_groups, per_group).sum(-1)
     mean = group_sum(x) / count
     var = jnp.maximum(group_sum(jnp.square(x)) / count - jnp.square(mean), 0.0)
-    inv = jnp.repeat(jax.lax.rsqrt(var + self.epsilon), per_group, axis=1)   # [B, C]
+    inv = jnp.repeat(jax.lax.rsqrt(var + self.epsilon), per_group, axis=1)  # [B, C]
     mul = inv * scale.astype(jnp.float32)
     add = bias.astype(jnp.float32) - jnp.repeat(mean, per_group, axis=1) * mul
     bshape = (b,) + (1,) * len(middle) + (c,)
@@ -113,10 +129,14 @@ def group_norm(groups: int, eps: float, *, param_dtype, name=None) -> GroupNorm:
 
 def layer_norm(eps: float, *, param_dtype, name=None) -> nn.LayerNorm:
   """LayerNorm computed in float32 (its output is float32)."""
-  return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype,
-                      scale_init=_named(nn.initializers.ones_init(), (axes.NORM,)),
-                      bias_init=_named(nn.initializers.zeros_init(), (axes.NORM,)),
-                      name=name)
+  return nn.LayerNorm(
+    epsilon=eps,
+    dtype=jnp.float32,
+    param_dtype=param_dtype,
+    scale_init=_named(nn.initializers.ones_init(), (axes.NORM,)),
+    bias_init=_named(nn.initializers.zeros_init(), (axes.NORM,)),
+    name=name,
+  )
 
 
 def upsample_nearest(x: jax.Array) -> jax.Array:
@@ -144,8 +164,14 @@ def depth_to_space(x: jax.Array, p: int) -> jax.Array:
   return x.reshape(b, h * p, w * p, c // (p * p))
 
 
-def timestep_embedding(t: jax.Array, dim: int, *, flip_sin_to_cos: bool = True,
-                       freq_shift: float = 0., max_period: float = 10000.) -> jax.Array:
+def timestep_embedding(
+  t: jax.Array,
+  dim: int,
+  *,
+  flip_sin_to_cos: bool = True,
+  freq_shift: float = 0.0,
+  max_period: float = 10000.0,
+) -> jax.Array:
   """Sinusoidal embedding of a scalar per example (timestep or noise level).
 
   Args:
@@ -171,6 +197,7 @@ def timestep_embedding(t: jax.Array, dim: int, *, flip_sin_to_cos: bool = True,
 
 class TimestepMLP(nn.Module):
   """Two dense layers over a sinusoidal embedding (diffusers' TimestepEmbedding)."""
+
   features: int
   act: str = "silu"
   dtype: Dtype = jnp.float32
@@ -192,6 +219,7 @@ class AttentionPool(nn.Module):
   The query is the (masked) mean token plus a learned position embedding; it
   attends over itself and every (unmasked) token.
   """
+
   features: int
   num_heads: int
   eps: float = 1e-5
@@ -210,18 +238,22 @@ class AttentionPool(nn.Module):
       mean = x.mean(axis=1, keepdims=True)
     else:
       m = mask[..., None].astype(x.dtype)
-      mean = (x * m).sum(1, keepdims=True) / jnp.maximum(m.sum(1, keepdims=True), 1.)
+      mean = (x * m).sum(1, keepdims=True) / jnp.maximum(m.sum(1, keepdims=True), 1.0)
       mask = jnp.concatenate([jnp.ones((b, 1), bool), mask.astype(bool)], axis=1)
-    pos = self.param("pos_embed", _named(nn.initializers.normal(d ** -0.5),
-                                         (None, axes.TEXT_EMBED)), (1, d), self.param_dtype)
+    pos = self.param(
+      "pos_embed",
+      _named(nn.initializers.normal(d**-0.5), (None, axes.TEXT_EMBED)),
+      (1, d),
+      self.param_dtype,
+    )
     cls = mean + pos.astype(x.dtype)
     x = jnp.concatenate([cls, x], axis=1)
     dh = d // self.num_heads
     proj = lambda n: dense(d, (axes.TEXT_EMBED, axes.HEADS), name=n, **kw)
-    q = proj("q")(cls).reshape(b, 1, self.num_heads, dh) * dh ** -0.5
+    q = proj("q")(cls).reshape(b, 1, self.num_heads, dh) * dh**-0.5
     k = proj("k")(x).reshape(b, -1, self.num_heads, dh)
     v = proj("v")(x).reshape(b, -1, self.num_heads, dh)
-    pooled = attention_lib.xla_attention(q, k, v, mask).reshape(b, d)   # one query
+    pooled = attention_lib.xla_attention(q, k, v, mask).reshape(b, d)  # one query
     h = dense(self.features, (axes.TEXT_EMBED, axes.EMBED), name="proj", **kw)(pooled)
     return layer_norm(self.eps, param_dtype=self.param_dtype, name="norm_out")(h)
 
@@ -237,6 +269,7 @@ class ResBlock(nn.Module):
       (False where the UNet already activated it: IF's ``skip_time_act``).
     out_scale: the sum is divided by this (IF's ``output_scale_factor``).
   """
+
   features: int
   groups: int = 32
   eps: float = 1e-5
@@ -289,6 +322,7 @@ class AttentionBlock(nn.Module):
   ``attention_impl`` picks the backend (``imagen_jax.models.attention``); the
   attention output is named ``attention_out`` for remat policies.
   """
+
   kind: str
   head_dim: int = 64
   num_heads: Optional[int] = None
@@ -311,22 +345,27 @@ class AttentionBlock(nn.Module):
     return channels // self.head_dim, self.head_dim
 
   @nn.compact
-  def __call__(self, x: jax.Array, text: Optional[jax.Array] = None,
-               text_mask: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, text: Optional[jax.Array] = None, text_mask: Optional[jax.Array] = None
+  ) -> jax.Array:
     """x: [B, H, W, C], text: [B, L, Dt] or None, text_mask: [B, L] bool or None."""
     if self.kind not in ("self", "cross", "self_cross"):
-      raise ValueError(f"unknown attention kind {self.kind!r}; "
-                       "expected 'self', 'cross' or 'self_cross'")
+      raise ValueError(
+        f"unknown attention kind {self.kind!r}; expected 'self', 'cross' or 'self_cross'"
+      )
     b, hgt, wid, c = x.shape
     heads, dh = self._heads(c)
     # Flat [in, heads·head_dim] kernels: the head split is a reshape. (flax's
     # DenseGeneral re-runs a flat-shaped boxed init under a mesh and fails.)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias)
-    proj = lambda n, in_axis: lambda v: dense(heads * dh, (in_axis, axes.HEADS), name=n,
-                                              **kw)(v).reshape(v.shape[:2] + (heads, dh))
+    proj = lambda n, in_axis: (
+      lambda v: dense(heads * dh, (in_axis, axes.HEADS), name=n, **kw)(v).reshape(
+        v.shape[:2] + (heads, dh)
+      )
+    )
     h = group_norm(self.groups, self.eps, param_dtype=self.param_dtype, name="norm")(x)
     h = h.reshape(b, hgt * wid, c)
-    q = proj("q", axes.EMBED)(h) * dh ** -0.5
+    q = proj("q", axes.EMBED)(h) * dh**-0.5
     keys, values, masks = [], [], []
     if self.kind in ("cross", "self_cross"):
       if text is None:
@@ -335,30 +374,37 @@ class AttentionBlock(nn.Module):
       if self.text_norm == "layer_norm":
         ctx = layer_norm(1e-5, param_dtype=self.param_dtype, name="text_norm")(ctx)
       elif self.text_norm == "group_norm":
-        ctx = group_norm(self.text_norm_groups or self.groups, 1e-5,
-                         param_dtype=self.param_dtype, name="text_norm")(ctx)
+        ctx = group_norm(
+          self.text_norm_groups or self.groups, 1e-5, param_dtype=self.param_dtype, name="text_norm"
+        )(ctx)
       elif self.text_norm is not None:
         raise ValueError(f"unknown text_norm {self.text_norm!r}")
       keys.append(proj("text_k", axes.TEXT_EMBED)(ctx))
       values.append(proj("text_v", axes.TEXT_EMBED)(ctx))
-      masks.append(jnp.ones(ctx.shape[:2], bool) if text_mask is None
-                   else text_mask.astype(bool))
+      masks.append(jnp.ones(ctx.shape[:2], bool) if text_mask is None else text_mask.astype(bool))
     if self.kind in ("self", "self_cross"):
       keys.append(proj("k", axes.EMBED)(h))
       values.append(proj("v", axes.EMBED)(h))
       masks.append(jnp.ones((b, hgt * wid), bool))
     mask = None if text_mask is None else jnp.concatenate(masks, axis=1)
-    out = attention_lib.attention(q.astype(self.dtype), jnp.concatenate(keys, 1),
-                                  jnp.concatenate(values, 1), mask, impl=self.attention_impl)
+    out = attention_lib.attention(
+      q.astype(self.dtype),
+      jnp.concatenate(keys, 1),
+      jnp.concatenate(values, 1),
+      mask,
+      impl=self.attention_impl,
+    )
     out = checkpoint_name(out, "attention_out")
     out = dense(c, (axes.HEADS, axes.EMBED), zero_init=True, name="out", **kw)(
-        out.reshape(b, hgt * wid, heads * dh))
+      out.reshape(b, hgt * wid, heads * dh)
+    )
     return x + out.reshape(b, hgt, wid, c).astype(x.dtype)
 
 
 class Downsample(nn.Module):
   """Halves the resolution: a stride-2 3×3 conv ('conv') or 2×2 average pooling
   followed by a 1×1 conv when the width changes ('avgpool')."""
+
   features: int
   kind: str = "conv"
   dtype: Dtype = jnp.float32
@@ -379,11 +425,17 @@ class Downsample(nn.Module):
 
 class Upsample(nn.Module):
   """Doubles the resolution: nearest neighbour then a 3×3 conv."""
+
   features: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return conv(self.features, (axes.EMBED, axes.MLP), name="conv", dtype=self.dtype,
-                param_dtype=self.param_dtype)(upsample_nearest(x))
+    return conv(
+      self.features,
+      (axes.EMBED, axes.MLP),
+      name="conv",
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )(upsample_nearest(x))

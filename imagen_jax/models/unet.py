@@ -41,12 +41,11 @@ ATTENTION_KINDS = ("none", "self", "cross", "self_cross")
 # 'full' keeps only the block inputs; 'save_attention_out' keeps the attention
 # kernel's output (the ``attention_out`` name in layers.AttentionBlock).
 REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable":
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+  "none": None,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots_saveable": jax.checkpoint_policies.dots_saveable,
+  "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
 }
 
 
@@ -60,41 +59,42 @@ class UNetConfig:
 
   Per-level sequences run from the highest resolution (level 0) to the lowest.
   """
+
   channels: tuple[int, ...] = (128, 256, 384, 512)
   num_res_blocks: tuple[int, ...] = (2, 2, 2, 2)
   attention: tuple[str, ...] = ("none", "self_cross", "self_cross", "self_cross")
-  mid_attention: str = "self_cross"      # 'none' drops the attention; see mid_block
-  mid_block: bool = True                 # resblock [+ attention] + resblock at the bottom
+  mid_attention: str = "self_cross"  # 'none' drops the attention; see mid_block
+  mid_block: bool = True  # resblock [+ attention] + resblock at the bottom
   in_channels: int = 3
   out_channels: int = 3
   head_dim: int = 64
-  num_heads: Optional[int] = None        # overrides head_dim when set
-  time_embed_dim: Optional[int] = None   # default 4·channels[0]
-  text_dim: Optional[int] = 4096         # width of incoming text embeddings; None: no text
-  text_proj_dim: Optional[int] = None    # project text before attention (IF encoder_hid_proj)
-  text_pool: str = "attention"           # 'attention' | 'mean' | 'none'
+  num_heads: Optional[int] = None  # overrides head_dim when set
+  time_embed_dim: Optional[int] = None  # default 4·channels[0]
+  text_dim: Optional[int] = 4096  # width of incoming text embeddings; None: no text
+  text_proj_dim: Optional[int] = None  # project text before attention (IF encoder_hid_proj)
+  text_pool: str = "attention"  # 'attention' | 'mean' | 'none'
   text_pool_heads: int = 64
-  text_pool_projected: bool = False      # pool the projected text (Imagen) or the raw (IF)
-  text_norm: Optional[str] = None        # norm of text before attention k/v projections
-  text_norm_groups: Optional[int] = None # groups of text_norm='group_norm' (None: norm_groups)
-  lowres_cond: bool = False              # SR stage: low-res image concatenated on channels
-  aug_embed: bool = False                # embed the noise-augmentation level like t
+  text_pool_projected: bool = False  # pool the projected text (Imagen) or the raw (IF)
+  text_norm: Optional[str] = None  # norm of text before attention k/v projections
+  text_norm_groups: Optional[int] = None  # groups of text_norm='group_norm' (None: norm_groups)
+  lowres_cond: bool = False  # SR stage: low-res image concatenated on channels
+  aug_embed: bool = False  # embed the noise-augmentation level like t
   efficient: bool = False
-  resample: str = "conv"                 # 'conv' | 'avgpool' | 'resblock'
+  resample: str = "conv"  # 'conv' | 'avgpool' | 'resblock'
   skip_scale: float = 1.0
   resblock_out_scale: float = 1.0
   mid_out_scale: Optional[float] = None  # out_scale of the mid ResBlocks (None: resblock_out_scale)
   norm_groups: int = 32
   norm_eps: float = 1e-5
   act: str = "silu"
-  time_act: Optional[str] = None         # act on the summed embedding (IF)
-  resblock_time_act: bool = True         # act on the embedding inside each ResBlock
+  time_act: Optional[str] = None  # act on the summed embedding (IF)
+  resblock_time_act: bool = True  # act on the embedding inside each ResBlock
   flip_sin_to_cos: bool = True
-  freq_shift: float = 0.
+  freq_shift: float = 0.0
   attn_bias: bool = True
-  patch_size: int = 1                    # space-to-depth stem ("simple diffusion")
-  remat: Any = "none"                    # a REMAT_POLICIES name (True/False: 'full'/'none')
-  attention_impl: str = "auto"           # imagen_jax.models.attention.IMPLS
+  patch_size: int = 1  # space-to-depth stem ("simple diffusion")
+  remat: Any = "none"  # a REMAT_POLICIES name (True/False: 'full'/'none')
+  attention_impl: str = "auto"  # imagen_jax.models.attention.IMPLS
   dtype: Any = "float32"
   param_dtype: Any = "float32"
 
@@ -105,29 +105,30 @@ class UNetConfig:
       if isinstance(value, (int, str)):
         object.__setattr__(self, field, (value,) * n)
       elif len(value) != n:
-        raise ValueError(f"model.{field} has {len(value)} entries, "
-                         f"model.channels has {n} levels")
+        raise ValueError(f"model.{field} has {len(value)} entries, model.channels has {n} levels")
       else:
         object.__setattr__(self, field, tuple(value))
     object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
     for kind in self.attention + (self.mid_attention,):
       if kind not in ATTENTION_KINDS:
         raise ValueError(f"unknown attention kind {kind!r}; expected one of {ATTENTION_KINDS}")
-    if self.text_dim is None and any("cross" in k for k in self.attention +
-                                      (self.mid_attention,)):
+    if self.text_dim is None and any("cross" in k for k in self.attention + (self.mid_attention,)):
       raise ValueError("text attention needs model.text_dim")
     if self.resample not in ("conv", "avgpool", "resblock"):
-      raise ValueError(f"unknown resample {self.resample!r}; "
-                       "expected 'conv', 'avgpool' or 'resblock'")
+      raise ValueError(
+        f"unknown resample {self.resample!r}; expected 'conv', 'avgpool' or 'resblock'"
+      )
     if self.text_pool not in ("attention", "mean", "none"):
-      raise ValueError(f"unknown text_pool {self.text_pool!r}; "
-                       "expected 'attention', 'mean' or 'none'")
+      raise ValueError(
+        f"unknown text_pool {self.text_pool!r}; expected 'attention', 'mean' or 'none'"
+      )
     layers.get_activation(self.act)
-    if isinstance(self.remat, bool):       # configs and config.json files before policies
+    if isinstance(self.remat, bool):  # configs and config.json files before policies
       object.__setattr__(self, "remat", "full" if self.remat else "none")
     if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"unknown model.remat {self.remat!r}; expected one of "
-                       f"{sorted(REMAT_POLICIES)} or a bool")
+      raise ValueError(
+        f"unknown model.remat {self.remat!r}; expected one of {sorted(REMAT_POLICIES)} or a bool"
+      )
     attention.check_impl(self.attention_impl)
 
   @classmethod
@@ -154,6 +155,7 @@ class UNetConfig:
 
 class UNet(nn.Module):
   """Text-conditional diffusion UNet. See the module docstring for variants."""
+
   config: UNetConfig
 
   def _kw(self):
@@ -168,17 +170,34 @@ class UNet(nn.Module):
     c = self.config
     cls = self._remat(layers.ResBlock)
     out_scale = c.resblock_out_scale if out_scale is None else out_scale
-    return cls(features, groups=c.norm_groups, eps=c.norm_eps, act=c.act, resample=resample,
-               time_act=c.resblock_time_act, out_scale=out_scale, name=name,
-               **self._kw())
+    return cls(
+      features,
+      groups=c.norm_groups,
+      eps=c.norm_eps,
+      act=c.act,
+      resample=resample,
+      time_act=c.resblock_time_act,
+      out_scale=out_scale,
+      name=name,
+      **self._kw(),
+    )
 
   def _attn(self, kind, name):
     c = self.config
     cls = self._remat(layers.AttentionBlock)
-    return cls(kind, head_dim=c.head_dim, num_heads=c.num_heads, groups=c.norm_groups,
-               eps=c.norm_eps, text_norm=c.text_norm, text_norm_groups=c.text_norm_groups,
-               use_bias=c.attn_bias, attention_impl=c.attention_impl, name=name,
-               **self._kw())
+    return cls(
+      kind,
+      head_dim=c.head_dim,
+      num_heads=c.num_heads,
+      groups=c.norm_groups,
+      eps=c.norm_eps,
+      text_norm=c.text_norm,
+      text_norm_groups=c.text_norm_groups,
+      use_bias=c.attn_bias,
+      attention_impl=c.attention_impl,
+      name=name,
+      **self._kw(),
+    )
 
   def _check_inputs(self, x, t, text_emb, lowres, noise_level):
     c = self.config
@@ -186,8 +205,10 @@ class UNet(nn.Module):
       raise ValueError(f"x must be [B, H, W, {c.in_channels}], got shape {x.shape}")
     f = c.downsample_factor
     if x.shape[1] % f or x.shape[2] % f:
-      raise ValueError(f"image size {x.shape[1]}×{x.shape[2]} must be divisible by {f} "
-                       f"({len(c.channels)} levels, patch size {c.patch_size})")
+      raise ValueError(
+        f"image size {x.shape[1]}×{x.shape[2]} must be divisible by {f} "
+        f"({len(c.channels)} levels, patch size {c.patch_size})"
+      )
     if t.shape != (x.shape[0],):
       raise ValueError(f"t must have shape [B]=({x.shape[0]},), got {t.shape}")
     if c.text_dim is not None:
@@ -197,39 +218,52 @@ class UNet(nn.Module):
     if c.lowres_cond:
       if lowres is None or lowres.shape != x.shape:
         got = None if lowres is None else lowres.shape
-        raise ValueError(f"this super-resolution UNet needs lowres with x's shape "
-                         f"{x.shape} (already resized), got {got}")
+        raise ValueError(
+          f"this super-resolution UNet needs lowres with x's shape "
+          f"{x.shape} (already resized), got {got}"
+        )
     elif lowres is not None:
       raise ValueError("lowres given to a UNet without model.lowres_cond")
     if c.aug_embed and (noise_level is None or noise_level.shape != (x.shape[0],)):
-      raise ValueError(f"this UNet needs noise_level of shape ({x.shape[0]},), got "
-                       f"{None if noise_level is None else noise_level.shape}")
+      raise ValueError(
+        f"this UNet needs noise_level of shape ({x.shape[0]},), got "
+        f"{None if noise_level is None else noise_level.shape}"
+      )
 
   def _embed(self, t, text_emb, text_mask, noise_level):
     """Time (+ noise level) (+ pooled text) embedding: [B, emb_dim]."""
     c, kw = self.config, self._kw()
-    sin = lambda v: layers.timestep_embedding(v, c.channels[0], flip_sin_to_cos=c.flip_sin_to_cos,
-                                              freq_shift=c.freq_shift)
+    sin = lambda v: layers.timestep_embedding(
+      v, c.channels[0], flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift
+    )
     emb = layers.TimestepMLP(c.emb_dim, act=c.act, name="time_embed", **kw)(sin(t))
     if c.aug_embed:
-      emb = emb + layers.TimestepMLP(c.emb_dim, act=c.act, name="aug_embed", **kw)(
-          sin(noise_level))
+      emb = emb + layers.TimestepMLP(c.emb_dim, act=c.act, name="aug_embed", **kw)(sin(noise_level))
     if c.text_dim is not None and c.text_pool == "attention":
-      emb = emb + layers.AttentionPool(c.emb_dim, c.text_pool_heads, name="text_pool",
-                                       **kw)(text_emb, text_mask)
+      emb = emb + layers.AttentionPool(c.emb_dim, c.text_pool_heads, name="text_pool", **kw)(
+        text_emb, text_mask
+      )
     elif c.text_dim is not None and c.text_pool == "mean":
       m = (jnp.ones(text_emb.shape[:2]) if text_mask is None else text_mask)[..., None]
-      pooled = (text_emb * m).sum(1) / jnp.maximum(m.sum(1), 1.)
-      emb = emb + layers.dense(c.emb_dim, (axes.TEXT_EMBED, axes.EMBED), name="text_pool",
-                               **kw)(pooled)
+      pooled = (text_emb * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+      emb = emb + layers.dense(c.emb_dim, (axes.TEXT_EMBED, axes.EMBED), name="text_pool", **kw)(
+        pooled
+      )
     if c.time_act:
       emb = layers.get_activation(c.time_act)(emb)
     return emb
 
   @nn.compact
-  def __call__(self, x: jax.Array, t: jax.Array, text_emb: Optional[jax.Array] = None,
-               text_mask: Optional[jax.Array] = None, *, lowres: Optional[jax.Array] = None,
-               noise_level: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    t: jax.Array,
+    text_emb: Optional[jax.Array] = None,
+    text_mask: Optional[jax.Array] = None,
+    *,
+    lowres: Optional[jax.Array] = None,
+    noise_level: Optional[jax.Array] = None,
+  ) -> jax.Array:
     """Predicts the diffusion target.
 
     Args:
@@ -253,8 +287,9 @@ class UNet(nn.Module):
     self._check_inputs(x, t, text_emb, lowres, noise_level)
     ctx = text_emb
     if ctx is not None and c.text_proj_dim:
-      ctx = layers.dense(c.text_proj_dim, (axes.TEXT_EMBED, axes.EMBED), name="text_proj",
-                         **kw)(ctx)
+      ctx = layers.dense(c.text_proj_dim, (axes.TEXT_EMBED, axes.EMBED), name="text_proj", **kw)(
+        ctx
+      )
     emb = self._embed(t, ctx if c.text_pool_projected else text_emb, text_mask, noise_level)
 
     h = x if lowres is None else jnp.concatenate([x, lowres], axis=-1)
@@ -263,9 +298,11 @@ class UNet(nn.Module):
     h = layers.conv(c.channels[0], (None, axes.EMBED), name="conv_in", **kw)(h.astype(kw["dtype"]))
     h = self._down_mid_up(h, emb, ctx, text_mask)
     h = layers.get_activation(c.act)(
-        layers.group_norm(c.norm_groups, c.norm_eps, param_dtype=kw["param_dtype"],
-                          name="norm_out")(h))
-    out_ch = c.out_channels * c.patch_size ** 2
+      layers.group_norm(c.norm_groups, c.norm_eps, param_dtype=kw["param_dtype"], name="norm_out")(
+        h
+      )
+    )
+    out_ch = c.out_channels * c.patch_size**2
     h = layers.conv(out_ch, (axes.EMBED, None), zero_init=True, name="conv_out", **kw)(h)
     if c.patch_size > 1:
       h = layers.depth_to_space(h, c.patch_size)
@@ -334,16 +371,18 @@ def count_params(tree: Any) -> int:
   return int(sum(math.prod(x.shape) for x in leaves))
 
 
-def init_abstract(model: UNet, batch: int = 1, resolution: int = 64,
-                  text_len: int = 8) -> Any:
+def init_abstract(model: UNet, batch: int = 1, resolution: int = 64, text_len: int = 8) -> Any:
   """Parameter shapes via ``jax.eval_shape`` (no memory allocated)."""
-  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                           **dummy_inputs(model.config, batch, resolution,
-                                                          text_len)))["params"]
+  return jax.eval_shape(
+    lambda: model.init(
+      jax.random.PRNGKey(0), **dummy_inputs(model.config, batch, resolution, text_len)
+    )
+  )["params"]
 
 
-def dummy_inputs(c: UNetConfig, batch: int, resolution: int, text_len: int = 8,
-                 dtype=jnp.float32) -> dict:
+def dummy_inputs(
+  c: UNetConfig, batch: int, resolution: int, text_len: int = 8, dtype=jnp.float32
+) -> dict:
   """Zero inputs of the right shapes for ``UNet.__call__`` (init, tracing, tests)."""
   shape = (batch, resolution, resolution, c.in_channels)
   inputs = dict(x=jnp.zeros(shape, dtype), t=jnp.zeros((batch,), jnp.float32))

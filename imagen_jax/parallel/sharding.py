@@ -19,20 +19,36 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_MESH_AXES = ("data", "fsdp")
 
 _BATCH_RULES = ((axes.BATCH, BATCH_MESH_AXES),)
-_NEVER_SHARDED = ((axes.LENGTH, None), (axes.HEIGHT, None), (axes.WIDTH, None),
-                  (axes.KERNEL, None), (axes.NORM, None), (axes.KV, None),
-                  (axes.RELPOS, None))
+_NEVER_SHARDED = (
+  (axes.LENGTH, None),
+  (axes.HEIGHT, None),
+  (axes.WIDTH, None),
+  (axes.KERNEL, None),
+  (axes.NORM, None),
+  (axes.KV, None),
+  (axes.RELPOS, None),
+)
 
 STRATEGIES = {
-    # Parameters and optimizer state replicated on every device.
-    "dp": (),
-    # Parameters and optimizer state split along their widest model axis.
-    "fsdp": ((axes.EMBED, "fsdp"), (axes.TEXT_EMBED, "fsdp"), (axes.VOCAB, "fsdp"),
-             (axes.MLP, "fsdp"), (axes.HEADS, "fsdp")),
-    # Megatron-style: hidden channels, heads and vocabulary split over `tensor`.
-    "tp": ((axes.MLP, "tensor"), (axes.HEADS, "tensor"), (axes.VOCAB, "tensor")),
-    "fsdp_tp": ((axes.MLP, "tensor"), (axes.HEADS, "tensor"), (axes.VOCAB, "tensor"),
-                (axes.EMBED, "fsdp"), (axes.TEXT_EMBED, "fsdp")),
+  # Parameters and optimizer state replicated on every device.
+  "dp": (),
+  # Parameters and optimizer state split along their widest model axis.
+  "fsdp": (
+    (axes.EMBED, "fsdp"),
+    (axes.TEXT_EMBED, "fsdp"),
+    (axes.VOCAB, "fsdp"),
+    (axes.MLP, "fsdp"),
+    (axes.HEADS, "fsdp"),
+  ),
+  # Megatron-style: hidden channels, heads and vocabulary split over `tensor`.
+  "tp": ((axes.MLP, "tensor"), (axes.HEADS, "tensor"), (axes.VOCAB, "tensor")),
+  "fsdp_tp": (
+    (axes.MLP, "tensor"),
+    (axes.HEADS, "tensor"),
+    (axes.VOCAB, "tensor"),
+    (axes.EMBED, "fsdp"),
+    (axes.TEXT_EMBED, "fsdp"),
+  ),
 }
 
 
@@ -49,8 +65,9 @@ def logical_rules(strategy: str) -> tuple[tuple[str, Any], ...]:
     inside one array (flax's semantics), so fallbacks come after preferences.
   """
   if strategy not in STRATEGIES:
-    raise ValueError(f"unknown sharding strategy {strategy!r}; "
-                     f"expected one of {sorted(STRATEGIES)}")
+    raise ValueError(
+      f"unknown sharding strategy {strategy!r}; expected one of {sorted(STRATEGIES)}"
+    )
   return _BATCH_RULES + STRATEGIES[strategy] + _NEVER_SHARDED
 
 
@@ -61,8 +78,9 @@ def _parse_mesh_axes(value: Any, name: str) -> Any:
   names = tuple(v.strip() for v in value.split(",")) if isinstance(value, str) else tuple(value)
   bad = [n for n in names if n not in MESH_AXES]
   if bad:
-    raise ValueError(f"config.mesh.rules.{name}: unknown mesh axes {bad}; expected "
-                     f"names from {MESH_AXES}")
+    raise ValueError(
+      f"config.mesh.rules.{name}: unknown mesh axes {bad}; expected names from {MESH_AXES}"
+    )
   return names[0] if len(names) == 1 else names
 
 
@@ -77,14 +95,17 @@ def config_rules(mesh_config: Any) -> tuple[tuple[str, Any], ...]:
   if isinstance(overrides, str):
     items = [r.split("=", 1) for r in overrides.split(";") if r.strip()]
     if any(len(i) != 2 for i in items):
-      raise ValueError(f"config.mesh.rules={overrides!r}: expected 'name=axes;name=axes', "
-                       "e.g. 'mlp=tensor;embed=none'")
+      raise ValueError(
+        f"config.mesh.rules={overrides!r}: expected 'name=axes;name=axes', "
+        "e.g. 'mlp=tensor;embed=none'"
+      )
     overrides = {k.strip(): v for k, v in items}
   overrides = dict(overrides)
   unknown = [k for k in overrides if k not in axes.ALL]
   if unknown:
-    raise ValueError(f"config.mesh.rules: unknown logical axes {unknown}; expected "
-                     f"names from {axes.ALL}")
+    raise ValueError(
+      f"config.mesh.rules: unknown logical axes {unknown}; expected names from {axes.ALL}"
+    )
   first = tuple((k, _parse_mesh_axes(v, k)) for k, v in overrides.items())
   return first + logical_rules(mesh_config.strategy)
 
@@ -127,17 +148,22 @@ def _resolve_shape(shape: Mapping[str, int], num_devices: int) -> list[int]:
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f"{num_devices} devices do not divide by the fixed mesh "
-                       f"axes {dict(shape)} (product {known})")
+      raise ValueError(
+        f"{num_devices} devices do not divide by the fixed mesh "
+        f"axes {dict(shape)} (product {known})"
+      )
     sizes[sizes.index(-1)] = num_devices // known
   if int(np.prod(sizes)) != num_devices:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs "
-                     f"{int(np.prod(sizes))} devices, {num_devices} are present")
+    raise ValueError(
+      f"mesh {dict(zip(MESH_AXES, sizes))} needs "
+      f"{int(np.prod(sizes))} devices, {num_devices} are present"
+    )
   return sizes
 
 
-def make_mesh(mesh_config: Any = None,
-              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+def make_mesh(
+  mesh_config: Any = None, devices: Sequence[jax.Device] | None = None
+) -> jax.sharding.Mesh:
   """Builds the ('data', 'fsdp', 'tensor') mesh.
 
   Args:
@@ -199,12 +225,12 @@ def logical_shardings(abstract: Any, mesh: Optional[jax.sharding.Mesh], rules) -
 
 # XLA:CPU spends seconds optimizing run-once init programs (threefry hashes);
 # unoptimized code compiles several times faster and draws the same numbers.
-_CPU_INIT_OPTIONS = {"xla_backend_optimization_level": 0,
-                     "xla_llvm_disable_expensive_passes": True}
+_CPU_INIT_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-def run_init(init_fn, rng: jax.Array, out_shardings: Any = None,
-             mesh: Optional[jax.sharding.Mesh] = None) -> Any:
+def run_init(
+  init_fn, rng: jax.Array, out_shardings: Any = None, mesh: Optional[jax.sharding.Mesh] = None
+) -> Any:
   """Runs a one-off init function jitted with ``out_shardings`` (created sharded).
 
   On CPU it compiles with optimizations off: init runs once, compiles dominate.

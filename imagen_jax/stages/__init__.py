@@ -11,17 +11,17 @@ variance; 'discrete'). Both expose the same methods to the train step
 from typing import Any, Optional
 
 from imagen_jax.stages.common import (  # noqa: F401
-    SampleSettings,
-    Stage,
-    resize,
-    to_float,
-    to_uint8,
+  SampleSettings,
+  Stage,
+  resize,
+  to_float,
+  to_uint8,
 )
 from imagen_jax.stages.continuous import TIME_SCALE, ContinuousStage  # noqa: F401
 from imagen_jax.stages.discrete import (  # noqa: F401
-    DiscreteStage,
-    noise_lowres,
-    upscale_align_corners,
+  DiscreteStage,
+  noise_lowres,
+  upscale_align_corners,
 )
 from imagen_jax.stages import discrete as _discrete
 
@@ -32,8 +32,9 @@ def stage_kind(stage_config: Any) -> str:
   """'continuous' or 'discrete' from ``stage_config.diffusion.kind``."""
   kind = str(stage_config.diffusion.get("kind", "continuous") or "continuous")
   if kind not in KINDS:
-    raise ValueError(f"stage {stage_config.get('name')}: diffusion.kind={kind!r} is not "
-                     f"one of {KINDS}")
+    raise ValueError(
+      f"stage {stage_config.get('name')}: diffusion.kind={kind!r} is not one of {KINDS}"
+    )
   return "continuous" if kind == "continuous" else "discrete"
 
 

@@ -45,15 +45,16 @@ class SampleSettings:
 
   Fields that a stage kind does not use keep their defaults.
   """
-  sampler: str                   # a name from the stage's ``samplers``
-  steps: int                     # denoising steps (discrete: spaced timesteps)
-  guidance: Optional[float]      # None: no classifier-free guidance
-  threshold: str                 # 'none' | 'static' | 'dynamic'
-  quantile: float                # dynamic thresholding quantile
-  max_value: Optional[float]     # cap of the dynamic threshold (None: no cap)
-  eta: float = 0.0               # DDIM stochasticity (continuous stages)
-  aug_level: float = 0.0         # low-res noise level: t_aug ∈ [0, 1] or an int level
-  timesteps: tuple = ()          # discrete stages: explicit timesteps, highest first
+
+  sampler: str  # a name from the stage's ``samplers``
+  steps: int  # denoising steps (discrete: spaced timesteps)
+  guidance: Optional[float]  # None: no classifier-free guidance
+  threshold: str  # 'none' | 'static' | 'dynamic'
+  quantile: float  # dynamic thresholding quantile
+  max_value: Optional[float]  # cap of the dynamic threshold (None: no cap)
+  eta: float = 0.0  # DDIM stochasticity (continuous stages)
+  aug_level: float = 0.0  # low-res noise level: t_aug ∈ [0, 1] or an int level
+  timesteps: tuple = ()  # discrete stages: explicit timesteps, highest first
 
   @property
   def guided(self) -> bool:
@@ -84,6 +85,7 @@ class Stage:
     use_text_mask: whether the UNet sees the text mask (IF's UNets do not).
     samplers: the sampler names this stage runs.
   """
+
   kind = ""
   samplers: tuple = ()
 
@@ -94,13 +96,17 @@ class Stage:
     self.lowres_resolution = stage_config.get("lowres_resolution")
     model_config = dict(stage_config.model)
     if text_dim is not None and model_config.get("text_dim", 4096) != text_dim:
-      raise ValueError(f"stage {self.name}: model.text_dim={model_config.get('text_dim')} "
-                       f"but the text encoder gives {text_dim}-wide embeddings")
+      raise ValueError(
+        f"stage {self.name}: model.text_dim={model_config.get('text_dim')} "
+        f"but the text encoder gives {text_dim}-wide embeddings"
+      )
     self.unet_config = UNetConfig.from_config(model_config)
     self.model = UNet(self.unet_config)
     if bool(self.lowres_resolution) != self.unet_config.lowres_cond:
-      raise ValueError(f"stage {self.name}: lowres_resolution={self.lowres_resolution} "
-                       f"but model.lowres_cond={self.unet_config.lowres_cond}")
+      raise ValueError(
+        f"stage {self.name}: lowres_resolution={self.lowres_resolution} "
+        f"but model.lowres_cond={self.unet_config.lowres_cond}"
+      )
     self.use_text_mask = bool(stage_config.get("use_text_mask", True))
 
   @property
@@ -122,9 +128,15 @@ class Stage:
 
   def unet(self, params, x_t, t_model, text_emb, text_mask, lowres, noise_level):
     """The UNet on model-scale inputs; float32 output [B, H, W, C']."""
-    out = self.model.apply({"params": nn.unbox(params)}, x_t, t_model, text_emb,
-                           text_mask if self.use_text_mask else None, lowres=lowres,
-                           noise_level=noise_level)
+    out = self.model.apply(
+      {"params": nn.unbox(params)},
+      x_t,
+      t_model,
+      text_emb,
+      text_mask if self.use_text_mask else None,
+      lowres=lowres,
+      noise_level=noise_level,
+    )
     return out.astype(jnp.float32)
 
   # The kind-specific half (``ContinuousStage``, ``DiscreteStage``).
@@ -148,18 +160,28 @@ class Stage:
     """
     raise NotImplementedError
 
-  def sample_settings(self, sample_config: Any, steps: Optional[int] = None,
-                      guidance: Any = None, sampler: Optional[str] = None) -> SampleSettings:
+  def sample_settings(
+    self,
+    sample_config: Any,
+    steps: Optional[int] = None,
+    guidance: Any = None,
+    sampler: Optional[str] = None,
+  ) -> SampleSettings:
     """``config.stages.NAME.sample`` with optional overrides, validated."""
     raise NotImplementedError
 
-  def lowres_inputs(self, prev: jax.Array, settings: SampleSettings,
-                    rng: jax.Array) -> dict:
+  def lowres_inputs(self, prev: jax.Array, settings: SampleSettings, rng: jax.Array) -> dict:
     """Model inputs conditioning on the previous stage's x0 [B, r, r, C] at sampling."""
     raise NotImplementedError
 
-  def sample(self, args: dict, settings: SampleSettings, batch: int,
-             rng: jax.Array, edit: Optional[dict] = None) -> jax.Array:
+  def sample(
+    self,
+    args: dict,
+    settings: SampleSettings,
+    batch: int,
+    rng: jax.Array,
+    edit: Optional[dict] = None,
+  ) -> jax.Array:
     """Runs the stage's sampler (one jitted loop): x0 [batch, R, R, C] float32.
 
     ``args`` holds params, text and low-res inputs, already doubled as

@@ -36,6 +36,7 @@ def uniform_t(rng: jax.Array, batch: int) -> jax.Array:
 
 class ContinuousStage(common.Stage):
   """A stage with ``diffusion.kind = 'continuous'`` (the default)."""
+
   kind = "continuous"
   samplers = SAMPLERS
 
@@ -44,22 +45,38 @@ class ContinuousStage(common.Stage):
     d = stage_config.diffusion
     self.prediction = d.prediction
     losses.check_prediction_kind(self.prediction)
-    logsnr_fn = functools.partial(schedules.get_logsnr_fn(d.schedule),
-                                  logsnr_min=d.logsnr_min, logsnr_max=d.logsnr_max)
+    logsnr_fn = functools.partial(
+      schedules.get_logsnr_fn(d.schedule), logsnr_min=d.logsnr_min, logsnr_max=d.logsnr_max
+    )
     shift = float(d.get("logsnr_shift", 0.0))
-    self.logsnr_fn = (functools.partial(_shifted_logsnr, logsnr_fn=logsnr_fn, shift=shift)
-                      if shift else logsnr_fn)
+    self.logsnr_fn = (
+      functools.partial(_shifted_logsnr, logsnr_fn=logsnr_fn, shift=shift) if shift else logsnr_fn
+    )
     self.aug_logsnr_fn = schedules.get_logsnr_fn(d.aug_schedule)
 
   def apply(self, params, x_t, t, text_emb=None, text_mask=None, lowres=None, aug_t=None):
     """The UNet's prediction for x_t at continuous times t ([B] in [0, 1])."""
-    return self.unet(params, x_t, t * TIME_SCALE, text_emb, text_mask, lowres,
-                     None if aug_t is None else aug_t * TIME_SCALE)
+    return self.unet(
+      params,
+      x_t,
+      t * TIME_SCALE,
+      text_emb,
+      text_mask,
+      lowres,
+      None if aug_t is None else aug_t * TIME_SCALE,
+    )
 
   def model_fn(self, x_t, t, args):
     """Sampler-facing signature: ``args`` = {params, text_emb, text_mask[, lowres, aug_t]}."""
-    return self.apply(args["params"], x_t, t, args.get("text_emb"), args.get("text_mask"),
-                      args.get("lowres"), args.get("aug_t"))
+    return self.apply(
+      args["params"],
+      x_t,
+      t,
+      args.get("text_emb"),
+      args.get("text_mask"),
+      args.get("lowres"),
+      args.get("aug_t"),
+    )
 
   def resize_lowres(self, images: jax.Array) -> jax.Array:
     """[B, h, w, 3] float → the stage's low-res view at [B, R, R, 3] (down, then up)."""
@@ -92,35 +109,42 @@ class ContinuousStage(common.Stage):
     lowres = aug_t = None
     if self.is_sr:
       aug_t = noise["aug_t"]
-      lowres = losses.noise_augment(self.resize_lowres(x0), aug_t, noise["aug_eps"],
-                                    self.aug_logsnr_fn)
+      lowres = losses.noise_augment(
+        self.resize_lowres(x0), aug_t, noise["aug_eps"], self.aug_logsnr_fn
+      )
     t, eps = noise["t"], noise["eps"]
     logsnr = self.logsnr_fn(t)
     x_t = losses.q_sample(x0, eps, logsnr)
     target = losses.get_target(self.prediction, x0, eps, logsnr)
-    weight = (losses.min_snr_weight(logsnr, self.prediction, d.min_snr_gamma)
-              if d.get("min_snr_gamma", 0.0) > 0 else None)
+    weight = (
+      losses.min_snr_weight(logsnr, self.prediction, d.min_snr_gamma)
+      if d.get("min_snr_gamma", 0.0) > 0
+      else None
+    )
     pred = self.apply(params, x_t, t, text_emb, text_mask, lowres, aug_t)
-    return losses.diffusion_loss(pred[..., :x0.shape[-1]], target, weight)
+    return losses.diffusion_loss(pred[..., : x0.shape[-1]], target, weight)
 
-  def sample_settings(self, sample_config: Any, steps: Optional[int] = None,
-                      guidance: Any = None, sampler: Optional[str] = None
-                      ) -> common.SampleSettings:
+  def sample_settings(
+    self,
+    sample_config: Any,
+    steps: Optional[int] = None,
+    guidance: Any = None,
+    sampler: Optional[str] = None,
+  ) -> common.SampleSettings:
     s = dict(sample_config)
     settings = common.SampleSettings(
-        sampler=str(sampler or s.get("sampler", "ddim")),
-        steps=int(s.get("steps", 64) if steps is None else steps),
-        guidance=guidance_lib.parse_guidance(s.get("guidance") if guidance is None
-                                             else guidance),
-        threshold=str(s.get("threshold", "dynamic")),
-        quantile=float(s.get("quantile", 0.995)),
-        max_value=s.get("max_value"),
-        eta=float(s.get("eta", 0.0)),
-        aug_level=float(s.get("aug_level", 0.0)))
+      sampler=str(sampler or s.get("sampler", "ddim")),
+      steps=int(s.get("steps", 64) if steps is None else steps),
+      guidance=guidance_lib.parse_guidance(s.get("guidance") if guidance is None else guidance),
+      threshold=str(s.get("threshold", "dynamic")),
+      quantile=float(s.get("quantile", 0.995)),
+      max_value=s.get("max_value"),
+      eta=float(s.get("eta", 0.0)),
+      aug_level=float(s.get("aug_level", 0.0)),
+    )
     common.check_settings(settings, self.samplers, self.name)
     if not 0.0 <= settings.aug_level <= 1.0:
-      raise ValueError(f"stage {self.name}: aug_level must be in [0, 1], "
-                       f"got {settings.aug_level}")
+      raise ValueError(f"stage {self.name}: aug_level must be in [0, 1], got {settings.aug_level}")
     return settings
 
   def lowres_inputs(self, prev, settings, rng) -> dict:
@@ -129,11 +153,18 @@ class ContinuousStage(common.Stage):
     return {"lowres": self.augment_lowres(lowres, aug_t, rng), "aug_t": aug_t}
 
   def sample(self, args, settings, batch, rng, edit=None) -> jax.Array:
-    kwargs = dict(num_steps=settings.steps, prediction=self.prediction,
-                  schedule=self.logsnr_fn, guidance_scale=settings.guidance,
-                  threshold=settings.threshold, quantile=settings.quantile,
-                  max_value=settings.max_value, **(edit or {}))
+    kwargs = dict(
+      num_steps=settings.steps,
+      prediction=self.prediction,
+      schedule=self.logsnr_fn,
+      guidance_scale=settings.guidance,
+      threshold=settings.threshold,
+      quantile=settings.quantile,
+      max_value=settings.max_value,
+      **(edit or {}),
+    )
     if settings.sampler == "ddim":
       kwargs["eta"] = settings.eta
     return samplers.get_sampler(settings.sampler)(
-        self.model_fn, (batch,) + self.image_shape, rng, args, **kwargs)
+      self.model_fn, (batch,) + self.image_shape, rng, args, **kwargs
+    )

@@ -32,7 +32,7 @@ SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler", "heun")
 # the last training step, as diffusers' DPM-Solver does); IF's ancestral DDPM
 # keeps the scheduler's own spacing.
 _SOLVER_SPACING = "trailing"
-KINDS = ("discrete", "if_ddpm")   # 'if_ddpm': the name converted folders used first
+KINDS = ("discrete", "if_ddpm")  # 'if_ddpm': the name converted folders used first
 
 
 def _interp_matrix(size_in: int, size_out: int) -> np.ndarray:
@@ -63,12 +63,21 @@ def upscale_align_corners(images: jax.Array, size: int) -> jax.Array:
   _, h, w, _ = images.shape
   mh = jnp.asarray(_interp_matrix(h, size))
   mw = jnp.asarray(_interp_matrix(w, size))
-  return jnp.einsum("oh,bhwc,pw->bopc", mh, jnp.asarray(images, jnp.float32), mw,
-                    precision=jax.lax.Precision.HIGHEST)
+  return jnp.einsum(
+    "oh,bhwc,pw->bopc",
+    mh,
+    jnp.asarray(images, jnp.float32),
+    mw,
+    precision=jax.lax.Precision.HIGHEST,
+  )
 
 
-def noise_lowres(upscaled: jax.Array, noise_level: Union[int, jax.Array], noise: jax.Array,
-                 num_train_steps: int = 1000) -> jax.Array:
+def noise_lowres(
+  upscaled: jax.Array,
+  noise_level: Union[int, jax.Array],
+  noise: jax.Array,
+  num_train_steps: int = 1000,
+) -> jax.Array:
   """IF-II's noise augmentation: sqrt(abar) x + sqrt(1 - abar) noise at ``noise_level``.
 
   Args:
@@ -86,21 +95,26 @@ def noise_lowres(upscaled: jax.Array, noise_level: Union[int, jax.Array], noise:
   return jnp.sqrt(abar) * upscaled + jnp.sqrt(1.0 - abar) * noise
 
 
-def stage_timesteps(sample_config: Any, timesteps: Union[None, str, Sequence[int]] = None,
-                    num_train_steps: int = 1000) -> tuple[int, ...]:
+def stage_timesteps(
+  sample_config: Any, timesteps: Union[None, str, Sequence[int]] = None, num_train_steps: int = 1000
+) -> tuple[int, ...]:
   """The inference timesteps: an explicit name / list, the config's name, or spaced steps."""
   timesteps = timesteps or sample_config.get("timesteps") or None
   if isinstance(timesteps, str):
     return if_schedules.named_if_timesteps(timesteps)
   if timesteps is not None:
     return tuple(int(s) for s in timesteps)
-  return schedules.if_timesteps(int(sample_config["steps"]), num_train_steps,
-                                sample_config.get("spacing", "leading"),
-                                int(sample_config.get("steps_offset", 0)))
+  return schedules.if_timesteps(
+    int(sample_config["steps"]),
+    num_train_steps,
+    sample_config.get("spacing", "leading"),
+    int(sample_config.get("steps_offset", 0)),
+  )
 
 
 class DiscreteStage(common.Stage):
   """A DeepFloyd IF stage (``diffusion.kind = 'discrete'``)."""
+
   kind = "discrete"
   samplers = SAMPLERS
 
@@ -108,32 +122,39 @@ class DiscreteStage(common.Stage):
     super().__init__(stage_config, text_dim)
     d = stage_config.diffusion
     if d.get("prediction", "eps") != "eps":
-      raise ValueError(f"stage {self.name}: discrete stages predict eps, "
-                       f"got prediction={d.prediction!r}")
+      raise ValueError(
+        f"stage {self.name}: discrete stages predict eps, got prediction={d.prediction!r}"
+      )
     if d.get("beta_schedule", "squaredcos_cap_v2") != "squaredcos_cap_v2":
       raise ValueError(f"stage {self.name}: unsupported beta_schedule {d.beta_schedule!r}")
     self.prediction = "eps"
     self.num_train_steps = int(d.get("num_train_steps", 1000))
     self.aug_num_train_steps = int(d.get("aug_num_train_steps", 1000))
-    self.variance = str(d.get("variance", stage_config.sample.get("variance",
-                                                                   "learned_range")))
+    self.variance = str(d.get("variance", stage_config.sample.get("variance", "learned_range")))
     if self.variance not in samplers.VARIANCE_KINDS:
-      raise ValueError(f"stage {self.name}: variance {self.variance!r} is not one of "
-                       f"{samplers.VARIANCE_KINDS}")
+      raise ValueError(
+        f"stage {self.name}: variance {self.variance!r} is not one of {samplers.VARIANCE_KINDS}"
+      )
     self.alphas_cumprod = schedules.alphas_cumprod(
-        schedules.betas_squaredcos_cap_v2(self.num_train_steps))
+      schedules.betas_squaredcos_cap_v2(self.num_train_steps)
+    )
 
   def model_fn(self, x_t, t, args):
     """``args`` = {params, text_emb, text_mask[, lowres, noise_level]}; t: [N] ints."""
-    return self.unet(args["params"], x_t, t, args.get("text_emb"), args.get("text_mask"),
-                     args.get("lowres"), args.get("noise_level"))
+    return self.unet(
+      args["params"],
+      x_t,
+      t,
+      args.get("text_emb"),
+      args.get("text_mask"),
+      args.get("lowres"),
+      args.get("noise_level"),
+    )
 
-  def lowres_from(self, images: jax.Array, noise_level: jax.Array,
-                  rng: jax.Array) -> jax.Array:
+  def lowres_from(self, images: jax.Array, noise_level: jax.Array, rng: jax.Array) -> jax.Array:
     """[B, h, w, C] low-res images → the upscaled, noised UNet input [B, R, R, C]."""
     up = self._upscale(images)
-    return noise_lowres(up, noise_level, jax.random.normal(rng, up.shape),
-                        self.aug_num_train_steps)
+    return noise_lowres(up, noise_level, jax.random.normal(rng, up.shape), self.aug_num_train_steps)
 
   def _upscale(self, images: jax.Array) -> jax.Array:
     """[B, h, w, C] → resized to the low resolution, upscaled to [B, R, R, C]."""
@@ -151,7 +172,8 @@ class DiscreteStage(common.Stage):
       top = max(1, int(round(float(d.get("aug_max", 0.5)) * self.aug_num_train_steps)))
       noise["level"] = jax.random.randint(r_lvl, (b,), 0, top)
       noise["aug_eps"] = jax.random.normal(
-          r_aug, (b, self.resolution, self.resolution, x0.shape[-1]))
+        r_aug, (b, self.resolution, self.resolution, x0.shape[-1])
+      )
     noise["t"] = jax.random.randint(r_t, (b,), 0, self.num_train_steps)
     noise["eps"] = jax.random.normal(r_eps, x0.shape, jnp.float32)
     return noise
@@ -162,8 +184,7 @@ class DiscreteStage(common.Stage):
     lowres = level = None
     if self.is_sr:
       level = noise["level"]
-      lowres = noise_lowres(self._upscale(x0), level, noise["aug_eps"],
-                            self.aug_num_train_steps)
+      lowres = noise_lowres(self._upscale(x0), level, noise["aug_eps"], self.aug_num_train_steps)
     t, eps = noise["t"], noise["eps"]
     abar = jnp.asarray(self.alphas_cumprod)[t][:, None, None, None]
     x_t = jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * eps
@@ -171,17 +192,21 @@ class DiscreteStage(common.Stage):
     loss = losses.diffusion_loss(out[..., :c], eps)
     if self.variance == "learned_range":
       loss = loss + losses.learned_range_vb(
-          jax.lax.stop_gradient(out[..., :c]), out[..., c:], x0, x_t, t,
-          self.alphas_cumprod)
+        jax.lax.stop_gradient(out[..., :c]), out[..., c:], x0, x_t, t, self.alphas_cumprod
+      )
     return loss
 
-  def sample_settings(self, sample_config: Any, steps: Optional[int] = None,
-                      guidance: Any = None, sampler: Optional[str] = None
-                      ) -> common.SampleSettings:
+  def sample_settings(
+    self,
+    sample_config: Any,
+    steps: Optional[int] = None,
+    guidance: Any = None,
+    sampler: Optional[str] = None,
+  ) -> common.SampleSettings:
     s = dict(sample_config)
     name = str(sampler or s.get("sampler", "ddpm"))
     name = "ddpm" if name == "if_ddpm" else name
-    if steps is not None:   # an explicit step count replaces a named schedule
+    if steps is not None:  # an explicit step count replaces a named schedule
       s["steps"], s["timesteps"] = int(steps), ""
     if name != "ddpm" and s.get("spacing", "leading") == "leading":
       s["spacing"], s["steps_offset"] = _SOLVER_SPACING, 0
@@ -189,21 +214,23 @@ class DiscreteStage(common.Stage):
       raise ValueError(f"stage {self.name}: steps must be >= 1, got {s['steps']}")
     timesteps = stage_timesteps(s, None, self.num_train_steps)
     if not all(0 <= t < self.num_train_steps for t in timesteps):
-      raise ValueError(f"stage {self.name}: timesteps must lie in "
-                       f"[0, {self.num_train_steps})")
+      raise ValueError(f"stage {self.name}: timesteps must lie in [0, {self.num_train_steps})")
     settings = common.SampleSettings(
-        sampler=name, steps=len(timesteps),
-        guidance=guidance_lib.parse_guidance(s.get("guidance") if guidance is None
-                                             else guidance),
-        threshold=str(s.get("threshold", "dynamic")),
-        quantile=float(s.get("quantile", 0.95)),
-        max_value=s.get("max_value"),
-        aug_level=int(s.get("noise_level", s.get("aug_level", 0)) or 0),
-        timesteps=timesteps)
+      sampler=name,
+      steps=len(timesteps),
+      guidance=guidance_lib.parse_guidance(s.get("guidance") if guidance is None else guidance),
+      threshold=str(s.get("threshold", "dynamic")),
+      quantile=float(s.get("quantile", 0.95)),
+      max_value=s.get("max_value"),
+      aug_level=int(s.get("noise_level", s.get("aug_level", 0)) or 0),
+      timesteps=timesteps,
+    )
     common.check_settings(settings, self.samplers, self.name)
     if self.is_sr and not 0 <= settings.aug_level < self.aug_num_train_steps:
-      raise ValueError(f"stage {self.name}: noise_level must be in "
-                       f"[0, {self.aug_num_train_steps}), got {settings.aug_level}")
+      raise ValueError(
+        f"stage {self.name}: noise_level must be in "
+        f"[0, {self.aug_num_train_steps}), got {settings.aug_level}"
+      )
     return settings
 
   def lowres_inputs(self, prev, settings, rng) -> dict:
@@ -211,9 +238,14 @@ class DiscreteStage(common.Stage):
     return {"lowres": self.lowres_from(prev, level, rng), "noise_level": level}
 
   def sample(self, args, settings, batch, rng, edit=None) -> jax.Array:
-    kwargs = dict(num_train_steps=self.num_train_steps, guidance_scale=settings.guidance,
-                  threshold=settings.threshold, quantile=settings.quantile,
-                  max_value=settings.max_value, **(edit or {}))
+    kwargs = dict(
+      num_train_steps=self.num_train_steps,
+      guidance_scale=settings.guidance,
+      threshold=settings.threshold,
+      quantile=settings.quantile,
+      max_value=settings.max_value,
+      **(edit or {}),
+    )
     if settings.sampler in ("euler", "heun"):
       kwargs["num_steps"] = settings.steps
     else:
@@ -221,4 +253,5 @@ class DiscreteStage(common.Stage):
     if settings.sampler == "ddpm":
       kwargs["variance"] = self.variance
     return samplers.get_discrete_sampler(settings.sampler)(
-        self.model_fn, (batch,) + self.image_shape, rng, args, **kwargs)
+      self.model_fn, (batch,) + self.image_shape, rng, args, **kwargs
+    )

@@ -26,6 +26,7 @@ _STORE_DTYPES = ("float32", "float16", "bfloat16")
 
 def _bf16():
   import ml_dtypes  # pylint: disable=g-import-not-at-top
+
   return ml_dtypes.bfloat16
 
 
@@ -35,10 +36,16 @@ def _to_storage(emb: np.ndarray, dtype: str) -> np.ndarray:
   return np.asarray(emb).astype(dtype)
 
 
-def write_embedding_cache(encoder: Any, captions: Sequence[str], out_dir: str,
-                          max_length: int, *, batch_size: int = 64,
-                          shard_size: int = 4096,
-                          dtype: str = "float32") -> str:
+def write_embedding_cache(
+  encoder: Any,
+  captions: Sequence[str],
+  out_dir: str,
+  max_length: int,
+  *,
+  batch_size: int = 64,
+  shard_size: int = 4096,
+  dtype: str = "float32",
+) -> str:
   """Encodes every caption once and writes embeddings + masks to `out_dir`.
 
   Args:
@@ -61,30 +68,32 @@ def write_embedding_cache(encoder: Any, captions: Sequence[str], out_dir: str,
   if not captions:
     raise ValueError("captions is empty: nothing to cache")
   if shard_size % batch_size:
-    raise ValueError(f"shard_size={shard_size} must be a multiple of "
-                     f"batch_size={batch_size}")
+    raise ValueError(f"shard_size={shard_size} must be a multiple of batch_size={batch_size}")
   os.makedirs(out_dir, exist_ok=True)
   shards = []
   for start in range(0, len(captions), shard_size):
-    chunk = captions[start:start + shard_size]
+    chunk = captions[start : start + shard_size]
     embs, masks = [], []
     for b in range(0, len(chunk), batch_size):
-      batch = chunk[b:b + batch_size]
-      emb, mask = encoder.encode(batch + [""] * (batch_size - len(batch)),
-                                 max_length)
-      embs.append(_to_storage(np.asarray(emb)[:len(batch)], dtype))
-      masks.append(np.asarray(mask)[:len(batch)])
+      batch = chunk[b : b + batch_size]
+      emb, mask = encoder.encode(batch + [""] * (batch_size - len(batch)), max_length)
+      embs.append(_to_storage(np.asarray(emb)[: len(batch)], dtype))
+      masks.append(np.asarray(mask)[: len(batch)])
     k = len(shards)
-    entry = {"emb": f"emb_{k:05d}.npy", "mask": f"mask_{k:05d}.npy",
-             "num": len(chunk)}
+    entry = {"emb": f"emb_{k:05d}.npy", "mask": f"mask_{k:05d}.npy", "num": len(chunk)}
     np.save(os.path.join(out_dir, entry["emb"]), np.concatenate(embs))
     np.save(os.path.join(out_dir, entry["mask"]), np.concatenate(masks))
     shards.append(entry)
   with open(os.path.join(out_dir, CAPTIONS_FILE), "w") as f:
     for c in captions:
       f.write(json.dumps(c) + "\n")
-  index = {"num": len(captions), "max_length": max_length,
-           "dim": int(encoder.embed_dim), "dtype": dtype, "shards": shards}
+  index = {
+    "num": len(captions),
+    "max_length": max_length,
+    "dim": int(encoder.embed_dim),
+    "dtype": dtype,
+    "shards": shards,
+  }
   with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
     json.dump(index, f, indent=1)
   return out_dir
@@ -127,8 +136,9 @@ class EmbeddingCache:
     if k not in self._arrays:
       s = self._shards[k]
       self._arrays[k] = (
-          np.load(os.path.join(self.path, s["emb"]), mmap_mode="r"),
-          np.load(os.path.join(self.path, s["mask"]), mmap_mode="r"))
+        np.load(os.path.join(self.path, s["emb"]), mmap_mode="r"),
+        np.load(os.path.join(self.path, s["mask"]), mmap_mode="r"),
+      )
     return self._arrays[k]
 
   def get(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:

@@ -28,8 +28,12 @@ from imagen_jax.text.t5 import T5Config, T5Encoder
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32,
-           "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
+_DTYPES = {
+  "float32": jnp.float32,
+  "fp32": jnp.float32,
+  "bfloat16": jnp.bfloat16,
+  "bf16": jnp.bfloat16,
+}
 _TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
 
 
@@ -47,22 +51,23 @@ def resolve_dtype(dtype: Any) -> Any:
     name = None
   if name in ("float32", "bfloat16"):
     return _DTYPES[name]
-  raise ValueError(f"unknown dtype {dtype!r} for the T5 encoder; expected "
-                   "float32 or bfloat16")
+  raise ValueError(f"unknown dtype {dtype!r} for the T5 encoder; expected float32 or bfloat16")
 
 
 def _load_tokenizer(path: str):
   """Loads a local tokenizer (sentencepiece-style T5 or ByT5), never downloading."""
   from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+
   if not os.path.isdir(path) or not any(
-      os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
-    raise FileNotFoundError(f"no tokenizer files in {path}: expected one of "
-                            f"{_TOKENIZER_FILES}")
+    os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES
+  ):
+    raise FileNotFoundError(f"no tokenizer files in {path}: expected one of {_TOKENIZER_FILES}")
   return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def _byt5_tokenizer():
   from transformers import ByT5Tokenizer  # pylint: disable=g-import-not-at-top
+
   return ByT5Tokenizer()
 
 
@@ -80,22 +85,30 @@ class TextEncoder:
     trace_count: how often the jitted encode function has been traced.
   """
 
-  def __init__(self, config: T5Config, params: Any, tokenizer: Any, *,
-               dtype: Any = jnp.float32, param_dtype: Any = None,
-               mesh: Any = None, rules: Sequence[tuple[str, Any]] | None = None):
+  def __init__(
+    self,
+    config: T5Config,
+    params: Any,
+    tokenizer: Any,
+    *,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = None,
+    mesh: Any = None,
+    rules: Sequence[tuple[str, Any]] | None = None,
+  ):
     """Wraps ready params; prefer `from_pretrained` or `random_init`."""
     self.config = config
     self.dtype = resolve_dtype(dtype)
     self.param_dtype = resolve_dtype(param_dtype or self.dtype)
     self.mesh = mesh
     self.rules = tuple(rules or ()) if mesh is not None else ()
-    self.module = T5Encoder(config, dtype=self.dtype,
-                            param_dtype=self.param_dtype, mesh=mesh)
+    self.module = T5Encoder(config, dtype=self.dtype, param_dtype=self.param_dtype, mesh=mesh)
     self.params = params
     self.tokenizer = tokenizer
     if len(tokenizer) > config.vocab_size:
-      raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's "
-                       f"vocab_size is {config.vocab_size}")
+      raise ValueError(
+        f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}"
+      )
     self.trace_count = 0
     self._tokenizer_lock = threading.Lock()
     self._encode_fn = jax.jit(self._apply)
@@ -106,21 +119,27 @@ class TextEncoder:
     return self.config.d_model
 
   @staticmethod
-  def _setup(config: T5Config, dtype: Any, param_dtype: Any, mesh: Any,
-             rules: Any) -> tuple[Any, Any]:
+  def _setup(
+    config: T5Config, dtype: Any, param_dtype: Any, mesh: Any, rules: Any
+  ) -> tuple[Any, Any]:
     """(boxed abstract params, per-param shardings or None) for a config."""
     dtype = resolve_dtype(dtype)
-    module = T5Encoder(config, dtype=dtype,
-                       param_dtype=resolve_dtype(param_dtype or dtype))
+    module = T5Encoder(config, dtype=dtype, param_dtype=resolve_dtype(param_dtype or dtype))
     ids = jnp.zeros((1, 8), jnp.int32)
     boxed = jax.eval_shape(module.init, jax.random.key(0), ids, ids > 0)
     return boxed, parallel.logical_shardings(boxed, mesh, rules)
 
   @classmethod
-  def from_pretrained(cls, path: str, dtype: Any = jnp.float32, *,
-                      param_dtype: Any = None, mesh: Any = None,
-                      rules: Sequence[tuple[str, Any]] | None = None,
-                      tokenizer: Any = None) -> "TextEncoder":
+  def from_pretrained(
+    cls,
+    path: str,
+    dtype: Any = jnp.float32,
+    *,
+    param_dtype: Any = None,
+    mesh: Any = None,
+    rules: Sequence[tuple[str, Any]] | None = None,
+    tokenizer: Any = None,
+  ) -> "TextEncoder":
     """Loads the encoder of a local Hugging Face T5 checkpoint.
 
     Args:
@@ -139,16 +158,17 @@ class TextEncoder:
     """
     config = loading.read_config(path)
     boxed, shardings = cls._setup(config, dtype, param_dtype, mesh, rules)
-    params = loading.load_params(path, config, nn.meta.unbox(boxed), shardings,
-                                 resolve_dtype(param_dtype or dtype))
+    params = loading.load_params(
+      path, config, nn.meta.unbox(boxed), shardings, resolve_dtype(param_dtype or dtype)
+    )
     tok = tokenizer if tokenizer is not None else path
     tok = _load_tokenizer(tok) if isinstance(tok, (str, os.PathLike)) else tok
-    return cls(config, params, tok, dtype=dtype, param_dtype=param_dtype,
-               mesh=mesh, rules=rules)
+    return cls(config, params, tok, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules)
 
   @classmethod
-  def from_config(cls, text_config: Any, mesh: Any = None,
-                  rules: Sequence[tuple[str, Any]] | None = None) -> "TextEncoder":
+  def from_config(
+    cls, text_config: Any, mesh: Any = None, rules: Sequence[tuple[str, Any]] | None = None
+  ) -> "TextEncoder":
     """The frozen encoder a cascade config names (``config.text``).
 
     Args:
@@ -160,23 +180,37 @@ class TextEncoder:
     """
     tokenizer = text_config.get("tokenizer") or None
     if text_config.get("path"):
-      enc = cls.from_pretrained(text_config.path, dtype=text_config.dtype, mesh=mesh,
-                                rules=rules, tokenizer=tokenizer)
+      enc = cls.from_pretrained(
+        text_config.path, dtype=text_config.dtype, mesh=mesh, rules=rules, tokenizer=tokenizer
+      )
     else:
-      enc = cls.random_init(dict(text_config.random), seed=text_config.seed,
-                            dtype=text_config.dtype, mesh=mesh, rules=rules,
-                            tokenizer=_load_tokenizer(tokenizer) if tokenizer else None)
+      enc = cls.random_init(
+        dict(text_config.random),
+        seed=text_config.seed,
+        dtype=text_config.dtype,
+        mesh=mesh,
+        rules=rules,
+        tokenizer=_load_tokenizer(tokenizer) if tokenizer else None,
+      )
     if text_config.get("dim") is not None and enc.embed_dim != text_config.dim:
-      raise ValueError(f"config.text.dim={text_config.dim} but the text encoder gives "
-                       f"{enc.embed_dim}-wide embeddings")
+      raise ValueError(
+        f"config.text.dim={text_config.dim} but the text encoder gives "
+        f"{enc.embed_dim}-wide embeddings"
+      )
     return enc
 
   @classmethod
-  def random_init(cls, config: T5Config | Mapping[str, Any] | None = None,
-                  seed: int = 0, *, dtype: Any = jnp.float32,
-                  param_dtype: Any = None, mesh: Any = None,
-                  rules: Sequence[tuple[str, Any]] | None = None,
-                  tokenizer: Any = None) -> "TextEncoder":
+  def random_init(
+    cls,
+    config: T5Config | Mapping[str, Any] | None = None,
+    seed: int = 0,
+    *,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = None,
+    mesh: Any = None,
+    rules: Sequence[tuple[str, Any]] | None = None,
+    tokenizer: Any = None,
+  ) -> "TextEncoder":
     """A small, deterministic, randomly initialized T5 with the ByT5 tokenizer.
 
     Args:
@@ -202,14 +236,13 @@ class TextEncoder:
       params = nn.meta.unbox(T5Encoder(config).init(rng, ids, ids > 0))
       return jax.tree.map(lambda p: p.astype(store), params)
 
-    params = parallel.run_init(init, jax.random.key(seed),
-                               shardings if mesh is not None else None, mesh)
+    params = parallel.run_init(
+      init, jax.random.key(seed), shardings if mesh is not None else None, mesh
+    )
     tok = tokenizer if tokenizer is not None else _byt5_tokenizer()
-    return cls(config, params, tok, dtype=dtype, param_dtype=param_dtype,
-               mesh=mesh, rules=rules)
+    return cls(config, params, tok, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules)
 
-  def tokenize(self, prompts: Sequence[str],
-               max_length: int) -> tuple[np.ndarray, np.ndarray]:
+  def tokenize(self, prompts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
     """Tokenizes, pads to `max_length` and truncates longer prompts.
 
     Args:
@@ -236,12 +269,16 @@ class TextEncoder:
     full = self.tokenizer(prompts)["input_ids"]
     cut = sum(len(x) > max_length for x in full)
     if cut:
-      logger.warning("%d of %d prompts were longer than max_length=%d tokens "
-                     "and were truncated", cut, len(prompts), max_length)
-    tok = self.tokenizer(prompts, padding="max_length", truncation=True,
-                         max_length=max_length, return_tensors="np")
-    return (tok["input_ids"].astype(np.int32),
-            tok["attention_mask"].astype(bool))
+      logger.warning(
+        "%d of %d prompts were longer than max_length=%d tokens and were truncated",
+        cut,
+        len(prompts),
+        max_length,
+      )
+    tok = self.tokenizer(
+      prompts, padding="max_length", truncation=True, max_length=max_length, return_tensors="np"
+    )
+    return (tok["input_ids"].astype(np.int32), tok["attention_mask"].astype(bool))
 
   def apply_fn(self, params: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
     """The pure encoder, ``(params, ids [B, L], mask [B, L]) -> emb [B, L, D]``.
@@ -288,8 +325,7 @@ class TextEncoder:
     emb = self._encode_fn(self.params, ids, mask)
     return emb[:b] if pad else emb
 
-  def encode(self, prompts: Sequence[str],
-             max_length: int) -> tuple[jax.Array, jax.Array]:
+  def encode(self, prompts: Sequence[str], max_length: int) -> tuple[jax.Array, jax.Array]:
     """Encodes prompts.
 
     Args:

@@ -23,12 +23,28 @@ WEIGHTS_NAME = "model"  # model[.fp16].safetensors or its sharded index
 # Hugging Face model types whose encoder is the plain T5 encoder.
 T5_MODEL_TYPES = ("t5", "mt5")
 # transformers' `T5Config` defaults, for keys an (old) config.json leaves out.
-HF_DEFAULTS = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048,
-                   num_layers=6, num_heads=8, relative_attention_num_buckets=32,
-                   relative_attention_max_distance=128, layer_norm_epsilon=1e-6,
-                   feed_forward_proj="relu")
-_POSITIVE_INTS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
-                  "relative_attention_num_buckets", "relative_attention_max_distance")
+HF_DEFAULTS = dict(
+  vocab_size=32128,
+  d_model=512,
+  d_kv=64,
+  d_ff=2048,
+  num_layers=6,
+  num_heads=8,
+  relative_attention_num_buckets=32,
+  relative_attention_max_distance=128,
+  layer_norm_epsilon=1e-6,
+  feed_forward_proj="relu",
+)
+_POSITIVE_INTS = (
+  "vocab_size",
+  "d_model",
+  "d_kv",
+  "d_ff",
+  "num_layers",
+  "num_heads",
+  "relative_attention_num_buckets",
+  "relative_attention_max_distance",
+)
 
 
 def read_config(path: str) -> T5Config:
@@ -48,8 +64,9 @@ def read_config(path: str) -> T5Config:
     raise FileNotFoundError(f"T5 checkpoint directory {path!r} does not exist")
   config_file = os.path.join(path, CONFIG_FILE)
   if not os.path.isfile(config_file):
-    raise FileNotFoundError(f"{config_file} not found: a Hugging Face T5 "
-                            "directory needs config.json")
+    raise FileNotFoundError(
+      f"{config_file} not found: a Hugging Face T5 directory needs config.json"
+    )
   try:
     with open(config_file) as f:
       raw = json.load(f)
@@ -59,18 +76,24 @@ def read_config(path: str) -> T5Config:
     raise ValueError(f"{config_file} holds a JSON {type(raw).__name__}, not a config object")
   model_type = raw.get("model_type")
   if model_type not in T5_MODEL_TYPES:
-    raise ValueError(f"{config_file}: model_type={model_type!r} is not a T5 "
-                     f"encoder (expected one of {T5_MODEL_TYPES})")
+    raise ValueError(
+      f"{config_file}: model_type={model_type!r} is not a T5 "
+      f"encoder (expected one of {T5_MODEL_TYPES})"
+    )
   merged = {**HF_DEFAULTS, **raw}
-  bad = [f"{k}={merged[k]!r}" for k in _POSITIVE_INTS
-         if not isinstance(merged[k], int) or isinstance(merged[k], bool) or merged[k] < 1]
+  bad = [
+    f"{k}={merged[k]!r}"
+    for k in _POSITIVE_INTS
+    if not isinstance(merged[k], int) or isinstance(merged[k], bool) or merged[k] < 1
+  ]
   if not isinstance(merged["layer_norm_epsilon"], (int, float)):
     bad.append(f"layer_norm_epsilon={merged['layer_norm_epsilon']!r}")
   if not isinstance(merged["feed_forward_proj"], str):
     bad.append(f"feed_forward_proj={merged['feed_forward_proj']!r}")
   if bad:
-    raise ValueError(f"{config_file}: invalid T5 settings {', '.join(bad)} "
-                     "(sizes must be positive integers)")
+    raise ValueError(
+      f"{config_file}: invalid T5 settings {', '.join(bad)} (sizes must be positive integers)"
+    )
   try:
     return T5Config.from_dict(merged)
   except (TypeError, ValueError, KeyError) as e:
@@ -107,12 +130,12 @@ def hf_name_map(c: T5Config) -> dict[tuple[str, ...], tuple[tuple[str, ...], Cal
     read and ``fn`` turns it into the Flax layout.
   """
   m = {
-      ("token_embed",): (("encoder.embed_tokens.weight", "shared.weight"),
-                         _identity),
-      ("relpos_bias",): ((
-          "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",),
-                         _identity),
-      ("final_norm", "scale"): (("encoder.final_layer_norm.weight",), _identity),
+    ("token_embed",): (("encoder.embed_tokens.weight", "shared.weight"), _identity),
+    ("relpos_bias",): (
+      ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",),
+      _identity,
+    ),
+    ("final_norm", "scale"): (("encoder.final_layer_norm.weight",), _identity),
   }
   wis = ("wi_0", "wi_1") if c.is_gated_act else ("wi",)
   for i in range(c.num_layers):
@@ -142,8 +165,9 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
   tree[path[-1]] = value
 
 
-def load_params(path: str, config: T5Config, abstract_params: Any,
-                shardings: Any, param_dtype: Any) -> dict:
+def load_params(
+  path: str, config: T5Config, abstract_params: Any, shardings: Any, param_dtype: Any
+) -> dict:
   """Streams encoder weights from a checkpoint into (sharded) device arrays.
 
   Args:
@@ -170,19 +194,19 @@ def load_params(path: str, config: T5Config, abstract_params: Any,
       candidates, convert = names[fpath]
       found = [n for n in candidates if n in keys]
       if not found:
-        raise KeyError(f"encoder tensor {candidates[0]!r} is missing from "
-                       f"{reader.source}")
+        raise KeyError(f"encoder tensor {candidates[0]!r} is missing from {reader.source}")
       stored = reader.get(found[0])
       try:
         w = convert(stored)
-      except ValueError:   # a reshape that cannot fit
+      except ValueError:  # a reshape that cannot fit
         w = None
       if w is None or w.shape != abstract.shape:
-        raise ValueError(f"tensor {found[0]!r} in {reader.source} has shape "
-                         f"{tuple(stored.shape)}, which does not convert to the "
-                         f"{tuple(abstract.shape)} that config.json implies")
+        raise ValueError(
+          f"tensor {found[0]!r} in {reader.source} has shape "
+          f"{tuple(stored.shape)}, which does not convert to the "
+          f"{tuple(abstract.shape)} that config.json implies"
+        )
       w = np.ascontiguousarray(w.astype(np.dtype(param_dtype)))
       _set(out, fpath, jax.device_put(w, flat_shard.get(fpath)))
       del w
   return {"params": out}
-

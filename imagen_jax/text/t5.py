@@ -34,13 +34,13 @@ Dtype = Any
 # Hugging Face `ACT2FN` names that T5 configs use, mapped to jax functions.
 # `gelu_new` (what "gated-gelu" maps to) is the tanh approximation.
 ACTIVATIONS: Mapping[str, Callable[[Array], Array]] = {
-    "relu": jax.nn.relu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
+  "relu": jax.nn.relu,
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+  "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+  "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+  "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+  "silu": jax.nn.silu,
+  "swish": jax.nn.silu,
 }
 
 
@@ -60,6 +60,7 @@ class T5Config:
     layer_norm_epsilon: epsilon of the RMS norms.
     feed_forward_proj: ``"relu"``, ``"gated-gelu"``, ``"gated-silu"``, ...
   """
+
   vocab_size: int = 384
   d_model: int = 128
   d_kv: int = 32
@@ -74,12 +75,13 @@ class T5Config:
   def __post_init__(self):
     parts = self.feed_forward_proj.split("-")
     if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
-      raise ValueError(
-          f"feed_forward_proj={self.feed_forward_proj!r} is not 'ACT' or 'gated-ACT'")
+      raise ValueError(f"feed_forward_proj={self.feed_forward_proj!r} is not 'ACT' or 'gated-ACT'")
     if self.dense_act_fn not in ACTIVATIONS:
-      raise ValueError(f"unsupported T5 activation {self.dense_act_fn!r} "
-                       f"(from feed_forward_proj={self.feed_forward_proj!r}); "
-                       f"supported: {sorted(ACTIVATIONS)}")
+      raise ValueError(
+        f"unsupported T5 activation {self.dense_act_fn!r} "
+        f"(from feed_forward_proj={self.feed_forward_proj!r}); "
+        f"supported: {sorted(ACTIVATIONS)}"
+      )
 
   @property
   def is_gated_act(self) -> bool:
@@ -111,8 +113,9 @@ class T5Config:
     return cls(**{k: v for k, v in dict(d).items() if k in names})
 
 
-def relative_position_buckets(query_length: int, key_length: int,
-                              num_buckets: int, max_distance: int) -> np.ndarray:
+def relative_position_buckets(
+  query_length: int, key_length: int, num_buckets: int, max_distance: int
+) -> np.ndarray:
   """Bidirectional T5 relative-position buckets, computed once on the host.
 
   The arithmetic follows Mesh TensorFlow / transformers in float32 (including
@@ -127,8 +130,10 @@ def relative_position_buckets(query_length: int, key_length: int,
   Returns:
     [Lq, Lk] int32 bucket indices in [0, num_buckets).
   """
-  rel = (np.arange(key_length, dtype=np.int64)[None, :]
-         - np.arange(query_length, dtype=np.int64)[:, None])
+  rel = (
+    np.arange(key_length, dtype=np.int64)[None, :]
+    - np.arange(query_length, dtype=np.int64)[:, None]
+  )
   half = num_buckets // 2
   buckets = (rel > 0).astype(np.int64) * half
   rel = np.abs(rel)
@@ -136,8 +141,7 @@ def relative_position_buckets(query_length: int, key_length: int,
   is_small = rel < max_exact
   with np.errstate(divide="ignore"):
     ratio = np.log(rel.astype(np.float32) / np.float32(max_exact))
-  scaled = (ratio / np.float32(math.log(max_distance / max_exact))
-            * np.float32(half - max_exact))
+  scaled = ratio / np.float32(math.log(max_distance / max_exact)) * np.float32(half - max_exact)
   # Small distances (including the -inf at 0) are taken from `rel` below.
   scaled = np.where(is_small, 0.0, scaled).astype(np.float32)
   large = np.minimum(max_exact + scaled.astype(np.int64), half - 1)
@@ -157,6 +161,7 @@ class RMSNorm(nn.Module):
     dtype: output dtype.
     param_dtype: dtype of the scale.
   """
+
   epsilon: float = 1e-6
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -165,8 +170,11 @@ class RMSNorm(nn.Module):
   def __call__(self, x: Array) -> Array:
     """x: [..., D] -> [..., D] in `dtype`."""
     scale = self.param(
-        "scale", nn.with_logical_partitioning(nn.initializers.ones, (axes.NORM,)),
-        (x.shape[-1],), self.param_dtype)
+      "scale",
+      nn.with_logical_partitioning(nn.initializers.ones, (axes.NORM,)),
+      (x.shape[-1],),
+      self.param_dtype,
+    )
     x32 = x.astype(jnp.float32)
     var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
     y = (x32 * jax.lax.rsqrt(var + self.epsilon)).astype(self.dtype)
@@ -183,6 +191,7 @@ class SelfAttention(nn.Module):
     param_dtype: storage dtype of the projections.
     mesh: optional mesh for activation sharding constraints.
   """
+
   num_heads: int
   d_kv: int
   dtype: Dtype = jnp.float32
@@ -208,21 +217,18 @@ class SelfAttention(nn.Module):
     d, h, k = x.shape[-1], self.num_heads, self.d_kv
     in_names = (axes.EMBED, axes.HEADS, axes.KV)
     q = self._proj("q", (d, h, k), in_names, (d * k) ** -0.5)
-    kk = self._proj("k", (d, h, k), in_names, d ** -0.5)
-    v = self._proj("v", (d, h, k), in_names, d ** -0.5)
-    o = self._proj("o", (h, k, d), (axes.HEADS, axes.KV, axes.EMBED),
-                   (h * k) ** -0.5)
+    kk = self._proj("k", (d, h, k), in_names, d**-0.5)
+    v = self._proj("v", (d, h, k), in_names, d**-0.5)
+    o = self._proj("o", (h, k, d), (axes.HEADS, axes.KV, axes.EMBED), (h * k) ** -0.5)
     x = x.astype(self.dtype)
     qh = jnp.einsum("bld,dhk->bhlk", x, q)
     kh = jnp.einsum("bld,dhk->bhlk", x, kk)
     vh = jnp.einsum("bld,dhk->bhlk", x, v)
     heads = (axes.BATCH, axes.HEADS, axes.LENGTH, axes.KV)
     qh = nn.with_logical_constraint(qh, heads, mesh=self.mesh)
-    logits = jnp.einsum("bhqk,bhmk->bhqm", qh, kh,
-                        preferred_element_type=jnp.float32)
+    logits = jnp.einsum("bhqk,bhmk->bhqm", qh, kh, preferred_element_type=jnp.float32)
     logits = logits + bias[None].astype(jnp.float32)
-    logits = jnp.where(mask[:, None, None, :], logits,
-                       jnp.finfo(jnp.float32).min)
+    logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum("bhqm,bhmk->bhqk", weights, vh)
     return jnp.einsum("bhlk,hkd->bld", out, o)
@@ -239,6 +245,7 @@ class FeedForward(nn.Module):
     param_dtype: storage dtype.
     mesh: optional mesh for activation sharding constraints.
   """
+
   d_ff: int
   activation: str
   gated: bool
@@ -262,8 +269,7 @@ class FeedForward(nn.Module):
       h = h * (x @ self._kernel("wi_1", (d, self.d_ff), in_names))
     else:
       h = act(x @ self._kernel("wi", (d, self.d_ff), in_names))
-    h = nn.with_logical_constraint(h, (axes.BATCH, axes.LENGTH, axes.MLP),
-                                   mesh=self.mesh)
+    h = nn.with_logical_constraint(h, (axes.BATCH, axes.LENGTH, axes.MLP), mesh=self.mesh)
     return h @ self._kernel("wo", (self.d_ff, d), (axes.MLP, axes.EMBED))
 
 
@@ -276,6 +282,7 @@ class EncoderBlock(nn.Module):
     param_dtype: storage dtype.
     mesh: optional mesh for activation sharding constraints.
   """
+
   config: T5Config
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -286,13 +293,10 @@ class EncoderBlock(nn.Module):
     """x: [B, L, D], bias: [H, L, L], mask: [B, L] bool -> [B, L, D]."""
     c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = RMSNorm(c.layer_norm_epsilon, name="attn_norm", **kw)(x)
-    x = x + SelfAttention(c.num_heads, c.d_kv, mesh=self.mesh, name="attn",
-                          **kw)(h, bias, mask)
+    x = x + SelfAttention(c.num_heads, c.d_kv, mesh=self.mesh, name="attn", **kw)(h, bias, mask)
     h = RMSNorm(c.layer_norm_epsilon, name="mlp_norm", **kw)(x)
-    x = x + FeedForward(c.d_ff, c.dense_act_fn, c.is_gated_act, mesh=self.mesh,
-                        name="mlp", **kw)(h)
-    return nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED),
-                                      mesh=self.mesh)
+    x = x + FeedForward(c.d_ff, c.dense_act_fn, c.is_gated_act, mesh=self.mesh, name="mlp", **kw)(h)
+    return nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED), mesh=self.mesh)
 
 
 class T5Encoder(nn.Module):
@@ -305,6 +309,7 @@ class T5Encoder(nn.Module):
     mesh: optional mesh; activation constraints apply only under
       `nn.logical_axis_rules`.
   """
+
   config: T5Config
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -325,23 +330,25 @@ class T5Encoder(nn.Module):
     c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     mask = mask.astype(bool)
     embedding = self.param(
-        "token_embed",
-        nn.with_logical_partitioning(_normal(1.0), (axes.VOCAB, axes.EMBED)),
-        (c.vocab_size, c.d_model), self.param_dtype)
+      "token_embed",
+      nn.with_logical_partitioning(_normal(1.0), (axes.VOCAB, axes.EMBED)),
+      (c.vocab_size, c.d_model),
+      self.param_dtype,
+    )
     rel_table = self.param(
-        "relpos_bias",
-        nn.with_logical_partitioning(_normal(c.d_model ** -0.5),
-                                     (axes.RELPOS, axes.HEADS)),
-        (c.relative_attention_num_buckets, c.num_heads), self.param_dtype)
+      "relpos_bias",
+      nn.with_logical_partitioning(_normal(c.d_model**-0.5), (axes.RELPOS, axes.HEADS)),
+      (c.relative_attention_num_buckets, c.num_heads),
+      self.param_dtype,
+    )
     length = input_ids.shape[1]
-    buckets = relative_position_buckets(length, length,
-                                        c.relative_attention_num_buckets,
-                                        c.relative_attention_max_distance)
+    buckets = relative_position_buckets(
+      length, length, c.relative_attention_num_buckets, c.relative_attention_max_distance
+    )
     # [L, L, H] -> [H, L, L], shared by every block.
     bias = jnp.transpose(jnp.take(rel_table, buckets, axis=0), (2, 0, 1))
     x = jnp.take(embedding, input_ids, axis=0).astype(self.dtype)
-    x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED),
-                                   mesh=self.mesh)
+    x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED), mesh=self.mesh)
     for i in range(c.num_layers):
       x = EncoderBlock(c, mesh=self.mesh, name=f"block_{i}", **kw)(x, bias, mask)
     return RMSNorm(c.layer_norm_epsilon, name="final_norm", **kw)(x)

@@ -72,16 +72,20 @@ def read_latest_meta(workdir: str, stage_name: str) -> Optional[tuple[int, dict]
   directory = run_lib.checkpoint_dir(workdir, stage_name)
   if not os.path.isdir(directory):
     return None
-  manager = run_lib.checkpoint_manager(workdir, stage_name, read_only=True,
-                                       async_save=False)
+  manager = run_lib.checkpoint_manager(workdir, stage_name, read_only=True, async_save=False)
   try:
     for step in sorted(manager.all_steps(), reverse=True):
       try:
-        return step, manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore())).meta
+        return step, manager.restore(
+          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+        ).meta
       except Exception as e:  # pylint: disable=broad-except
-        _log.warning("stage %s: the meta of checkpoint step %d is unreadable (%s)",
-                     stage_name, step, _reason(e))
+        _log.warning(
+          "stage %s: the meta of checkpoint step %d is unreadable (%s)",
+          stage_name,
+          step,
+          _reason(e),
+        )
   finally:
     manager.close()
   return None
@@ -90,12 +94,19 @@ def read_latest_meta(workdir: str, stage_name: str) -> Optional[tuple[int, dict]
 class StageCheckpointer:
   """Saves and restores one stage's checkpoints (orbax CheckpointManager)."""
 
-  def __init__(self, workdir: str, stage_name: str, keep: int = 2,
-               async_save: bool = True, read_only: bool = False):
+  def __init__(
+    self,
+    workdir: str,
+    stage_name: str,
+    keep: int = 2,
+    async_save: bool = True,
+    read_only: bool = False,
+  ):
     self.stage_name = stage_name
     self.directory = run_lib.checkpoint_dir(workdir, stage_name)
-    self.manager = run_lib.checkpoint_manager(workdir, stage_name, keep=keep,
-                                              async_save=async_save, read_only=read_only)
+    self.manager = run_lib.checkpoint_manager(
+      workdir, stage_name, keep=keep, async_save=async_save, read_only=read_only
+    )
     self._pending = None  # (step, bytes) of a save not known to have finished
     self._failed_step = None
 
@@ -111,22 +122,24 @@ class StageCheckpointer:
     for path in sorted(glob.glob(os.path.join(self.directory, _TMP_GLOB))):
       shutil.rmtree(path, ignore_errors=True)
       removed.append(os.path.basename(path))
-      _log.warning("stage %s: removed %s, an unfinished checkpoint of an earlier run",
-                   self.stage_name, path)
+      _log.warning(
+        "stage %s: removed %s, an unfinished checkpoint of an earlier run", self.stage_name, path
+      )
     return removed
 
-  def save(self, step: int, state: Any, data_state: dict, meta: dict,
-           force: bool = False) -> bool:
+  def save(self, step: int, state: Any, data_state: dict, meta: dict, force: bool = False) -> bool:
     """Starts saving ``state`` (a TrainState) at ``step``; returns whether it saves.
 
     Raises:
       SaveError: this save, or the previous asynchronous one, failed.
     """
     train = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
-    args = ocp.args.Composite(train=ocp.args.StandardSave(train),
-                              ema=ocp.args.StandardSave(state.ema_params),
-                              data=ocp.args.JsonSave(data_state),
-                              meta=ocp.args.JsonSave(meta))
+    args = ocp.args.Composite(
+      train=ocp.args.StandardSave(train),
+      ema=ocp.args.StandardSave(state.ema_params),
+      data=ocp.args.JsonSave(data_state),
+      meta=ocp.args.JsonSave(meta),
+    )
     nbytes = sum(x.nbytes for x in jax.tree.leaves((train, state.ema_params)))
     self._guard(self.manager.wait_until_finished)  # a failed earlier save shows here
     self._pending = (step, nbytes)
@@ -152,13 +165,15 @@ class StageCheckpointer:
       free = _megabytes(shutil.disk_usage(self.directory).free)
     except OSError:
       free = "unknown"
-    kept = sorted(s for s in self.manager.all_steps() if s != step
-                  and os.path.isdir(self.step_dir(s)))
+    kept = sorted(
+      s for s in self.manager.all_steps() if s != step and os.path.isdir(self.step_dir(s))
+    )
     return SaveError(
-        f"could not save the stage {self.stage_name!r} checkpoint of step {step} to "
-        f"{self.step_dir(step)}: {_reason(e)} (it needs about {_megabytes(nbytes)}; "
-        f"{free} free there); temp folder removed, earlier checkpoints intact: "
-        f"{kept or 'none'}")
+      f"could not save the stage {self.stage_name!r} checkpoint of step {step} to "
+      f"{self.step_dir(step)}: {_reason(e)} (it needs about {_megabytes(nbytes)}; "
+      f"{free} free there); temp folder removed, earlier checkpoints intact: "
+      f"{kept or 'none'}"
+    )
 
   def _remove_tmp(self, step: int, settle: float = 0.0) -> None:
     """Removes the temp folders of ``step``; with ``settle`` > 0, again until none
@@ -178,14 +193,26 @@ class StageCheckpointer:
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
     """Restores (state, data_state, meta); ``abstract_state`` carries the shardings."""
-    train = {"step": abstract_state.step, "params": abstract_state.params,
-             "opt_state": abstract_state.opt_state}
-    out = self.manager.restore(step, args=ocp.args.Composite(
+    train = {
+      "step": abstract_state.step,
+      "params": abstract_state.params,
+      "opt_state": abstract_state.opt_state,
+    }
+    out = self.manager.restore(
+      step,
+      args=ocp.args.Composite(
         train=ocp.args.StandardRestore(train),
         ema=ocp.args.StandardRestore(abstract_state.ema_params),
-        data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-    state = abstract_state.replace(step=out.train["step"], params=out.train["params"],
-                                   opt_state=out.train["opt_state"], ema_params=out.ema)
+        data=ocp.args.JsonRestore(),
+        meta=ocp.args.JsonRestore(),
+      ),
+    )
+    state = abstract_state.replace(
+      step=out.train["step"],
+      params=out.train["params"],
+      opt_state=out.train["opt_state"],
+      ema_params=out.ema,
+    )
     return state, out.data, out.meta
 
   def restore_latest(self, abstract_state: Any) -> Optional[tuple[int, Any, dict, dict]]:
@@ -204,17 +231,22 @@ class StageCheckpointer:
         state, data_state, meta = self.restore(step, abstract_state)
       except Exception as e:  # pylint: disable=broad-except
         failures.append((step, _reason(e)))
-        _log.warning("stage %s: checkpoint step %d (%s) is unreadable: %s; trying the "
-                     "previous one", self.stage_name, step, self.step_dir(step),
-                     failures[-1][1])
+        _log.warning(
+          "stage %s: checkpoint step %d (%s) is unreadable: %s; trying the previous one",
+          self.stage_name,
+          step,
+          self.step_dir(step),
+          failures[-1][1],
+        )
         continue
       for bad, _ in failures:
         self._move_aside(bad)
       return step, state, data_state, meta
     if failures:
-      raise ValueError(f"stage {self.stage_name!r}: no checkpoint under {self.directory} "
-                       f"restores (" + "; ".join(f"step {s}: {r}" for s, r in failures)
-                       + "); nothing was changed")
+      raise ValueError(
+        f"stage {self.stage_name!r}: no checkpoint under {self.directory} "
+        f"restores (" + "; ".join(f"step {s}: {r}" for s, r in failures) + "); nothing was changed"
+      )
     return None
 
   def _move_aside(self, step: int) -> None:
@@ -225,13 +257,15 @@ class StageCheckpointer:
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(target), exist_ok=True)
       os.rename(self.step_dir(step), target)
-      print(f"stage {self.stage_name}: damaged checkpoint step {step} moved to {target} "
-            f"(kept for inspection)", flush=True)
+      print(
+        f"stage {self.stage_name}: damaged checkpoint step {step} moved to {target} "
+        f"(kept for inspection)",
+        flush=True,
+      )
     self.manager.reload()
 
   def restore_meta(self, step: int) -> dict:
-    return self.manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore())).meta
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
   def wait(self) -> None:
     self._guard(self.manager.wait_until_finished)

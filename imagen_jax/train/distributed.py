@@ -29,21 +29,26 @@ class LaunchError(ValueError):
   """A multi-process launch that cannot work; the message names the flag."""
 
 
-def _check_flags(coordinator_address: Optional[str], num_processes: Optional[int],
-                 process_id: Optional[int]) -> None:
-  given = {"--coordinator_address": coordinator_address,
-           "--num_processes": num_processes, "--process_id": process_id}
+def _check_flags(
+  coordinator_address: Optional[str], num_processes: Optional[int], process_id: Optional[int]
+) -> None:
+  given = {
+    "--coordinator_address": coordinator_address,
+    "--num_processes": num_processes,
+    "--process_id": process_id,
+  }
   missing = [k for k, v in given.items() if v is None]
   if missing:
-    raise LaunchError(f"{', '.join(missing)} missing: give --coordinator_address, "
-                      "--num_processes and --process_id together (or none of them)")
+    raise LaunchError(
+      f"{', '.join(missing)} missing: give --coordinator_address, "
+      "--num_processes and --process_id together (or none of them)"
+    )
   if not re.fullmatch(r"\[?[\w.:-]+\]?:\d+", coordinator_address):
     raise LaunchError(f"--coordinator_address={coordinator_address!r}: expected HOST:PORT")
   if num_processes < 1:
     raise LaunchError(f"--num_processes={num_processes}: must be >= 1")
   if not 0 <= process_id < num_processes:
-    raise LaunchError(f"--process_id={process_id} is not in [0, --num_processes="
-                      f"{num_processes})")
+    raise LaunchError(f"--process_id={process_id} is not in [0, --num_processes={num_processes})")
 
 
 def _reachable(address: str) -> bool:
@@ -55,21 +60,26 @@ def _reachable(address: str) -> bool:
     return False
 
 
-def _timeout_message(address: str, num_processes: int, process_id: int,
-                     timeout_s: float) -> str:
+def _timeout_message(address: str, num_processes: int, process_id: int, timeout_s: float) -> str:
   if process_id != 0 and not _reachable(address):
-    return (f"--coordinator_address={address}: no coordinator answered within "
-            f"{timeout_s:g} s (is the process with --process_id=0 running there?)")
-  return (f"--num_processes={num_processes}: not every process joined the coordinator "
-          f"at {address} within {timeout_s:g} s (check --num_processes and a distinct "
-          f"--process_id on every process)")
+    return (
+      f"--coordinator_address={address}: no coordinator answered within "
+      f"{timeout_s:g} s (is the process with --process_id=0 running there?)"
+    )
+  return (
+    f"--num_processes={num_processes}: not every process joined the coordinator "
+    f"at {address} within {timeout_s:g} s (check --num_processes and a distinct "
+    f"--process_id on every process)"
+  )
 
 
 def _watchdog(message_fn, timeout_s: float) -> threading.Timer:
   """Prints one line and ends the process if start-up outlives ``timeout_s``."""
+
   def fire():
     print(f"error: {message_fn()}", file=sys.stderr, flush=True)
     os._exit(2)  # the runtime's own deadline would abort with a stack trace
+
   timer = threading.Timer(timeout_s, fire)
   timer.daemon = True
   timer.start()
@@ -81,14 +91,19 @@ def _check_agreement(num_processes: int, process_id: int) -> None:
   seen = multihost_utils.process_allgather(np.asarray([num_processes, process_id]))
   counts, ids = seen[:, 0].tolist(), sorted(seen[:, 1].tolist())
   if set(counts) != {jax.process_count()} or ids != list(range(jax.process_count())):
-    raise LaunchError(f"--num_processes/--process_id disagree across processes: the "
-                      f"coordinator runs {jax.process_count()} processes, they were "
-                      f"launched with --num_processes {counts} and --process_id {ids}")
+    raise LaunchError(
+      f"--num_processes/--process_id disagree across processes: the "
+      f"coordinator runs {jax.process_count()} processes, they were "
+      f"launched with --num_processes {counts} and --process_id {ids}"
+    )
 
 
-def initialize(coordinator_address: Optional[str] = None,
-               num_processes: Optional[int] = None, process_id: Optional[int] = None,
-               timeout_s: float = 300.0) -> None:
+def initialize(
+  coordinator_address: Optional[str] = None,
+  num_processes: Optional[int] = None,
+  process_id: Optional[int] = None,
+  timeout_s: float = 300.0,
+) -> None:
   """Connects this process to the others (or does nothing for a lone process).
 
   Args:
@@ -110,12 +125,16 @@ def initialize(coordinator_address: Optional[str] = None,
     return
   # XLA:CPU reduces across processes only through gloo; GPU and TPU ignore it.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  timer = _watchdog(lambda: _timeout_message(coordinator_address, num_processes,
-                                             process_id, timeout_s), timeout_s)
+  timer = _watchdog(
+    lambda: _timeout_message(coordinator_address, num_processes, process_id, timeout_s), timeout_s
+  )
   try:
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id,
-                               initialization_timeout=int(timeout_s) + 60)
+    jax.distributed.initialize(
+      coordinator_address=coordinator_address,
+      num_processes=num_processes,
+      process_id=process_id,
+      initialization_timeout=int(timeout_s) + 60,
+    )
     _check_agreement(num_processes, process_id)
   finally:
     timer.cancel()
@@ -129,8 +148,15 @@ def maybe_auto_initialize() -> None:
   and JAX_PROCESS_ID.
   """
   env = os.environ
-  if any(k in env for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
-                            "TPU_WORKER_HOSTNAMES")):
+  if any(
+    k in env
+    for k in (
+      "JAX_COORDINATOR_ADDRESS",
+      "SLURM_NTASKS",
+      "OMPI_COMM_WORLD_SIZE",
+      "TPU_WORKER_HOSTNAMES",
+    )
+  ):
     if env.get("SLURM_NTASKS", "2") == "1" and "JAX_COORDINATOR_ADDRESS" not in env:
       return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

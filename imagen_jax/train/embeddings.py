@@ -27,7 +27,8 @@ from imagen_jax.text import cache as cache_lib
 def embed_dir(config: Any) -> str:
   """``config.text.embed_dir``, or DATA_DIR/embeddings/NAME/SPLIT by default."""
   return config.text.get("embed_dir") or os.path.join(
-      os.fspath(config.data.data_dir), "embeddings", config.data.name, config.data.split)
+    os.fspath(config.data.data_dir), "embeddings", config.data.name, config.data.split
+  )
 
 
 def dataset_captions(config: Any) -> list[str]:
@@ -46,8 +47,9 @@ def dataset_captions(config: Any) -> list[str]:
 def write(config: Any, encoder: Any = None) -> str:
   """Encodes the dataset's captions and writes the cache; returns its directory."""
   encoder = encoder or TextEncoder.from_config(config.text)
-  return cache_lib.write_embedding_cache(encoder, dataset_captions(config), embed_dir(config),
-                                         int(config.text.max_length))
+  return cache_lib.write_embedding_cache(
+    encoder, dataset_captions(config), embed_dir(config), int(config.text.max_length)
+  )
 
 
 class CaptionEmbeddings:
@@ -59,13 +61,16 @@ class CaptionEmbeddings:
       self._cache = cache_lib.EmbeddingCache(directory)
     except FileNotFoundError:
       raise FileNotFoundError(
-          f"config.text.precomputed=True but {directory} holds no embedding cache; write "
-          f"it with: python -m imagen_jax.train.embeddings --config <config>") from None
+        f"config.text.precomputed=True but {directory} holds no embedding cache; write "
+        f"it with: python -m imagen_jax.train.embeddings --config <config>"
+      ) from None
     want = (int(config.text.max_length), int(config.text.dim))
     if (self._cache.max_length, self._cache.dim) != want:
-      raise ValueError(f"{directory} holds embeddings of length {self._cache.max_length} "
-                       f"and width {self._cache.dim}, config.text asks for {want}: "
-                       "re-run python -m imagen_jax.train.embeddings")
+      raise ValueError(
+        f"{directory} holds embeddings of length {self._cache.max_length} "
+        f"and width {self._cache.dim}, config.text asks for {want}: "
+        "re-run python -m imagen_jax.train.embeddings"
+      )
     self.directory = directory
     self._index = {c: i for i, c in enumerate(self._cache.captions())}
 
@@ -73,16 +78,20 @@ class CaptionEmbeddings:
     """(emb [B, L, D] float32, mask [B, L] bool) of the captions."""
     missing = [c for c in captions if c not in self._index]
     if missing:
-      raise KeyError(f"{len(missing)} captions are not in the embedding cache "
-                     f"{self.directory} (first: {missing[0]!r}); re-run python -m "
-                     "imagen_jax.train.embeddings")
+      raise KeyError(
+        f"{len(missing)} captions are not in the embedding cache "
+        f"{self.directory} (first: {missing[0]!r}); re-run python -m "
+        "imagen_jax.train.embeddings"
+      )
     emb, mask = self._cache.get([self._index[c] for c in captions])
     return np.asarray(emb, np.float32), np.asarray(mask, bool)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m imagen_jax.train.embeddings",
-                              description="Caches the caption embeddings of a config's data.")
+  p = argparse.ArgumentParser(
+    prog="python -m imagen_jax.train.embeddings",
+    description="Caches the caption embeddings of a config's data.",
+  )
   cli.add_config_arg(p)
   try:
     args, rest = p.parse_known_args(argv)

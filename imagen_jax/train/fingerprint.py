@@ -88,16 +88,20 @@ def _group(field: str) -> str:
   parts = field.split(".")
   if parts[0] == "stages":
     return {"model": "model", "diffusion": "diffusion setting"}.get(parts[2], "setting")
-  return {"text": "text encoder", "data": "data source",
-          "train": "batch size" if field == "train.batch_size" else "optimizer"}[parts[0]]
+  return {
+    "text": "text encoder",
+    "data": "data source",
+    "train": "batch size" if field == "train.batch_size" else "optimizer",
+  }[parts[0]]
 
 
 def _refuse(where: str, stage_name: str, diff: tuple) -> ConfigMismatch:
   field, old, new = diff
   return ConfigMismatch(
-      f"{where} was trained with a different {_group(field)} for stage {stage_name!r}: "
-      f"config.{field} is {old!r} there but {new!r} now; use another --workdir or the "
-      f"same settings (nothing was written)")
+    f"{where} was trained with a different {_group(field)} for stage {stage_name!r}: "
+    f"config.{field} is {old!r} there but {new!r} now; use another --workdir or the "
+    f"same settings (nothing was written)"
+  )
 
 
 def check_meta(meta: dict, config: Any, name: str, where: str) -> bool:
@@ -117,9 +121,11 @@ def check_meta(meta: dict, config: Any, name: str, where: str) -> bool:
     return True
   want = run_lib.config_fingerprint(config.stages[name])
   if meta.get("config_fingerprint") != want:
-    raise ConfigMismatch(f"{where} was trained with a different model for stage {name!r} "
-                         f"(model fingerprint {meta.get('config_fingerprint')} vs {want}); "
-                         f"use another --workdir (nothing was written)")
+    raise ConfigMismatch(
+      f"{where} was trained with a different model for stage {name!r} "
+      f"(model fingerprint {meta.get('config_fingerprint')} vs {want}); "
+      f"use another --workdir (nothing was written)"
+    )
   return False
 
 
@@ -129,8 +135,9 @@ def _check_latest(workdir: str, config: Any, name: str) -> Optional[bool]:
   if found is None:
     return None
   step, meta = found
-  return check_meta(meta, config, name,
-                    os.path.join(run_lib.checkpoint_dir(workdir, name), str(step)))
+  return check_meta(
+    meta, config, name, os.path.join(run_lib.checkpoint_dir(workdir, name), str(step))
+  )
 
 
 def check_workdir(workdir: str, config: Any, stage_names: Sequence[str]) -> None:
@@ -146,7 +153,7 @@ def check_workdir(workdir: str, config: Any, stage_names: Sequence[str]) -> None
       differing field and both values), or config.json is missing while
       checkpoints that cannot vouch for the config exist.
   """
-  path = run_lib.as_path(workdir) / run_lib.CONFIG_FILE   # local or gs://
+  path = run_lib.as_path(workdir) / run_lib.CONFIG_FILE  # local or gs://
   have_config = path.is_file()
   if have_config:
     old = run_lib.read_config(workdir)
@@ -163,11 +170,14 @@ def check_workdir(workdir: str, config: Any, stage_names: Sequence[str]) -> None
     legacy = [n for n, v in trained.items() if v is False]
     if legacy:
       raise ConfigMismatch(
-          f"{path} is missing and the checkpoints of stage {legacy[0]!r} predate full "
-          f"config fingerprints, so they cannot vouch for this config; restore config.json "
-          f"or use another --workdir (nothing was written)")
-    _log.warning("%s was missing; the checkpoints' fingerprints match this config, so it "
-                 "is written again", path)
+        f"{path} is missing and the checkpoints of stage {legacy[0]!r} predate full "
+        f"config fingerprints, so they cannot vouch for this config; restore config.json "
+        f"or use another --workdir (nothing was written)"
+      )
+    _log.warning(
+      "%s was missing; the checkpoints' fingerprints match this config, so it is written again",
+      path,
+    )
 
 
 def write_config_once(workdir: str, config: Any) -> bool:

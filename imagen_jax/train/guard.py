@@ -25,8 +25,9 @@ class NonFiniteError(RuntimeError):
 
 @jax.jit
 def _all_finite(tree: Any) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  leaves = [
+    jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)
+  ]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
@@ -46,8 +47,8 @@ class NonFiniteGuard:
     """
     self.stage_name = stage_name
     self.limit = int(limit)
-    self._pending = []          # (step, finite flag on the device), not read yet
-    self.streak = 0             # consecutive non-finite steps up to the last read
+    self._pending = []  # (step, finite flag on the device), not read yet
+    self.streak = 0  # consecutive non-finite steps up to the last read
     self._streak_start = None
     self.total = 0
 
@@ -80,8 +81,9 @@ class NonFiniteGuard:
       self._streak_start = self._streak_start or step
       if self.streak > self.limit:
         raise NonFiniteError(
-            f"stage {self.stage_name}: {self.streak} consecutive non-finite steps "
-            f"({self._streak_start}-{step}: loss, gradient norm or update norm is NaN "
-            f"or Inf; updates skipped, train.max_nonfinite_steps={self.limit}); stopped "
-            f"at step {step} without saving; last good checkpoint: {last_good or 'none'}")
+          f"stage {self.stage_name}: {self.streak} consecutive non-finite steps "
+          f"({self._streak_start}-{step}: loss, gradient norm or update norm is NaN "
+          f"or Inf; updates skipped, train.max_nonfinite_steps={self.limit}); stopped "
+          f"at step {step} without saving; last good checkpoint: {last_good or 'none'}"
+        )
     return skipped

@@ -10,8 +10,12 @@ def lr_schedule(train_config: Any) -> optax.Schedule:
   c = train_config
   warmup = int(min(c.warmup_steps, max(c.num_steps - 1, 0)))
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=c.lr, warmup_steps=warmup,
-      decay_steps=max(int(c.num_steps), warmup + 1), end_value=c.lr * c.end_lr_frac)
+    init_value=0.0,
+    peak_value=c.lr,
+    warmup_steps=warmup,
+    decay_steps=max(int(c.num_steps), warmup + 1),
+    end_value=c.lr * c.end_lr_frac,
+  )
 
 
 def make_optimizer(train_config: Any) -> optax.GradientTransformation:
@@ -30,8 +34,9 @@ def make_optimizer(train_config: Any) -> optax.GradientTransformation:
     # scaled by max(RMS(param), 1e-3)) barely moves the UNets' zero-initialized
     # output layers (1e-5 per step at lr 1e-2, measured), and those layers gate
     # every other gradient at the start of training.
-    opt = optax.adafactor(schedule, multiply_by_parameter_scale=False,
-                          weight_decay_rate=c.weight_decay or None)
+    opt = optax.adafactor(
+      schedule, multiply_by_parameter_scale=False, weight_decay_rate=c.weight_decay or None
+    )
   else:
     raise ValueError(f"unknown optimizer {c.optimizer!r}; expected 'adamw' or 'adafactor'")
   if c.grad_clip and c.grad_clip > 0:

@@ -31,8 +31,7 @@ class DevicePrefetcher:
       consumer, never from how far the thread has read ahead).
   """
 
-  def __init__(self, iterator: Iterator[Any], make_batch: Callable[[Any], Any],
-               size: int = 2):
+  def __init__(self, iterator: Iterator[Any], make_batch: Callable[[Any], Any], size: int = 2):
     if size < 1:
       raise ValueError(f"prefetch size must be >= 1, got {size}")
     self._iterator, self._make_batch = iterator, make_batch

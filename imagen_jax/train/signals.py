@@ -46,8 +46,9 @@ class Stopped(BaseException):
   """
 
   def __init__(self, signum: int):
-    super().__init__(f"stopped by {signal.Signals(signum).name} before training "
-                     f"started; nothing to save")
+    super().__init__(
+      f"stopped by {signal.Signals(signum).name} before training started; nothing to save"
+    )
     self.signum = signum
     self.exit_code = exit_code(signum)
 
@@ -56,9 +57,9 @@ class StopSignals:
   """The SIGTERM/SIGINT handler of a training run (a context manager)."""
 
   def __init__(self):
-    self.phase = "setup"      # 'setup' | 'loop' | 'done'
-    self.requested = False    # a stop was asked during the loop
-    self.signum = None        # the first signal received
+    self.phase = "setup"  # 'setup' | 'loop' | 'done'
+    self.requested = False  # a stop was asked during the loop
+    self.signum = None  # the first signal received
     self._previous = {}
 
   @property
@@ -75,8 +76,7 @@ class StopSignals:
     if self.phase == "setup":
       raise Stopped(signum)
     if self.requested:
-      print(f"{name}: already stopping; the checkpoint is being saved, please wait",
-            flush=True)
+      print(f"{name}: already stopping; the checkpoint is being saved, please wait", flush=True)
       return
     self.requested = True
     _log.warning("%s: saving a checkpoint after this step and stopping", name)

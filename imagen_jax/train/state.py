@@ -15,22 +15,25 @@ from imagen_jax.stages import Stage
 
 class TrainState(struct.PyTreeNode):
   """Everything a train step reads and writes; a plain pytree of arrays."""
-  step: jax.Array        # [] int32, number of updates applied
-  params: Any            # the UNet's parameters (param_dtype)
-  ema_params: Any        # exponential moving average of params (sampled from)
-  opt_state: Any         # optax state
+
+  step: jax.Array  # [] int32, number of updates applied
+  params: Any  # the UNet's parameters (param_dtype)
+  ema_params: Any  # exponential moving average of params (sampled from)
+  opt_state: Any  # optax state
 
 
-def _init_state(rng: jax.Array, stage: Stage, tx: optax.GradientTransformation,
-                text_len: int) -> TrainState:
+def _init_state(
+  rng: jax.Array, stage: Stage, tx: optax.GradientTransformation, text_len: int
+) -> TrainState:
   """Boxed TrainState (logical names kept), for eval_shape and the sharded init."""
   params = stage.init(rng, text_len)
   plain = nn.unbox(params)
   opt_state = tx.init(plain)
   # Re-box the optimizer moments so they inherit the parameters' logical names.
   opt_state = _rebox_like(opt_state, plain, params)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    ema_params=params, opt_state=opt_state)
+  return TrainState(
+    step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=opt_state
+  )
 
 
 def _rebox_like(tree: Any, plain_params: Any, boxed_params: Any) -> Any:
@@ -48,24 +51,35 @@ def _rebox_like(tree: Any, plain_params: Any, boxed_params: Any) -> Any:
   def rebox(x):
     if not is_params(x):
       return x
-    return jax.tree.map(lambda box, v: box.replace_boxed(v), boxed_params, x,
-                        is_leaf=lambda b: isinstance(b, nn.Partitioned))
+    return jax.tree.map(
+      lambda box, v: box.replace_boxed(v),
+      boxed_params,
+      x,
+      is_leaf=lambda b: isinstance(b, nn.Partitioned),
+    )
 
   return jax.tree.map(rebox, tree, is_leaf=is_params)
 
 
-def state_shardings(stage: Stage, tx: optax.GradientTransformation, mesh, rules,
-                    text_len: int = 8) -> tuple[Any, TrainState]:
+def state_shardings(
+  stage: Stage, tx: optax.GradientTransformation, mesh, rules, text_len: int = 8
+) -> tuple[Any, TrainState]:
   """(NamedShardings of the TrainState, abstract unboxed TrainState)."""
-  abstract = jax.eval_shape(functools.partial(_init_state, stage=stage, tx=tx,
-                                              text_len=text_len), jax.random.PRNGKey(0))
+  abstract = jax.eval_shape(
+    functools.partial(_init_state, stage=stage, tx=tx, text_len=text_len), jax.random.PRNGKey(0)
+  )
   shardings = parallel.logical_shardings(abstract, mesh, rules)
   return shardings, nn.unbox(abstract)
 
 
-def create_train_state(rng: jax.Array, stage: Stage, tx: optax.GradientTransformation,
-                       mesh: Optional[jax.sharding.Mesh], rules,
-                       text_len: int = 8) -> tuple[TrainState, Any]:
+def create_train_state(
+  rng: jax.Array,
+  stage: Stage,
+  tx: optax.GradientTransformation,
+  mesh: Optional[jax.sharding.Mesh],
+  rules,
+  text_len: int = 8,
+) -> tuple[TrainState, Any]:
   """Initializes the TrainState directly sharded (never whole on one device).
 
   Returns:

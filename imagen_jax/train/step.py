@@ -43,8 +43,14 @@ def _drop_text(rng, batch: dict, uncond: dict, p: float) -> tuple[jax.Array, jax
   return x, mask
 
 
-def text_condition(batch: dict, uncond: dict, rng: jax.Array, p: float, text_params: Any,
-                   text_apply: Optional[TextApply]) -> tuple[jax.Array, jax.Array]:
+def text_condition(
+  batch: dict,
+  uncond: dict,
+  rng: jax.Array,
+  p: float,
+  text_params: Any,
+  text_apply: Optional[TextApply],
+) -> tuple[jax.Array, jax.Array]:
   """(text_emb [B, L, D], text_mask [B, L]) after dropout, encoded if tokens."""
   x, mask = _drop_text(rng, batch, uncond, p)
   if "text_ids" not in batch:
@@ -73,18 +79,20 @@ def _loss_and_grads(stage: Stage, params: Any, inputs: dict, accum: int):
   noise, drawn for the whole batch); microbatch k is rows k, k + K, ... so
   each one splits evenly over the data-parallel devices without moving data.
   """
+
   def loss_fn(p, rows):
-    noise = {k[len("noise/"):]: v for k, v in rows.items() if k.startswith("noise/")}
-    return stage.loss(p, rows["x0"], rows["text_emb"], rows["text_mask"],
-                      noise=noise).mean()
+    noise = {k[len("noise/") :]: v for k, v in rows.items() if k.startswith("noise/")}
+    return stage.loss(p, rows["x0"], rows["text_emb"], rows["text_mask"], noise=noise).mean()
 
   if accum == 1:
     return jax.value_and_grad(loss_fn)(params, inputs)
   # Without the constraints XLA may run each microbatch replicated on every device.
   micro = jax.tree.map(
-      lambda x: _split_rows(jnp.swapaxes(
-          x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1), leading=1),
-      inputs)
+    lambda x: _split_rows(
+      jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1), leading=1
+    ),
+    inputs,
+  )
 
   def body(carry, rows):
     rows = jax.tree.map(lambda x: _split_rows(x, leading=0), rows)
@@ -100,10 +108,19 @@ def _loss_and_grads(stage: Stage, params: Any, inputs: dict, accum: int):
   return loss / accum, grads
 
 
-def train_step(state: TrainState, batch: dict, rng: jax.Array, uncond: dict,
-               text_params: Any = None, *, stage: Stage,
-               tx: optax.GradientTransformation, train_config: Any, lr_fn=None,
-               text_apply: Optional[TextApply] = None) -> tuple[TrainState, dict]:
+def train_step(
+  state: TrainState,
+  batch: dict,
+  rng: jax.Array,
+  uncond: dict,
+  text_params: Any = None,
+  *,
+  stage: Stage,
+  tx: optax.GradientTransformation,
+  train_config: Any,
+  lr_fn=None,
+  text_apply: Optional[TextApply] = None,
+) -> tuple[TrainState, dict]:
   """One optimization step.
 
   Args:
@@ -128,31 +145,33 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, uncond: dict,
   rng = jax.random.fold_in(rng, state.step)
   r_drop, r_loss = jax.random.split(rng)
   x0 = to_float(batch["image"])
-  text_emb, text_mask = text_condition(batch, uncond, r_drop,
-                                       stage.config.diffusion.cond_drop, text_params,
-                                       text_apply)
+  text_emb, text_mask = text_condition(
+    batch, uncond, r_drop, stage.config.diffusion.cond_drop, text_params, text_apply
+  )
   inputs = {"x0": x0, "text_emb": text_emb, "text_mask": text_mask}
   inputs.update({f"noise/{k}": v for k, v in stage.loss_noise(r_loss, x0).items()})
-  loss, grads = _loss_and_grads(stage, state.params, inputs,
-                                int(train_config.get("grad_accum", 1)))
+  loss, grads = _loss_and_grads(stage, state.params, inputs, int(train_config.get("grad_accum", 1)))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   k = ema_decay(state.step, train_config.ema_decay)
-  ema = jax.tree.map(lambda e, p: (e + (1.0 - k) * (p - e)).astype(e.dtype),
-                     state.ema_params, params)
+  ema = jax.tree.map(
+    lambda e, p: (e + (1.0 - k) * (p - e)).astype(e.dtype), state.ema_params, params
+  )
   grad_norm = optax.tree.norm(grads)
   # The update norm overflows to inf long before a float32 parameter does: a
   # blow-up (lr 1e30) is caught on the step that would apply it.
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(
-      optax.tree.norm(updates))
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
   metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
   if lr_fn is not None:
     metrics["lr"] = jnp.asarray(lr_fn(state.step), jnp.float32)
   # Selected on the device: skipping a non-finite update needs no host sync.
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                            ema_params=keep(ema, state.ema_params),
-                            opt_state=keep(opt_state, state.opt_state))
+  new_state = state.replace(
+    step=state.step + 1,
+    params=keep(params, state.params),
+    ema_params=keep(ema, state.ema_params),
+    opt_state=keep(opt_state, state.opt_state),
+  )
   return new_state, metrics
 
 
@@ -175,13 +194,15 @@ def check_batch(batch_size: int, grad_accum: int, mesh) -> None:
     raise ValueError(f"config.train.grad_accum={grad_accum} must be >= 1")
   if batch_size % (dp * grad_accum):
     raise ValueError(
-        f"config.train.batch_size={batch_size} is not divisible by the data-parallel "
-        f"size {dp} (mesh axes {'×'.join(names) or 'none'}) × config.train.grad_accum="
-        f"{grad_accum} = {dp * grad_accum}")
+      f"config.train.batch_size={batch_size} is not divisible by the data-parallel "
+      f"size {dp} (mesh axes {'×'.join(names) or 'none'}) × config.train.grad_accum="
+      f"{grad_accum} = {dp * grad_accum}"
+    )
 
 
-def jit_train_step(stage: Stage, tx, train_config, state_shardings, mesh, rules,
-                   lr_fn=None, text_encoder=None):
+def jit_train_step(
+  stage: Stage, tx, train_config, state_shardings, mesh, rules, lr_fn=None, text_encoder=None
+):
   """``train_step`` jitted once with explicit shardings and the state donated.
 
   Args:
@@ -199,17 +220,27 @@ def jit_train_step(stage: Stage, tx, train_config, state_shardings, mesh, rules,
     (benchmarks, memory).
   """
   text_apply = None if text_encoder is None else text_encoder.apply_fn
-  fn = functools.partial(train_step, stage=stage, tx=tx, train_config=train_config,
-                         lr_fn=lr_fn, text_apply=text_apply)
+  fn = functools.partial(
+    train_step, stage=stage, tx=tx, train_config=train_config, lr_fn=lr_fn, text_apply=text_apply
+  )
   if mesh is None:
     return jax.jit(fn, donate_argnums=(0,))
   replicated = NamedSharding(mesh, P())
-  text_shardings = (None if text_encoder is None else
-                    jax.tree.map(lambda x: x.sharding, text_encoder.params))
-  jitted = jax.jit(fn, in_shardings=(state_shardings,
-                                     batch_shardings(mesh, text_encoder is not None),
-                                     replicated, replicated, text_shardings),
-                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  text_shardings = (
+    None if text_encoder is None else jax.tree.map(lambda x: x.sharding, text_encoder.params)
+  )
+  jitted = jax.jit(
+    fn,
+    in_shardings=(
+      state_shardings,
+      batch_shardings(mesh, text_encoder is not None),
+      replicated,
+      replicated,
+      text_shardings,
+    ),
+    out_shardings=(state_shardings, replicated),
+    donate_argnums=(0,),
+  )
 
   def run(state, batch, rng, uncond, text_params=None):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

@@ -64,6 +64,7 @@ class MetricWriter:
       self._jsonl = open(path, "a")  # pylint: disable=consider-using-with
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+
         self._tb = SummaryWriter(directory)
       except ImportError:  # optional: metrics.jsonl always exists
         _log.warning("tensorboardX is not installed: no TensorBoard events")
@@ -96,7 +97,7 @@ class StageResult:
   step: int
   preempted: bool
   last_metrics: dict
-  stop_signal: Optional[int] = None   # the signal that stopped it (preempted)
+  stop_signal: Optional[int] = None  # the signal that stopped it (preempted)
 
 
 def _data_iterator(config, stage: Stage, per_process_batch: int, start_example: int):
@@ -105,11 +106,16 @@ def _data_iterator(config, stage: Stage, per_process_batch: int, start_example: 
   if distributed.is_primary():
     datasets.prepare_from_config(config.data)
   distributed.barrier("data prepared")
-  return iter(pipeline.train_input(config.data, resolution=stage.resolution,
-                                   batch_size=per_process_batch,
-                                   process_index=jax.process_index(),
-                                   process_count=jax.process_count(),
-                                   start_example=start_example))
+  return iter(
+    pipeline.train_input(
+      config.data,
+      resolution=stage.resolution,
+      batch_size=per_process_batch,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      start_example=start_example,
+    )
+  )
 
 
 def _restore_or_init(ckpt, stage, tx, mesh, rules, config, text_len, rng):
@@ -119,13 +125,13 @@ def _restore_or_init(ckpt, stage, tx, mesh, rules, config, text_len, rng):
   if ckpt.latest_step() is None:
     return state, shardings, None
   abstract = run_lib.abstract_with_shardings(
-      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state), shardings)
+    jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state), shardings
+  )
   del state
   step, state, data_state, meta = ckpt.restore_latest(abstract)
   fingerprint.check_meta(meta, config, stage.name, ckpt.step_dir(step))
   if jax.process_index() == 0:
-    print(f"stage {stage.name}: resumed from step {step} ({ckpt.step_dir(step)})",
-          flush=True)
+    print(f"stage {stage.name}: resumed from step {step} ({ckpt.step_dir(step)})", flush=True)
   return state, shardings, data_state
 
 
@@ -143,9 +149,17 @@ def _init_from_converted(state, stage: Stage, mesh, rules):
   return state.replace(params=params, ema_params=jax.tree.map(lambda x: x.copy(), params))
 
 
-def train_stage(config: Any, workdir: str, stage_name: str, text_encoder: TextEncoder,
-                mesh=None, rules=None, sample_fn=None,
-                stop: Optional[signals.StopSignals] = None, eval_fn=None) -> StageResult:
+def train_stage(
+  config: Any,
+  workdir: str,
+  stage_name: str,
+  text_encoder: TextEncoder,
+  mesh=None,
+  rules=None,
+  sample_fn=None,
+  stop: Optional[signals.StopSignals] = None,
+  eval_fn=None,
+) -> StageResult:
   """Trains one stage to its step count, resuming from its last readable checkpoint.
 
   ``stop`` (installed by ``train_and_evaluate``) turns SIGTERM/SIGINT into a
@@ -154,12 +168,23 @@ def train_stage(config: Any, workdir: str, stage_name: str, text_encoder: TextEn
   ``train.eval_every`` steps; its values go to metrics.jsonl / TensorBoard.
   """
   with contextlib.ExitStack() as cleanup:  # progress bar, writer; checkpoints on errors
-    return _train_stage(config, workdir, stage_name, text_encoder, mesh, rules, sample_fn,
-                        stop or signals.StopSignals(), cleanup, eval_fn)
+    return _train_stage(
+      config,
+      workdir,
+      stage_name,
+      text_encoder,
+      mesh,
+      rules,
+      sample_fn,
+      stop or signals.StopSignals(),
+      cleanup,
+      eval_fn,
+    )
 
 
-def _train_stage(config, workdir, stage_name, text_encoder, mesh, rules, sample_fn, stop,
-                 cleanup, eval_fn=None) -> StageResult:
+def _train_stage(
+  config, workdir, stage_name, text_encoder, mesh, rules, sample_fn, stop, cleanup, eval_fn=None
+) -> StageResult:
   """``train_stage``; ``cleanup`` (an ExitStack) closes what it registers on any exit."""
   stop.phase = "setup"
   stage = build_stage(config.stages[stage_name], text_dim=text_encoder.embed_dim)
@@ -168,44 +193,55 @@ def _train_stage(config, workdir, stage_name, text_encoder, mesh, rules, sample_
   per_process = validate.per_process_batch(tc.batch_size, mesh)
   tx, lr_fn = optim.make_optimizer(tc), optim.lr_schedule(tc)
   text_len = config.text.max_length
-  stage_rng = jax.random.fold_in(jax.random.PRNGKey(tc.seed),
-                                 list(config.stage_order).index(stage_name))
+  stage_rng = jax.random.fold_in(
+    jax.random.PRNGKey(tc.seed), list(config.stage_order).index(stage_name)
+  )
   init_rng, rng = jax.random.split(stage_rng)
-  ckpt = ckpt_lib.StageCheckpointer(workdir, stage_name, keep=tc.keep_checkpoints,
-                                    async_save=tc.async_checkpoint)
+  ckpt = ckpt_lib.StageCheckpointer(
+    workdir, stage_name, keep=tc.keep_checkpoints, async_save=tc.async_checkpoint
+  )
   if jax.process_index() == 0:
     ckpt.clean_tmp()
   cleanup.push(_close_on_error(ckpt))
-  state, shardings, data_state = _restore_or_init(ckpt, stage, tx, mesh, rules, config,
-                                                  text_len, init_rng)
+  state, shardings, data_state = _restore_or_init(
+    ckpt, stage, tx, mesh, rules, config, text_len, init_rng
+  )
   if data_state is None:
     state = _init_from_converted(state, stage, mesh, rules)
   step = int(state.step)
   examples = data_position(data_state, step, tc.batch_size)
   it = _data_iterator(config, stage, per_process, examples)
-  meta = {"stage": stage_name, "config_fingerprint":
-          run_lib.config_fingerprint(config.stages[stage_name]),
-          "fingerprint": fingerprint.resume_fields(config, stage_name)}
+  meta = {
+    "stage": stage_name,
+    "config_fingerprint": run_lib.config_fingerprint(config.stages[stage_name]),
+    "fingerprint": fingerprint.resume_fields(config, stage_name),
+  }
   if step >= tc.num_steps:
     ckpt.close()
     print(f"stage {stage_name}: already trained ({step}/{tc.num_steps} steps)")
     return StageResult(stage_name, step, False, {})
 
-  cached = (embeddings_lib.CaptionEmbeddings(config) if config.text.get("precomputed")
-            else None)
+  cached = embeddings_lib.CaptionEmbeddings(config) if config.text.get("precomputed") else None
   uncond = _uncond(text_encoder, cached, text_len)
   step_encoder = None if cached else text_encoder  # None: the batch holds embeddings
   text_params = None if cached else text_encoder.params
-  step_fn = step_lib.jit_train_step(stage, tx, tc, shardings, mesh, rules, lr_fn,
-                                    text_encoder=step_encoder)
+  step_fn = step_lib.jit_train_step(
+    stage, tx, tc, shardings, mesh, rules, lr_fn, text_encoder=step_encoder
+  )
   writer = MetricWriter(run_lib.stage_dir(workdir, stage_name))
   cleanup.callback(writer.close)
   guard = guard_lib.NonFiniteGuard(stage_name, tc.get("max_nonfinite_steps", 10))
   last, preempted, window_start, window_images = {}, False, time.perf_counter(), 0
-  bar = tqdm(total=tc.num_steps, initial=step, desc=f"train {stage_name}", unit="step",
-             disable=jax.process_index() != 0)
-  make_batch = functools.partial(_global_batch, text_encoder=text_encoder,
-                                 text_len=text_len, mesh=mesh, cached=cached)
+  bar = tqdm(
+    total=tc.num_steps,
+    initial=step,
+    desc=f"train {stage_name}",
+    unit="step",
+    disable=jax.process_index() != 0,
+  )
+  make_batch = functools.partial(
+    _global_batch, text_encoder=text_encoder, text_len=text_len, mesh=mesh, cached=cached
+  )
   cleanup.callback(bar.close)  # also on an error: its line ends before the message
   # From here a signal means: save after this step, then stop.
   with stop.loop(), prefetch.DevicePrefetcher(it, make_batch) as batches:
@@ -224,17 +260,26 @@ def _train_stage(config, workdir, stage_name, text_encoder, mesh, rules, sample_
         skipped = guard.check(_last_good(ckpt))
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         elapsed = time.perf_counter() - window_start
-        metrics.update(images_per_sec=window_images / elapsed,
-                       step_time=time.perf_counter() - t0, nonfinite_steps=skipped)
+        metrics.update(
+          images_per_sec=window_images / elapsed,
+          step_time=time.perf_counter() - t0,
+          nonfinite_steps=skipped,
+        )
         window_start, window_images = time.perf_counter(), 0
         writer.write(step, metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         last = metrics
-      if sample_fn is not None and tc.sample_every and (
-          step % tc.sample_every == 0 or step == tc.num_steps):
+      if (
+        sample_fn is not None
+        and tc.sample_every
+        and (step % tc.sample_every == 0 or step == tc.num_steps)
+      ):
         sample_fn(stage, state.ema_params, step)
-      if eval_fn is not None and tc.get("eval_every") and (
-          step % tc.eval_every == 0 or step == tc.num_steps):
+      if (
+        eval_fn is not None
+        and tc.get("eval_every")
+        and (step % tc.eval_every == 0 or step == tc.num_steps)
+      ):
         scores = eval_fn(stage, state.ema_params, step)
         if scores:
           writer.write(step, scores)
@@ -244,11 +289,22 @@ def _train_stage(config, workdir, stage_name, text_encoder, mesh, rules, sample_
       # during it must still be followed by a checkpoint.
       # Read once, agreed by every process (every few steps: the agreement waits
       # for the step): all save and stop on the same step.
-      stopping = (distributed.any_process(stop.requested)
-                  if jax.process_count() == 1 or step % _AGREE_EVERY == 0 else False)
+      stopping = (
+        distributed.any_process(stop.requested)
+        if jax.process_count() == 1 or step % _AGREE_EVERY == 0
+        else False
+      )
       if step % tc.checkpoint_every == 0 or step == tc.num_steps or stopping:
-        _save_checked(ckpt, guard, stop, step, state, dict(meta, step=step),
-                      {"examples": examples, "batch_size": tc.batch_size}, stopping)
+        _save_checked(
+          ckpt,
+          guard,
+          stop,
+          step,
+          state,
+          dict(meta, step=step),
+          {"examples": examples, "batch_size": tc.batch_size},
+          stopping,
+        )
       if stopping:
         preempted = True
         break
@@ -260,6 +316,7 @@ def _train_stage(config, workdir, stage_name, text_encoder, mesh, rules, sample_
 def _close_on_error(ckpt: ckpt_lib.StageCheckpointer):
   """An ExitStack callback: on an error, still wait for a save in flight (a good,
   earlier state) and close the manager, without hiding the error."""
+
   def on_exit(exc_type, exc, tb):
     del exc, tb
     if exc_type is not None:
@@ -268,6 +325,7 @@ def _close_on_error(ckpt: ckpt_lib.StageCheckpointer):
       except Exception as e:  # pylint: disable=broad-except
         _log.warning("while stopping: %s", e)
     return False
+
   return on_exit
 
 
@@ -276,8 +334,9 @@ def _last_good(ckpt: ckpt_lib.StageCheckpointer) -> Optional[str]:
   return None if step is None else ckpt.step_dir(step)
 
 
-def _save_checked(ckpt, guard, stop, step: int, state, meta: dict, data_state: dict,
-                  stopping: bool) -> None:
+def _save_checked(
+  ckpt, guard, stop, step: int, state, meta: dict, data_state: dict, stopping: bool
+) -> None:
   """Saves ``state`` unless it is in a run of skipped steps; never a non-finite one.
 
   Raises:
@@ -286,16 +345,23 @@ def _save_checked(ckpt, guard, stop, step: int, state, meta: dict, data_state: d
   """
   guard.check(_last_good(ckpt))
   if guard.streak and not stopping:
-    _log.warning("stage %s: no checkpoint at step %d: its last %d steps were skipped "
-                 "(non-finite)", guard.stage_name, step, guard.streak)
+    _log.warning(
+      "stage %s: no checkpoint at step %d: its last %d steps were skipped (non-finite)",
+      guard.stage_name,
+      step,
+      guard.streak,
+    )
     return
   if not guard_lib.all_finite((state.params, state.ema_params)):
     raise guard_lib.NonFiniteError(
-        f"stage {guard.stage_name}: non-finite parameters at step {step}; not saved; last "
-        f"good checkpoint: {_last_good(ckpt) or 'none'}")
+      f"stage {guard.stage_name}: non-finite parameters at step {step}; not saved; last "
+      f"good checkpoint: {_last_good(ckpt) or 'none'}"
+    )
   if stopping and jax.process_index() == 0:
-    print(f"stage {guard.stage_name}: {stop.signal_name}: saving checkpoint step {step}, "
-          f"then stopping", flush=True)
+    print(
+      f"stage {guard.stage_name}: {stop.signal_name}: saving checkpoint step {step}, then stopping",
+      flush=True,
+    )
   ckpt.save(step, state, data_state, meta, force=True)
   signals.pause_for_test("stop_save" if stopping else "save")
 
@@ -324,8 +390,7 @@ def _uncond(text_encoder: TextEncoder, cached, text_len: int) -> dict:
   return {"text_ids": ids[0], "text_mask": mask[0]}
 
 
-def _global_batch(local: dict, text_encoder: TextEncoder, text_len: int, mesh,
-                  cached=None) -> dict:
+def _global_batch(local: dict, text_encoder: TextEncoder, text_len: int, mesh, cached=None) -> dict:
   """Tokenizes this process's captions (or looks up their cached embeddings) and
   assembles global arrays.
 
@@ -343,8 +408,9 @@ def _global_batch(local: dict, text_encoder: TextEncoder, text_len: int, mesh,
   return pipeline.make_global_batch(batch, mesh, parallel.batch_sharding(mesh).spec)
 
 
-def make_sample_grid_fn(config: Any, workdir: str, text_encoder: TextEncoder, mesh=None,
-                        rules=None):
+def make_sample_grid_fn(
+  config: Any, workdir: str, text_encoder: TextEncoder, mesh=None, rules=None
+):
   """A ``sample_fn(stage, ema_params, step)`` writing STAGE/samples/step_N.png.
 
   It samples ``config.train.sample_prompts`` through the cascade up to the
@@ -360,12 +426,15 @@ def make_sample_grid_fn(config: Any, workdir: str, text_encoder: TextEncoder, me
       return
     if jax.process_count() > 1:
       # The cascade samples in one process; the EMA params span all of them.
-      _log.warning("no sample grids in a %d-process run (sample after training "
-                   "with sample.py)", jax.process_count())
+      _log.warning(
+        "no sample grids in a %d-process run (sample after training with sample.py)",
+        jax.process_count(),
+      )
       return
     if stage.name not in cascades:
-      cascades[stage.name] = cascade_lib.sub_cascade(config, workdir, stage, ema_params,
-                                                     text_encoder, mesh, rules)
+      cascades[stage.name] = cascade_lib.sub_cascade(
+        config, workdir, stage, ema_params, text_encoder, mesh, rules
+      )
     cascade = cascades[stage.name]
     if cascade is None:
       return
@@ -378,10 +447,13 @@ def make_sample_grid_fn(config: Any, workdir: str, text_encoder: TextEncoder, me
   return sample_fn
 
 
-def train_and_evaluate(config: Any, workdir: str,
-                       stages: Optional[Sequence[str]] = None,
-                       sample_fn=None,
-                       stop: Optional[signals.StopSignals] = None) -> list[StageResult]:
+def train_and_evaluate(
+  config: Any,
+  workdir: str,
+  stages: Optional[Sequence[str]] = None,
+  sample_fn=None,
+  stop: Optional[signals.StopSignals] = None,
+) -> list[StageResult]:
   """Trains the given stages (default: all, in cascade order) of ``config``.
 
   Before anything is written: the settings are validated, the workdir's
@@ -434,8 +506,9 @@ def train_and_evaluate(config: Any, workdir: str,
       eval_fn = during_training.make_eval_fn(config, workdir, text_encoder, mesh, rules)
     results = []
     for name in names:
-      result = train_stage(config, workdir, name, text_encoder, mesh, rules, sample_fn,
-                           stop, eval_fn)
+      result = train_stage(
+        config, workdir, name, text_encoder, mesh, rules, sample_fn, stop, eval_fn
+      )
       results.append(result)
       if result.preempted:
         break
@@ -446,9 +519,10 @@ def _stage_lock(workdir: str, stage_name: str):
   """The lock of one stage of a workdir (a second trainer on it is refused)."""
   directory = run_lib.stage_dir(workdir, stage_name)
   os.makedirs(directory, exist_ok=True)
-  return lockfile.hold(os.path.join(directory, ".lock"),
-                       what=f"training workdir {os.path.abspath(workdir)} (stage "
-                            f"{stage_name})")
+  return lockfile.hold(
+    os.path.join(directory, ".lock"),
+    what=f"training workdir {os.path.abspath(workdir)} (stage {stage_name})",
+  )
 
 
 def maybe_initialize_distributed() -> None:

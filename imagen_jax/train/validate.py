@@ -18,13 +18,13 @@ class ConfigError(ValueError):
 
 # (field of config.train, smallest allowed value, what it means)
 _MINIMA = (
-    ("num_steps", 1, "the steps per stage"),
-    ("batch_size", 1, "the global batch"),
-    ("log_every", 1, "the steps between metric lines"),
-    ("checkpoint_every", 1, "the steps between checkpoints"),
-    ("keep_checkpoints", 1, "the checkpoints kept; 0 would delete the one just written"),
-    ("sample_every", 0, "the steps between sample grids; 0 = none"),
-    ("max_nonfinite_steps", 0, "the consecutive non-finite steps skipped before stopping"),
+  ("num_steps", 1, "the steps per stage"),
+  ("batch_size", 1, "the global batch"),
+  ("log_every", 1, "the steps between metric lines"),
+  ("checkpoint_every", 1, "the steps between checkpoints"),
+  ("keep_checkpoints", 1, "the checkpoints kept; 0 would delete the one just written"),
+  ("sample_every", 0, "the steps between sample grids; 0 = none"),
+  ("max_nonfinite_steps", 0, "the consecutive non-finite steps skipped before stopping"),
 )
 
 
@@ -66,9 +66,13 @@ def per_process_batch(batch_size: int, mesh: Optional[jax.sharding.Mesh]) -> int
   """
   names, dp = parallel.batch_axes(mesh)
   if batch_size % dp:
-    raise ConfigError(f"config.train.batch_size={batch_size} is not divisible by the "
-                      f"data-parallel size {dp} (mesh axes {'×'.join(names)})")
+    raise ConfigError(
+      f"config.train.batch_size={batch_size} is not divisible by the "
+      f"data-parallel size {dp} (mesh axes {'×'.join(names)})"
+    )
   if batch_size % jax.process_count():
-    raise ConfigError(f"config.train.batch_size={batch_size} is not divisible by the "
-                      f"{jax.process_count()} processes")
+    raise ConfigError(
+      f"config.train.batch_size={batch_size} is not divisible by the "
+      f"{jax.process_count()} processes"
+    )
   return batch_size // jax.process_count()
