@@ -99,7 +99,7 @@ def test_end_to_end(run_dir, tmp_path, capsys, caplog):
     (["--prompt", "x", "--num_per_prompt", "0"], "--num_per_prompt must be >= 1"),
     (["--prompt", "x", "--steps", "0,2"], "steps must be >= 1"),
     (["--prompt", "x", "--guidance", "inf,1"], "guidance must be a finite number"),
-    (["--prompt", "x", "--guidance", "-1,1"], "guidance must be a finite number >= 0"),
+    (["--prompt", "x", "--guidance=-1,1"], "guidance must be a finite number >= 0"),
     (["--prompt", "x", "--batch_size", "0"], "--batch_size must be >= 1"),
   ],
 )
