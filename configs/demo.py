@@ -6,7 +6,7 @@ attention at 4×4, and a ~1.7M-parameter Efficient-UNet super-resolution stage. 
 training both stages and sampling a grid takes under 20 minutes on 2 CPU cores.
 
   python train.py --config configs/demo.py --workdir runs/demo
-  python train.py --config configs/demo.py:tiny --workdir /tmp/t   # seconds, for tests
+  python train.py --config configs/demo.py:tiny --workdir runs/tiny   # seconds, for tests
 """
 
 from imagen_jax import config as config_lib

@@ -4,9 +4,9 @@ Never run by the tests or CI; rerun by hand after changing the fixture, in a
 separate virtual environment that has PyTorch and diffusers (the system jax
 is used too, for the starting noise):
 
-    python -m venv --system-site-packages /work/venv-tools
-    /work/venv-tools/bin/pip install torch==2.14.1 diffusers==0.42.1
-    /work/venv-tools/bin/python tools/make_dpm_fixtures.py
+    python -m venv --system-site-packages ../venv-tools
+    ../venv-tools/bin/pip install torch==2.14.1 diffusers==0.42.1
+    ../venv-tools/bin/python tools/make_dpm_fixtures.py
 
 Runs `DPMSolverMultistepScheduler` (algorithm_type='dpmsolver++',
 solver_order=2, squaredcos_cap_v2 betas, epsilon prediction,
