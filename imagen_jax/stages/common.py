@@ -60,6 +60,15 @@ class SampleSettings:
   def guided(self) -> bool:
     return self.guidance is not None
 
+  def guidance_kwargs(self) -> dict:
+    """The guidance and thresholding arguments every sampler takes."""
+    return dict(
+      guidance_scale=self.guidance,
+      threshold=self.threshold,
+      quantile=self.quantile,
+      max_value=self.max_value,
+    )
+
 
 def check_settings(s: SampleSettings, samplers: Sequence[str], stage: str) -> None:
   """Raises ValueError naming the stage for settings no sampler can run."""

@@ -157,10 +157,7 @@ class ContinuousStage(common.Stage):
       num_steps=settings.steps,
       prediction=self.prediction,
       schedule=self.logsnr_fn,
-      guidance_scale=settings.guidance,
-      threshold=settings.threshold,
-      quantile=settings.quantile,
-      max_value=settings.max_value,
+      **settings.guidance_kwargs(),
       **(edit or {}),
     )
     if settings.sampler == "ddim":

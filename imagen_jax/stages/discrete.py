@@ -240,10 +240,7 @@ class DiscreteStage(common.Stage):
   def sample(self, args, settings, batch, rng, edit=None) -> jax.Array:
     kwargs = dict(
       num_train_steps=self.num_train_steps,
-      guidance_scale=settings.guidance,
-      threshold=settings.threshold,
-      quantile=settings.quantile,
-      max_value=settings.max_value,
+      **settings.guidance_kwargs(),
       **(edit or {}),
     )
     if settings.sampler in ("euler", "heun"):
