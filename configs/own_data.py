@@ -30,4 +30,6 @@ def get_config(variant: str = ""):
   # Replaced, not updated: the demo's shapes settings do not apply here.
   config.data.builder_kwargs = dict(max_resolution=largest)
   config.train.sample_prompts = ()  # The demo's are about shapes.
+  # Open vocabulary: ByT5 bytes, not a word list fitted on the demo's few words.
+  config.text.update(dict(fit_tokenizer="", max_length=88))
   return config

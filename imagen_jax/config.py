@@ -86,12 +86,18 @@ def base_config() -> ml_collections.ConfigDict:
     dict(
       path="",  # local Hugging Face T5 directory; '' = random init
       tokenizer="",  # tokenizer directory ('' = path's, or ByT5 bytes if random)
+      # 'words': the trainer fits a word-level tokenizer on the training captions
+      # and saves it with the run (WORKDIR/tokenizer); '' = use `tokenizer`.
+      fit_tokenizer="",
       dim=4096,  # width of the embeddings the UNets expect
       max_length=128,  # tokens per caption (longer ones are truncated)
       precomputed=False,  # train on cached embeddings (imagen_jax.train.embeddings)
       embed_dir="",  # their directory ('' = DATA_DIR/embeddings/NAME/SPLIT)
       dtype="bfloat16",
       seed=0,  # random init only
+      # random init only: one ALiBi-style slope per head for the relative-position
+      # bias (TextEncoder.random_init: tokens carry their neighbours); () = T5's init.
+      random_locality=(),
       # T5Config fields of the random-init encoder (used when path is '').
       random=dict(vocab_size=384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64),
     )

@@ -191,7 +191,29 @@ def read_config(path: str) -> ml_collections.ConfigDict:
       f"(train one with: python train.py --config configs/demo.py "
       f"--workdir {path})"
     )
-  return ml_collections.ConfigDict(_read_json(file))
+  return with_fitted_tokenizer(ml_collections.ConfigDict(_read_json(file)), path)
+
+
+TOKENIZER_DIR = "tokenizer"  # a run's fitted tokenizer (config.text.fit_tokenizer)
+
+
+def tokenizer_dir(workdir: Any) -> str:
+  """Where the trainer writes a run's fitted word tokenizer."""
+  return os.fspath(as_path(workdir) / TOKENIZER_DIR)
+
+
+def with_fitted_tokenizer(config: ml_collections.ConfigDict, workdir: Any):
+  """``config`` with ``text.tokenizer`` pointing at the run's fitted tokenizer.
+
+  A config with ``text.fit_tokenizer`` set names no tokenizer folder: the
+  trainer fits one on the training captions into ``WORKDIR/tokenizer``. Other
+  configs come back unchanged.
+  """
+  if not config.text.get("fit_tokenizer") or config.text.get("tokenizer"):
+    return config
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.text.tokenizer = tokenizer_dir(workdir)
+  return config
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

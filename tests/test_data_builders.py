@@ -238,3 +238,37 @@ def test_cli(tmp_path, capsys):
     == 1
   )
   assert "does not exist" in capsys.readouterr().err
+
+
+def test_two_object_share_of_the_train_split(tmp_path):
+  from imagen_jax.data import shapes_builder  # pylint: disable=g-import-not-at-top
+
+  assert [shapes_builder.num_objects("train", i) for i in range(4)] == [1, 2, 1, 2]
+  assert sum(shapes_builder.num_objects("train", i, 0.75) == 2 for i in range(400)) == 300
+  assert shapes_builder.shapes_config(64).name == "res64"  # default names unchanged
+  assert shapes_builder.shapes_config(64, two_object_share=0.75).name != "res64"
+  with pytest.raises(ValueError, match="two_object_share"):
+    shapes_builder.shapes_config(64, two_object_share=1.5)
+  kwargs = dict(resolution=16, num_train=16, num_test=8, num_holdout=4, two_object_share=0.75)
+  builder = datasets.prepare("shapes", tmp_path, **kwargs)
+  counts = {}
+  for split in ("train", "test"):
+    source = builder.as_data_source(split=split)
+    counts[split] = sum(
+      len(shapes.parse_caption(source[i]["caption"].decode())) == 2 for i in range(len(source))
+    )
+  assert counts == {"train": 12, "test": 4}
+  captions = list(
+    pipeline.train_captions(
+      dict(
+        name="shapes",
+        data_dir=str(tmp_path),
+        split="train",
+        builder_kwargs=kwargs,
+        prepare=True,
+        src="",
+        seed=0,
+      )
+    )
+  )
+  assert len(captions) == 16 and sum(" and " in c for c in captions) == 12

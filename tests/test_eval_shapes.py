@@ -129,8 +129,17 @@ def test_data_settings_defaults_and_overrides():
 def test_bad_image_and_caption():
   with pytest.raises(ValueError, match="square RGB"):
     ev.score_image(np.zeros((8, 6, 3), np.uint8), "a red circle in the center")
-  with pytest.raises(ValueError, match="Not a shapes caption"):
-    ev.score_image(np.zeros((8, 8, 3), np.uint8), "a dog")
+  # A caption outside the grammar is unscorable, not a failure.
+  r = ev.score_image(np.zeros((8, 8, 3), np.uint8), "a dog")
+  assert r["correct"] is None and "Not a shapes caption" in r["unscorable"]
+  r = ev.score_image(np.zeros((8, 8, 3), np.uint8), "a purple circle in the center")
+  assert r["correct"] is None and "Unknown word" in r["unscorable"]
+  caps = ["a dog", "a red circle in the center"]
+  s = ev.summarize(
+    caps, [{"correct": None, "num_objects": None}, {"correct": True, "num_objects": 1}], ()
+  )
+  assert s["accuracy"] == 1.0 and s["count"] == 1
+  assert s["unscorable"] == {"count": 1, "captions": ["a dog"]}
 
 
 def test_cli_without_run_exits_2(tmp_path, capsys):

@@ -26,7 +26,15 @@ _log = logging.getLogger(__name__)
 FILE_FORMAT = "array_record"
 # Dataset name -> keyword arguments its config accepts.
 BUILDER_KWARGS: dict[str, tuple[str, ...]] = {
-  "shapes": ("resolution", "num_train", "num_test", "num_holdout", "holdout", "seed"),
+  "shapes": (
+    "resolution",
+    "num_train",
+    "num_test",
+    "num_holdout",
+    "holdout",
+    "seed",
+    "two_object_share",
+  ),
   "image_captions": ("max_resolution",),
 }
 _BUILDERS = {"shapes": shapes_builder.Shapes, "image_captions": image_captions_lib.ImageCaptions}

@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import io
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import grain
 import numpy as np
@@ -299,6 +299,20 @@ def build_input(
     process_count=process_count,
     **kwargs,
   )
+
+
+def train_captions(data: Mapping[str, Any]) -> Iterator[str]:
+  """Every caption of a config's training split, in stored order (prepared if needed).
+
+  Reads the caption feature alone (images stay encoded): the corpus a word
+  tokenizer is fitted on.
+  """
+  settings = datasets.prepare_from_config(data)
+  builder = datasets.load_builder(data["name"], data["data_dir"], **settings)
+  datasets.require_prepared(builder)
+  source = builder.as_data_source(split=data["split"])
+  for i in range(len(source)):
+    yield _caption(source[i]["caption"])
 
 
 def train_input(

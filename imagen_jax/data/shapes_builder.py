@@ -45,6 +45,8 @@ class ShapesConfig(tfds.core.BuilderConfig):
     num_holdout: examples in the holdout split.
     holdout: held-out `'{color} {shape}'` compositions.
     seed: base seed; example i of a split is rendered from (seed, split, i).
+    two_object_share: fraction of the train split's scenes with two objects
+      (test and holdout stay half and half).
   """
 
   resolution: int = 64
@@ -53,6 +55,16 @@ class ShapesConfig(tfds.core.BuilderConfig):
   num_holdout: int = DEFAULT_NUM_HOLDOUT
   holdout: tuple[str, ...] = DEFAULT_HOLDOUT
   seed: int = 0
+  two_object_share: float = 0.5
+
+
+def num_objects(split: str, index: int, two_object_share: float = 0.5) -> int:
+  """Objects in example `index` of a split: test and holdout alternate 1, 2; the
+  train split has two in exactly `two_object_share` of every run of examples."""
+  if split != "train":
+    return 1 + index % 2
+  s = float(two_object_share)
+  return 2 if int((index + 1) * s) > int(index * s) else 1
 
 
 def _is_default(resolution, num_train, num_test, num_holdout, holdout, seed):
@@ -72,6 +84,7 @@ def shapes_config(
   num_holdout: int = DEFAULT_NUM_HOLDOUT,
   holdout: Sequence[str] = DEFAULT_HOLDOUT,
   seed: int = 0,
+  two_object_share: float = 0.5,
 ) -> ShapesConfig:
   """Returns the config for these settings, with a name unique to them.
 
@@ -95,18 +108,25 @@ def shapes_config(
       f"{num_train} num_test={num_test} "
       f"num_holdout={num_holdout}."
     )
+  if not 0.0 <= float(two_object_share) <= 1.0:
+    raise ValueError(f"two_object_share must be in [0, 1], got {two_object_share}.")
+  two_object_share = float(two_object_share)
   if not holdout:
     num_holdout = 0
   name = f"res{resolution}"
-  if not _is_default(resolution, num_train, num_test, num_holdout, holdout, seed):
-    key = json.dumps([num_train, num_test, num_holdout, sorted(holdout), seed])
-    name += "_" + hashlib.sha1(key.encode()).hexdigest()[:8]
+  if not _is_default(resolution, num_train, num_test, num_holdout, holdout, seed) or (
+    two_object_share != 0.5
+  ):
+    key = [num_train, num_test, num_holdout, sorted(holdout), seed]
+    if two_object_share != 0.5:  # names of half-and-half configs stay as they were
+      key.append(two_object_share)
+    name += "_" + hashlib.sha1(json.dumps(key).encode()).hexdigest()[:8]
   return ShapesConfig(
     name=name,
     description=(
       f"{resolution}x{resolution} shapes; train={num_train} "
       f"test={num_test} holdout={num_holdout} held out: "
-      f"{list(holdout)}; seed={seed}"
+      f"{list(holdout)}; seed={seed}; two-object share of train {two_object_share}"
     ),
     resolution=resolution,
     num_train=num_train,
@@ -114,6 +134,7 @@ def shapes_config(
     num_holdout=num_holdout,
     holdout=holdout,
     seed=seed,
+    two_object_share=two_object_share,
   )
 
 
@@ -156,7 +177,8 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split: str, num_examples: int):
     """Yields `(index, {'image': PNG bytes, 'caption': str})`.
 
-    Odd indices hold two objects: exactly half of the scenes (TFDS and the
+    In test and holdout, odd indices hold two objects: exactly half of the
+    scenes; train has `two_object_share` of them (`num_objects`; TFDS and the
     pipeline shuffle the order).
     """
     cfg = self.builder_config
@@ -166,6 +188,6 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
         cfg.resolution,
         holdout=cfg.holdout,
         want_holdout=split == "holdout",
-        num_objects=1 + i % 2,
+        num_objects=num_objects(split, i, cfg.two_object_share),
       )
       yield i, {"image": shapes.encode_png(image), "caption": caption}

@@ -236,9 +236,14 @@ def score_image(image: np.ndarray, caption: str) -> dict[str, Any]:
   Returns:
     {'correct': bool, 'num_objects': int, 'objects': [per described object:
     {'expected', 'verdict', 'found'}], 'extra': [descriptions of unmatched
-    blobs >= MIN_EXTRA_AREA], 'detected': [every blob as a dict]}.
+    blobs >= MIN_EXTRA_AREA], 'detected': [every blob as a dict]}. A caption
+    outside the grammar or vocabulary cannot be scored: {'correct': None,
+    'num_objects': None, 'unscorable': the reason}, never a failure.
   """
-  expected = shapes.parse_caption(caption)
+  try:
+    expected = shapes.parse_caption(caption)
+  except ValueError as e:
+    return {"correct": None, "num_objects": None, "unscorable": str(e)}
   blobs = find_objects(image)
   used, objects = set(), []
   for obj in expected:
@@ -319,9 +324,14 @@ def summarize(captions: Sequence[str], results: Sequence[dict], holdout: Sequenc
 
   Returns:
     {'accuracy', 'count', 'single_object': {'accuracy', 'count'}, 'two_object':
-    {...}, 'holdout': {...}}; an accuracy is None where its count is 0.
+    {...}, 'holdout': {...}, 'unscorable': {'count', 'captions' (the first 20)}};
+    an accuracy is None where its count is 0. Unscorable captions (outside the
+    shapes grammar) count in no accuracy.
   """
   groups = {"single_object": [], "two_object": [], "holdout": []}
+  unscorable = [c for c, r in zip(captions, results) if r["correct"] is None]
+  pairs = [(c, r) for c, r in zip(captions, results) if r["correct"] is not None]
+  captions, results = [c for c, _ in pairs], [r for _, r in pairs]
   for caption, r in zip(captions, results):
     groups["single_object" if r["num_objects"] == 1 else "two_object"].append(r["correct"])
     if shapes.has_composition(shapes.parse_caption(caption), holdout):
@@ -332,6 +342,7 @@ def summarize(captions: Sequence[str], results: Sequence[dict], holdout: Sequenc
 
   summary = acc([r["correct"] for r in results])
   summary.update({k: acc(v) for k, v in groups.items()})
+  summary["unscorable"] = {"count": len(unscorable), "captions": unscorable[:20]}
   return summary
 
 
@@ -380,6 +391,15 @@ def evaluate(
   return summary, results, out.final
 
 
+def read_prompts(path: str) -> list:
+  """The non-empty lines of a prompts file (a ValueError when there are none)."""
+  with open(path, encoding="utf-8-sig") as f:
+    prompts = [line.strip() for line in f if line.strip()]
+  if not prompts:
+    raise ValueError(f"{path} holds no prompts")
+  return prompts
+
+
 def _per_stage_arg(text: Optional[str], kind) -> Optional[list]:
   if text is None:
     return None
@@ -396,6 +416,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   p.add_argument("--workdir", required=True)
   p.add_argument("--num", type=int, default=100, help="prompts to evaluate")
   p.add_argument("--split", choices=("test", "holdout"), default="test")
+  p.add_argument(
+    "--prompts_file",
+    help="score these captions (one per line) instead of the split's; lines outside "
+    "the shapes grammar are reported as unscorable",
+  )
   p.add_argument("--seed", type=int, default=0, help="sampling seed")
   p.add_argument("--batch", type=int, default=50, help="images per sampler call")
   p.add_argument(
@@ -429,8 +454,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cascade = cascade_lib.Cascade.from_workdir(args.workdir)
     cascade.settings(steps, guidance, sampler)  # Validates the per-stage lists.
     holdout, data_seed = data_settings(cascade.config)
-    captions = split_captions(args.split, args.num, holdout, data_seed, args.objects or None)
-  except (FileNotFoundError, ValueError) as e:
+    if args.prompts_file:
+      captions = read_prompts(args.prompts_file)[: args.num]
+    else:
+      captions = split_captions(args.split, args.num, holdout, data_seed, args.objects or None)
+  except (OSError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   start = time.perf_counter()
@@ -452,14 +480,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   )
   out_dir = args.out or args.workdir
   os.makedirs(out_dir, exist_ok=True)
-  base = os.path.join(out_dir, f"eval_shapes_{args.split}")
+  name = "prompts" if args.prompts_file else args.split
+  base = os.path.join(out_dir, f"eval_shapes_{name}")
   with open(base + ".json", "w") as f:
     json.dump({"summary": summary, "results": results}, f, indent=1, default=float)
-  borders = [(40, 200, 40) if r["correct"] else (220, 40, 40) for r in results]
+  borders = [
+    (128, 128, 128) if r["correct"] is None else (40, 200, 40) if r["correct"] else (220, 40, 40)
+    for r in results
+  ]
   Image.fromarray(cascade_lib.make_grid(images, borders=borders)).save(base + ".png")
   print(json.dumps(summary, indent=1, default=float))
   print(
-    f"wrote {base}.json and {base}.png (green border: correct, red: incorrect)", file=sys.stderr
+    f"wrote {base}.json and {base}.png (green border: correct, red: incorrect, grey: unscorable)",
+    file=sys.stderr,
   )
   return 0
 

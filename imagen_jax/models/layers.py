@@ -258,6 +258,87 @@ class AttentionPool(nn.Module):
     return layer_norm(self.eps, param_dtype=self.param_dtype, name="norm_out")(h)
 
 
+def sinusoidal_positions(length: int, dim: int, scale: float = 1.0) -> jax.Array:
+  """[length, dim] fixed sine/cosine codes of positions 0, scale, 2·scale, ... (Transformer)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / max(half, 1))
+  angles = (jnp.arange(length, dtype=jnp.float32) * scale)[:, None] * freqs[None]
+  codes = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+  return jnp.pad(codes, ((0, 0), (0, dim - 2 * half)))
+
+
+def positions_2d(height: int, width: int, dim: int) -> jax.Array:
+  """[height, width, dim] fixed codes: half the channels code the row, half the column,
+  each as fractions of the side (the same code at every resolution)."""
+  half = dim // 2
+  rows = sinusoidal_positions(height, half, scale=64.0 / height)
+  cols = sinusoidal_positions(width, dim - half, scale=64.0 / width)
+  return jnp.concatenate(
+    [
+      jnp.broadcast_to(rows[:, None], (height, width, half)),
+      jnp.broadcast_to(cols[None], (height, width, dim - half)),
+    ],
+    axis=-1,
+  )
+
+
+class TextTransformer(nn.Module):
+  """Trainable transformer layers over the frozen encoder's tokens (text adapter).
+
+  Pre-LayerNorm self-attention (padding keys masked) and GELU MLP blocks. Token
+  order enters twice: fixed sinusoidal positions added first, and a learned
+  per-head bias on the attention logits for each relative offset (clipped to
+  ``max_offset``), so "the words next to me" is one bias to learn. Part of the
+  UNet and trained with it: the text encoder itself stays frozen. Off by
+  default (``text_layers=0``); the paper's UNets and DeepFloyd IF have none.
+  """
+
+  num_layers: int
+  num_heads: int
+  mlp_ratio: int = 2
+  max_offset: int = 16
+  eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, text: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+    """text: [B, L, D], mask: [B, L] bool or None → [B, L, D]."""
+    b, length, d = text.shape
+    if d % self.num_heads:
+      raise ValueError(f"text width {d} is not divisible by {self.num_heads} adapter heads")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    dh = d // self.num_heads
+    pos = jnp.arange(length)
+    offsets = jnp.clip(pos[None, :] - pos[:, None], -self.max_offset, self.max_offset)
+    offsets = offsets + self.max_offset  # [L, L] index into the bias table
+    x = text + sinusoidal_positions(length, d).astype(text.dtype)[None]
+    for i in range(self.num_layers):
+      h = layer_norm(self.eps, param_dtype=self.param_dtype, name=f"layer{i}_norm1")(x)
+      proj = lambda n, h=h: dense(d, (axes.TEXT_EMBED, axes.HEADS), name=n, **kw)(h).reshape(
+        b, length, self.num_heads, dh
+      )
+      q, k, v = proj(f"layer{i}_q"), proj(f"layer{i}_k"), proj(f"layer{i}_v")
+      table = self.param(
+        f"layer{i}_relpos",
+        _named(nn.initializers.zeros_init(), (axes.HEADS, None)),
+        (self.num_heads, 2 * self.max_offset + 1),
+        self.param_dtype,
+      )
+      logits = jnp.einsum("btnd,bsnd->bnts", q * dh**-0.5, k, preferred_element_type=jnp.float32)
+      logits = logits + table[:, offsets].astype(jnp.float32)[None]
+      if mask is not None:
+        logits = jnp.where(mask[:, None, None, :], logits, -1e9)
+      weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+      a = jnp.einsum("bnts,bsnd->btnd", weights, v).reshape(b, length, d)
+      x = x + dense(d, (axes.HEADS, axes.TEXT_EMBED), name=f"layer{i}_o", **kw)(a)
+      h = layer_norm(self.eps, param_dtype=self.param_dtype, name=f"layer{i}_norm2")(x)
+      h = dense(d * self.mlp_ratio, (axes.TEXT_EMBED, axes.MLP), name=f"layer{i}_mlp_in", **kw)(h)
+      h = dense(d, (axes.MLP, axes.TEXT_EMBED), name=f"layer{i}_mlp_out", **kw)(nn.gelu(h))
+      x = x + h
+    return x
+
+
 class ResBlock(nn.Module):
   """GroupNorm → act → [resample] → conv → scale-shift(time) → act → conv, plus skip.
 
@@ -332,6 +413,7 @@ class AttentionBlock(nn.Module):
   text_norm_groups: Optional[int] = None
   use_bias: bool = True
   attention_impl: str = "auto"
+  pos_embed: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -364,6 +446,8 @@ class AttentionBlock(nn.Module):
       )
     )
     h = group_norm(self.groups, self.eps, param_dtype=self.param_dtype, name="norm")(x)
+    if self.pos_embed:
+      h = h + positions_2d(hgt, wid, c).astype(h.dtype)[None]
     h = h.reshape(b, hgt * wid, c)
     q = proj("q", axes.EMBED)(h) * dh**-0.5
     keys, values, masks = [], [], []

@@ -73,6 +73,13 @@ class UNetConfig:
   text_dim: Optional[int] = 4096  # width of incoming text embeddings; None: no text
   text_proj_dim: Optional[int] = None  # project text before attention (IF encoder_hid_proj)
   text_pool: str = "attention"  # 'attention' | 'mean' | 'none'
+  # Trainable transformer layers over the frozen text tokens, before pooling and
+  # attention (0: none, as in the paper and IF); their heads.
+  text_layers: int = 0
+  # Add fixed 2-D sine/cosine position codes to the image tokens before the
+  # attention projections, so queries know where they are (off in the paper and IF).
+  attention_pos_embed: bool = False
+  text_layer_heads: int = 4
   text_pool_heads: int = 64
   text_pool_projected: bool = False  # pool the projected text (Imagen) or the raw (IF)
   text_norm: Optional[str] = None  # norm of text before attention k/v projections
@@ -121,6 +128,13 @@ class UNetConfig:
     if self.text_pool not in ("attention", "mean", "none"):
       raise ValueError(
         f"unknown text_pool {self.text_pool!r}; expected 'attention', 'mean' or 'none'"
+      )
+    if self.text_layers < 0:
+      raise ValueError(f"model.text_layers must be >= 0, got {self.text_layers}")
+    if self.text_layers and (self.text_dim is None or self.text_dim % self.text_layer_heads):
+      raise ValueError(
+        f"model.text_layers needs a text_dim divisible by text_layer_heads "
+        f"({self.text_dim} and {self.text_layer_heads})"
       )
     layers.get_activation(self.act)
     if isinstance(self.remat, bool):  # configs and config.json files before policies
@@ -195,6 +209,7 @@ class UNet(nn.Module):
       text_norm_groups=c.text_norm_groups,
       use_bias=c.attn_bias,
       attention_impl=c.attention_impl,
+      pos_embed=c.attention_pos_embed,
       name=name,
       **self._kw(),
     )
@@ -285,6 +300,10 @@ class UNet(nn.Module):
     if t.ndim == 0:
       t = jnp.broadcast_to(t, (x.shape[0],))
     self._check_inputs(x, t, text_emb, lowres, noise_level)
+    if c.text_layers and text_emb is not None:
+      text_emb = layers.TextTransformer(
+        c.text_layers, c.text_layer_heads, name="text_adapter", **kw
+      )(text_emb, text_mask)
     ctx = text_emb
     if ctx is not None and c.text_proj_dim:
       ctx = layers.dense(c.text_proj_dim, (axes.TEXT_EMBED, axes.EMBED), name="text_proj", **kw)(

@@ -24,7 +24,7 @@ import numpy as np
 from imagen_jax import axes
 from imagen_jax import parallel
 from imagen_jax.text import loading
-from imagen_jax.text.t5 import T5Config, T5Encoder
+from imagen_jax.text.t5 import T5Config, T5Encoder, relative_position_buckets
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,27 @@ def _byt5_tokenizer():
   from transformers import ByT5Tokenizer  # pylint: disable=g-import-not-at-top
 
   return ByT5Tokenizer()
+
+
+def locality_bias(config: T5Config, slopes: Sequence[float]) -> jax.Array:
+  """[num_buckets, num_heads] T5 relative-position bias: -slope_h × the smallest
+  distance of each bucket (ALiBi-shaped; see ``TextEncoder.random_init``).
+
+  Raises:
+    ValueError: not one slope per head, or a negative slope.
+  """
+  slopes = [float(s) for s in slopes]
+  if len(slopes) != config.num_heads or min(slopes) < 0:
+    raise ValueError(
+      f"text random_locality needs {config.num_heads} slopes >= 0 (one per head), got {slopes}"
+    )
+  n, far = config.relative_attention_num_buckets, config.relative_attention_max_distance
+  # Row `far` of the bucket matrix: the buckets of offsets -far..far.
+  buckets = relative_position_buckets(2 * far + 1, 2 * far + 1, n, far)[far]
+  distance = np.full(n, float(far))
+  for b, offset in zip(buckets, range(-far, far + 1)):
+    distance[b] = min(distance[b], abs(offset))
+  return jnp.asarray(-distance[:, None] * np.asarray(slopes)[None, :], jnp.float32)
 
 
 class TextEncoder:
@@ -179,6 +200,12 @@ class TextEncoder:
       mesh, rules: as in `from_pretrained`.
     """
     tokenizer = text_config.get("tokenizer") or None
+    if text_config.get("fit_tokenizer") and not tokenizer:
+      raise ValueError(
+        f"config.text.fit_tokenizer={text_config.fit_tokenizer!r}: the tokenizer is fitted "
+        "by train.py and saved with the run; read the run's config (run.read_config(WORKDIR)) "
+        "or set config.text.tokenizer to its folder"
+      )
     if text_config.get("path"):
       enc = cls.from_pretrained(
         text_config.path, dtype=text_config.dtype, mesh=mesh, rules=rules, tokenizer=tokenizer
@@ -187,6 +214,7 @@ class TextEncoder:
       enc = cls.random_init(
         dict(text_config.random),
         seed=text_config.seed,
+        locality=tuple(text_config.get("random_locality") or ()),
         dtype=text_config.dtype,
         mesh=mesh,
         rules=rules,
@@ -210,6 +238,7 @@ class TextEncoder:
     mesh: Any = None,
     rules: Sequence[tuple[str, Any]] | None = None,
     tokenizer: Any = None,
+    locality: Sequence[float] = (),
   ) -> "TextEncoder":
     """A small, deterministic, randomly initialized T5 with the ByT5 tokenizer.
 
@@ -219,6 +248,13 @@ class TextEncoder:
       seed: the init seed; the same seed gives the same params.
       dtype, param_dtype, mesh, rules: as in `from_pretrained`.
       tokenizer: defaults to the byte-level ByT5 tokenizer (no files needed).
+      locality: one slope per head, or empty. A random T5's attention is
+        nearly uniform, so every token's output is its own embedding plus the
+        whole caption's average: a bag of words. With slopes, head h's
+        relative-position bias is ``-slope_h * distance`` (ALiBi's shape), so
+        a token's output mixes in its neighbours first ("right" in "bottom
+        right" carries "bottom"). The bias table is an ordinary T5 parameter:
+        this is an initialization, not another model.
 
     Returns:
       The encoder, params created directly sharded when a mesh is given.
@@ -231,9 +267,13 @@ class TextEncoder:
     store = resolve_dtype(param_dtype or dtype)
     ids = jnp.zeros((1, 8), jnp.int32)
 
+    table = locality_bias(config, locality) if locality else None
+
     def init(rng):
       # Drawn in float32 whatever the dtype, so every dtype gets one model.
       params = nn.meta.unbox(T5Encoder(config).init(rng, ids, ids > 0))
+      if table is not None:
+        params["params"]["relpos_bias"] = table
       return jax.tree.map(lambda p: p.astype(store), params)
 
     params = parallel.run_init(

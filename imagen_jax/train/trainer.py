@@ -28,7 +28,7 @@ from imagen_jax import run as run_lib
 from imagen_jax.data import datasets, pipeline
 from imagen_jax.eval import during_training
 from imagen_jax.stages import Stage, build_stage
-from imagen_jax.text import TextEncoder
+from imagen_jax.text import TextEncoder, words
 from imagen_jax.train import checkpoint as ckpt_lib
 from imagen_jax.train import distributed, optim, prefetch
 from imagen_jax.train import embeddings as embeddings_lib
@@ -498,6 +498,7 @@ def train_and_evaluate(
         stack.enter_context(_stage_lock(workdir, name))
       fingerprint.write_config_once(workdir, config)
     signals.pause_for_test("setup")
+    config = _fit_tokenizer(config, workdir)
     text_encoder = TextEncoder.from_config(config.text, mesh, rules)
     if sample_fn is None and config.train.sample_every:
       sample_fn = make_sample_grid_fn(config, workdir, text_encoder, mesh, rules)
@@ -513,6 +514,41 @@ def train_and_evaluate(
       if result.preempted:
         break
     return results
+
+
+def _fit_tokenizer(config, workdir: str):
+  """The config with its fitted tokenizer (``config.text.fit_tokenizer``), fitted once.
+
+  Process 0 fits a word-level vocabulary on the training split's captions into
+  ``WORKDIR/tokenizer`` the first time; a resumed run reuses the saved one, so
+  token ids never change under a checkpoint.
+  """
+  kind = config.text.get("fit_tokenizer")
+  if not kind or config.text.get("tokenizer"):
+    return config
+  if kind != "words":
+    raise validate.ConfigError(
+      f"config.text.fit_tokenizer={kind!r}: expected 'words' (or '' for none)"
+    )
+  if config.text.get("path"):
+    raise validate.ConfigError(
+      "config.text.fit_tokenizer is for a randomly initialized encoder; "
+      f"config.text.path={config.text.path!r} brings its own tokenizer"
+    )
+  directory = run_lib.tokenizer_dir(workdir)
+  if distributed.is_primary() and not os.path.isfile(os.path.join(directory, "tokenizer.json")):
+    vocab_size = int(config.text.random.vocab_size)
+    start = time.perf_counter()
+    size = words.fit_word_tokenizer(
+      pipeline.train_captions(config.data), directory, vocab_size=vocab_size
+    )
+    print(
+      f"word tokenizer: {size} tokens fitted on the training captions in "
+      f"{time.perf_counter() - start:.1f}s -> {directory}",
+      flush=True,
+    )
+  distributed.barrier("tokenizer fitted")
+  return run_lib.with_fitted_tokenizer(config, workdir)
 
 
 def _stage_lock(workdir: str, stage_name: str):

@@ -51,6 +51,19 @@ def check_train_settings(config: Any, stage_names: Optional[Sequence[str]] = Non
       raise ConfigError(f"config.train.{field}={value!r} must be an integer: {meaning}")
     if value < minimum:
       raise ConfigError(f"config.train.{field}={value} must be >= {minimum}: {meaning}")
+  text = config.text
+  slopes = tuple(text.get("random_locality") or ())
+  if slopes and not text.get("path"):
+    heads = int(text.random.get("num_heads", 0))
+    if len(slopes) != heads or any(float(s) < 0 for s in slopes):
+      raise ConfigError(
+        f"config.text.random_locality={slopes} needs {heads} slopes >= 0 "
+        "(one per head of config.text.random)"
+      )
+  if text.get("fit_tokenizer") not in (None, "", "words"):
+    raise ConfigError(
+      f"config.text.fit_tokenizer={text.fit_tokenizer!r}: expected 'words' (or '' for none)"
+    )
   for name in order:
     scale = config.stages[name].get("steps_scale", 1.0)
     if not scale or float(scale) <= 0:
