@@ -35,9 +35,33 @@ def parse_args(argv: Optional[Sequence[str]]):
   p.add_argument("--guidance", help="guidance per stage, e.g. 3 or 3,1")
   p.add_argument("--steps", help="sampling steps per stage")
   p.add_argument("--sampler", help="sampler per stage")
+  p.add_argument("--eta", type=float, help="DDIM eta of every stage (1 = ancestral)")
+  p.add_argument(
+    "--train_prompts",
+    type=int,
+    default=0,
+    help="also score this many captions per object count of the train split "
+    "(captions the model trained on: fitting, not generalization)",
+  )
   p.add_argument("--skip_train", action="store_true", help="score the workdir as it is")
   args, rest = p.parse_known_args(argv)
   return args, cli.config_from_args(args, rest)
+
+
+def train_captions(config, num: int, objects: int) -> list:
+  """The first `num` captions with `objects` objects of the run's prepared train split."""
+  from imagen_jax.data import shapes, shapes_builder  # pylint: disable=g-import-not-at-top
+
+  kwargs = dict(config.data.get("builder_kwargs") or {})
+  share = float(kwargs.get("two_object_share", 0.5))
+  holdout = shapes.parse_compositions(kwargs.get("holdout", shapes_builder.DEFAULT_HOLDOUT))
+  seed = int(kwargs.get("seed", 0))
+  out, i = [], 0
+  while len(out) < num:
+    if shapes_builder.num_objects("train", i, share) == objects:
+      out.append(shapes.sample_scene((seed, 0, i), 8, holdout=holdout, num_objects=objects)[1])
+    i += 1
+  return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -57,6 +81,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   run_config = run_lib.read_config(args.workdir)
   order = list(run_config.stage_order)
   run_config.stage_order = tuple(order[: max(order.index(s) for s in stages) + 1])
+  if args.eta is not None:
+    for name in run_config.stage_order:
+      run_config.stages[name].sample.eta = args.eta
   cascade = cascade_lib.Cascade.from_workdir(args.workdir, config=run_config)
   per_stage = shapes_eval._per_stage_arg  # pylint: disable=protected-access
   kw = dict(
@@ -66,11 +93,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   )
   holdout, data_seed = shapes_eval.data_settings(run_config)
   rows = {}
-  for split, num in (("test", args.num), ("holdout", args.holdout)):
+  for split, num in (("test", args.num), ("holdout", args.holdout), ("train", args.train_prompts)):
     if not num or (split == "holdout" and not holdout):
       continue
     for objects in (1, 2):
-      captions = shapes_eval.split_captions(split, num, holdout, data_seed, objects)
+      if split == "train":
+        captions = train_captions(run_config, num, objects)
+      else:
+        captions = shapes_eval.split_captions(split, num, holdout, data_seed, objects)
       summary, _, _ = shapes_eval.evaluate(
         cascade, captions, jax.random.key(args.seed), holdout=holdout, progress=False, **kw
       )
@@ -82,7 +112,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     accuracy=rows,
     num=args.num,
     holdout=args.holdout,
-    sampling={k: v for k, v in vars(args).items() if k in ("guidance", "steps", "sampler", "seed")},
+    sampling={
+      k: v for k, v in vars(args).items() if k in ("guidance", "steps", "sampler", "seed", "eta")
+    },
   )
   with open(os.path.join(args.workdir, "binding.json"), "w") as f:
     json.dump(result, f, indent=1)

@@ -80,6 +80,7 @@ def get_config(variant: str = ""):
     text_pool_heads=4,
     text_layers=2,
     text_layer_heads=4,
+    text_layer_max_offset=16,
     attention_pos_embed=False,
     dtype="float32",
   )

@@ -288,7 +288,7 @@ class TextTransformer(nn.Module):
   Pre-LayerNorm self-attention (padding keys masked) and GELU MLP blocks. Token
   order enters twice: fixed sinusoidal positions added first, and a learned
   per-head bias on the attention logits for each relative offset (clipped to
-  ``max_offset``), so "the words next to me" is one bias to learn. Part of the
+  ``max_offset``; 0 = none), so "the words next to me" is one bias to learn. Part of the
   UNet and trained with it: the text encoder itself stays frozen. Off by
   default (``text_layers=0``); the paper's UNets and DeepFloyd IF have none.
   """
@@ -319,14 +319,15 @@ class TextTransformer(nn.Module):
         b, length, self.num_heads, dh
       )
       q, k, v = proj(f"layer{i}_q"), proj(f"layer{i}_k"), proj(f"layer{i}_v")
-      table = self.param(
-        f"layer{i}_relpos",
-        _named(nn.initializers.zeros_init(), (axes.HEADS, None)),
-        (self.num_heads, 2 * self.max_offset + 1),
-        self.param_dtype,
-      )
       logits = jnp.einsum("btnd,bsnd->bnts", q * dh**-0.5, k, preferred_element_type=jnp.float32)
-      logits = logits + table[:, offsets].astype(jnp.float32)[None]
+      if self.max_offset > 0:
+        table = self.param(
+          f"layer{i}_relpos",
+          _named(nn.initializers.zeros_init(), (axes.HEADS, None)),
+          (self.num_heads, 2 * self.max_offset + 1),
+          self.param_dtype,
+        )
+        logits = logits + table[:, offsets].astype(jnp.float32)[None]
       if mask is not None:
         logits = jnp.where(mask[:, None, None, :], logits, -1e9)
       weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)

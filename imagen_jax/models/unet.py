@@ -76,6 +76,7 @@ class UNetConfig:
   # Trainable transformer layers over the frozen text tokens, before pooling and
   # attention (0: none, as in the paper and IF); their heads.
   text_layers: int = 0
+  text_layer_max_offset: int = 16  # their learned relative-position bias (0: none)
   # Add fixed 2-D sine/cosine position codes to the image tokens before the
   # attention projections, so queries know where they are (off in the paper and IF).
   attention_pos_embed: bool = False
@@ -302,7 +303,11 @@ class UNet(nn.Module):
     self._check_inputs(x, t, text_emb, lowres, noise_level)
     if c.text_layers and text_emb is not None:
       text_emb = layers.TextTransformer(
-        c.text_layers, c.text_layer_heads, name="text_adapter", **kw
+        c.text_layers,
+        c.text_layer_heads,
+        max_offset=c.text_layer_max_offset,
+        name="text_adapter",
+        **kw,
       )(text_emb, text_mask)
     ctx = text_emb
     if ctx is not None and c.text_proj_dim:
