@@ -34,7 +34,12 @@ def get_config(variant: str = ""):
       data_dir="data",
       split="train",
       builder_kwargs=dict(
-        resolution=64, num_train=20000, num_test=500, num_holdout=500, holdout=("green triangle",)
+        resolution=64,
+        num_train=20000,
+        num_test=500,
+        num_holdout=500,
+        holdout=("green triangle",),
+        two_object_share=0.5,  # of the train split; test and holdout stay half and half
       ),
     )
   )

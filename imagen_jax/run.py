@@ -209,7 +209,8 @@ def with_fitted_tokenizer(config: ml_collections.ConfigDict, workdir: Any):
   trainer fits one on the training captions into ``WORKDIR/tokenizer``. Other
   configs come back unchanged.
   """
-  if not config.text.get("fit_tokenizer") or config.text.get("tokenizer"):
+  text = config.get("text") or {}
+  if not text.get("fit_tokenizer") or text.get("tokenizer"):
     return config
   config = ml_collections.ConfigDict(config.to_dict())
   config.text.tokenizer = tokenizer_dir(workdir)
