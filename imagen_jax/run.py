@@ -173,8 +173,11 @@ def _converted_config(dirs: Sequence[str]) -> ml_collections.ConfigDict:
   return config
 
 
-def read_config(path: str) -> ml_collections.ConfigDict:
+def read_config(path: str, as_written: bool = False) -> ml_collections.ConfigDict:
   """The cascade config of a run: a training workdir or converted IF stage folders.
+
+  A run with a fitted tokenizer gets ``text.tokenizer`` pointing at it, unless
+  ``as_written`` (the file's settings exactly, as the trainer's checks compare).
 
   Raises:
     FileNotFoundError: nothing readable at ``path`` (the message says how to
@@ -191,7 +194,8 @@ def read_config(path: str) -> ml_collections.ConfigDict:
       f"(train one with: python train.py --config configs/demo.py "
       f"--workdir {path})"
     )
-  return with_fitted_tokenizer(ml_collections.ConfigDict(_read_json(file)), path)
+  config = ml_collections.ConfigDict(_read_json(file))
+  return config if as_written else with_fitted_tokenizer(config, path)
 
 
 TOKENIZER_DIR = "tokenizer"  # a run's fitted tokenizer (config.text.fit_tokenizer)

@@ -156,7 +156,7 @@ def check_workdir(workdir: str, config: Any, stage_names: Sequence[str]) -> None
   path = run_lib.as_path(workdir) / run_lib.CONFIG_FILE  # local or gs://
   have_config = path.is_file()
   if have_config:
-    old = run_lib.read_config(workdir)
+    old = run_lib.read_config(workdir, as_written=True)
     for name in config.stage_order:
       if name in old.get("stages", {}):
         diff = first_difference(weights_fields(old, name), weights_fields(config, name))

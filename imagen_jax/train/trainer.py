@@ -498,8 +498,9 @@ def train_and_evaluate(
         stack.enter_context(_stage_lock(workdir, name))
       fingerprint.write_config_once(workdir, config)
     signals.pause_for_test("setup")
-    config = _fit_tokenizer(config, workdir)
-    text_encoder = TextEncoder.from_config(config.text, mesh, rules)
+    # The fitted tokenizer's folder is where the run is, not a setting: the config
+    # that checkpoints and fingerprints see keeps `text.tokenizer` as written.
+    text_encoder = TextEncoder.from_config(_fit_tokenizer(config, workdir).text, mesh, rules)
     if sample_fn is None and config.train.sample_every:
       sample_fn = make_sample_grid_fn(config, workdir, text_encoder, mesh, rules)
     eval_fn = None
