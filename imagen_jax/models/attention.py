@@ -58,10 +58,13 @@ def check_impl(impl: str, platform: Optional[str] = None) -> None:
     )
 
 
-def xla_attention(q, k, v, mask=None):
-  """q: [B, T, N, D] (pre-scaled), k/v: [B, S, N, D], mask: [B, S] bool or None
-  → [B, T, N, D]. Full logits, float32 softmax."""
+def xla_attention(q, k, v, mask=None, bias=None):
+  """q: [B, T, N, D] (pre-scaled), k/v: [B, S, N, D], mask: [B, S] bool or None,
+  bias: [N, T, S] added to the logits or None → [B, T, N, D]. Full logits, float32
+  softmax."""
   logits = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32)
+  if bias is not None:
+    logits = logits + jnp.asarray(bias, jnp.float32)[None]
   if mask is not None:
     logits = jnp.where(mask[:, None, None, :], logits, _NEG)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)

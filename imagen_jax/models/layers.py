@@ -260,11 +260,8 @@ class AttentionPool(nn.Module):
 
 def sinusoidal_positions(length: int, dim: int, scale: float = 1.0) -> jax.Array:
   """[length, dim] fixed sine/cosine codes of positions 0, scale, 2·scale, ... (Transformer)."""
-  half = dim // 2
-  freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / max(half, 1))
-  angles = (jnp.arange(length, dtype=jnp.float32) * scale)[:, None] * freqs[None]
-  codes = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
-  return jnp.pad(codes, ((0, 0), (0, dim - 2 * half)))
+  positions = jnp.arange(length, dtype=jnp.float32) * scale
+  return timestep_embedding(positions, dim, flip_sin_to_cos=False)
 
 
 def positions_2d(height: int, width: int, dim: int) -> jax.Array:
@@ -319,7 +316,7 @@ class TextTransformer(nn.Module):
         b, length, self.num_heads, dh
       )
       q, k, v = proj(f"layer{i}_q"), proj(f"layer{i}_k"), proj(f"layer{i}_v")
-      logits = jnp.einsum("btnd,bsnd->bnts", q * dh**-0.5, k, preferred_element_type=jnp.float32)
+      bias = None
       if self.max_offset > 0:
         table = self.param(
           f"layer{i}_relpos",
@@ -327,11 +324,8 @@ class TextTransformer(nn.Module):
           (self.num_heads, 2 * self.max_offset + 1),
           self.param_dtype,
         )
-        logits = logits + table[:, offsets].astype(jnp.float32)[None]
-      if mask is not None:
-        logits = jnp.where(mask[:, None, None, :], logits, -1e9)
-      weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-      a = jnp.einsum("bnts,bsnd->btnd", weights, v).reshape(b, length, d)
+        bias = table[:, offsets]  # [heads, L, L]
+      a = attention_lib.xla_attention(q * dh**-0.5, k, v, mask, bias).reshape(b, length, d)
       x = x + dense(d, (axes.HEADS, axes.TEXT_EMBED), name=f"layer{i}_o", **kw)(a)
       h = layer_norm(self.eps, param_dtype=self.param_dtype, name=f"layer{i}_norm2")(x)
       h = dense(d * self.mlp_ratio, (axes.TEXT_EMBED, axes.MLP), name=f"layer{i}_mlp_in", **kw)(h)

@@ -522,20 +522,12 @@ def _fit_tokenizer(config, workdir: str):
 
   Process 0 fits a word-level vocabulary on the training split's captions into
   ``WORKDIR/tokenizer`` the first time; a resumed run reuses the saved one, so
-  token ids never change under a checkpoint.
+  token ids never change under a checkpoint. The setting itself was checked by
+  ``validate.check_train_settings``.
   """
   kind = config.text.get("fit_tokenizer")
   if not kind or config.text.get("tokenizer"):
     return config
-  if kind != "words":
-    raise validate.ConfigError(
-      f"config.text.fit_tokenizer={kind!r}: expected 'words' (or '' for none)"
-    )
-  if config.text.get("path"):
-    raise validate.ConfigError(
-      "config.text.fit_tokenizer is for a randomly initialized encoder; "
-      f"config.text.path={config.text.path!r} brings its own tokenizer"
-    )
   directory = run_lib.tokenizer_dir(workdir)
   if distributed.is_primary() and not os.path.isfile(os.path.join(directory, "tokenizer.json")):
     vocab_size = int(config.text.random.vocab_size)

@@ -64,6 +64,11 @@ def check_train_settings(config: Any, stage_names: Optional[Sequence[str]] = Non
     raise ConfigError(
       f"config.text.fit_tokenizer={text.fit_tokenizer!r}: expected 'words' (or '' for none)"
     )
+  if text.get("fit_tokenizer") and text.get("path"):
+    raise ConfigError(
+      "config.text.fit_tokenizer is for a randomly initialized encoder; "
+      f"config.text.path={text.path!r} brings its own tokenizer"
+    )
   for name in order:
     scale = config.stages[name].get("steps_scale", 1.0)
     if not scale or float(scale) <= 0:
