@@ -38,6 +38,10 @@ def stage_config(
       logsnr_max=20.0,
       logsnr_shift=0.0,  # added to λ(t); > 0 trains (and samples) more at low noise
       min_snr_gamma=0.0,  # > 0 turns on Min-SNR-γ loss weighting
+      # Draw this extra share of training t from [high_noise_from, 1] (continuous
+      # stages; 0: uniform t): more examples where the layout comes from text alone.
+      high_noise_share=0.0,
+      high_noise_from=0.9,
       cond_drop=0.1,  # classifier-free guidance text dropout
       aug_schedule="linear",  # schedule of the low-resolution noise augmentation
       aug_max=0.5,  # training samples aug levels t_aug ~ U[0, aug_max]

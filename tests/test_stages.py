@@ -104,6 +104,30 @@ def test_if_stage_fine_tunes():
   assert curve[-1] < 0.7 * curve[0], curve
 
 
+def test_high_noise_share_of_training_t():
+  from imagen_jax.stages.continuous import focus_high_noise  # pylint: disable=g-import-not-at-top
+
+  t = jnp.linspace(0.0, 1.0, 20001)[:-1]
+  assert focus_high_noise(t, 0.9, 0.0) is t  # off: uniform t untouched
+  f = np.asarray(focus_high_noise(t, 0.9, 0.3))
+  assert (np.diff(f) >= 0).all() and f.min() == 0.0 and f.max() < 1.0
+  # 10% of uniform t lies above 0.9; the extra 30% share brings it to 37%, spread
+  # evenly there, and the rest stays uniform below.
+  np.testing.assert_allclose((f >= 0.9).mean(), 0.37, atol=1e-3)
+  np.testing.assert_allclose((f >= 0.95).mean(), 0.185, atol=1e-3)
+  np.testing.assert_allclose((f < 0.45).mean(), 0.315, atol=1e-3)
+  config = config_lib.load_config(
+    os.path.join(os.path.dirname(FIXTURES), "..", "configs", "demo.py:tiny")
+  )
+  config.stages.base.diffusion.high_noise_share = 1.0
+  with pytest.raises(ValueError, match="stage base: diffusion.high_noise_share"):
+    build_stage(config.stages.base, text_dim=config.text.dim)
+  config.stages.base.diffusion.high_noise_share = 0.5
+  stage = build_stage(config.stages.base, text_dim=config.text.dim)
+  t = stage.loss_noise(jax.random.PRNGKey(0), jnp.zeros((64, 16, 16, 3)))["t"]
+  assert 0.5 < float((t >= 0.9).mean()) < 0.6  # 0.1·0.5 + 0.5 = 55%
+
+
 def test_continuous_stage_loss_shapes():
   config = config_lib.load_config(
     os.path.join(os.path.dirname(FIXTURES), "..", "configs", "demo.py:tiny")

@@ -113,6 +113,26 @@ def test_text_adapter_layers():
   assert float(jnp.abs(out[0, 0] - out[0, 5]).max()) > 1e-3
 
 
+def test_text_adapter_conv_is_local_and_masked():
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 9, 16)), jnp.float32)
+  mask = jnp.asarray([[1] * 6 + [0] * 3, [1] * 9], bool)
+  module = layers.TextTransformer(num_layers=0, num_heads=4, conv_kernel=3)
+  params = module.init(jax.random.key(0), x, mask)
+  y = module.apply(params, x, mask)
+  # Token 4 reaches its neighbours 3 and 5 only.
+  y2 = module.apply(params, x.at[:, 4].add(jnp.linspace(-1.0, 1.0, 16)), mask)
+  changed = np.abs(np.asarray(y2 - y)).max(-1) > 1e-6
+  np.testing.assert_array_equal(changed[1], np.abs(np.arange(9) - 4) <= 1)
+  # Padding is zeroed before the convolution: real tokens never see it.
+  y3 = module.apply(params, x.at[0, 6:].set(7.0), mask)
+  np.testing.assert_allclose(y3[0, :6], y[0, :6], atol=1e-6)
+  # The offsets have their own weights: a sequence read backwards is another input.
+  rev = module.apply(params, x[:, ::-1], None)[:, ::-1]
+  assert float(jnp.abs(rev - module.apply(params, x, None)).max()) > 1e-3
+  with pytest.raises(ValueError, match="odd"):
+    UNetConfig(channels=(8,), num_res_blocks=1, attention="none", text_dim=16, text_conv_kernel=4)
+
+
 def test_unet_text_layers_config():
   c = UNetConfig(
     channels=(8, 16),
@@ -188,6 +208,31 @@ def test_attention_position_codes():
   assert np.abs(y[0, 0, 0] - y[0, 3, 3]).max() > 1e-4
   plain = layers.AttentionBlock("self", head_dim=8, groups=4)
   y = np.asarray(plain.apply(params, x))
+  np.testing.assert_allclose(y[0, 0, 0], y[0, 3, 3], atol=1e-5)
+
+
+def test_attention_query_positions():
+  # Text attention from a constant image: only the query's own position code can
+  # make cells attend to different words.
+  x = jnp.ones((1, 4, 4, 16))
+  text = jnp.asarray(np.random.default_rng(0).normal(size=(1, 5, 12)), jnp.float32)
+  block = layers.AttentionBlock("cross", head_dim=8, groups=4, query_pos=True)
+  params = block.init(jax.random.key(0), x, text)
+  assert (
+    "q_pos" in params["params"]
+    and "q_pos"
+    not in layers.AttentionBlock("cross", head_dim=8, groups=4).init(jax.random.key(0), x, text)[
+      "params"
+    ]
+  )
+  params = jax.tree.map(lambda p: p + 0.1, params)  # the output projection is zero at init
+  y = np.asarray(block.apply(params, x, text))
+  assert np.abs(y[0, 0, 0] - y[0, 3, 3]).max() > 1e-4
+  # The codes reach the queries only: the image tokens' keys and values are unchanged,
+  # so a self-attention block over a constant image still returns one value everywhere.
+  self_block = layers.AttentionBlock("self", head_dim=8, groups=4, query_pos=True)
+  p2 = jax.tree.map(lambda p: p + 0.1, self_block.init(jax.random.key(0), x))
+  y = np.asarray(self_block.apply(p2, x))
   np.testing.assert_allclose(y[0, 0, 0], y[0, 3, 3], atol=1e-5)
 
 

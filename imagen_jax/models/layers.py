@@ -294,6 +294,7 @@ class TextTransformer(nn.Module):
   num_heads: int
   mlp_ratio: int = 2
   max_offset: int = 16
+  conv_kernel: int = 0
   eps: float = 1e-5
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -310,6 +311,28 @@ class TextTransformer(nn.Module):
     offsets = jnp.clip(pos[None, :] - pos[:, None], -self.max_offset, self.max_offset)
     offsets = offsets + self.max_offset  # [L, L] index into the bias table
     x = text + sinusoidal_positions(length, d).astype(text.dtype)[None]
+    if self.conv_kernel:
+      # A 1-D convolution over the tokens: each token reads its neighbours with
+      # one weight matrix per offset, so a word's own phrase (which color and
+      # shape precede this position word) is one linear map, not an attention
+      # pattern to discover. Padding tokens are zeroed first.
+      if self.conv_kernel % 2 == 0:
+        raise ValueError(f"text conv kernel must be odd, got {self.conv_kernel}")
+      h = layer_norm(self.eps, param_dtype=self.param_dtype, name="conv_norm")(x)
+      if mask is not None:
+        h = h * mask[..., None].astype(h.dtype)
+      pad = self.conv_kernel // 2
+      h = nn.Conv(
+        d,
+        (self.conv_kernel,),
+        padding=((pad, pad),),
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=_named(nn.linear.default_kernel_init, (None, axes.TEXT_EMBED, axes.MLP)),
+        bias_init=_named(nn.initializers.zeros_init(), (axes.MLP,)),
+        name="conv",
+      )(h.astype(self.dtype))
+      x = x + dense(d, (axes.MLP, axes.TEXT_EMBED), name="conv_out", **kw)(nn.gelu(h))
     for i in range(self.num_layers):
       h = layer_norm(self.eps, param_dtype=self.param_dtype, name=f"layer{i}_norm1")(x)
       proj = lambda n, h=h: dense(d, (axes.TEXT_EMBED, axes.HEADS), name=n, **kw)(h).reshape(
@@ -409,6 +432,7 @@ class AttentionBlock(nn.Module):
   use_bias: bool = True
   attention_impl: str = "auto"
   pos_embed: bool = False
+  query_pos: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -435,8 +459,8 @@ class AttentionBlock(nn.Module):
     # Flat [in, heads·head_dim] kernels: the head split is a reshape. (flax's
     # DenseGeneral re-runs a flat-shaped boxed init under a mesh and fails.)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias)
-    proj = lambda n, in_axis: (
-      lambda v: dense(heads * dh, (in_axis, axes.HEADS), name=n, **kw)(v).reshape(
+    proj = lambda n, in_axis, zero=False: (
+      lambda v: dense(heads * dh, (in_axis, axes.HEADS), name=n, zero_init=zero, **kw)(v).reshape(
         v.shape[:2] + (heads, dh)
       )
     )
@@ -444,7 +468,15 @@ class AttentionBlock(nn.Module):
     if self.pos_embed:
       h = h + positions_2d(hgt, wid, c).astype(h.dtype)[None]
     h = h.reshape(b, hgt * wid, c)
-    q = proj("q", axes.EMBED)(h) * dh**-0.5
+    # With query_pos the queries start from where they are alone: their projection
+    # of the image features starts at zero (at high noise those features are noise).
+    q = proj("q", axes.EMBED, self.query_pos)(h)
+    if self.query_pos:
+      # Where the query sits, through its own projection: unlike pos_embed, it is
+      # not mixed with the image features.
+      codes = positions_2d(hgt, wid, c).reshape(1, hgt * wid, c).astype(self.dtype)
+      q = q + proj("q_pos", None)(codes)
+    q = q * dh**-0.5
     keys, values, masks = [], [], []
     if self.kind in ("cross", "self_cross"):
       if text is None:

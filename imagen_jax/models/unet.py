@@ -77,9 +77,13 @@ class UNetConfig:
   # attention (0: none, as in the paper and IF); their heads.
   text_layers: int = 0
   text_layer_max_offset: int = 16  # their learned relative-position bias (0: none)
+  # A 1-D convolution over the tokens ahead of those layers: its kernel (odd; 0: none).
+  text_conv_kernel: int = 0
   # Add fixed 2-D sine/cosine position codes to the image tokens before the
   # attention projections, so queries know where they are (off in the paper and IF).
   attention_pos_embed: bool = False
+  # Add a learned projection of those codes to the attention queries alone.
+  attention_query_pos: bool = False
   text_layer_heads: int = 4
   text_pool_heads: int = 64
   text_pool_projected: bool = False  # pool the projected text (Imagen) or the raw (IF)
@@ -130,6 +134,10 @@ class UNetConfig:
       raise ValueError(
         f"unknown text_pool {self.text_pool!r}; expected 'attention', 'mean' or 'none'"
       )
+    if self.text_conv_kernel < 0 or (self.text_conv_kernel and self.text_conv_kernel % 2 == 0):
+      raise ValueError(f"model.text_conv_kernel must be 0 or odd, got {self.text_conv_kernel}")
+    if self.text_conv_kernel and self.text_dim is None:
+      raise ValueError("model.text_conv_kernel needs model.text_dim")
     if self.text_layers < 0:
       raise ValueError(f"model.text_layers must be >= 0, got {self.text_layers}")
     if self.text_layers and (self.text_dim is None or self.text_dim % self.text_layer_heads):
@@ -211,6 +219,7 @@ class UNet(nn.Module):
       use_bias=c.attn_bias,
       attention_impl=c.attention_impl,
       pos_embed=c.attention_pos_embed,
+      query_pos=c.attention_query_pos,
       name=name,
       **self._kw(),
     )
@@ -301,11 +310,12 @@ class UNet(nn.Module):
     if t.ndim == 0:
       t = jnp.broadcast_to(t, (x.shape[0],))
     self._check_inputs(x, t, text_emb, lowres, noise_level)
-    if c.text_layers and text_emb is not None:
+    if (c.text_layers or c.text_conv_kernel) and text_emb is not None:
       text_emb = layers.TextTransformer(
         c.text_layers,
         c.text_layer_heads,
         max_offset=c.text_layer_max_offset,
+        conv_kernel=c.text_conv_kernel,
         name="text_adapter",
         **kw,
       )(text_emb, text_mask)

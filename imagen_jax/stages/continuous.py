@@ -34,6 +34,21 @@ def uniform_t(rng: jax.Array, batch: int) -> jax.Array:
   return jnp.mod(u + jnp.arange(batch, dtype=jnp.float32) / batch, 1.0)
 
 
+def focus_high_noise(t: jax.Array, start: float, share: float) -> jax.Array:
+  """Maps t ~ U[0, 1) to a density with an extra `share` of its mass on [start, 1).
+
+  The inverse CDF of (1 - share) · U[0, 1] + share · U[start, 1]: piecewise linear,
+  so evenly spaced t stay evenly spaced within each piece. At high noise the image
+  carries no trace of the layout, and the model must draw it from the text alone
+  (which object goes where); uniform t spends few examples there.
+  """
+  if not share:
+    return t
+  knee = (1.0 - share) * start  # the CDF at `start`
+  above = start + (t - knee) * (1.0 - start) / (1.0 - knee)
+  return jnp.where(t < knee, t / (1.0 - share), above)
+
+
 class ContinuousStage(common.Stage):
   """A stage with ``diffusion.kind = 'continuous'`` (the default)."""
 
@@ -53,6 +68,13 @@ class ContinuousStage(common.Stage):
       functools.partial(_shifted_logsnr, logsnr_fn=logsnr_fn, shift=shift) if shift else logsnr_fn
     )
     self.aug_logsnr_fn = schedules.get_logsnr_fn(d.aug_schedule)
+    self.high_noise = (float(d.get("high_noise_from", 0.9)), float(d.get("high_noise_share", 0.0)))
+    start, share = self.high_noise
+    if not (0.0 <= share < 1.0 and 0.0 < start < 1.0):
+      raise ValueError(
+        f"stage {stage_config.name}: diffusion.high_noise_share must be in [0, 1) and "
+        f"high_noise_from in (0, 1), got {share} and {start}"
+      )
 
   def apply(self, params, x_t, t, text_emb=None, text_mask=None, lowres=None, aug_t=None):
     """The UNet's prediction for x_t at continuous times t ([B] in [0, 1])."""
@@ -96,7 +118,8 @@ class ContinuousStage(common.Stage):
     d = self.config.diffusion
     r_t, r_eps, r_aug_t, r_aug = jax.random.split(rng, 4)
     b = x0.shape[0]
-    noise = {"t": uniform_t(r_t, b), "eps": jax.random.normal(r_eps, x0.shape, jnp.float32)}
+    t = focus_high_noise(uniform_t(r_t, b), *self.high_noise)
+    noise = {"t": t, "eps": jax.random.normal(r_eps, x0.shape, jnp.float32)}
     if self.is_sr:
       noise["aug_t"] = jax.random.uniform(r_aug_t, (b,)) * d.aug_max
       noise["aug_eps"] = jax.random.normal(r_aug, x0.shape, x0.dtype)
