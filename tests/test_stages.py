@@ -72,6 +72,10 @@ def test_bad_settings_name_the_stage(override, message):
   with pytest.raises(ValueError, match=message):
     stage.sample_settings(stage.config.sample, **override)
   bad = if_stage_config()
+  bad.diffusion.high_noise_share = 0.3
+  with pytest.raises(ValueError, match="high_noise_share is a continuous-time setting"):
+    build_stage(bad)
+  bad = if_stage_config()
   bad.diffusion.kind = "flow"
   with pytest.raises(ValueError, match="diffusion.kind='flow'"):
     build_stage(bad)

@@ -82,7 +82,8 @@ class UNetConfig:
   # Add fixed 2-D sine/cosine position codes to the image tokens before the
   # attention projections, so queries know where they are (off in the paper and IF).
   attention_pos_embed: bool = False
-  # Add a learned projection of those codes to the attention queries alone.
+  # Add a learned projection of those codes to the attention queries alone, and
+  # start the queries' projection of the image features at zero.
   attention_query_pos: bool = False
   text_layer_heads: int = 4
   text_pool_heads: int = 64

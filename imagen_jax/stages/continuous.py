@@ -72,7 +72,7 @@ class ContinuousStage(common.Stage):
     start, share = self.high_noise
     if not (0.0 <= share < 1.0 and 0.0 < start < 1.0):
       raise ValueError(
-        f"stage {stage_config.name}: diffusion.high_noise_share must be in [0, 1) and "
+        f"stage {self.name}: diffusion.high_noise_share must be in [0, 1) and "
         f"high_noise_from in (0, 1), got {share} and {start}"
       )
 

@@ -127,6 +127,11 @@ class DiscreteStage(common.Stage):
       )
     if d.get("beta_schedule", "squaredcos_cap_v2") != "squaredcos_cap_v2":
       raise ValueError(f"stage {self.name}: unsupported beta_schedule {d.beta_schedule!r}")
+    if d.get("high_noise_share", 0.0):
+      raise ValueError(
+        f"stage {self.name}: diffusion.high_noise_share is a continuous-time setting; "
+        "discrete stages sample their timesteps uniformly"
+      )
     self.prediction = "eps"
     self.num_train_steps = int(d.get("num_train_steps", 1000))
     self.aug_num_train_steps = int(d.get("aug_num_train_steps", 1000))
