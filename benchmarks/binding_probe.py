@@ -33,6 +33,7 @@ import optax
 
 from imagen_jax import cli
 from imagen_jax.data import shapes
+from imagen_jax.models import attention as attention_lib
 from imagen_jax.models import layers
 from imagen_jax.text import words
 from imagen_jax.text.encoder import TextEncoder
@@ -89,11 +90,13 @@ class QuadrantProbe(nn.Module):
         max_offset=self.max_offset,
         conv_kernel=self.conv_kernel,
       )(text, mask)
-    d = text.shape[-1]
+    b, length, d = text.shape
     queries = self.param("queries", nn.initializers.normal(1.0), (len(shapes.QUADRANTS), d))
-    logits = jnp.einsum("qd,bld->bql", nn.Dense(d)(queries), nn.Dense(d)(text)) * d**-0.5
-    logits = jnp.where(mask[:, None], logits, -1e9)
-    h = jnp.einsum("bql,bld->bqd", jax.nn.softmax(logits, -1), nn.Dense(d)(text))
+    q = jnp.broadcast_to(nn.Dense(d)(queries) * d**-0.5, (b, len(shapes.QUADRANTS), d))
+    heads = lambda x: x[:, :, None, :]  # one head: [B, T, 1, D]
+    h = attention_lib.xla_attention(
+      heads(q), heads(nn.Dense(d)(text)), heads(nn.Dense(d)(text)), mask
+    )[:, :, 0]
     h = nn.gelu(nn.Dense(d)(h))
     return nn.Dense(len(shapes.COLORS) + 1)(h), nn.Dense(len(shapes.SHAPES))(h)
 
