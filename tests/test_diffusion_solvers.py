@@ -16,17 +16,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imagen_jax.diffusion import if_solvers
+from imagen_jax.diffusion import grids
 from imagen_jax.diffusion import loop
-from imagen_jax.diffusion import samplers
+from imagen_jax.diffusion import rules_ode
 from imagen_jax.diffusion import schedules
-from imagen_jax.diffusion import solvers
+from test_diffusion_samplers import ALPHAS_CUMPROD
 from test_diffusion_samplers import DENOISERS
 from test_diffusion_samplers import MU
 from test_diffusion_samplers import S
 from test_diffusion_samplers import SHAPE
 from test_diffusion_samplers import _assert_gaussian_stats
 from test_diffusion_samplers import if_denoiser
+from test_diffusion_samplers import run_sampler
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "dpm_solver.npz")
 
@@ -52,12 +53,13 @@ def _start_noise(rng, shape):
   [("dpmpp_2m", "v", 30), ("dpmpp_2m", "eps", 30), ("heun", "x0", 40), ("euler", "eps", 200)],
 )
 def test_continuous_solvers_on_gaussian_data(name, kind, num_steps):
-  x = samplers.get_sampler(name)(
+  x = run_sampler(
+    name,
     DENOISERS[kind],
     SHAPE,
     jax.random.key(0),
     (),
-    num_steps=num_steps,
+    steps=num_steps,
     prediction=kind,
     threshold="none",
   )
@@ -66,13 +68,9 @@ def test_continuous_solvers_on_gaussian_data(name, kind, num_steps):
 
 @pytest.mark.parametrize("name,num_steps", [("dpmpp_2m", 30), ("heun", 40)])
 def test_if_solvers_on_gaussian_data(name, num_steps):
-  steps = (
-    dict(num_steps=num_steps)
-    if name in ("euler", "heun")
-    else dict(timesteps=schedules.if_timesteps(num_steps, spacing="trailing"))
-  )
-  x = samplers.get_discrete_sampler(name)(
-    if_denoiser, SHAPE, jax.random.key(0), (), threshold="none", **steps
+  steps = dict(timesteps=schedules.if_timesteps(num_steps, spacing="trailing"))
+  x = run_sampler(
+    name, if_denoiser, SHAPE, jax.random.key(0), (), discrete=True, threshold="none", **steps
   )
   _assert_gaussian_stats(x, f"if {name} {num_steps}")
 
@@ -86,14 +84,14 @@ def test_dpmpp_closer_to_exact_ode_than_ddim():
   )
   errors = {}
   for name in ("ddim", "dpmpp_2m"):
-    x = samplers.get_sampler(name)(
-      DENOISERS["eps"], SHAPE, rng, (), num_steps=10, prediction="eps", threshold="none"
+    x = run_sampler(
+      name, DENOISERS["eps"], SHAPE, rng, (), steps=10, prediction="eps", threshold="none"
     )
     errors[name] = float(np.mean(np.abs(np.asarray(x, np.float64) - exact)))
   assert errors["dpmpp_2m"] < 0.9 * errors["ddim"], errors
   # Second order: 20 steps cut DPM-Solver++'s error by far more than 2x.
-  x20 = samplers.get_sampler("dpmpp_2m")(
-    DENOISERS["eps"], SHAPE, rng, (), num_steps=20, prediction="eps", threshold="none"
+  x20 = run_sampler(
+    "dpmpp_2m", DENOISERS["eps"], SHAPE, rng, (), steps=20, prediction="eps", threshold="none"
   )
   err20 = float(np.mean(np.abs(np.asarray(x20, np.float64) - exact)))
   assert err20 < errors["dpmpp_2m"] / 3.0, (err20, errors)
@@ -105,8 +103,8 @@ def test_heun_is_second_order():
   exact = _exact_ode_sample(_start_noise(rng, SHAPE), -2.0 * math.log(80.0), 60.0)
   errors = {}
   for name, num_steps in (("heun", 20), ("heun", 40), ("euler", 40)):
-    x = samplers.get_sampler(name)(
-      DENOISERS["eps"], SHAPE, rng, (), num_steps=num_steps, prediction="eps", threshold="none"
+    x = run_sampler(
+      name, DENOISERS["eps"], SHAPE, rng, (), steps=num_steps, prediction="eps", threshold="none"
     )
     errors[name, num_steps] = float(np.max(np.abs(np.asarray(x, np.float64) - exact)))
   assert errors["heun", 40] < errors["heun", 20] / 3.0, errors
@@ -129,15 +127,14 @@ class _CountingModel:
 def _call(name, discrete, model_fn, shape, rng, args, num_steps, **kwargs):
   """Runs sampler `name` with num_steps steps, whatever its step argument."""
   if not discrete:
-    return samplers.get_sampler(name)(model_fn, shape, rng, args, num_steps=num_steps, **kwargs)
-  fn = samplers.get_discrete_sampler(name)
-  if name in ("euler", "heun"):
-    return fn(model_fn, shape, rng, args, num_steps=num_steps, **kwargs)
-  return fn(
+    return run_sampler(name, model_fn, shape, rng, args, steps=num_steps, **kwargs)
+  return run_sampler(
+    name,
     model_fn,
     shape,
     rng,
     args,
+    discrete=True,
     timesteps=schedules.if_timesteps(num_steps, spacing="trailing"),
     **kwargs,
   )
@@ -175,9 +172,8 @@ def test_no_retrace_across_steps_strength_and_scales(name, discrete):
   np.testing.assert_array_equal(outs[2], x_init)
 
 
-# One sampler per loop: every sampler's editing runs through loop.run, and
-# these six cover each jitted loop that calls it (ddpm shares ddim's,
-# euler heun's, the discrete ddim dpmpp's).
+# Every sampler's editing runs through loop.run inside the one jitted loop;
+# these six cover each update rule family on both schedule kinds.
 EDIT_SAMPLERS = [
   ("ddim", False),
   ("dpmpp_2m", False),
@@ -252,13 +248,20 @@ def test_if_dpmpp_matches_diffusers(dpm_fixture, case):
   timesteps = tuple(dpm_fixture[f"{case}_timesteps"])
   want = dpm_fixture[f"{case}_samples"]
   rng = jax.random.key(int(dpm_fixture["seed"]))
-  x = if_solvers.if_dpmpp_2m_sample(
-    _fake_if_model, want.shape[1:], rng, (), timesteps=timesteps, **IF_OPTS
+  x = run_sampler(
+    "dpmpp_2m",
+    _fake_if_model,
+    want.shape[1:],
+    rng,
+    (),
+    discrete=True,
+    timesteps=timesteps,
+    **IF_OPTS,
   )
   np.testing.assert_allclose(x, want[-1], atol=2e-5)
   # First order everywhere (DDIM) is a different solver: the test can tell.
-  ddim = if_solvers.if_ddim_sample(
-    _fake_if_model, want.shape[1:], rng, (), timesteps=timesteps, **IF_OPTS
+  ddim = run_sampler(
+    "ddim", _fake_if_model, want.shape[1:], rng, (), discrete=True, timesteps=timesteps, **IF_OPTS
   )
   assert np.max(np.abs(np.asarray(ddim) - want[-1])) > 1e-2
 
@@ -277,7 +280,7 @@ def _replay_step(x_t, x0_prev, t, logsnr_prev, logsnr_t, logsnr_s, first):
     quantile=0.95,
     max_value=1.5,
   )
-  return solvers.dpmpp_2m_update(
+  return rules_ode.dpmpp_2m_update(
     x_t, x0_hat, x0_prev, logsnr_prev, logsnr_t, logsnr_s, first
   ), x0_hat
 
@@ -288,7 +291,7 @@ def test_dpmpp_steps_match_diffusers(dpm_fixture, case):
   timesteps = dpm_fixture[f"{case}_timesteps"]
   want = dpm_fixture[f"{case}_samples"]
   n = len(timesteps)
-  table = solvers.discrete_logsnr_table(1000)
+  table = grids.discrete_logsnr_table(ALPHAS_CUMPROD)
   logsnr = [table[t] for t in timesteps] + [np.inf]
   x0_prev = np.zeros_like(want[0])
   for i in range(n):
@@ -310,8 +313,11 @@ def test_bad_edit_options_raise():
   rng = jax.random.key(0)
   shape = (1, 4, 4, 1)
   x = jnp.zeros(shape)
-  opts = dict(num_steps=2, prediction="eps")
-  fn = samplers.get_sampler("dpmpp_2m")
+  opts = dict(steps=2, prediction="eps")
+
+  def fn(*args, **kwargs):
+    return run_sampler("dpmpp_2m", *args, **kwargs)
+
   cases = [
     ("strength", lambda: fn(DENOISERS["eps"], shape, rng, (), x_init=x, strength=1.5, **opts)),
     (
@@ -323,12 +329,12 @@ def test_bad_edit_options_raise():
       "mask has shape",
       lambda: fn(DENOISERS["eps"], shape, rng, (), known=x, mask=jnp.zeros((1, 4, 4, 2)), **opts),
     ),
-    ("bogus_if", lambda: samplers.get_discrete_sampler("bogus_if")),
-    ("0", lambda: samplers.get_discrete_sampler("heun")(if_denoiser, shape, rng, (), num_steps=0)),
+    ("bogus_if", lambda: run_sampler("bogus_if", if_denoiser, shape, rng, (), discrete=True)),
+    ("0", lambda: run_sampler("heun", if_denoiser, shape, rng, (), discrete=True, steps=0)),
     (
       "1000",
-      lambda: samplers.get_discrete_sampler("dpmpp_2m")(
-        if_denoiser, shape, rng, (), timesteps=(1000, 0)
+      lambda: run_sampler(
+        "dpmpp_2m", if_denoiser, shape, rng, (), discrete=True, timesteps=(1000, 0)
       ),
     ),
   ]

@@ -14,6 +14,7 @@ to that level, x = alpha_k x_init + sigma_k eps. Two ends are exact: s = 1
 (k = 0) starts from the same pure noise eps as text-to-image, so the result
 is bit-identical to it with the same rng; s = 0 (k = n) runs no step and
 returns x_init unchanged. s is traced: changing it never recompiles.
+Without x_init (text-to-image) the loop starts from eps at k = 0.
 
 Inpainting (known [B, H, W, C], mask [B, H, W, 1], 1 = regenerate): at the
 start and after every step, landing on grid point j, the known region (mask
@@ -35,11 +36,11 @@ import jax.numpy as jnp
 
 from imagen_jax.diffusion import guidance as guidance_lib
 from imagen_jax.diffusion import losses
-from imagen_jax.diffusion import schedules
 
 __all__ = [
+  "Context",
   "Edit",
-  "check_continuous",
+  "first_index",
   "make_edit",
   "predict_x0_eps",
   "run",
@@ -51,22 +52,6 @@ __all__ = [
 def scalar(value, default) -> jax.Array:
   """A float32 scalar array (one abstract signature for every traced number)."""
   return jnp.asarray(default if value is None else value, jnp.float32)
-
-
-def check_continuous(num_steps, prediction, threshold, schedule):
-  """Validates a continuous sampler's static options; returns logsnr(t).
-
-  Raises:
-    ValueError: for num_steps not an int >= 1, or an unknown prediction
-      kind, threshold mode or schedule name.
-  """
-  if not isinstance(num_steps, int) or num_steps < 1:
-    raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}.")
-  losses.check_prediction_kind(prediction)
-  guidance_lib.check_threshold_mode(threshold)
-  if callable(schedule):
-    return schedule
-  return schedules.get_logsnr_fn(schedule)
 
 
 def predict_x0_eps(
@@ -115,16 +100,42 @@ def predict_x0_eps(
 class Edit(NamedTuple):
   """Image-to-image and inpainting inputs of a loop (all traced arrays).
 
-  x_init: [B, H, W, C] float32 (zeros for text-to-image).
-  strength: [] float32 in [0, 1] (1 for text-to-image).
+  x_init: None (text-to-image) or [B, H, W, C] float32.
+  strength: [] float32 in [0, 1] (unused without x_init).
   known: None or [B, H, W, C] float32, the image whose mask-0 pixels stay.
   mask: None or [B, H, W, 1] float32, 1 = regenerate (None iff known is None).
   """
 
-  x_init: jax.Array
+  x_init: Optional[jax.Array]
   strength: jax.Array
   known: Optional[jax.Array]
   mask: Optional[jax.Array]
+
+
+class Context(NamedTuple):
+  """What an update rule sees at every step (built inside the jitted loop).
+
+  spec: the static sampler spec (`sampling.SamplerSpec`).
+  options: the traced options (`sampling.SamplerOptions`: eta, thresholds,
+    alphas_cumprod, ...).
+  point: i [] int32 -> (t_model [], logsnr [] float32) of grid point i,
+    0 <= i <= n (logsnr may be +inf at n); t_model is what the model gets
+    (continuous t or an integer timestep).
+  output: (x [B, ...], t_model []) -> the (guided) model output
+    [B, ..., C'] float32, all channels.
+  predict: (x [B, ...], t_model [], logsnr []) -> (x0_hat, eps_hat), both
+    [B, ...] float32, guided and thresholded (`predict_x0_eps`).
+  num_steps: n, [] int32.
+  start: [] int32, the first grid point the loop runs (`first_index`).
+  """
+
+  spec: Any
+  options: Any
+  point: Callable[[jax.Array], tuple[jax.Array, jax.Array]]
+  output: Callable[[jax.Array, jax.Array], jax.Array]
+  predict: Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+  num_steps: jax.Array
+  start: jax.Array
 
 
 def make_edit(shape, x_init=None, strength=1.0, known=None, mask=None) -> Edit:
@@ -147,7 +158,7 @@ def make_edit(shape, x_init=None, strength=1.0, known=None, mask=None) -> Edit:
   """
   shape = tuple(shape)
   if x_init is None:
-    x_init, strength = jnp.zeros(shape, jnp.float32), 1.0
+    strength = 1.0
   elif tuple(x_init.shape) != shape:
     raise ValueError(f"x_init has shape {tuple(x_init.shape)}, want {shape}.")
   try:
@@ -165,7 +176,9 @@ def make_edit(shape, x_init=None, strength=1.0, known=None, mask=None) -> Edit:
       raise ValueError(f"mask has shape {tuple(mask.shape)}, want {shape[:3] + (1,)}.")
     known = jnp.asarray(known, jnp.float32)
     mask = jnp.asarray(mask, jnp.float32)
-  return Edit(jnp.asarray(x_init, jnp.float32), scalar(strength, 1.0), known, mask)
+  if x_init is not None:
+    x_init = jnp.asarray(x_init, jnp.float32)
+  return Edit(x_init, scalar(strength, 1.0), known, mask)
 
 
 def start_index(num_steps, strength) -> jax.Array:
@@ -181,6 +194,13 @@ def start_index(num_steps, strength) -> jax.Array:
   n = jnp.asarray(num_steps, jnp.int32)
   run_steps = jnp.ceil(strength * n.astype(jnp.float32) * (1.0 - 1e-6))
   return n - jnp.clip(run_steps.astype(jnp.int32), 0, n)
+
+
+def first_index(num_steps, edit: Edit) -> jax.Array:
+  """The first grid point a loop runs: start_index with x_init, else 0."""
+  if edit.x_init is None:
+    return jnp.int32(0)
+  return start_index(num_steps, edit.strength)
 
 
 def _paste_known(x, edit: Edit, logsnr, key):
@@ -222,10 +242,12 @@ def run(
   rng_known = jax.random.fold_in(rng_init, 1)
   noise = jax.random.normal(rng_init, shape, jnp.float32)
   n = jnp.asarray(num_steps, jnp.int32)
-  start = start_index(n, edit.strength)
-  logsnr_start = jnp.full((shape[0],), logsnr_at(start), jnp.float32)
-  x = jnp.where(start == 0, noise, losses.q_sample(edit.x_init, noise, logsnr_start))
-  x = jnp.where(start == n, edit.x_init, x)  # Strength 0: nothing to do.
+  start = first_index(n, edit)
+  x = noise
+  if edit.x_init is not None:
+    logsnr_start = jnp.full((shape[0],), logsnr_at(start), jnp.float32)
+    x = jnp.where(start == 0, noise, losses.q_sample(edit.x_init, noise, logsnr_start))
+    x = jnp.where(start == n, edit.x_init, x)  # Strength 0: nothing to do.
   inpaint = edit.known is not None
   if inpaint:
     x = _paste_known(x, edit, logsnr_at(start), jax.random.fold_in(rng_known, start))

@@ -6,9 +6,10 @@ logsnr(t) = log(alpha^2 / sigma^2), decreasing in t, with the variance-preservin
 parametrization alpha^2 = sigmoid(logsnr), sigma^2 = sigmoid(-logsnr), and
 x_t = alpha x0 + sigma eps.
 
-Discrete time (DeepFloyd IF / diffusers `DDPMScheduler`): integer timesteps
-0..N-1, betas from the squared-cosine alpha-bar ("squaredcos_cap_v2"), and
-inference timestep lists (`if_timesteps`; IF's named lists are in `if_schedules`).
+Discrete time (diffusers `DDPMScheduler`): integer timesteps 0..N-1, betas
+from the squared-cosine alpha-bar ("squaredcos_cap_v2", DeepFloyd IF) or
+linear in beta or in sqrt(beta) ("linear", "scaled_linear": Stable
+Diffusion), and inference timestep lists (`if_timesteps`; IF's named lists are in `if_schedules`).
 
 Everything here computes in float32 (jnp) or float64 (NumPy, discrete tables).
 """
@@ -26,8 +27,12 @@ __all__ = [
   "LOGSNR_SCHEDULES",
   "SPACINGS",
   "alpha_sigma",
+  "BETA_SCHEDULES",
   "alphas_cumprod",
+  "betas_linear",
+  "betas_scaled_linear",
   "betas_squaredcos_cap_v2",
+  "get_betas",
   "get_logsnr_fn",
   "if_timesteps",
   "logsnr_cosine",
@@ -167,6 +172,52 @@ def betas_squaredcos_cap_v2(num_train_steps: int = 1000, max_beta: float = 0.999
 
   ratio = alpha_bar((i + 1) / num_train_steps) / alpha_bar(i / num_train_steps)
   return np.minimum(1.0 - ratio, max_beta)
+
+
+def betas_linear(
+  num_train_steps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02
+) -> np.ndarray:
+  """diffusers' 'linear' betas: linspace(beta_start, beta_end, N), [N] float64."""
+  return np.linspace(beta_start, beta_end, num_train_steps, dtype=np.float64)
+
+
+def betas_scaled_linear(
+  num_train_steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
+) -> np.ndarray:
+  """diffusers' 'scaled_linear' betas (Stable Diffusion), [N] float64.
+
+  beta_i = linspace(sqrt(beta_start), sqrt(beta_end), N)_i ^ 2 (diffusers
+  computes the linspace in float32; alphas_cumprod casts to float32 too).
+  """
+  root = np.linspace(beta_start**0.5, beta_end**0.5, num_train_steps, dtype=np.float32)
+  return np.square(root).astype(np.float64)
+
+
+BETA_SCHEDULES = ("squaredcos_cap_v2", "linear", "scaled_linear")
+
+
+def get_betas(name: str, num_train_steps: int = 1000, **kwargs) -> np.ndarray:
+  """The betas of diffusers' `beta_schedule` called `name` (BETA_SCHEDULES).
+
+  Args:
+    name: 'squaredcos_cap_v2', 'linear' or 'scaled_linear'.
+    num_train_steps: N.
+    **kwargs: the schedule's own parameters (beta_start, beta_end, max_beta).
+
+  Returns:
+    betas: [N] float64.
+
+  Raises:
+    ValueError: for an unknown name.
+  """
+  fns = {
+    "squaredcos_cap_v2": betas_squaredcos_cap_v2,
+    "linear": betas_linear,
+    "scaled_linear": betas_scaled_linear,
+  }
+  if name not in fns:
+    raise ValueError(f"Unknown beta schedule {name!r}; known: {list(BETA_SCHEDULES)}.")
+  return fns[name](num_train_steps, **kwargs)
 
 
 def alphas_cumprod(betas, dtype=np.float32) -> np.ndarray:

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from imagen_jax.diffusion import guidance as guidance_lib
+from imagen_jax.diffusion import sampling
 from imagen_jax.models import UNet, UNetConfig, dummy_inputs
 
 
@@ -43,7 +44,10 @@ def resize(x: jax.Array, size: int) -> jax.Array:
 class SampleSettings:
   """The resolved sampling settings of one stage (``config.stages.NAME.sample``).
 
-  Fields that a stage kind does not use keep their defaults.
+  Fields that a stage kind does not use keep their defaults. Every field but
+  ``sampler``, ``threshold`` and whether ``guidance`` is None is traced by the
+  sampler: changing ``steps``, ``timesteps``, ``guidance``, ``quantile``,
+  ``max_value`` or ``eta`` does not recompile (``diffusion.sampling``).
   """
 
   sampler: str  # a name from the stage's ``samplers``
@@ -52,22 +56,13 @@ class SampleSettings:
   threshold: str  # 'none' | 'static' | 'dynamic'
   quantile: float  # dynamic thresholding quantile
   max_value: Optional[float]  # cap of the dynamic threshold (None: no cap)
-  eta: float = 0.0  # DDIM stochasticity (continuous stages)
+  eta: float = 0.0  # DDIM stochasticity
   aug_level: float = 0.0  # low-res noise level: t_aug ∈ [0, 1] or an int level
   timesteps: tuple = ()  # discrete stages: explicit timesteps, highest first
 
   @property
   def guided(self) -> bool:
     return self.guidance is not None
-
-  def guidance_kwargs(self) -> dict:
-    """The guidance and thresholding arguments every sampler takes."""
-    return dict(
-      guidance_scale=self.guidance,
-      threshold=self.threshold,
-      quantile=self.quantile,
-      max_value=self.max_value,
-    )
 
 
 def check_settings(s: SampleSettings, samplers: Sequence[str], stage: str) -> None:
@@ -183,6 +178,14 @@ class Stage:
     """Model inputs conditioning on the previous stage's x0 [B, r, r, C] at sampling."""
     raise NotImplementedError
 
+  def sampler_schedule(self) -> tuple[dict, dict]:
+    """The stage's schedule for the sampler: (SamplerSpec fields, make_options fields).
+
+    Continuous: ({logsnr_fn}, {}); discrete: ({schedule, variance},
+    {alphas_cumprod}). A latent stage gives its own table the same way.
+    """
+    raise NotImplementedError
+
   def sample(
     self,
     args: dict,
@@ -193,9 +196,36 @@ class Stage:
   ) -> jax.Array:
     """Runs the stage's sampler (one jitted loop): x0 [batch, R, R, C] float32.
 
+    Builds the static ``SamplerSpec`` and the traced ``SamplerOptions`` from
+    ``settings`` and the stage's schedule and calls ``sampling.sample``; no
+    sampler name is special here.
+
     ``args`` holds params, text and low-res inputs, already doubled as
-    [uncond; cond] when ``settings.guided``. ``edit``: the samplers' editing
-    inputs (``x_init`` + ``strength`` for image-to-image, ``known`` + ``mask``
-    for inpainting; see ``imagen_jax.diffusion.samplers``).
+    [uncond; cond] when ``settings.guided``. ``edit``: the editing inputs
+    (``x_init`` + ``strength`` for image-to-image, ``known`` + ``mask`` for
+    inpainting; see ``imagen_jax.diffusion.loop``).
     """
-    raise NotImplementedError
+    images = dict(edit or {})
+    strength = images.pop("strength", 1.0)
+    spec_fields, option_fields = self.sampler_schedule()
+    spec = sampling.SamplerSpec(
+      settings.sampler,
+      prediction=self.prediction,
+      threshold=settings.threshold,
+      edit=sampling.edit_kind(images),
+      guided=settings.guided,
+      **spec_fields,
+    )
+    options = sampling.make_options(
+      spec,
+      steps=settings.steps,
+      timesteps=settings.timesteps or None,
+      guidance_scale=settings.guidance,
+      quantile=settings.quantile,
+      max_value=settings.max_value,
+      eta=settings.eta,
+      strength=strength,
+      **option_fields,
+    )
+    shape = (batch,) + self.image_shape
+    return sampling.sample(spec, self.model_fn, shape, rng, args, options, images)

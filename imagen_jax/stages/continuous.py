@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 
 from imagen_jax.diffusion import guidance as guidance_lib
-from imagen_jax.diffusion import losses, samplers, schedules
+from imagen_jax.diffusion import losses, sampling, schedules
 from imagen_jax.stages import common
 
 TIME_SCALE = 1000.0
-SAMPLERS = ("ddim", "ddpm", "dpmpp_2m", "euler", "heun")
+SAMPLERS = sampling.SAMPLERS
 
 
 def _shifted_logsnr(t, *, logsnr_fn, shift):
@@ -175,16 +175,5 @@ class ContinuousStage(common.Stage):
     aug_t = jnp.full((prev.shape[0],), settings.aug_level, jnp.float32)
     return {"lowres": self.augment_lowres(lowres, aug_t, rng), "aug_t": aug_t}
 
-  def sample(self, args, settings, batch, rng, edit=None) -> jax.Array:
-    kwargs = dict(
-      num_steps=settings.steps,
-      prediction=self.prediction,
-      schedule=self.logsnr_fn,
-      **settings.guidance_kwargs(),
-      **(edit or {}),
-    )
-    if settings.sampler == "ddim":
-      kwargs["eta"] = settings.eta
-    return samplers.get_sampler(settings.sampler)(
-      self.model_fn, (batch,) + self.image_shape, rng, args, **kwargs
-    )
+  def sampler_schedule(self) -> tuple[dict, dict]:
+    return dict(logsnr_fn=self.logsnr_fn), {}

@@ -24,10 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from imagen_jax.diffusion import guidance as guidance_lib
-from imagen_jax.diffusion import if_schedules, losses, samplers, schedules
+from imagen_jax.diffusion import if_schedules, losses, sampling, schedules
 from imagen_jax.stages import common
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler", "heun")
+SAMPLERS = sampling.SAMPLERS
 # The deterministic solvers step on "trailing"-spaced timesteps (they start at
 # the last training step, as diffusers' DPM-Solver does); IF's ancestral DDPM
 # keeps the scheduler's own spacing.
@@ -125,8 +125,12 @@ class DiscreteStage(common.Stage):
       raise ValueError(
         f"stage {self.name}: discrete stages predict eps, got prediction={d.prediction!r}"
       )
-    if d.get("beta_schedule", "squaredcos_cap_v2") != "squaredcos_cap_v2":
-      raise ValueError(f"stage {self.name}: unsupported beta_schedule {d.beta_schedule!r}")
+    beta_schedule = d.get("beta_schedule", "squaredcos_cap_v2")
+    if beta_schedule not in schedules.BETA_SCHEDULES:
+      raise ValueError(
+        f"stage {self.name}: beta_schedule {beta_schedule!r} is not one of "
+        f"{schedules.BETA_SCHEDULES}"
+      )
     if d.get("high_noise_share", 0.0):
       raise ValueError(
         f"stage {self.name}: diffusion.high_noise_share is a continuous-time setting; "
@@ -136,12 +140,12 @@ class DiscreteStage(common.Stage):
     self.num_train_steps = int(d.get("num_train_steps", 1000))
     self.aug_num_train_steps = int(d.get("aug_num_train_steps", 1000))
     self.variance = str(d.get("variance", stage_config.sample.get("variance", "learned_range")))
-    if self.variance not in samplers.VARIANCE_KINDS:
+    if self.variance not in sampling.VARIANCE_KINDS:
       raise ValueError(
-        f"stage {self.name}: variance {self.variance!r} is not one of {samplers.VARIANCE_KINDS}"
+        f"stage {self.name}: variance {self.variance!r} is not one of {sampling.VARIANCE_KINDS}"
       )
     self.alphas_cumprod = schedules.alphas_cumprod(
-      schedules.betas_squaredcos_cap_v2(self.num_train_steps)
+      schedules.get_betas(beta_schedule, self.num_train_steps)
     )
 
   def model_fn(self, x_t, t, args):
@@ -227,6 +231,7 @@ class DiscreteStage(common.Stage):
       threshold=str(s.get("threshold", "dynamic")),
       quantile=float(s.get("quantile", 0.95)),
       max_value=s.get("max_value"),
+      eta=float(s.get("eta", 0.0)),
       aug_level=int(s.get("noise_level", s.get("aug_level", 0)) or 0),
       timesteps=timesteps,
     )
@@ -242,18 +247,6 @@ class DiscreteStage(common.Stage):
     level = jnp.full((prev.shape[0],), settings.aug_level, jnp.int32)
     return {"lowres": self.lowres_from(prev, level, rng), "noise_level": level}
 
-  def sample(self, args, settings, batch, rng, edit=None) -> jax.Array:
-    kwargs = dict(
-      num_train_steps=self.num_train_steps,
-      **settings.guidance_kwargs(),
-      **(edit or {}),
-    )
-    if settings.sampler in ("euler", "heun"):
-      kwargs["num_steps"] = settings.steps
-    else:
-      kwargs["timesteps"] = settings.timesteps
-    if settings.sampler == "ddpm":
-      kwargs["variance"] = self.variance
-    return samplers.get_discrete_sampler(settings.sampler)(
-      self.model_fn, (batch,) + self.image_shape, rng, args, **kwargs
-    )
+  def sampler_schedule(self) -> tuple[dict, dict]:
+    spec = dict(schedule="discrete", variance=self.variance)
+    return spec, dict(alphas_cumprod=self.alphas_cumprod)
