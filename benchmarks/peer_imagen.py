@@ -75,7 +75,7 @@ def bench_imagen(args, workdir: str) -> dict:  # pylint: disable=unused-argument
   import torch
   from imagen_pytorch import Imagen, Unet
   from imagen_jax import config as config_lib
-  from imagen_jax.diffusion import samplers
+  from imagen_jax.diffusion import sampling
   from imagen_jax.models.unet import count_params
   from imagen_jax.stages import build_stage
   from imagen_jax.train import optim, state as state_lib, step as step_lib
@@ -161,19 +161,12 @@ def bench_imagen(args, workdir: str) -> dict:  # pylint: disable=unused-argument
     "text_mask": jnp.concatenate([jnp.broadcast_to(uncond["text_mask"], mask_j.shape), mask_j]),
   }
   key = jax.random.PRNGKey(0)
+  spec = sampling.SamplerSpec(
+    "ddpm", prediction="eps", threshold="dynamic", logsnr_fn=stage.logsnr_fn, guided=True
+  )
+  options = sampling.make_options(spec, steps=steps, guidance_scale=IMAGEN_GUIDANCE, quantile=0.95)
   ours = time_calls(
-    lambda: samplers.ddpm_sample(
-      stage.model_fn,
-      (b, res, res, 3),
-      key,
-      args_j,
-      num_steps=steps,
-      prediction="eps",
-      schedule=stage.logsnr_fn,
-      guidance_scale=IMAGEN_GUIDANCE,
-      threshold="dynamic",
-      quantile=0.95,
-    ),
+    lambda: sampling.sample(spec, stage.model_fn, (b, res, res, 3), key, args_j, options),
     args.sample_repeats,
     jax_sync,
   )
