@@ -144,3 +144,30 @@ def test_continuous_stage_loss_shapes():
     params, x0, jnp.zeros((2, 5, 32)), jnp.ones((2, 5), bool), jax.random.PRNGKey(1)
   )
   assert loss.shape == (2,) and np.isfinite(loss).all()
+
+
+def test_stage_sampling_compiles_once_per_sampler():
+  """Stages turn settings into a spec and traced options: steps and guidance never recompile."""
+  from imagen_jax.diffusion import sampling  # pylint: disable=g-import-not-at-top
+
+  stage = build_stage(if_stage_config())
+  params = jax.tree.map(jnp.asarray, deepfloyd_if.load_unet(os.path.join(FIXTURES, "if_stage1"))[1])
+  rng = np.random.default_rng(2)
+  args = {
+    "params": params,
+    "text_emb": jnp.asarray(rng.standard_normal((4, 6, 40)), jnp.float32),
+    "text_mask": jnp.ones((4, 6), bool),
+  }
+  # One sampler here (each compiles the UNet); tests/test_diffusion_samplers.py
+  # checks every sampler on both schedule kinds.
+  for sampler in ("ddpm",):
+    before = sampling._sample_jit._cache_size()  # pylint: disable=protected-access
+    outs = []
+    for steps, guidance in ((2, 3.0), (3, 5.0)):
+      s = stage.sample_settings(
+        stage.config.sample, steps=steps, guidance=guidance, sampler=sampler
+      )
+      outs.append(stage.sample(args, s, 2, jax.random.PRNGKey(0)))
+      assert outs[-1].shape == (2,) + stage.image_shape and np.isfinite(outs[-1]).all()
+    assert sampling._sample_jit._cache_size() == before + 1, sampler  # pylint: disable=protected-access
+    assert not np.allclose(outs[0], outs[1])
