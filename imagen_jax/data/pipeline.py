@@ -29,7 +29,6 @@ Reading never imports TensorFlow.
 from __future__ import annotations
 
 import functools
-import io
 import os
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -37,8 +36,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from imagen_jax.data import datasets
-from imagen_jax.data import images
+from imagen_jax.data import corpus, datasets
 
 Batch = dict[str, np.ndarray]
 
@@ -49,9 +47,7 @@ def decode_image(image: Any) -> np.ndarray:
   Bytes are converted by `images.to_rgb` (16-bit scaled, alpha on black).
   """
   if isinstance(image, (bytes, np.bytes_)):
-    with Image.open(io.BytesIO(image)) as img:
-      img.load()
-      return np.asarray(images.to_rgb(img), dtype=np.uint8)
+    return corpus.decode_bytes(bytes(image))
   image = np.asarray(image, dtype=np.uint8)
   if image.ndim == 2:
     image = image[..., None]
