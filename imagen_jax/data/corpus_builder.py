@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -87,6 +88,10 @@ class Source:
   options: corpus.CorpusOptions
   max_resolution: int | None = None
   pattern: str = ""
+
+  def fingerprint(self) -> str:
+    """sha1 of the shard paths: the same shards, whatever pattern named them."""
+    return hashlib.sha1("\n".join(self.shards).encode("utf-8")).hexdigest()
 
 
 # (status, stored shorter side or 0, key or None, example or None); status is
@@ -229,7 +234,11 @@ class CorpusShards(tfds.core.GeneratorBasedBuilder):
       )
     opts = dataclasses.asdict(self._source.options)
     self.info.metadata.update(
-      src=self._source.pattern, num_shards=len(self._source.shards), **opts, **counts
+      src=self._source.pattern,
+      num_shards=len(self._source.shards),
+      shards_sha1=self._source.fingerprint(),
+      **opts,
+      **counts,
     )
 
 
@@ -343,7 +352,7 @@ def prepare(
 
 def _check_same_source(builder: CorpusShards, source: Source) -> None:
   meta = builder.info.metadata or {}
-  if (meta.get("src"), meta.get("num_shards")) != (source.pattern, len(source.shards)):
+  if meta.get("shards_sha1") != source.fingerprint():
     raise ValueError(
       f"{builder.data_dir} was prepared from {meta.get('num_shards')} shards of "
       f"{meta.get('src')!r}, not {len(source.shards)} of {source.pattern!r}: use another "
