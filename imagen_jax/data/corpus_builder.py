@@ -223,15 +223,12 @@ class CorpusShards(tfds.core.GeneratorBasedBuilder):
       bar.set_postfix(written=tally.written, skipped=tally.read - tally.written)
 
   def _download_and_prepare(self, dl_manager, download_config=None):
-    super()._download_and_prepare(dl_manager, download_config)
-    counts = (
-      self._tally.as_dict() if self._tally else _pop_counts(epath.Path(self.data_dir) / COUNTS_FILE)
-    )
-    if not counts["num_written"]:
-      raise ValueError(
-        f"No decodable example in the {len(self._source.shards)} shards of "
-        f"{self._source.pattern or self._source.shards[0]!r} ({_skips(counts)})."
-      )
+    try:
+      super()._download_and_prepare(dl_manager, download_config)
+    except Exception:  # TFDS refuses a split without examples (AssertionError).
+      self._check_written()
+      raise
+    counts = self._check_written()
     opts = dataclasses.asdict(self._source.options)
     self.info.metadata.update(
       src=self._source.pattern,
@@ -240,6 +237,22 @@ class CorpusShards(tfds.core.GeneratorBasedBuilder):
       **opts,
       **counts,
     )
+
+  def _check_written(self) -> dict[str, Any]:
+    """The counts of the preparation; ValueError (one line) when nothing was written."""
+    if self._tally is not None:
+      counts = self._tally.as_dict()
+    else:
+      path = epath.Path(self.data_dir) / COUNTS_FILE
+      if not path.exists():  # The pipeline failed before counting.
+        return {}
+      counts = _pop_counts(path)
+    if not counts["num_written"]:
+      raise ValueError(
+        f"No decodable example in the {len(self._source.shards)} shards of "
+        f"{self._source.pattern!r} ({_skips(counts)})."
+      )
+    return counts
 
 
 def _pop_counts(path: epath.Path) -> dict[str, Any]:

@@ -147,6 +147,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Parses flags and prepares the dataset; returns the exit status."""
   args = parser().parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+  return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+  """Prepares the dataset of parsed flags (`parser()`); returns the exit status."""
   if args.embed:
     print(
       "error: --embed runs the T5 encoder, which sits above imagen_jax.data in the layering: "

@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if not args.embed:
     if rest:
       p.error(f"unrecognized arguments: {' '.join(rest)}")
-    return data_prepare.main([a for a in argv or sys.argv[1:] if "embed_part_size" not in a])
+    return data_prepare.run(args)
   try:
     if args.dataset not in corpus.FORMATS:
       raise cli.UsageError(
