@@ -13,6 +13,7 @@ import importlib.util
 import io
 import os
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -155,10 +156,21 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     ),
     (["--dataset=parquet", f"--src={tmp_path}/pq/*.parquet", "--embed"], "train.prepare"),
   ]
+  cases.append((["--dataset=shapes", "--beam_runner=DirectRunner"], "apply to --dataset"))
   for argv, message in cases:
     assert data_prepare.main(argv + out) == 2, argv
     assert re.search(message, _error_line(capsys)), (argv, message)
   assert not (tmp_path / "out" / "corpus_shards" / "parquet" / "1.0.0").exists()
+
+
+def test_beam_flags_without_beam_installed_are_one_line(tmp_path, capsys, monkeypatch):
+  testdata.make_parquet(str(tmp_path / "pq"), num_shards=1)
+  monkeypatch.setitem(sys.modules, "apache_beam", None)  # import apache_beam fails
+  monkeypatch.setitem(sys.modules, "apache_beam.options", None)
+  argv = ["--dataset=parquet", f"--src={tmp_path}/pq/*.parquet", f"--data_dir={tmp_path}/out"]
+  assert data_prepare.main(argv + ["--beam_runner=DirectRunner"]) == 2
+  assert "pip install -r requirements-beam.txt" in _error_line(capsys)
+  assert not (tmp_path / "out" / "corpus_shards" / "parquet").exists()
 
 
 def test_no_decodable_example_and_other_shards_are_refused(tmp_path, capsys):

@@ -159,6 +159,13 @@ def run(args: argparse.Namespace) -> int:
       file=sys.stderr,
     )
     return 2
+  if args.dataset not in corpus.FORMATS and (args.beam_runner or args.beam_options):
+    print(
+      f"error: --beam_runner/--beam_options apply to --dataset {' or '.join(corpus.FORMATS)}, "
+      f"not {args.dataset!r}",
+      file=sys.stderr,
+    )
+    return 2
   if args.dataset in corpus.FORMATS:
     try:
       prepare_corpus(args)
