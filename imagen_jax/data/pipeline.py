@@ -36,7 +36,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from imagen_jax.data import corpus, datasets
+from imagen_jax.data import corpus, datasets, streaming
 
 Batch = dict[str, np.ndarray]
 
@@ -301,8 +301,14 @@ def train_captions(data: Mapping[str, Any]) -> Iterator[str]:
   """Every caption of a config's training split, in stored order (prepared if needed).
 
   Reads the caption feature alone (images stay encoded): the corpus a word
-  tokenizer is fitted on.
+  tokenizer is fitted on. A streamed corpus: every good record's caption, shards
+  in sorted order.
   """
+  if streaming.is_streaming(data):
+    opts = corpus.options_from_config(data)
+    for shard in corpus.expand_sources(data["src"]):
+      yield from (r.caption for r in corpus.read_shard(shard, opts) if r.skip is None)
+    return
   settings = datasets.prepare_from_config(data)
   builder = datasets.load_builder(data["name"], data["data_dir"], **settings)
   datasets.require_prepared(builder)
@@ -318,8 +324,9 @@ def train_input(
   batch_size: int,
   process_index: int = 0,
   process_count: int = 1,
+  data_state: Mapping[str, Any] | None = None,
   **kwargs,
-) -> grain.IterDataset:
+) -> grain.IterDataset | streaming.StreamIterator:
   """The training pipeline of a config's `data` group, prepared if needed.
 
   Checks the settings (`datasets.builder_settings`: one-line errors naming
@@ -334,11 +341,26 @@ def train_input(
     batch_size: per-process batch size.
     process_index: this process.
     process_count: number of processes.
+    data_state: streamed corpora: the checkpoint's data item to resume from.
     **kwargs: passed on to `make_dataset`.
+
+  A streamed corpus (`data.format` 'webdataset' | 'parquet') gives a
+  `streaming.StreamIterator` instead (see `imagen_jax.data.streaming`; it
+  resumes from `data_state`, the checkpoint's data item).
 
   Returns:
     As `make_dataset`, with train=True.
   """
+  if streaming.is_streaming(data):
+    return streaming.train_stream(
+      data,
+      resolution=resolution,
+      batch_size=batch_size,
+      process_index=process_index,
+      process_count=process_count,
+      start_example=kwargs.get("start_example", 0),
+      data_state=data_state,
+    )
   settings = datasets.prepare_from_config(data)
   return build_input(
     data["name"],
