@@ -109,6 +109,11 @@ def _batch_fn(examples: Sequence[dict]) -> Batch:
   return {"image": np.stack([e["image"] for e in examples]), "caption": captions}
 
 
+def default_read_threads() -> int:
+  """Threads decoding images when not set: min(4, CPUs)."""
+  return min(4, os.cpu_count() or 1)
+
+
 def shard(source: Sequence[Any], process_index: int, process_count: int) -> grain.MapDataset:
   """This process's examples: index `process_index` + k * `process_count`.
 
@@ -240,7 +245,7 @@ def make_dataset(
     ds = ds.map(functools.partial(preprocess, rng=None))
     ds = ds.batch(batch_size, drop_remainder=bool(drop_remainder), batch_fn=_batch_fn)
   if read_threads is None:
-    read_threads = min(4, os.cpu_count() or 1)
+    read_threads = default_read_threads()
   return ds.to_iter_dataset(
     grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2, read_threads))
   )

@@ -28,7 +28,6 @@ import collections
 import concurrent.futures
 import dataclasses
 import logging
-import os
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -161,6 +160,8 @@ class StreamIterator:
 
   Attributes:
     skipped: Counter of skipped records by reason (this run, this process).
+    epoch, slot: the position after the last batch handed out.
+    workers: decoding threads.
   """
 
   def __init__(
@@ -184,9 +185,9 @@ class StreamIterator:
     self._global = batch_size * spec.process_count
     self._history: collections.deque = collections.deque(maxlen=_HISTORY)
     self._history.append((start_example, epoch, slot))
-    workers = workers or min(4, os.cpu_count() or 1)
-    self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="decode")
-    self._window = 4 * workers
+    self.workers = workers or pipeline.default_read_threads()
+    self._pool = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="decode")
+    self._window = 4 * self.workers
     self._decoded = self._decode_stream()
 
   def _slots(self) -> Iterator[tuple[int, int, int, corpus.Record]]:

@@ -100,7 +100,9 @@ class StageResult:
   stop_signal: Optional[int] = None  # the signal that stopped it (preempted)
 
 
-def _data_iterator(config, stage: Stage, per_process_batch: int, start_example: int, data_state):
+def _data_iterator(
+  config, stage: Stage, per_process_batch: int, start_example: int, data_state=None
+):
   # Process 0 prepares a missing (or changed) dataset while the others wait: one
   # writer. The others then find it prepared.
   if distributed.is_primary():
