@@ -32,6 +32,7 @@ from typing import Any, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
+from tqdm import tqdm
 
 from imagen_jax import lockfile
 from imagen_jax.data import corpus
@@ -210,8 +211,6 @@ class CorpusShards(tfds.core.GeneratorBasedBuilder):
     return self._generate_here()
 
   def _generate_here(self) -> Iterator[tuple[str, dict[str, Any]]]:
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-
     self._tally = tally = Tally()
     bar = tqdm(self._source.shards, desc="shards", unit="shard")
     for shard in bar:
