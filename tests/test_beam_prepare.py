@@ -157,10 +157,15 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     (["--dataset=parquet", f"--src={tmp_path}/pq/*.parquet", "--embed"], "train.prepare"),
   ]
   cases.append((["--dataset=shapes", "--beam_runner=DirectRunner"], "apply to --dataset"))
+  testdata.make_webdataset(str(tmp_path / "wds"), num_shards=1, bad=False)
+  (tmp_path / "wds" / "00001.tar").write_bytes(b"not a tar")  # found while preparing
+  cases.append(
+    (["--dataset=webdataset", f"--src={tmp_path}/wds/*.tar"], "Cannot read shard .*00001.tar")
+  )
   for argv, message in cases:
     assert data_prepare.main(argv + out) == 2, argv
     assert re.search(message, _error_line(capsys)), (argv, message)
-  assert not (tmp_path / "out" / "corpus_shards" / "parquet" / "1.0.0").exists()
+  assert not list((tmp_path / "out").rglob("*.array_record*"))  # Nothing was written.
 
 
 def test_beam_flags_without_beam_installed_are_one_line(tmp_path, capsys, monkeypatch):
