@@ -65,6 +65,7 @@ def _error(args, capsys):
 def test_bad_input_one_line_exit_2(tmp_path, capsys):
   pq = td.make_parquet(str(tmp_path / "p"), num_shards=1)
   td.write_tar(str(tmp_path / "bad.tar"), [("a", {"jpg": b"x", "txt": b"x"})])
+  (tmp_path / "junk.tar").write_bytes(b"\x01" * 600)  # not a tar
   pqc = os.path.join(ROOT, "configs/own_data.py:parquet,tiny")
   cases = [
     ([f"--config.data.src={tmp_path}/*.zip"], WDS, "matches no file"),
@@ -78,6 +79,7 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys):
     ([f"--config.data.src={pq.shards[0]}", "--num", "0"], pqc, "--num='0'"),
     ([f"--config.data.src={pq.shards[0]}", "--num_processes", "2"], pqc, "fewer than the 2"),
     (["--config.data.nope=1"], pqc, "no field"),
+    ([f"--config.data.src={tmp_path}/{{bad,junk}}.tar"], WDS, "junk.tar as a tar"),
   ]
   for extra, cfg, words in cases:
     assert words in _error(["--config", cfg, "--num", "all", *extra], capsys)

@@ -161,5 +161,7 @@ def test_gs_paths_through_epath(tmp_path, fake_gcs):
   assert pq_keys == pq.all_good
   with pytest.raises(ValueError, match="matches no file"):
     corpus.expand_sources("gs://bucket/laion/*.zip")
+  with pytest.raises(ValueError, match="'gs://bucket/laion/00003.tar' does not exist"):
+    corpus.expand_sources("gs://bucket/laion/{00000..00009}.tar")
   with pytest.raises(corpus.ShardError, match="gs://bucket/laion/00009.tar"):
     list(corpus.read_shard("gs://bucket/laion/00009.tar", WDS))

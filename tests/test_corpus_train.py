@@ -87,13 +87,14 @@ def test_parquet_trains_through_train_py(tmp_path):
     "--stage",
     "base",
     f"--config.data.src={tmp_path / 'pq'}/*.parquet",
-    "--config.train.num_steps=2",
+    "--config.train.num_steps=6",  # as above: the step compiled there is in the cache
     *SMALL,
+    timeout=1800,  # a cold compile on a loaded 2-core machine took over 7 minutes
   )
   assert out.returncode == 0, out.stderr[-3000:]
-  assert "stage base: step 2" in out.stdout
+  assert "stage base: step 6" in out.stdout
   metrics = [json.loads(x) for x in open(tmp_path / "run" / "base" / "metrics.jsonl")]
-  assert metrics[-1]["step"] == 2 and "skipped_no_caption" in metrics[-1]
+  assert metrics[-1]["step"] == 6 and metrics[-1]["skipped_no_caption"] >= 1
 
 
 def test_bad_sources_one_line_exit_2(tmp_path):

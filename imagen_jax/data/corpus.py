@@ -159,18 +159,18 @@ def expand_sources(src: str | Sequence[str]) -> list[str]:
       ('{train,extra}/*.parquet'), or a sequence of those.
 
   Returns:
-    The paths as strings. A glob must match at least one file; a literal local
-    path must exist (a literal remote path is checked when read: `ShardError`).
+    The paths as strings. A glob must match at least one file and every
+    literal path (brace expansions included) must exist.
 
   Raises:
-    ValueError: (one line) a pattern matching no file, a missing local file, a
+    ValueError: (one line) a pattern matching no file, a missing file, a
       malformed brace pattern, or an empty `src`.
   """
   patterns = [src] if isinstance(src, str) else list(src)
   patterns = [p for p in patterns if p]
   if not patterns:
     raise ValueError("data.src is empty: expected shard files, a glob or a brace pattern.")
-  paths = set()
+  paths, literal = set(), []
   for pattern in patterns:
     for path in _expand_braces(str(pattern)):
       if _GLOB_CHARS.search(path):
@@ -178,11 +178,33 @@ def expand_sources(src: str | Sequence[str]) -> list[str]:
         if not matched:
           raise ValueError(f"data.src pattern {path!r} matches no file.")
         paths.update(matched)
-      elif not _is_uri(path) and not os.path.isfile(path):
-        raise ValueError(f"data.src file {path!r} does not exist.")
       else:
-        paths.add(path)
-  return sorted(paths)
+        literal.append(path)
+  missing = _first_missing(literal)
+  if missing is not None:
+    raise ValueError(f"data.src file {missing!r} does not exist.")
+  return sorted(paths.union(literal))
+
+
+def _first_missing(paths: list[str]) -> str | None:
+  """The first path that is not a file; remote paths are checked by listing their
+  folders (one listing per folder, not one request per file)."""
+  by_folder: dict[str, list[str]] = {}
+  for path in paths:
+    if not _is_uri(path):
+      if not os.path.isfile(path):
+        return path
+    else:
+      by_folder.setdefault(path.rsplit("/", 1)[0], []).append(path)
+  for folder, files in by_folder.items():
+    try:
+      present = {os.fspath(p) for p in epath.Path(folder).iterdir()}
+    except (OSError, ValueError):
+      present = set()
+    for path in files:
+      if path not in present:
+        return path
+  return None
 
 
 # -- Reading ------------------------------------------------------------------
