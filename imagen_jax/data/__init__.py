@@ -15,6 +15,8 @@ Modules (imported explicitly; this package imports nothing eagerly so that
                   skip reasons, source patterns.
   streaming       streamed training input from shards, exact resume.
   inspect         CLI: python -m imagen_jax.data.inspect --config C ...
+  corpus_builder  TFDS builder `corpus_shards`: shards prepared here or on Beam.
+  beam_corpus     its Apache Beam pipeline (imports apache_beam).
   prepare         CLI: python -m imagen_jax.data.prepare --dataset shapes ...
 
 Nearly a leaf package: from the rest of imagen_jax it imports only the leaf
