@@ -11,7 +11,8 @@ and exits 0 (in a multi-process run, every process saves the same step),
 Ctrl-C saves and exits 130 (before training starts: exits at once, nothing to
 save). Exit 2: a bad flag or setting, or a workdir trained with other settings;
 exit 1: the workdir is locked by another trainer, the run diverged (non-finite
-steps) or a checkpoint could not be saved. Each is one line, ``train.py: error: ...``.
+steps), a checkpoint could not be saved or a streamed shard could not be read.
+Each is one line, ``train.py: error: ...``.
 
 One process per host: --coordinator_address/--num_processes/--process_id
 start JAX's multi-process runtime explicitly; without them it is detected
@@ -40,6 +41,7 @@ import logging  # noqa: E402
 from typing import Optional, Sequence  # noqa: E402
 
 from imagen_jax import cli, lockfile  # noqa: E402
+from imagen_jax.data import corpus  # noqa: E402
 from imagen_jax.train import checkpoint, distributed, guard, signals, trainer  # noqa: E402
 from imagen_jax.train import validate  # noqa: E402
 
@@ -50,6 +52,7 @@ _EXIT = (
   (lockfile.Locked, 1),
   (guard.NonFiniteError, 1),
   (checkpoint.SaveError, 1),
+  (corpus.ShardError, 1),  # a streamed shard missing or unreadable mid-run
 )
 
 

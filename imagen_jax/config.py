@@ -113,8 +113,18 @@ def base_config() -> ml_collections.ConfigDict:
       split="train",
       builder_kwargs={},  # e.g. shapes: resolution, num_train, holdout
       prepare=True,  # prepare shapes/image_captions when missing
-      src="",  # image_captions: the folder of images
+      src="",  # image_captions: the folder of images; streamed: shard files/glob/{0..9} range
       seed=0,
+      # '' (TFDS: name/data_dir/split) | 'webdataset' | 'parquet' (streamed from src,
+      # imagen_jax.data.streaming).
+      format="",
+      image_column="jpg",  # parquet (img2dataset's columns)
+      caption_column="caption",  # parquet
+      key_column="key",  # parquet; the row index when the file has no such column
+      caption_json_field="caption",  # webdataset: the json member's caption field
+      shuffle_buffer=1000,  # streamed: records in the shuffle buffer
+      interleave=4,  # streamed: shards read at a time per process
+      decode_workers=0,  # streamed: decoding threads per process (0: min(4, CPUs))
     )
   )
   config.stage_order = ()

@@ -20,7 +20,7 @@ from etils import epath
 from imagen_jax import lockfile
 from imagen_jax.data import captions as captions_lib
 from imagen_jax.data import image_captions as image_captions_lib
-from imagen_jax.data import shapes_builder
+from imagen_jax.data import shapes_builder, streaming
 
 _log = logging.getLogger(__name__)
 FILE_FORMAT = "array_record"
@@ -272,6 +272,8 @@ def prepare_from_config(data: Mapping[str, Any]) -> dict[str, Any]:
   Returns:
     The builder settings (`builder_settings(data)`).
   """
+  if streaming.is_streaming(data):
+    return {}  # a streamed corpus (imagen_jax.data.streaming): nothing to prepare
   kwargs = builder_settings(data)
   if data.get("prepare", True) and data["name"] in _BUILDERS:
     if data["name"] == "image_captions":

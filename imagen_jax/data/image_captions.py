@@ -85,7 +85,11 @@ def load_image_bytes(path: str, max_resolution: int | None) -> tuple[bytes, tupl
     OSError, ValueError, Image.DecompressionBombError: unreadable or corrupt.
   """
   with open(path, "rb") as f:
-    data = f.read()
+    return convert_image_bytes(f.read(), max_resolution)
+
+
+def convert_image_bytes(data: bytes, max_resolution: int | None) -> tuple[bytes, tuple[int, int]]:
+  """`load_image_bytes` of bytes already read (e.g. a tar member or a parquet cell)."""
   img = Image.open(io.BytesIO(data))
   img.load()  # Decodes every pixel: truncated files fail here.
   keep = img.format in ("PNG", "JPEG") and img.mode == "RGB" and not images.has_alpha(img)

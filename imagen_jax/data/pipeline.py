@@ -29,7 +29,6 @@ Reading never imports TensorFlow.
 from __future__ import annotations
 
 import functools
-import io
 import os
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -37,8 +36,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from imagen_jax.data import datasets
-from imagen_jax.data import images
+from imagen_jax.data import corpus, datasets, streaming
 
 Batch = dict[str, np.ndarray]
 
@@ -49,9 +47,7 @@ def decode_image(image: Any) -> np.ndarray:
   Bytes are converted by `images.to_rgb` (16-bit scaled, alpha on black).
   """
   if isinstance(image, (bytes, np.bytes_)):
-    with Image.open(io.BytesIO(image)) as img:
-      img.load()
-      return np.asarray(images.to_rgb(img), dtype=np.uint8)
+    return corpus.decode_bytes(bytes(image))
   image = np.asarray(image, dtype=np.uint8)
   if image.ndim == 2:
     image = image[..., None]
@@ -111,6 +107,11 @@ def _batch_fn(examples: Sequence[dict]) -> Batch:
   captions = np.empty((len(examples),), dtype=object)
   captions[:] = [e["caption"] for e in examples]
   return {"image": np.stack([e["image"] for e in examples]), "caption": captions}
+
+
+def default_read_threads() -> int:
+  """Threads decoding images when not set: min(4, CPUs)."""
+  return min(4, os.cpu_count() or 1)
 
 
 def shard(source: Sequence[Any], process_index: int, process_count: int) -> grain.MapDataset:
@@ -244,7 +245,7 @@ def make_dataset(
     ds = ds.map(functools.partial(preprocess, rng=None))
     ds = ds.batch(batch_size, drop_remainder=bool(drop_remainder), batch_fn=_batch_fn)
   if read_threads is None:
-    read_threads = min(4, os.cpu_count() or 1)
+    read_threads = default_read_threads()
   return ds.to_iter_dataset(
     grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2, read_threads))
   )
@@ -305,8 +306,14 @@ def train_captions(data: Mapping[str, Any]) -> Iterator[str]:
   """Every caption of a config's training split, in stored order (prepared if needed).
 
   Reads the caption feature alone (images stay encoded): the corpus a word
-  tokenizer is fitted on.
+  tokenizer is fitted on. A streamed corpus: every good record's caption, shards
+  in sorted order.
   """
+  if streaming.is_streaming(data):
+    opts = corpus.options_from_config(data)
+    for shard in corpus.expand_sources(data["src"]):
+      yield from (r.caption for r in corpus.read_shard(shard, opts) if r.skip is None)
+    return
   settings = datasets.prepare_from_config(data)
   builder = datasets.load_builder(data["name"], data["data_dir"], **settings)
   datasets.require_prepared(builder)
@@ -322,8 +329,9 @@ def train_input(
   batch_size: int,
   process_index: int = 0,
   process_count: int = 1,
+  data_state: Mapping[str, Any] | None = None,
   **kwargs,
-) -> grain.IterDataset:
+) -> grain.IterDataset | streaming.StreamIterator:
   """The training pipeline of a config's `data` group, prepared if needed.
 
   Checks the settings (`datasets.builder_settings`: one-line errors naming
@@ -338,11 +346,26 @@ def train_input(
     batch_size: per-process batch size.
     process_index: this process.
     process_count: number of processes.
+    data_state: streamed corpora: the checkpoint's data item to resume from.
     **kwargs: passed on to `make_dataset`.
+
+  A streamed corpus (`data.format` 'webdataset' | 'parquet') gives a
+  `streaming.StreamIterator` instead (see `imagen_jax.data.streaming`; it
+  resumes from `data_state`, the checkpoint's data item).
 
   Returns:
     As `make_dataset`, with train=True.
   """
+  if streaming.is_streaming(data):
+    return streaming.train_stream(
+      data,
+      resolution=resolution,
+      batch_size=batch_size,
+      process_index=process_index,
+      process_count=process_count,
+      start_example=kwargs.get("start_example", 0),
+      data_state=data_state,
+    )
   settings = datasets.prepare_from_config(data)
   return build_input(
     data["name"],

@@ -25,7 +25,7 @@ from imagen_jax import config as config_lib
 from imagen_jax import lockfile
 from imagen_jax import parallel
 from imagen_jax import run as run_lib
-from imagen_jax.data import datasets, pipeline
+from imagen_jax.data import datasets, pipeline, streaming
 from imagen_jax.eval import during_training
 from imagen_jax.stages import Stage, build_stage
 from imagen_jax.text import TextEncoder, words
@@ -100,7 +100,9 @@ class StageResult:
   stop_signal: Optional[int] = None  # the signal that stopped it (preempted)
 
 
-def _data_iterator(config, stage: Stage, per_process_batch: int, start_example: int):
+def _data_iterator(
+  config, stage: Stage, per_process_batch: int, start_example: int, data_state=None
+):
   # Process 0 prepares a missing (or changed) dataset while the others wait: one
   # writer. The others then find it prepared.
   if distributed.is_primary():
@@ -114,6 +116,7 @@ def _data_iterator(config, stage: Stage, per_process_batch: int, start_example: 
       process_index=jax.process_index(),
       process_count=jax.process_count(),
       start_example=start_example,
+      data_state=data_state,  # a streamed corpus resumes from its stored positions
     )
   )
 
@@ -210,7 +213,7 @@ def _train_stage(
     state = _init_from_converted(state, stage, mesh, rules)
   step = int(state.step)
   examples = data_position(data_state, step, tc.batch_size)
-  it = _data_iterator(config, stage, per_process, examples)
+  it = _data_iterator(config, stage, per_process, examples, data_state)
   meta = {
     "stage": stage_name,
     "config_fingerprint": run_lib.config_fingerprint(config.stages[stage_name]),
@@ -264,6 +267,7 @@ def _train_stage(
           images_per_sec=window_images / elapsed,
           step_time=time.perf_counter() - t0,
           nonfinite_steps=skipped,
+          **streaming.input_metrics(it),  # streamed corpora: skipped records by reason
         )
         window_start, window_images = time.perf_counter(), 0
         writer.write(step, metrics)
@@ -302,7 +306,8 @@ def _train_stage(
           step,
           state,
           dict(meta, step=step),
-          {"examples": examples, "batch_size": tc.batch_size},
+          {"examples": examples, "batch_size": tc.batch_size}
+          | streaming.checkpoint_fields(it, examples),
           stopping,
         )
       if stopping:
@@ -483,6 +488,10 @@ def train_and_evaluate(
     stop.phase = "setup"
     names = list(stages or config.stage_order)
     validate.check_train_settings(config, names)
+    try:  # a streamed corpus: its patterns, shard count and columns
+      streaming.check_config(config.data, jax.process_count())
+    except ValueError as e:
+      raise validate.ConfigError(str(e)) from None
     mesh = parallel.make_mesh(config.mesh)
     rules = parallel.config_rules(config.mesh)
     for name in names:
