@@ -20,9 +20,9 @@ take token ids; no safety checker), each with a ``reference.npz``:
   per-block ``only_cross_attention``; a 3-level VAE (factor 4, scaling factor
   0.08333); the DDPM ``low_res_scheduler``; ``max_noise_level`` 350.
 
-Everything but the sd_v1 UNet is stored in float16. Weights are random (norm scales and biases perturbed so that every tensor matters)
-and rounded to their stored dtype; references are computed in float32 from the
-rounded weights. Arrays are NHWC (transposed from torch's NCHW):
+Everything but the sd_v1 UNet is stored in float16. Weights are random (norm scales
+and biases perturbed so that every tensor matters) and rounded to their stored dtype;
+references are computed in float32 from the rounded weights. Arrays are NHWC (transposed from torch's NCHW):
 
   unet_x [B,h,w,4], unet_t [B], unet_text [B,L,D], unet_out [B,h,w,4]
     (x4: unet_lowres [B,h,w,3], unet_noise_level [B] int);
@@ -282,7 +282,7 @@ def save(pipe, path: str, name: str) -> None:
   _resave(pipe, path, "vae")
   _resave(pipe, path, "text_encoder", **({"variant": "fp16"} if name == "sd_v1_tiny" else {}))
   if name != "sd_v1_tiny":
-    _resave(pipe, path, "unet", **({"max_shard_size": "8KB"} if name == "sd_v2_tiny" else {}))
+    _resave(pipe, path, "unet", **({"max_shard_size": "40KB"} if name == "sd_v2_tiny" else {}))
 
 
 def main() -> None:

@@ -55,6 +55,10 @@ _UNET_ONLY = dict(
 )
 
 
+class ConversionWarning(UserWarning):
+  """A doubtful input the conversion went on with (the value used is named)."""
+
+
 def read_json(path: str, what: str) -> dict:
   """Parsed JSON of ``path``; FileNotFoundError / ValueError naming it and ``what``."""
   if not os.path.isfile(path):
@@ -155,6 +159,7 @@ def scaling_factor(cfg: dict, where: str) -> float:
   if value is None:
     warnings.warn(
       f"{where}: no scaling_factor; using {DEFAULT_SCALING_FACTOR} (diffusers' default)",
+      ConversionWarning,
       stacklevel=2,
     )
     return DEFAULT_SCALING_FACTOR
@@ -162,6 +167,7 @@ def scaling_factor(cfg: dict, where: str) -> float:
     warnings.warn(
       f"{where}: scaling_factor={value!r} is implausible (expected {lo}..{hi}); using "
       f"{DEFAULT_SCALING_FACTOR}",
+      ConversionWarning,
       stacklevel=2,
     )
     return DEFAULT_SCALING_FACTOR

@@ -249,6 +249,8 @@ def convert(src: str, out: str, *, dtype: str = "float32", variant: Optional[str
   parts = {c: _prepare(c, src, dtype, "auto", variant) for c in COMPONENTS}
   configs = {c: p[1] for c, p in parts.items()}
   configs["model_index"] = sd_config.read_json(os.path.join(src, "model_index.json"), "")
+  with WeightsReader(parts["text_encoder"][0], variant, WEIGHTS_NAME["text_encoder"]) as reader:
+    configs["text_encoder_prefix"] = _clip_prefix(reader.keys())  # written back as found
   for name in _SCHEDULERS:
     if name in settings:
       configs[name] = sd_config.read_json(os.path.join(src, name, "scheduler_config.json"), "")
@@ -310,9 +312,11 @@ def load_converted(out_dir: str) -> tuple[ml_collections.ConfigDict, dict]:
   return stage, params
 
 
-def _export_component(folder: str, component: str, cfg: dict, params: Any, dtype) -> None:
+def _export_component(
+  folder: str, component: str, cfg: dict, params: Any, dtype, clip_prefix: str
+) -> None:
   specs = sorted(
-    (tensor_name(component, p), if_weights.torch_shape(p, tuple(a.shape)), p)
+    (tensor_name(component, p, clip_prefix), if_weights.torch_shape(p, tuple(a.shape)), p)
     for p, a in if_weights.flat_params(params)
   )
   flat = dict(if_weights.flat_params(params))
@@ -350,7 +354,10 @@ def export(src: str, out: str, *, dtype: str = "float32") -> str:
     target = np.dtype(if_export.OUT_DTYPES[dtype])
     for component in COMPONENTS:
       cfg = stage.diffusers[component].to_dict()
-      _export_component(os.path.join(tmp, component), component, cfg, params[component], target)
+      prefix = stage.diffusers.get("text_encoder_prefix", "text_model.")
+      _export_component(
+        os.path.join(tmp, component), component, cfg, params[component], target, prefix
+      )
     files = {"model_index.json": "model_index"}
     files.update({f"{n}/scheduler_config.json": n for n in _SCHEDULERS if n in stage.diffusers})
     for file, key in files.items():
