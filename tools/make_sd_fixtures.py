@@ -22,7 +22,8 @@ take token ids; no safety checker), each with a ``reference.npz``:
 
 Everything but the sd_v1 UNet is stored in float16. Weights are random (norm scales
 and biases perturbed so that every tensor matters) and rounded to their stored dtype;
-references are computed in float32 from the rounded weights. Arrays are NHWC (transposed from torch's NCHW):
+references are computed in float32 from the rounded weights. Arrays are NHWC
+(transposed from torch's NCHW):
 
   unet_x [B,h,w,4], unet_t [B], unet_text [B,L,D], unet_out [B,h,w,4]
     (x4: unet_lowres [B,h,w,3], unet_noise_level [B] int);
