@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -256,3 +257,24 @@ def test_cli_vae_scaling_factor_warns(tmp_path, capsys, value, shown):
   warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
   assert len(warnings) == 1 and shown in warnings[0] and "using 0.18215" in warnings[0]
   assert sd.read_converted_config(str(out)).vae.scaling_factor == 0.18215
+
+
+@pytest.mark.parametrize("component", ["unet", "vae", "text_encoder"])
+def test_every_parameter_has_logical_axes(component):
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+  src = os.path.join(FIXTURES, "sd_x4_tiny", component)
+  with open(os.path.join(src, "config.json")) as f:
+    model = sd.build(component, json.load(f))
+  boxed = sd.abstract_params(model)
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  unnamed = [x for x in leaves if not isinstance(x, nn.Partitioned)]
+  assert leaves and not unnamed
+
+
+def test_chunked_attention_backend_matches():
+  src = os.path.join(FIXTURES, "sd_v2_tiny")
+  ref = np.load(os.path.join(src, "reference.npz"))
+  model, params = sd.load_unet(src, attention_impl="chunked")
+  assert model.config.attention_impl == "chunked"
+  close(unet_out(model, params, ref), ref["unet_out"])
