@@ -203,14 +203,14 @@ def load_text_encoder(
   *,
   dtype: str = "float32",
   variant: Optional[str] = None,
-  skip_layers: int = 0,
   mesh: Any = None,
   rules: Any = None,
 ):
   """(``CLIPTextModel``, params) from a pipeline folder or its ``text_encoder/`` folder
-  (as ``load_unet``); ``skip_layers`` sets the module's default ``clip_skip``."""
-  model, params = _load("text_encoder", src, dtype, variant, "auto", mesh, rules)
-  return model.clone(skip_layers=skip_layers), params
+  (as ``load_unet``). The weights are the whole tower: the penultimate layer (SD 2's
+  choice, diffusers' ``clip_skip``) is the call's or module's ``skip_layers``
+  (``model.clone(skip_layers=1)``)."""
+  return _load("text_encoder", src, dtype, variant, "auto", mesh, rules)
 
 
 def _stage(src: str, settings: dict, models: dict, configs: dict) -> dict:
