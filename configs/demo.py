@@ -42,6 +42,8 @@ def get_config(variant: str = ""):
         holdout=("green triangle",),
         two_object_share=0.5,  # of the train split; test and holdout stay half and half
       ),
+      # One dataset at the SR stage's 64 px: the 32 px base stage reads it downscaled 2×.
+      downscale=True,
     )
   )
   config.mesh.shape = {"data": -1}

@@ -115,6 +115,9 @@ def base_config() -> ml_collections.ConfigDict:
       prepare=True,  # prepare shapes/image_captions when missing
       src="",  # image_captions: the folder of images
       seed=0,
+      # True: stages below the stored resolution read the images downscaled by an
+      # integer factor, by design (a cascade's lower stages on its top stage's data).
+      downscale=False,
     )
   )
   config.stage_order = ()
