@@ -81,8 +81,8 @@ def bare_step(config: Any, stage_name: str, steps: int, warmup: int = 2) -> floa
   return steps * tc.batch_size / (time.perf_counter() - t0)
 
 
-def whole_loop(config: Any, stage_name: str, steps: int) -> float:
-  """Images/s of ``trainer.train_stage`` over its second logging window."""
+def whole_loop(config: Any, stage_name: str, steps: int, workdir: str) -> float:
+  """Images/s of ``trainer.train_stage`` (into ``workdir``) over its second logging window."""
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.stages[stage_name].steps_scale = 1.0
@@ -96,10 +96,9 @@ def whole_loop(config: Any, stage_name: str, steps: int) -> float:
       )
     )
   mesh, rules, encoder = _setup(config, stage_name)
-  with tempfile.TemporaryDirectory() as workdir:
-    trainer.train_stage(config, workdir, stage_name, encoder, mesh, rules)
-    with open(os.path.join(workdir, stage_name, "metrics.jsonl")) as f:
-      lines = [json.loads(line) for line in f]
+  trainer.train_stage(config, workdir, stage_name, encoder, mesh, rules)
+  with open(os.path.join(workdir, stage_name, "metrics.jsonl")) as f:
+    lines = [json.loads(line) for line in f]
   return float(lines[-1]["images_per_sec"])
 
 
@@ -116,8 +115,11 @@ def run(config: Any, stage_name: Optional[str], steps: int) -> dict:
   stage_name = stage_name or config.stage_order[0]
   if stage_name not in config.stages:
     raise ValueError(f"no stage {stage_name!r} in the config; it has {list(config.stages)}")
-  bare = bare_step(config, stage_name, steps)
-  loop = whole_loop(config, stage_name, steps)
+  with tempfile.TemporaryDirectory() as workdir:
+    # A config that fits its word tokenizer (the demo's) gets it as train.py does.
+    config = trainer._fit_tokenizer(config, workdir)  # pylint: disable=protected-access
+    bare = bare_step(config, stage_name, steps)
+    loop = whole_loop(config, stage_name, steps, os.path.join(workdir, "run"))
   images = training_images(config)
   devices = jax.devices()
   machine = (
