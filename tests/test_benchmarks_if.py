@@ -43,11 +43,15 @@ def test_if_sampling_bad_input_is_a_usage_error(argv, message, capsys):
   assert message in capsys.readouterr().err.strip().splitlines()[-1]
 
 
-def test_peers_do_not_import_the_cli():
-  """peer_if / peer_imagen share benchmarks.common, not benchmarks.peers (no circle)."""
+def test_every_benchmark_imports_and_the_peers_not_the_cli():
+  """Every benchmarks module imports without PyTorch; peer_if / peer_imagen share
+  benchmarks.common, not benchmarks.peers (no import circle)."""
+  names = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "benchmarks")) if f.endswith(".py"))
   code = (
-    "import sys, benchmarks.peer_if, benchmarks.peer_imagen; "
-    "print('benchmarks.peers' in sys.modules, 'torch' in sys.modules)"
+    "import importlib, sys, benchmarks.peer_if, benchmarks.peer_imagen; "
+    "print('benchmarks.peers' in sys.modules); "
+    f"[importlib.import_module('benchmarks.' + n) for n in {names!r}]; "
+    "print('torch' in sys.modules)"
   )
   out = subprocess.run(
     [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
