@@ -13,14 +13,14 @@
 #      halved until it fits, then depth scaled (num_res_blocks 3 → 1) if even 4 does not:
 #      the summary says which;
 #   2. attention: benchmarks.kernels --only attention (xla, chunked, cudnn rows);
-#   3. demo: the demo base stage train step images/s (benchmarks.train_loop if present,
-#      else benchmarks.sharding on configs/demo.py);
-#   4. if_sampling: IF-shaped stage I guided sampling at 64×64 (benchmarks.if_sampling).
+#   3. demo: the demo base stage's images/s, bare step and whole loop (benchmarks.train_loop);
+#   4. if_sampling: IF-shaped stage I guided sampling at 64×64 (benchmarks.if_sampling:
+#      the converted stage's stage.sample).
 # Writes under $OUT (default ./gpu_out): gpu_check.md, gpu_check.json, gpu_check.log and
 # one JSON per part (7 files).
 set -uo pipefail
 
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
 
 MODE=gpu
 INSTALL=1
@@ -146,18 +146,13 @@ part attention 60 "$PY" -m benchmarks.kernels --only attention --no-torch \
   --repeats "$([ "$MODE" = cpu ] && echo 2 || echo 20)" --json "$OUT/attention.json"
 
 # 3. demo train step images/s ------------------------------------------------------------
-if [ -f benchmarks/train_loop.py ]; then
-  part demo 90 "$PY" -m benchmarks.train_loop --config configs/demo.py \
-    --json "$OUT/demo.json"
-else
-  DEMO_CFG=configs/demo.py; [ "$MODE" = cpu ] && DEMO_CFG=configs/demo.py:tiny
-  part demo 90 "$PY" -m benchmarks.sharding --config "$DEMO_CFG" --stage base --devices 1 \
-    --strategies dp --steps 10 --warmup 3 --json "$OUT/demo.json"
-fi
+if [ "$MODE" = cpu ]; then DEMO_ARGS=(--config configs/demo.py:tiny --steps 3)
+else DEMO_ARGS=(--config configs/demo.py); fi
+part demo 90 "$PY" -m benchmarks.train_loop "${DEMO_ARGS[@]}" --stage base --json "$OUT/demo.json"
 
 # 4. IF-shaped stage I guided sampling ---------------------------------------------------
 if [ "$MODE" = cpu ]; then
-  IF_ARGS=(--width 32 --batch 1 --steps 2 --repeats 1)
+  IF_ARGS=(--width 32 --batch 1 --steps 2 --repeats 1 --resolution 16)
 else
   IF_ARGS=(--width 320 --batch 16 --steps 100 --dtype bfloat16 --repeats 2)
 fi
@@ -191,7 +186,11 @@ def step_line(name, r):
   ips = "—" if row["images_per_s"] is None else f"{row['images_per_s']:.1f}"
   return (f"* {name}: {meta['machine']}, batch {row['batch']}: step {ms}, {ips} img/s, "
           f"MFU {mfu}, peak {(row['peak_bytes'] or 0) / 2**30:.1f} GiB ({row['status']})")
-md += ["", step_line(f"base64 ({base_note})", res["base64"]), step_line("demo base", res["demo"])]
+md += ["", step_line(f"base64 ({base_note})", res["base64"])]
+d = res["demo"]
+md += [f"* demo base ({d['machine']}, batch {d['batch']}): bare step "
+       f"{d['bare_images_per_s']:.1f} img/s, whole loop {d['loop_images_per_s']:.1f} img/s; "
+       f"predicted training {d['predicted_training_s'] / 60:.1f} min" if d else "* demo base: no result"]
 if res["attention"]:
   md += ["* attention (IF shape): " + "; ".join(
       f"{r['kernel'].split(')')[0]}): {r['jax_fwd_ms']:.2f} / {r['jax_fwd_bwd_ms']:.2f} ms"

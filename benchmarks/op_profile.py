@@ -2,7 +2,7 @@
 
   python -m benchmarks.op_profile [--batch 8] [--width 64] [--json out.json]
 
-Builds our UNet in the IF-I block structure of ``benchmarks.peer_if`` (no PyTorch
+Builds our UNet in the IF-I block structure of ``benchmarks.if_sampling`` (no PyTorch
 needed: the diffusers config is mapped by ``if_config.diffusers_config_to_model``,
 random weights), then traces ``--calls`` jitted forwards (2B rows, as guided
 sampling runs it) and train steps (ε-MSE + AdamW, as ``benchmarks.peers``) under
@@ -25,8 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks import peer_if, peers
-from benchmarks.common import hlo_instructions, markdown_table
+from benchmarks import peer_if
+from benchmarks.common import BETAS, LR, TEXT_LEN, WD, hlo_instructions, markdown_table
+from benchmarks.if_sampling import IF_TEXT_DIM, if_unet_config
 from imagen_jax.convert import if_config
 from imagen_jax.diffusion import schedules
 from imagen_jax.models import UNet, UNetConfig
@@ -84,12 +85,12 @@ def profile(fn, args, calls: int) -> tuple[dict, float]:
 
 
 def build(width: int, res: int, batch: int):
-  cfg = if_config.diffusers_config_to_model(peer_if.if_unet_config(width, res))
+  cfg = if_config.diffusers_config_to_model(if_unet_config(width, res))
   model = UNet(UNetConfig.from_config(cfg))
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((batch, res, res, 3), np.float32))
   t = jnp.asarray(rng.integers(0, 1000, (batch,)))
-  text = jnp.asarray(rng.standard_normal((batch, peers.TEXT_LEN, 4096), np.float32))
+  text = jnp.asarray(rng.standard_normal((batch, TEXT_LEN, IF_TEXT_DIM), np.float32))
   params = jax.jit(lambda r: model.init(r, x[:1], t[:1], text[:1], None)["params"])(
     jax.random.PRNGKey(0)
   )
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
   results = {}
   results[f"forward (B={args.batch})"] = profile(fwd, (params, x, t, text), args.calls)
   ac = schedules.alphas_cumprod(schedules.betas_squaredcos_cap_v2(1000)).astype(np.float32)
-  tx = optax.adamw(peers.LR, b1=peers.BETAS[0], b2=peers.BETAS[1], weight_decay=peers.WD)
+  tx = optax.adamw(LR, b1=BETAS[0], b2=BETAS[1], weight_decay=WD)
   # Not donated: the profiler calls it several times on the same arguments.
   step = peer_if.jax_if_train_step(model, tx, ac, donate=False)
   b = args.train_batch

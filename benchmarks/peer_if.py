@@ -1,9 +1,12 @@
 """The IF-shaped peer of ``benchmarks.peers``: diffusers' UNet2DConditionModel in
 DeepFloyd IF-I's block structure against the same weights in our UNet (ported by
-our IF converter): forward, an ε-MSE AdamW train step, and IF's guided sampling loop.
+our IF converter): forward, an ε-MSE AdamW train step, and IF's guided sampling loop
+(ours: ``stage.sample`` of the converted stage, as ``benchmarks.if_sampling`` times it).
+
+torch and diffusers are imported inside the functions: ``benchmarks.peers`` imports
+this module only once it has set the hub offline.
 """
 
-import json
 import os
 import time
 
@@ -12,92 +15,34 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.peers import (
+from benchmarks.common import (
   BETAS,
   LR,
   TEXT_LEN,
   WD,
-  jax_sync,
   make_torch_adamw,
   opt_kind,
-  print_table,
+  peer_report,
   row,
   time_calls,
 )
-
-
-# DeepFloyd IF-I's DDPMScheduler settings (scheduler/scheduler_config.json).
-IF_SCHEDULER = dict(
-  _class_name="DDPMScheduler",
-  beta_end=0.02,
-  beta_schedule="squaredcos_cap_v2",
-  beta_start=0.0001,
-  clip_sample=True,
-  clip_sample_range=1.0,
-  dynamic_thresholding_ratio=0.95,
-  num_train_timesteps=1000,
-  prediction_type="epsilon",
-  sample_max_value=1.5,
-  steps_offset=0,
-  thresholding=True,
-  timestep_spacing="leading",
-  trained_betas=None,
-  variance_type="learned_range",
+from benchmarks.if_sampling import (
+  IF_GUIDANCE,
+  IF_TEXT_DIM,
+  guided_sampler,
+  if_stage,
+  if_unet_config,
+  write_if_folder,
 )
-IF_GUIDANCE = 7.0  # IFPipeline's default
-
-
-def if_unet_config(width: int, res: int, text_dim: int = 4096) -> dict:
-  """IF-I's diffusers UNet config (4 levels, ×1,2,3,4, attention at the lower 3) at ``width``."""
-  ch = (width, 2 * width, 3 * width, 4 * width)
-  head_dim = 64 if width % 64 == 0 else 32
-  return dict(
-    sample_size=res,
-    in_channels=3,
-    out_channels=6,
-    block_out_channels=ch,
-    layers_per_block=2,
-    down_block_types=("ResnetDownsampleBlock2D",) + ("SimpleCrossAttnDownBlock2D",) * 3,
-    up_block_types=("SimpleCrossAttnUpBlock2D",) * 3 + ("ResnetUpsampleBlock2D",),
-    mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-    attention_head_dim=head_dim,
-    cross_attention_dim=ch[-1],
-    encoder_hid_dim=text_dim,
-    encoder_hid_dim_type="text_proj",
-    addition_embed_type="text",
-    addition_embed_type_num_heads=64,
-    cross_attention_norm="group_norm",
-    act_fn="gelu",
-    time_embedding_act_fn="gelu",
-    resnet_time_scale_shift="scale_shift",
-    resnet_skip_time_act=True,
-    resnet_out_scale_factor=2**0.5,
-    norm_num_groups=32,
-    norm_eps=1e-5,
-    flip_sin_to_cos=True,
-    freq_shift=0,
-  )
-
-
-def write_if_folder(path: str, unet, diffusers_version: str) -> None:
-  """A minimal diffusers IF pipeline folder (index, unet/, scheduler/) for ``load_unet``."""
-  index = {
-    "_class_name": "IFPipeline",
-    "_diffusers_version": diffusers_version,
-    "scheduler": ["diffusers", "DDPMScheduler"],
-    "unet": ["diffusers", "UNet2DConditionModel"],
-  }
-  os.makedirs(os.path.join(path, "scheduler"))
-  with open(os.path.join(path, "model_index.json"), "w") as f:
-    json.dump(index, f, indent=2)
-  with open(os.path.join(path, "scheduler", "scheduler_config.json"), "w") as f:
-    json.dump(IF_SCHEDULER, f, indent=2)
-  unet.save_pretrained(os.path.join(path, "unet"), safe_serialization=True)
+from imagen_jax.convert import deepfloyd_if
+from imagen_jax.convert.if_config import IF_SCHEDULER
+from imagen_jax.diffusion import schedules
+from imagen_jax.models import count_params
 
 
 def torch_if_sample(unet, sched_cls, text, uncond, steps: int, seed: int):
   """IFPipeline's stage-I denoising loop (guidance on ε only, conditional variance)."""
-  import torch
+  import torch  # pylint: disable=import-outside-toplevel
 
   sched = sched_cls.from_config(IF_SCHEDULER)
   sched.set_timesteps(steps)
@@ -159,20 +104,18 @@ def jax_if_train_step(model, tx, alphas_cumprod, donate: bool = True):
 
 def bench_if(args, workdir: str) -> dict:
   """The IF-shaped peer: diffusers UNet2DConditionModel vs our converted UNet."""
-  import diffusers
-  import torch
-  from imagen_jax.convert import deepfloyd_if, if_config, if_sampling
-  from imagen_jax.diffusion import schedules
-  from imagen_jax.models.unet import count_params
+  import diffusers  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
 
   b, res, steps = args.batch, args.resolution, args.steps
   torch.manual_seed(0)
   config = if_unet_config(args.width, res)
   unet = diffusers.UNet2DConditionModel(**config).eval()
   folder = os.path.join(workdir, "if_unet")
-  write_if_folder(folder, unet, diffusers.__version__)
+  write_if_folder(folder, dict(unet.config), diffusers.__version__)
+  unet.save_pretrained(os.path.join(folder, "unet"), safe_serialization=True)
   model, params = deepfloyd_if.load_unet(folder, dtype="float32")
-  stage = deepfloyd_if.build_stage_config(if_config.read_if_folder(folder), "float32")
+  stage = if_stage(folder, "float32")
   n_theirs = sum(p.numel() for p in unet.parameters())
   n_pool = sum(p.numel() for p in unet.add_embedding.parameters())
   n_ours = count_params(params)
@@ -180,8 +123,8 @@ def bench_if(args, workdir: str) -> dict:
   rng = np.random.default_rng(0)
   x_np = rng.standard_normal((b, 3, res, res), np.float32)
   t_np = rng.integers(0, 1000, (b,))
-  text_np = rng.standard_normal((b, TEXT_LEN, 4096), np.float32)
-  uncond_np = rng.standard_normal((b, TEXT_LEN, 4096), np.float32)
+  text_np = rng.standard_normal((b, TEXT_LEN, IF_TEXT_DIM), np.float32)
+  uncond_np = rng.standard_normal((b, TEXT_LEN, IF_TEXT_DIM), np.float32)
   x_t, t_t, text_t, uncond_t = (torch.from_numpy(a) for a in (x_np, t_np, text_np, uncond_np))
   x_j = jnp.asarray(x_np.transpose(0, 2, 3, 1))
   t_j, text_j, uncond_j = jnp.asarray(t_np), jnp.asarray(text_np), jnp.asarray(uncond_np)
@@ -202,24 +145,18 @@ def bench_if(args, workdir: str) -> dict:
     raise SystemExit(
       f"[if] our converted UNet disagrees with diffusers: max abs diff {diff:.3e} > 1e-3 (fp32)"
     )
-  ours = time_calls(lambda: fwd(params, x_j, t_j, text_j), args.repeats, jax_sync)
+  ours = time_calls(lambda: fwd(params, x_j, t_j, text_j), args.repeats, jax.block_until_ready)
   ours["first"] = ours_first
   rows = [row(f"forward (B={b})", ours, time_calls(torch_fwd, args.repeats))]
   print("[if] forward done", flush=True)
 
-  # Guided sampling: IFPipeline's loop vs sample_stage (one jit, 2B rows per call).
-  ts = schedules.if_timesteps(steps, 1000, "leading")
+  # Guided sampling: IFPipeline's loop vs stage.sample (one jit, 2B rows per call).
+  settings, sample = guided_sampler(stage, params, text_j, uncond_j, steps, jax.random.PRNGKey(0))
   probe = diffusers.DDPMScheduler.from_config(IF_SCHEDULER)
   probe.set_timesteps(steps)
+  ts = settings.timesteps
   assert tuple(int(s) for s in probe.timesteps) == tuple(ts), (probe.timesteps, ts)
-  key = jax.random.PRNGKey(0)
-  ours = time_calls(
-    lambda: if_sampling.sample_stage(
-      stage, params, text_j, uncond_j, key, guidance_scale=IF_GUIDANCE, timesteps=ts
-    ),
-    args.sample_repeats,
-    jax_sync,
-  )
+  ours = time_calls(sample, args.sample_repeats, jax.block_until_ready)
   theirs = time_calls(
     lambda: torch_if_sample(unet, diffusers.DDPMScheduler, text_t, uncond_t, steps, 0),
     args.sample_repeats,
@@ -250,7 +187,7 @@ def bench_if(args, workdir: str) -> dict:
   rows.append(
     row(
       f"train step (B={b})",
-      time_calls(ours_step, args.repeats, jax_sync),
+      time_calls(ours_step, args.repeats, jax.block_until_ready),
       time_calls(lambda: torch_if_train_step(unet, opt, x0_t, text_t, ac_t), args.repeats),
     )
   )
@@ -267,15 +204,15 @@ def bench_if(args, workdir: str) -> dict:
     f"(lr {LR}, betas {BETAS}, wd {WD}); theirs eager PyTorch, {opt_kind(opt)} AdamW",
     f"sampling: {steps} leading-spaced steps, guidance {IF_GUIDANCE} on ε (one call on 2B "
     "rows), learned-range variance, dynamic thresholding 0.95 / max 1.5; theirs "
-    "DDPMScheduler.step per step, ours sample_stage (one jit)",
+    f"DDPMScheduler.step per step, ours stage.sample ({settings.sampler}, one jit)",
   ]
-  print_table("IF-I shape: diffusers (PyTorch) vs our converted UNet", rows, notes)
-  return dict(
+  return peer_report(
+    "IF-I shape: diffusers (PyTorch) vs our converted UNet",
+    rows,
+    notes,
     config=config,
     params_ours=n_ours,
     params_theirs=n_theirs,
     parity_max_abs_diff=diff,
     output_abs_max=scale,
-    rows=rows,
-    notes=notes,
   )

@@ -7,14 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.peers import (
+from benchmarks.common import (
   BETAS,
   LR,
   TEXT_LEN,
-  jax_sync,
   make_torch_adamw,
   opt_kind,
-  print_table,
+  peer_report,
   row,
   time_calls,
 )
@@ -148,7 +147,9 @@ def bench_imagen(args, workdir: str) -> dict:  # pylint: disable=unused-argument
   rows = [
     row(
       f"forward (B={b})",
-      time_calls(lambda: fwd(state.params, x_j, t_j, text_j, mask_j), args.repeats, jax_sync),
+      time_calls(
+        lambda: fwd(state.params, x_j, t_j, text_j, mask_j), args.repeats, jax.block_until_ready
+      ),
       time_calls(torch_fwd, args.repeats),
     )
   ]
@@ -168,7 +169,7 @@ def bench_imagen(args, workdir: str) -> dict:  # pylint: disable=unused-argument
   ours = time_calls(
     lambda: sampling.sample(spec, stage.model_fn, (b, res, res, 3), key, args_j, options),
     args.sample_repeats,
-    jax_sync,
+    jax.block_until_ready,
   )
   theirs = time_calls(
     lambda: imagen.sample(
@@ -214,7 +215,7 @@ def bench_imagen(args, workdir: str) -> dict:  # pylint: disable=unused-argument
   rows.append(
     row(
       f"train step (B={b})",
-      time_calls(ours_step, args.repeats, jax_sync),
+      time_calls(ours_step, args.repeats, jax.block_until_ready),
       time_calls(torch_step, args.repeats),
     )
   )
@@ -236,12 +237,12 @@ def bench_imagen(args, workdir: str) -> dict:  # pylint: disable=unused-argument
     "Perceiver text pooling, time tokens; ours: Imagen's base UNet): equal parameter "
     "count is not equal FLOPs",
   ]
-  print_table("imagen-pytorch vs our base UNet (matched parameter count)", rows, notes)
-  return dict(
+  return peer_report(
+    "imagen-pytorch vs our base UNet (matched parameter count)",
+    rows,
+    notes,
     config_theirs=theirs_cfg,
     config_ours=ours_cfg,
     params_ours=n_ours,
     params_theirs=n_theirs,
-    rows=rows,
-    notes=notes,
   )

@@ -13,7 +13,7 @@ Peers (installed only by ``benchmarks/requirements-peers.txt``, in a
   IF folder and loaded into our UNet with our IF converter (outputs checked to
   agree). Timed: a no-grad forward, an ε-MSE AdamW train step, and IF's guided
   DDPM sampling loop (learned-range variance, dynamic thresholding, leading
-  spacing) written out as ``IFPipeline`` runs it, against ``sample_stage``.
+  spacing) written out as ``IFPipeline`` runs it, against our stage's ``stage.sample``.
 * ``imagen``: lucidrains imagen-pytorch's ``Unet`` + ``Imagen`` (text embeddings
   given directly, no T5 run) against our native base UNet at a matched
   parameter count, 64×64, eps prediction, cosine schedule, Min-SNR-5 loss.
@@ -29,7 +29,8 @@ offline before the import. torch, diffusers, imagen_pytorch and imagen_jax are
 imported inside the functions that use them: ``--help`` and the missing-peer
 message need none of them, and HF_HOME must be set before any of them loads
 huggingface_hub. The two peers live in ``benchmarks/peer_if.py`` and
-``benchmarks/peer_imagen.py``; this module holds the CLI and the shared timing.
+``benchmarks/peer_imagen.py``; this module holds the CLI, ``benchmarks.common`` the
+timing and settings they share (neither peer imports this module).
 """
 
 import argparse
@@ -39,12 +40,8 @@ import importlib.util
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
-
-import jax
 
 from benchmarks.common import cpu_model
 
@@ -78,8 +75,6 @@ T5_BASE = dict(
   eos_token_id=1,
   decoder_start_token_id=0,
 )
-TEXT_LEN = 77  # IF's tokenizer length; used for both peers
-LR, BETAS, WD = 1e-4, (0.9, 0.999), 0.01
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -133,74 +128,6 @@ def offline_t5_home(root: str) -> None:
   os.environ.update(
     HF_HOME=root, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1"
   )
-
-
-# ---------------------------------------------------------------- timing
-
-
-def time_calls(fn, repeats: int, sync=lambda out: out) -> dict:
-  """First call (compile / warm-up) and the median of ``repeats`` further calls, in s."""
-  t0 = time.perf_counter()
-  sync(fn())
-  first = time.perf_counter() - t0
-  runs = []
-  for _ in range(max(1, repeats)):
-    t0 = time.perf_counter()
-    sync(fn())
-    runs.append(time.perf_counter() - t0)
-  return dict(first=first, median=statistics.median(runs), runs=runs)
-
-
-def jax_sync(out):
-  return jax.block_until_ready(out)
-
-
-def row(metric: str, ours: dict, theirs: dict) -> dict:
-  o, t = ours["median"], theirs["median"]
-  return dict(
-    metric=metric,
-    ours_s=o,
-    theirs_s=t,
-    ratio=o / t,
-    speedup=t / o,
-    ours_compile_s=max(ours["first"] - o, 0.0),
-    ours_runs=ours["runs"],
-    theirs_first_s=theirs["first"],
-    theirs_runs=theirs["runs"],
-  )
-
-
-def print_table(title: str, rows: list, notes: list) -> None:
-  print(f"\n== {title} ==")
-  for n in notes:
-    print(f"  {n}")
-  print(f"  {'metric':<34}{'ours (s)':>10}{'theirs (s)':>12}{'ours/theirs':>13}{'speedup':>9}")
-  for r in rows:
-    print(
-      f"  {r['metric']:<34}{r['ours_s']:>10.4f}{r['theirs_s']:>12.4f}"
-      f"{r['ratio']:>13.3f}{r['speedup']:>8.2f}x"
-    )
-  print(
-    "  our compile (first call − steady state): "
-    + ", ".join(f"{r['metric'].split(' (')[0]} {r['ours_compile_s']:.1f} s" for r in rows)
-  )
-
-
-def make_torch_adamw(params, weight_decay: float):
-  """torch AdamW, fused on CPU when this torch has it (the peer's fastest eager option)."""
-  import torch
-
-  params = list(params)
-  try:
-    return torch.optim.AdamW(
-      params, lr=LR, betas=BETAS, eps=1e-8, weight_decay=weight_decay, fused=True
-    )
-  except (RuntimeError, TypeError, ValueError):
-    return torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=1e-8, weight_decay=weight_decay)
-
-
-def opt_kind(opt) -> str:
-  return "fused" if opt.defaults.get("fused") else "default"
 
 
 # ---------------------------------------------------------------- run

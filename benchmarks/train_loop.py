@@ -15,6 +15,13 @@
 
 The ratio loop / bare is what the host costs the devices; 1.0 means the device
 never waits for the host.
+
+Last, a prediction of the config's whole training on this machine: every stage's
+images (``train.num_steps`` × the stage's ``steps_scale`` × batch; the demo: base
+51,200 + SR 25,600) at the measured stage's whole-loop images/s. Measured on the base
+stage it errs long for the demo, whose SR stage trains faster per image (147 against
+108 images/s on the machine of benchmarks/RESULTS.md); the README's first command
+also prepares the data, compiles and samples a grid (about 1½ min there).
 """
 
 import argparse
@@ -29,7 +36,7 @@ from typing import Any, Optional, Sequence
 
 import jax
 
-from benchmarks.common import cpu_model
+from benchmarks.common import cpu_model, write_json
 from imagen_jax import cli
 from imagen_jax import config as config_lib
 from imagen_jax import parallel
@@ -74,8 +81,8 @@ def bare_step(config: Any, stage_name: str, steps: int, warmup: int = 2) -> floa
   return steps * tc.batch_size / (time.perf_counter() - t0)
 
 
-def whole_loop(config: Any, stage_name: str, steps: int) -> float:
-  """Images/s of ``trainer.train_stage`` over its second logging window."""
+def whole_loop(config: Any, stage_name: str, steps: int, workdir: str) -> float:
+  """Images/s of ``trainer.train_stage`` (into ``workdir``) over its second logging window."""
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.stages[stage_name].steps_scale = 1.0
@@ -89,11 +96,18 @@ def whole_loop(config: Any, stage_name: str, steps: int) -> float:
       )
     )
   mesh, rules, encoder = _setup(config, stage_name)
-  with tempfile.TemporaryDirectory() as workdir:
-    trainer.train_stage(config, workdir, stage_name, encoder, mesh, rules)
-    with open(os.path.join(workdir, stage_name, "metrics.jsonl")) as f:
-      lines = [json.loads(line) for line in f]
+  trainer.train_stage(config, workdir, stage_name, encoder, mesh, rules)
+  with open(os.path.join(workdir, stage_name, "metrics.jsonl")) as f:
+    lines = [json.loads(line) for line in f]
   return float(lines[-1]["images_per_sec"])
+
+
+def training_images(config: Any) -> dict:
+  """{stage: images its training sees}: num_steps × steps_scale × batch per stage."""
+  return {
+    name: config_lib.stage_train_config(config, name).num_steps * int(config.train.batch_size)
+    for name in config.stage_order
+  }
 
 
 def run(config: Any, stage_name: Optional[str], steps: int) -> dict:
@@ -101,8 +115,12 @@ def run(config: Any, stage_name: Optional[str], steps: int) -> dict:
   stage_name = stage_name or config.stage_order[0]
   if stage_name not in config.stages:
     raise ValueError(f"no stage {stage_name!r} in the config; it has {list(config.stages)}")
-  bare = bare_step(config, stage_name, steps)
-  loop = whole_loop(config, stage_name, steps)
+  with tempfile.TemporaryDirectory() as workdir:
+    # A config that fits its word tokenizer (the demo's) gets it as train.py does.
+    config = trainer._fit_tokenizer(config, workdir)  # pylint: disable=protected-access
+    bare = bare_step(config, stage_name, steps)
+    loop = whole_loop(config, stage_name, steps, os.path.join(workdir, "run"))
+  images = training_images(config)
   devices = jax.devices()
   machine = (
     f"{cpu_model()}, {os.cpu_count()} cores"
@@ -116,6 +134,8 @@ def run(config: Any, stage_name: Optional[str], steps: int) -> dict:
     "bare_images_per_s": bare,
     "loop_images_per_s": loop,
     "loop_over_bare": loop / bare,
+    "training_images": images,
+    "predicted_training_s": sum(images.values()) / loop,
     "machine": machine,
     "devices": len(devices),
     "date": datetime.date.today().isoformat(),
@@ -149,9 +169,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     f"whole train loop : {result['loop_images_per_s']:.1f} images/s "
     f"({100 * result['loop_over_bare']:.1f}% of the bare step)"
   )
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=1)
+  images = result["training_images"]
+  print(
+    f"predicted training time on this machine: {result['predicted_training_s'] / 60:.1f} min "
+    f"({' + '.join(f'{k} {v:,}' for k, v in images.items())} images at "
+    f"{result['loop_images_per_s']:.1f} images/s; data preparation, compiles and sampling "
+    "come on top)"
+  )
+  write_json(args.json, result)
   return 0
 
 

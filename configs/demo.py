@@ -6,7 +6,8 @@ UNet with a 2×2 space-to-depth stem, a token convolution and two trainable text
 layers, single-head text attention at 8×8 and 4×4 whose queries know their
 position, trained with extra examples at high noise, and a ~1.7M-parameter
 Efficient-UNet super-resolution stage. Sized so that training both stages and
-sampling a grid takes under 15 minutes on 2 CPU cores (README: the measured figures).
+sampling a grid takes about 12½ minutes on the 2-core Intel Xeon of the README's
+figures; slower CPUs take longer (README: how ``benchmarks.train_loop`` predicts it).
 
   python train.py --config configs/demo.py --workdir runs/demo
   python train.py --config configs/demo.py:tiny --workdir runs/tiny   # seconds, for tests
@@ -42,6 +43,8 @@ def get_config(variant: str = ""):
         holdout=("green triangle",),
         two_object_share=0.5,  # of the train split; test and holdout stay half and half
       ),
+      # One dataset at the SR stage's 64 px: the 32 px base stage reads it downscaled 2×.
+      downscale=True,
     )
   )
   config.mesh.shape = {"data": -1}

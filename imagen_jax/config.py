@@ -125,6 +125,9 @@ def base_config() -> ml_collections.ConfigDict:
       shuffle_buffer=1000,  # streamed: records in the shuffle buffer
       interleave=4,  # streamed: shards read at a time per process
       decode_workers=0,  # streamed: decoding threads per process (0: min(4, CPUs))
+      # True: stages below the stored resolution read the images downscaled by an
+      # integer factor, by design (a cascade's lower stages on its top stage's data).
+      downscale=False,
     )
   )
   config.stage_order = ()

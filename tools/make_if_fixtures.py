@@ -45,6 +45,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -52,6 +53,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from diffusers import DDPMScheduler, UNet2DConditionModel  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from imagen_jax.convert import if_config  # noqa: E402  (imports no jax: fine in a torch venv)
 
 TEXT_DIM = 40  # d_model of tests/fixtures/t5_v1_1
 TEXT_LEN = 5
@@ -103,23 +107,7 @@ STAGE2 = dict(
   only_cross_attention=(False, False, True),
   mid_block_only_cross_attention=True,
 )
-SCHEDULER = dict(
-  _class_name="DDPMScheduler",
-  beta_end=0.02,
-  beta_schedule="squaredcos_cap_v2",
-  beta_start=0.0001,
-  clip_sample=True,
-  clip_sample_range=1.0,
-  dynamic_thresholding_ratio=0.95,
-  num_train_timesteps=1000,
-  prediction_type="epsilon",
-  sample_max_value=1.5,
-  steps_offset=0,
-  thresholding=True,
-  timestep_spacing="leading",
-  trained_betas=None,
-  variance_type="learned_range",
-)
+SCHEDULER = if_config.IF_SCHEDULER  # IF's released DDPMScheduler settings
 NOISING_SCHEDULER = dict(
   _class_name="DDPMScheduler",
   beta_end=0.02,

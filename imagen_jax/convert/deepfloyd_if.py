@@ -58,24 +58,9 @@ DTYPES = ("float32", "bfloat16")
 TEXT_MAX_LENGTH = 77  # IF's tokenizer length (pipeline_if.encode_prompt)
 SCHEDULES = ("squaredcos_cap_v2",)
 SCHEDULER_FILE = "scheduler_config.json"
-# The scheduler_config.json of IF's released pipelines (IF-I-*, IF-II-*): what a
-# bare UNet folder samples with unless told otherwise. Stage II differs only in
-# sample_max_value; its image_noising_scheduler uses the same betas.
-IF_SCHEDULER = dict(
-  _class_name="DDPMScheduler",
-  beta_schedule="squaredcos_cap_v2",
-  beta_start=0.0001,
-  beta_end=0.02,
-  clip_sample=True,
-  clip_sample_range=1.0,
-  dynamic_thresholding_ratio=0.95,
-  num_train_timesteps=1000,
-  prediction_type="epsilon",
-  sample_max_value=1.5,
-  thresholding=True,
-  trained_betas=None,
-  variance_type="learned_range",
-)
+# What a bare UNet folder samples with unless told otherwise: IF's released
+# scheduler config (stage II: sample_max_value IF_II_MAX_VALUE).
+IF_SCHEDULER = if_config.IF_SCHEDULER
 IF_II_MAX_VALUE = 1.0
 IF_NOISING_SCHEDULER = dict(
   _class_name="DDPMScheduler",

@@ -7,7 +7,9 @@ with its weights, ``scheduler/scheduler_config.json`` and, usually,
 ``diffusers_config_to_model`` maps ``UNet2DConditionModel``'s config in IF's
 configuration (ResnetDownsampleBlock2D / SimpleCrossAttn blocks) onto the
 fields of ``imagen_jax.models.UNetConfig``; anything else is an error that
-names what is not supported.
+names what is not supported. ``IF_SCHEDULER`` is IF's released scheduler config.
+
+Imports neither jax nor flax: tools/ (run in a PyTorch venv) import it too.
 """
 
 import dataclasses
@@ -38,6 +40,27 @@ REQUIRED = dict(
   num_class_embeds=None,
   num_attention_heads=None,
   attention_type="default",
+)
+# The scheduler/scheduler_config.json of IF's released pipelines (IF-I-*, IF-II-*;
+# diffusers' DDPMScheduler): what a bare UNet folder samples with unless told
+# otherwise, what the benchmarks and the test fixtures write. Stage II differs only in
+# sample_max_value (1.0).
+IF_SCHEDULER = dict(
+  _class_name="DDPMScheduler",
+  beta_end=0.02,
+  beta_schedule="squaredcos_cap_v2",
+  beta_start=0.0001,
+  clip_sample=True,
+  clip_sample_range=1.0,
+  dynamic_thresholding_ratio=0.95,
+  num_train_timesteps=1000,
+  prediction_type="epsilon",
+  sample_max_value=1.5,
+  steps_offset=0,
+  thresholding=True,
+  timestep_spacing="leading",
+  trained_betas=None,
+  variance_type="learned_range",
 )
 
 

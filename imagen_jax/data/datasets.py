@@ -23,6 +23,12 @@ from imagen_jax.data import image_captions as image_captions_lib
 from imagen_jax.data import shapes_builder, streaming
 
 _log = logging.getLogger(__name__)
+
+
+def _custom_config_filter(record: logging.LogRecord) -> bool:
+  return not str(record.msg).startswith("Using custom data configuration")
+
+
 FILE_FORMAT = "array_record"
 # Dataset name -> keyword arguments its config accepts.
 BUILDER_KWARGS: dict[str, tuple[str, ...]] = {
@@ -70,7 +76,14 @@ def load_builder(name: str, data_dir: str | os.PathLike, **kwargs) -> tfds.core.
     config = _config(name, kwargs)
     if config.name in cls.builder_configs:  # TFDS wants predefined by name.
       config = config.name
-    return cls(config=config, data_dir=data_dir, file_format=FILE_FORMAT)
+    # Configs named by their settings are ours by design: drop TFDS's warning that
+    # a config is not predefined (on the absl logger, this call only).
+    absl_log = logging.getLogger("absl")
+    absl_log.addFilter(_custom_config_filter)
+    try:
+      return cls(config=config, data_dir=data_dir, file_format=FILE_FORMAT)
+    finally:
+      absl_log.removeFilter(_custom_config_filter)
   if kwargs:
     raise TypeError(
       f"Settings {sorted(kwargs)} only apply to {sorted(BUILDER_KWARGS)}, not to {name!r}."
@@ -291,7 +304,9 @@ def stored_sides(builder: tfds.core.DatasetBuilder) -> tuple[int, int] | None:
   return None
 
 
-def check_resolution(builder: tfds.core.DatasetBuilder, resolution: int) -> None:
+def check_resolution(
+  builder: tfds.core.DatasetBuilder, resolution: int, downscale: bool = False
+) -> None:
   """Warns when the pipeline's resolution does not match the stored images.
 
   Images smaller than `resolution` are upsampled (blurry); for `shapes` any
@@ -300,16 +315,22 @@ def check_resolution(builder: tfds.core.DatasetBuilder, resolution: int) -> None
   Args:
     builder: a prepared builder.
     resolution: the side the pipeline produces (the stage's resolution).
+    downscale: stored sides that are an integer multiple of `resolution` are
+      intended (`config.data.downscale`: a cascade's lower stages read its top
+      stage's data): no warning for them.
   """
   sides = stored_sides(builder)
   if sides is None:
     return
   small, large = sides
+  if downscale and small > resolution and small % resolution == 0:
+    return
   if builder.name == "shapes" and small != resolution:
     _log.warning(
       "Dataset %s stores %dx%d images but the pipeline resolution is %d; "
       "they will be resized. Prepare shapes with resolution=%d to avoid "
-      "it.",
+      "it (or set config.data.downscale=True when the stage reads a larger "
+      "stage's data on purpose).",
       builder.info.full_name,
       small,
       small,

@@ -263,6 +263,7 @@ def build_input(
   process_index: int = 0,
   process_count: int = 1,
   builder_kwargs: Mapping[str, Any] | None = None,
+  downscale: bool = False,
   **kwargs,
 ) -> grain.IterDataset:
   """Loads a prepared dataset and builds its pipeline.
@@ -278,6 +279,8 @@ def build_input(
     process_index: this process.
     process_count: number of processes.
     builder_kwargs: builder settings as in `datasets.load_builder`.
+    downscale: reading stored images an integer factor larger than `resolution`
+      is intended (`datasets.check_resolution` does not warn).
     **kwargs: passed on to `make_dataset`.
 
   Returns:
@@ -288,7 +291,7 @@ def build_input(
   """
   builder = datasets.load_builder(name, data_dir, **(builder_kwargs or {}))
   datasets.require_prepared(builder)
-  datasets.check_resolution(builder, resolution)
+  datasets.check_resolution(builder, resolution, downscale)
   source = builder.as_data_source(split=split)
   return make_dataset(
     source,
@@ -341,7 +344,7 @@ def train_input(
 
   Args:
     data: `config.data` (name, data_dir, split, builder_kwargs, prepare, src,
-      seed).
+      seed, downscale).
     resolution: side R of the produced images (the stage's resolution).
     batch_size: per-process batch size.
     process_index: this process.
@@ -378,6 +381,7 @@ def train_input(
     process_index=process_index,
     process_count=process_count,
     builder_kwargs=settings,
+    downscale=bool(data.get("downscale", False)),
     **kwargs,
   )
 

@@ -219,8 +219,10 @@ class CLIPScorer:
       FileNotFoundError: the folder or one of its files is missing (named).
       ValueError: a tensor missing or of the wrong shape (named, with the expected shape).
     """
-    from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
     from imagen_jax.eval import features  # pylint: disable=g-import-not-at-top
+    from imagen_jax.text.encoder import import_transformers  # pylint: disable=g-import-not-at-top
+
+    AutoTokenizer = import_transformers().AutoTokenizer  # noqa: N806
 
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):

@@ -13,6 +13,7 @@ rules are given); inside a training step call `encode_tokens` or apply
 
 import logging
 import os
+import sys
 import threading
 from typing import Any, Mapping, Sequence
 
@@ -54,9 +55,27 @@ def resolve_dtype(dtype: Any) -> Any:
   raise ValueError(f"unknown dtype {dtype!r} for the T5 encoder; expected float32 or bfloat16")
 
 
+def _drop_torch_advice(record: logging.LogRecord) -> bool:
+  return not record.getMessage().startswith("PyTorch was not found")
+
+
+def import_transformers():
+  """``transformers``, imported without its "PyTorch was not found" advice.
+
+  We use its tokenizers only, never its PyTorch models, so that line (logged by
+  ``import transformers`` when torch is absent) is noise on every first screen.
+  Only that message is filtered, on the library's own logger.
+  """
+  if "transformers" not in sys.modules:
+    logging.getLogger("transformers").addFilter(_drop_torch_advice)
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  return transformers
+
+
 def _load_tokenizer(path: str):
   """Loads a local tokenizer (sentencepiece-style T5 or ByT5), never downloading."""
-  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+  AutoTokenizer = import_transformers().AutoTokenizer  # noqa: N806
 
   if not os.path.isdir(path) or not any(
     os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES
@@ -66,9 +85,7 @@ def _load_tokenizer(path: str):
 
 
 def _byt5_tokenizer():
-  from transformers import ByT5Tokenizer  # pylint: disable=g-import-not-at-top
-
-  return ByT5Tokenizer()
+  return import_transformers().ByT5Tokenizer()
 
 
 def locality_bias(config: T5Config, slopes: Sequence[float]) -> jax.Array:
