@@ -23,7 +23,8 @@ start JAX's multi-process runtime explicitly; without them it is detected
 topology T with the TPU compiler (needs libtpu; no TPU, no data, no workdir)
 and prints one line per stage: peak bytes per chip, whether it fits the chip's
 HBM, the compiler's estimated step time; --save_compiled PATH also writes the
-serialized executable (one stage). Refused in one line (exit 2) without libtpu.
+serialized executable (one stage). Exit 1 when a stage does not fit or does not
+compile; refused in one line (exit 2) without libtpu.
 """
 
 import os
@@ -101,7 +102,6 @@ def compile_only(args, config) -> int:
   from imagen_jax.train import aot  # pylint: disable=import-outside-toplevel
 
   topo = topology.parse(args.topology, args.num_slices)
-  topology.require_libtpu()
   names = args.stage or list(config.stage_order)
   unknown = [n for n in names if n not in config.stages]
   if unknown:
@@ -110,13 +110,17 @@ def compile_only(args, config) -> int:
     raise cli.UsageError(f"--save_compiled writes one stage's executable; pick one of {names}")
   for name in names:  # bad mesh or batch: one line before anything compiles
     aot.check_config(config, name, topo)
+  topology.require_libtpu()
   devices = topology.devices(topo)
+  ok = True
   for name in names:
     report, compiled = aot.compile_config(config, name, topo, devices)
-    if compiled is not None and args.save_compiled:
+    saved = compiled is not None and bool(args.save_compiled)
+    if saved:
       aot.save_compiled(compiled, args.save_compiled)
-    print(aot.one_line(report) + (f"; saved {args.save_compiled}" if args.save_compiled else ""))
-  return 0
+    print(aot.one_line(report) + (f"; saved {args.save_compiled}" if saved else ""))
+    ok = ok and report.status == "ok"
+  return 0 if ok else 1
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -85,7 +85,7 @@ def parse(name: str, num_slices: int = 1) -> Topology:
     raise TopologyError(f"--topology={name!r}: unknown TPU generation {gen!r}; expected {accepted}")
   dims = tuple(int(d) for d in dims_text.split("x"))
   if min(dims) < 1:
-    raise TopologyError(f"--topology={name!r}: every dimension must be >= 1")
+    raise TopologyError(f"--topology={name!r}: every dimension must be >= 1; expected {accepted}")
   if num_slices < 1:
     raise TopologyError(f"--num_slices={num_slices} must be >= 1")
   dims = dims + (1,) * (3 - len(dims))
@@ -106,9 +106,10 @@ def require_libtpu() -> None:
     )
 
 
-# libtpu, loaded for a compile-only topology on a machine without TPUs, looks for
-# these and prints warnings when they are missing; they have no other effect here.
-_QUIET_ENV = {"TPU_WORKER_HOSTNAMES": "localhost"}
+# libtpu, loaded for a compile-only topology on a machine without TPUs: without a
+# worker list it prints an error line; and it takes a machine-wide lock file unless
+# told that several processes may load it (nothing here owns a TPU).
+_QUIET_ENV = {"TPU_WORKER_HOSTNAMES": "localhost", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 
 
 def devices(topology: Topology) -> list:
