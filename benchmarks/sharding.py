@@ -625,6 +625,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     help="compile for this TPU topology instead of running here (e.g. v5p:4x4x4; needs libtpu)",
   )
   p.add_argument("--num_slices", type=int, default=1, help="--topology: number of slices")
+  p.add_argument(
+    "--attention_impl",
+    help="--topology: the stage's model.attention_impl for the compile (default: the config's)",
+  )
   try:
     args, rest = p.parse_known_args(argv)
     config = cli.config_from_args(args, rest)
@@ -690,6 +694,7 @@ def topology_main(args, config) -> int:
     row, _ = aot.compile_train(
       config, stage, topo, devices, mesh, parallel.logical_rules(strategy),
       strategy=strategy, batch=batch, grad_accum=k, remat=remat, flops=flops,
+      attn=args.attention_impl,
     )  # fmt: skip
     tqdm.tqdm.write(f"  {strategy} accum={k} remat={remat or 'config'}: {row.status}")
     rows.append(row)
@@ -703,6 +708,7 @@ def _topology_meta(args, stage: str, batch: int, flops) -> dict:
   from benchmarks import topology_rows  # pylint: disable=import-outside-toplevel
 
   extra = {"stage": stage, "batch": batch, "num_slices": args.num_slices, "model_flops": flops}
+  extra["attention_impl"] = args.attention_impl or "config"
   return topology_rows.meta("benchmarks.sharding", args.topology, extra)
 
 

@@ -304,9 +304,11 @@ def compile_train(
   grad_accum: int = 1,
   remat: Optional[str] = None,
   flops: Optional[float] = None,
+  attn: Optional[str] = None,
 ) -> tuple[Report, Any]:
   """Compiles the stage's train step for the topology (bad input was checked by
-  ``topo_lib.check_mesh`` / ``check_batch`` before); never raises for the program."""
+  ``topo_lib.check_mesh`` / ``check_batch`` before); never raises for the program.
+  ``attn``: the stage's ``model.attention_impl`` for this compile (None: the config's)."""
   report = Report(
     kind="train",
     stage=stage_name,
@@ -321,7 +323,7 @@ def compile_train(
     model_flops=flops,
     loop_trips=grad_accum,
   )
-  cfg = with_overrides(config, stage_name, remat=remat, grad_accum=grad_accum)
+  cfg = with_overrides(config, stage_name, remat=remat, grad_accum=grad_accum, attn=attn)
   mesh = topo_lib.make_mesh(mesh_shape, devices)
   with attention.target_platform("tpu"):
     step_fn, args, shardings, abstract = train_program(cfg, stage_name, mesh, rules, batch)
