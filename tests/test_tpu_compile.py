@@ -83,7 +83,7 @@ def _run(main, argv, capsys):
 
 def test_cli_bad_input_one_line(config_path, capsys):
   import train
-  from benchmarks import sharding
+  from benchmarks import sampling, sharding
 
   cases = [
     (sharding.main, ["--config", config_path, "--topology", "v7x:2x2"], "unknown TPU generation"),
@@ -91,6 +91,11 @@ def test_cli_bad_input_one_line(config_path, capsys):
       sharding.main,
       ["--config", config_path, "--topology", "v5e:2x2", "--strategies", "dp", "--batch", "6"],
       "--batch=6 does not divide over the data-parallel size 4",
+    ),
+    (
+      sampling.main,
+      ["--config", config_path, "--topology", "v5e:2x2", "--batch", "3"],
+      "--batch=3 does not divide over the data-parallel size 4",
     ),
     (
       train.main,
@@ -197,3 +202,30 @@ def test_compile_only_cli_saves_the_executable(config_path, tmp_path, capsys):
   assert len(out.splitlines()) == 1 and "stage base: train step for v5e:1x1" in out
   assert "fits" in out and "compiler's estimate" in out
   assert os.path.getsize(path) > 1000
+
+
+_JSON_KEYS = (
+  "strategy topology chips status fits hbm_bytes state_bytes peak_bytes model_flops est_step_s "
+  "est_images_per_s_per_chip est_mfu"
+).split()
+
+
+@needs_libtpu
+def test_benchmark_clis_write_rows(config_path, tmp_path, capsys):
+  import json
+
+  from benchmarks import sampling, sharding
+
+  path = str(tmp_path / "train.json")
+  argv = ["--config", config_path, "--topology", "v5e:1x1", "--strategies", "dp", "--json", path]
+  code, out, err = _run(sharding.main, argv, capsys)
+  assert code == 0, err
+  assert "est step s (compiler)" in out and "| base | dp | data 1 | 1 |" in out
+  (row,) = json.load(open(path))["rows"]
+  assert all(k in row for k in _JSON_KEYS) and row["status"] == "ok" and row["chips"] == 1
+  path = str(tmp_path / "sample.json")
+  argv = ["--config", config_path, "--topology", "v5e:1x1", "--batch", "2", "--json", path]
+  code, out, err = _run(sampling.main, argv, capsys)
+  assert code == 0, err
+  (row,) = json.load(open(path))["rows"]
+  assert row["kind"] == "sample" and row["fits"] and row["steps"] == 2 and row["est_step_s"] > 0
