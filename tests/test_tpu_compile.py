@@ -229,3 +229,24 @@ def test_benchmark_clis_write_rows(config_path, tmp_path, capsys):
   assert code == 0, err
   (row,) = json.load(open(path))["rows"]
   assert row["kind"] == "sample" and row["fits"] and row["steps"] == 2 and row["est_step_s"] > 0
+
+
+def test_collectives_read_from_the_module_structure():
+  """On the 8 fake CPU devices: a row-sharded matmul's sum all-reduces, its gather
+  of the sharded weight all-gathers; byte counts from the operands' shapes."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from imagen_jax.parallel import hlo
+
+  assert hlo.shape_bytes("bf16[8,16]{1,0:T(8,128)(2,1)}") == 256
+  assert hlo.shape_bytes(hlo._shape_text("%t = (f32[4]{0}, s8[2,2]{1,0}) tuple(%a, %b)")) == 20
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("x",))
+  rows = NamedSharding(mesh, P("x"))
+  f = jax.jit(lambda x, w: jnp.sum(x @ w), in_shardings=(rows, rows))
+  x, w = jax.ShapeDtypeStruct((64, 32), jnp.float32), jax.ShapeDtypeStruct((32, 32), jnp.float32)
+  out = hlo.collective_bytes(f.lower(x, w).compile())
+  assert set(out) == set(hlo.COLLECTIVES)
+  assert out["all-reduce"] == 4 and out["all-gather"] == 32 * 32 * 4 // 8  # a scalar; w's shard
