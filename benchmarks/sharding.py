@@ -32,6 +32,13 @@ fsdp_tp = (fsdp N/T, tensor T), T = ``--tensor`` (default 2). A strategy whose
 compiled program exceeds the device memory, or whose run fails with an
 out-of-memory error, is reported as such; the other rows still run.
 
+``--topology v5p:4x4x4 [--num_slices N] [--attention_impl xla]`` (needs libtpu)
+compiles every row for that TPU topology's chips instead and runs nothing: per
+chip the state bytes, the TPU compiler's argument / temporary / peak bytes
+against the chip's HBM (a row that does not fit says by how much), collective
+bytes, model FLOPs, and the compiler's estimated step time, images/s per chip
+and MFU (``imagen_jax.train.aot``; ``benchmarks.topology_rows`` prints them).
+
 On a CPU, ``--devices N`` makes N host devices (XLA's
 ``--xla_force_host_platform_device_count``); they share the machine's cores, so
 their step times compare the strategies' overheads, not a pod's speed.
