@@ -4,6 +4,8 @@
       [--config.train.num_steps=N] [--config.train.batch_size=B]
       [--config.train.checkpoint_every=K] [--config.mesh.strategy=fsdp]
       [--coordinator_address HOST:PORT --num_processes N --process_id I]
+  python train.py --config configs/base64.py --compile_only --topology v5p:4x4x4
+      [--num_slices N] [--save_compiled PATH] [--stage NAME]
 
 Without --stage every stage trains in cascade order. Re-running the same
 command resumes from the last readable checkpoints. SIGTERM saves a checkpoint
@@ -17,6 +19,13 @@ Each is one line, ``train.py: error: ...``.
 One process per host: --coordinator_address/--num_processes/--process_id
 start JAX's multi-process runtime explicitly; without them it is detected
 (Cloud TPU pods, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS).
+
+--compile_only --topology T compiles each stage's train step for the TPU
+topology T with the TPU compiler (needs libtpu; no TPU, no data, no workdir)
+and prints one line per stage: peak bytes per chip, whether it fits the chip's
+HBM, the compiler's estimated step time; --save_compiled PATH also writes the
+serialized executable (one stage). Exit 1 when a stage does not fit or does not
+compile; refused in one line (exit 2) without libtpu.
 """
 
 import os
@@ -42,6 +51,7 @@ from typing import Optional, Sequence  # noqa: E402
 
 from imagen_jax import cli, lockfile  # noqa: E402
 from imagen_jax.data import corpus  # noqa: E402
+from imagen_jax.parallel import topology  # noqa: E402
 from imagen_jax.train import checkpoint, distributed, guard, signals, trainer  # noqa: E402
 from imagen_jax.train import validate  # noqa: E402
 
@@ -60,7 +70,7 @@ def parse_args(argv: Optional[Sequence[str]]):
   """(flags, config) from the command line; config overrides applied."""
   p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0])
   cli.add_config_arg(p)
-  p.add_argument("--workdir", required=True, help="directory for checkpoints and metrics")
+  p.add_argument("--workdir", help="directory for checkpoints and metrics (required to train)")
   p.add_argument(
     "--stage",
     action="append",
@@ -76,8 +86,44 @@ def parse_args(argv: Optional[Sequence[str]]):
     default=300.0,
     help="seconds to wait for the coordinator and every process",
   )
+  p.add_argument("--compile_only", action="store_true", help="compile for --topology, run nothing")
+  p.add_argument("--topology", help="--compile_only: a TPU topology, e.g. v5p:4x4x4")
+  p.add_argument("--num_slices", type=int, default=1, help="--compile_only: slices of --topology")
+  p.add_argument("--save_compiled", help="--compile_only: write the serialized executable here")
   args, rest = p.parse_known_args(argv)
+  if args.compile_only and not args.topology:
+    raise cli.UsageError("--compile_only needs --topology (e.g. v5p:4x4x4)")
+  if not args.compile_only and (args.topology or args.save_compiled):
+    raise cli.UsageError("--topology and --save_compiled go with --compile_only")
+  if not args.compile_only and not args.workdir:
+    raise cli.UsageError("--workdir is required (except with --compile_only)")
   return args, cli.config_from_args(args, rest)
+
+
+def compile_only(args, config) -> int:
+  """--compile_only: one line per stage (imagen_jax.train.aot); bad input raises."""
+  from imagen_jax.train import aot  # pylint: disable=import-outside-toplevel
+
+  topo = topology.parse(args.topology, args.num_slices)
+  names = args.stage or list(config.stage_order)
+  unknown = [n for n in names if n not in config.stages]
+  if unknown:
+    raise cli.UsageError(f"--stage {unknown}: not in the config; it has {list(config.stages)}")
+  if args.save_compiled and len(names) != 1:
+    raise cli.UsageError(f"--save_compiled writes one stage's executable; pick one of {names}")
+  for name in names:  # bad mesh or batch: one line before anything compiles
+    aot.check_config(config, name, topo)
+  topology.require_libtpu()
+  devices = topology.devices(topo)
+  ok = True
+  for name in names:
+    report, compiled = aot.compile_config(config, name, topo, devices)
+    saved = compiled is not None and bool(args.save_compiled)
+    if saved:
+      aot.save_compiled(compiled, args.save_compiled)
+    print(aot.one_line(report) + (f"; saved {args.save_compiled}" if saved else ""))
+    ok = ok and report.status == "ok"
+  return 0 if ok else 1
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -85,6 +131,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   logging.getLogger("absl").setLevel(logging.WARNING)
   try:
     args, config = parse_args(argv)
+    if args.compile_only:
+      return compile_only(args, config)
     # Before our signal handler: the runtime may install its own, which ours replaces.
     distributed.initialize(
       args.coordinator_address,
@@ -92,7 +140,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       args.process_id,
       timeout_s=args.distributed_timeout,
     )
-  except (cli.UsageError, distributed.LaunchError) as e:
+  except (cli.UsageError, distributed.LaunchError, topology.TopologyError) as e:
     print(f"train.py: error: {e}", file=sys.stderr, flush=True)
     return 2
   with signals.StopSignals() as stop:

@@ -12,6 +12,17 @@ not grow with the step count.
 
 Parameters come from ``--workdir`` (a trained run) or, without it, from a
 random initialization: compile and run time do not depend on the values.
+
+  python -m benchmarks.sampling --topology v5e:1x1 (--workdir RUN | --config C) \
+      [--batch 4] [--steps 64] [--strategy dp] [--json out.json]
+
+With ``--topology`` (needs libtpu) nothing runs: each stage's whole jitted
+sampling loop (``Stage.sample`` with the stage's sample settings, guidance
+doubling and low-res inputs as the cascade calls it) is compiled for the TPU
+topology; reported per chip: params bytes, the compiler's argument / temporary /
+peak bytes, HBM fit, and the compiler's estimated seconds per image batch (its
+cost model counts the loop body once: × steps). The config is the run's
+(``--workdir``) or ``--config``; only shapes are used, no weights are read.
 """
 
 import argparse
@@ -24,6 +35,7 @@ from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
+import tqdm
 
 from benchmarks.common import cpu_model, markdown_table
 from imagen_jax import cascade as cascade_lib
@@ -104,18 +116,69 @@ def format_table(rows: Sequence[dict]) -> str:
   return markdown_table(head, table)
 
 
+def topology_main(args) -> int:
+  """``--topology``: one compile per stage (``imagen_jax.train.aot.compile_sample``)."""
+  from benchmarks import topology_rows  # pylint: disable=import-outside-toplevel
+  from imagen_jax.parallel import topology as topo_lib  # pylint: disable=import-outside-toplevel
+  from imagen_jax.train import aot  # pylint: disable=import-outside-toplevel
+
+  topo = topo_lib.parse(args.topology, args.num_slices)
+  config = (
+    run_lib.read_config(args.workdir) if args.workdir else config_lib.load_config(args.config)
+  )
+  steps = [int(s) for s in args.steps.split(",") if s.strip()] if args.steps else [None]
+  mesh = topo_lib.strategy_mesh(args.strategy, topo.chips)
+  topo_lib.check_batch(args.batch, aot.dp_size(mesh))
+  devices = topo_lib.devices(topo)
+  rows = []
+  plans = [(n, k) for k in steps for n in config.stage_order]
+  for name, k in tqdm.tqdm(plans, desc=f"compile for {topo.name}", unit="stage"):
+    row, _ = aot.compile_sample(
+      config, name, topo, devices, batch=args.batch, strategy=args.strategy, steps=k
+    )
+    tqdm.tqdm.write(f"  {name} steps={row.steps}: {row.status}")
+    rows.append(row)
+  extra = {"batch": args.batch, "source": args.workdir or args.config}
+  topology_rows.report(
+    topology_rows.meta("benchmarks.sampling", args.topology, extra), rows, args.json
+  )
+  return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(
     prog="python -m benchmarks.sampling", description=__doc__.split("\n\n")[0]
   )
-  parser.add_argument("--config", required=True, help="cascade config, path.py[:variant]")
+  parser.add_argument("--config", help="cascade config, path.py[:variant]")
   parser.add_argument(
-    "--steps", default="25,50,100,200", help="comma-separated step counts (every stage uses each)"
+    "--topology", help="compile for this TPU topology (e.g. v5e:1x1), run nothing"
   )
-  parser.add_argument("--batch", type=int, default=16, help="images per sample call")
+  parser.add_argument("--num_slices", type=int, default=1, help="--topology: number of slices")
+  parser.add_argument("--strategy", default="dp", help="--topology: params sharding preset")
+  parser.add_argument(
+    "--steps",
+    help="comma-separated step counts (every stage uses each; default 25,50,100,200, "
+    "with --topology the config's)",
+  )
+  parser.add_argument("--batch", type=int, help="images per sample call (16; --topology: chips)")
   parser.add_argument("--workdir", default=None, help="trained run (default: random params)")
   parser.add_argument("--json", default=None, help="also write the rows to this file")
   args = parser.parse_args(argv)
+  if not args.config and not (args.topology and args.workdir):
+    print("error: --config is required (with --topology: --config or --workdir)", file=sys.stderr)
+    return 2
+  if args.topology:
+    from imagen_jax.parallel import topology as topo_lib  # pylint: disable=import-outside-toplevel
+
+    try:
+      if args.batch is None:
+        args.batch = topo_lib.parse(args.topology, args.num_slices).chips
+      return topology_main(args)
+    except (ValueError, FileNotFoundError) as err:
+      print(f"error: {err}", file=sys.stderr)
+      return 2
+  args.batch = 16 if args.batch is None else args.batch
+  args.steps = args.steps or "25,50,100,200"
   try:
     steps = [int(s) for s in args.steps.split(",") if s.strip()]
     if not steps or min(steps) < 1:

@@ -32,6 +32,13 @@ fsdp_tp = (fsdp N/T, tensor T), T = ``--tensor`` (default 2). A strategy whose
 compiled program exceeds the device memory, or whose run fails with an
 out-of-memory error, is reported as such; the other rows still run.
 
+``--topology v5p:4x4x4 [--num_slices N] [--attention_impl xla]`` (needs libtpu)
+compiles every row for that TPU topology's chips instead and runs nothing: per
+chip the state bytes, the TPU compiler's argument / temporary / peak bytes
+against the chip's HBM (a row that does not fit says by how much), collective
+bytes, model FLOPs, and the compiler's estimated step time, images/s per chip
+and MFU (``imagen_jax.train.aot``; ``benchmarks.topology_rows`` prints them).
+
 On a CPU, ``--devices N`` makes N host devices (XLA's
 ``--xla_force_host_platform_device_count``); they share the machine's cores, so
 their step times compare the strategies' overheads, not a pod's speed.
@@ -72,6 +79,7 @@ if __name__ == "__main__":
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import tqdm  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from benchmarks.common import cpu_model, hlo_instructions, markdown_table  # noqa: E402
@@ -619,9 +627,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   )
   p.add_argument("--grad_accum", default="1", help="microbatch counts K to compare, e.g. 1,2,4")
   p.add_argument("--json", help="also write the results to this JSON file")
+  p.add_argument(
+    "--topology",
+    help="compile for this TPU topology instead of running here (e.g. v5p:4x4x4; needs libtpu)",
+  )
+  p.add_argument("--num_slices", type=int, default=1, help="--topology: number of slices")
+  p.add_argument(
+    "--attention_impl",
+    help="--topology: the stage's model.attention_impl for the compile (default: the config's)",
+  )
   try:
     args, rest = p.parse_known_args(argv)
     config = cli.config_from_args(args, rest)
+    if args.topology:
+      return topology_main(args, config)
     meta, rows = run(
       config,
       args.stage,
@@ -647,6 +666,57 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with open(args.json, "w") as f:
       json.dump({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
   return 0
+
+
+def topology_main(args, config) -> int:
+  """``--topology``: every (remat, strategy, grad_accum) row compiled for the TPU
+  topology (``imagen_jax.train.aot``), nothing run; ValueError for bad input."""
+  from benchmarks import topology_rows  # pylint: disable=import-outside-toplevel
+  from imagen_jax.parallel import topology as topo_lib  # pylint: disable=import-outside-toplevel
+  from imagen_jax.train import aot  # pylint: disable=import-outside-toplevel
+
+  topo = topo_lib.parse(args.topology, args.num_slices)
+  stage = args.stage or config.stage_order[0]
+  if stage not in config.stages:
+    raise ValueError(
+      f"--stage={stage!r} is not a stage of the config; it has {list(config.stages)}"
+    )
+  batch = int(args.batch or config.train.batch_size)
+  remats = _csv(args.remat) or [None]
+  bad = [r for r in remats if r is not None and r not in REMAT_POLICIES]
+  if bad:
+    raise ValueError(f"--remat: unknown policies {bad}; expected some of {sorted(REMAT_POLICIES)}")
+  plans = []
+  for strategy in _csv(args.strategies):
+    mesh = topo_lib.strategy_mesh(strategy, topo.chips, args.tensor)
+    topo_lib.check_mesh(mesh, topo)
+    for k in (int(k) for k in _csv(args.grad_accum)):
+      topo_lib.check_batch(batch, aot.dp_size(mesh), k)
+      plans += [(r, strategy, mesh, k) for r in remats]
+  devices = topo_lib.devices(topo)
+  print(f"model FLOPs of the {stage} step at batch {batch} ...", flush=True)
+  flops = aot.model_flops(config, stage, batch)
+  rows = []
+  for remat, strategy, mesh, k in tqdm.tqdm(plans, desc=f"compile for {topo.name}", unit="row"):
+    row, _ = aot.compile_train(
+      config, stage, topo, devices, mesh, parallel.logical_rules(strategy),
+      strategy=strategy, batch=batch, grad_accum=k, remat=remat, flops=flops,
+      attn=args.attention_impl,
+    )  # fmt: skip
+    tqdm.tqdm.write(f"  {strategy} accum={k} remat={remat or 'config'}: {row.status}")
+    rows.append(row)
+    if args.json:  # rows so far, should a later one take too long
+      topology_rows.write_json(_topology_meta(args, stage, batch, flops), rows, args.json)
+  topology_rows.report(_topology_meta(args, stage, batch, flops), rows, args.json)
+  return 0
+
+
+def _topology_meta(args, stage: str, batch: int, flops) -> dict:
+  from benchmarks import topology_rows  # pylint: disable=import-outside-toplevel
+
+  extra = {"stage": stage, "batch": batch, "num_slices": args.num_slices, "model_flops": flops}
+  extra["attention_impl"] = args.attention_impl or "config"
+  return topology_rows.meta("benchmarks.sharding", args.topology, extra)
 
 
 if __name__ == "__main__":

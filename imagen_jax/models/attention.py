@@ -23,6 +23,8 @@ backend the platform lacks is a ValueError from ``check_impl`` (called when a
 ``UNetConfig`` is built), not an error inside tracing.
 """
 
+import contextlib
+import threading
 from typing import Optional
 
 import jax
@@ -38,6 +40,23 @@ CHUNKED_MIN_TS = 512 * 512
 # float32 logits per call (memory, not speed: see ``_fallback``).
 CHUNKED_MIN_LOGIT_BYTES = 4 << 30
 _NEG = float(jnp.finfo(jnp.float32).min)
+_TARGET = threading.local()
+
+
+@contextlib.contextmanager
+def target_platform(platform: str):
+  """Traces inside pick backends for ``platform`` ('tpu'), not the default backend:
+  a program compiled ahead of time for TPU devices on a CPU machine (``train.aot``)."""
+  before = getattr(_TARGET, "platform", None)
+  _TARGET.platform = platform
+  try:
+    yield
+  finally:
+    _TARGET.platform = before
+
+
+def _platform(platform: Optional[str]) -> str:
+  return platform or getattr(_TARGET, "platform", None) or jax.default_backend()
 
 
 def check_impl(impl: str, platform: Optional[str] = None) -> None:
@@ -49,7 +68,7 @@ def check_impl(impl: str, platform: Optional[str] = None) -> None:
   """
   if impl not in IMPLS:
     raise ValueError(f"unknown attention_impl {impl!r}; expected one of {IMPLS}")
-  platform = platform or jax.default_backend()
+  platform = _platform(platform)
   need = _PLATFORM_OF.get(impl)
   if need and platform != need:
     raise ValueError(
@@ -96,7 +115,7 @@ def _fallback(q, k, platform: str) -> str:
 
 def resolve_impl(impl: str, q, k, platform: Optional[str] = None) -> str:
   """The backend that runs a call of these shapes and dtypes (see module docstring)."""
-  platform = platform or jax.default_backend()
+  platform = _platform(platform)
   if impl == "auto":
     if platform == "gpu" and _cudnn_ok(q, k):
       return "cudnn"
