@@ -1,7 +1,9 @@
-"""Command line: DeepFloyd IF UNets from diffusers, and back.
+"""Command line: DeepFloyd IF UNets and Stable Diffusion pipelines from diffusers, and back.
 
   python -m imagen_jax.convert deepfloyd-if --src IF-I-XL-v1.0 --out converted/if_I \
       [--dtype bfloat16] [--variant fp16] [--lowres-resolution 64] [--scheduler DIR]
+  python -m imagen_jax.convert stable-diffusion --src stable-diffusion-v1-5 \
+      --out converted/sd15 [--dtype bfloat16] [--variant fp16]
   python -m imagen_jax.convert export-diffusers --src converted/if_I --out if_I_unet \
       [--stage if_I] [--dtype float16]
 
@@ -14,6 +16,13 @@ a diffusers ``UNet2DConditionModel`` folder (config.json +
 diffusion_pytorch_model.safetensors) from a converted stage or from a
 training run's stage (its latest EMA params) whose UNet is IF-layout.
 
+``stable-diffusion`` reads a diffusers StableDiffusionPipeline (1.x/2.x) or
+StableDiffusionUpscalePipeline folder (UNet, VAE, CLIP text encoder, schedulers) and
+writes ``--out/config.json`` and ``--out/params/{unet,vae,text_encoder}``
+(``imagen_jax.convert.stable_diffusion``); ``export-diffusers`` of such a folder writes
+the diffusers pipeline folder back. Warnings (e.g. a VAE without a plausible
+scaling_factor) are one line each on stderr.
+
 ``--out`` appears only when the whole command succeeded. On failure: one line
 naming the file or stage and the problem, exit status 2.
 """
@@ -23,7 +32,11 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from imagen_jax.convert import deepfloyd_if, if_export
+import json
+import os
+import warnings
+
+from imagen_jax.convert import deepfloyd_if, if_export, sd_config, stable_diffusion
 
 EXIT_ERROR = 2
 
@@ -59,10 +72,30 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     help="folder with the scheduler_config.json to use (or a pipeline folder "
     "with scheduler/); default: the pipeline's, else IF's for the stage",
   )
+  s = sub.add_parser(
+    "stable-diffusion", help="convert a diffusers Stable Diffusion pipeline folder"
+  )
+  s.add_argument(
+    "--src",
+    required=True,
+    help="StableDiffusionPipeline or StableDiffusionUpscalePipeline folder (model_index.json, "
+    "unet/, vae/, text_encoder/, scheduler/)",
+  )
+  s.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+  s.add_argument("--dtype", default="float32", choices=stable_diffusion.DTYPES)
+  s.add_argument(
+    "--variant",
+    default=None,
+    help="weights variant to read, e.g. fp16 (default: full precision, falling back to fp16)",
+  )
   e = sub.add_parser(
     "export-diffusers", help="write a diffusers UNet2DConditionModel folder from our params"
   )
-  e.add_argument("--src", required=True, help="a converted IF folder or a training run's workdir")
+  e.add_argument(
+    "--src",
+    required=True,
+    help="a converted IF or Stable Diffusion folder, or a training run's workdir",
+  )
   e.add_argument("--stage", default=None, help="stage name (needed when --src holds several)")
   e.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
   e.add_argument(
@@ -74,7 +107,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
+def _is_converted_sd(src: str) -> bool:
+  try:
+    with open(os.path.join(src, "config.json")) as f:
+      return json.load(f).get("format") == stable_diffusion.FORMAT
+  except (OSError, ValueError, AttributeError):
+    return False
+
+
 def _run(args: argparse.Namespace) -> str:
+  if args.command == "stable-diffusion":
+    out = stable_diffusion.convert(args.src, args.out, dtype=args.dtype, variant=args.variant)
+    return f"converted {args.src} -> {out} ({args.dtype})"
+  if _is_converted_sd(args.src):
+    out = stable_diffusion.export(args.src, args.out, dtype=args.dtype)
+    return f"exported {args.src} -> {out} (diffusers pipeline, {args.dtype})"
   if args.command == "deepfloyd-if":
     out = deepfloyd_if.convert(
       args.src,
@@ -96,7 +143,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
   start = time.time()
   try:
-    done = _run(args)
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always", sd_config.ConversionWarning)
+      done = _run(args)
+    for w in caught:
+      if not issubclass(w.category, sd_config.ConversionWarning):
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        continue
+      print("warning: " + " ".join(str(w.message).split()), file=sys.stderr)
   except (OSError, KeyError, ValueError) as e:
     msg = e.args[0] if isinstance(e, KeyError) and e.args else e
     print("error: " + " ".join(str(msg).split()), file=sys.stderr)

@@ -1,5 +1,7 @@
 """CLIP image and text towers in Flax, loaded from a local Hugging Face CLIP folder.
 
+The text tower is ``imagen_jax.text.clip`` (shared with Stable Diffusion's text encoder).
+
 The folder is what ``CLIPModel.save_pretrained`` plus the tokenizer and image
 processor write: ``config.json``, ``model.safetensors`` (or sharded),
 ``tokenizer.json`` / ``vocab.json`` + ``merges.txt``, ``preprocessor_config.json``.
@@ -20,7 +22,7 @@ so pixel values differ from it by up to ~1/255 before normalization.
 import dataclasses
 import json
 import os
-from typing import Optional, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -28,18 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from imagen_jax.safetensors_dir import WeightsReader
-
-
-@dataclasses.dataclass(frozen=True)
-class TowerConfig:
-  """One transformer tower (text or vision)."""
-
-  hidden_size: int
-  intermediate_size: int
-  num_layers: int
-  num_heads: int
-  act: str = "quick_gelu"
-  eps: float = 1e-5
+from imagen_jax.text.clip import CLIPTextConfig, Encoder, TextTransformer, TowerConfig, hf_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,19 +51,9 @@ class CLIPConfig:
     """Reads transformers' CLIPConfig dict (config.json)."""
     t, v = config["text_config"], config["vision_config"]
 
-    def tower(c):
-      return TowerConfig(
-        c["hidden_size"],
-        c["intermediate_size"],
-        c["num_hidden_layers"],
-        c["num_attention_heads"],
-        c.get("hidden_act", "quick_gelu"),
-        c.get("layer_norm_eps", 1e-5),
-      )
-
     return cls(
-      text=tower(t),
-      vision=tower(v),
+      text=TowerConfig.from_json(t),
+      vision=TowerConfig.from_json(v),
       vocab_size=t["vocab_size"],
       max_length=t.get("max_position_embeddings", 77),
       eos_token_id=t.get("eos_token_id", 2),
@@ -80,85 +61,6 @@ class CLIPConfig:
       patch_size=v["patch_size"],
       projection_dim=config.get("projection_dim", 512),
     )
-
-
-_ACTS = {
-  "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-  "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-}
-
-
-class Attention(nn.Module):
-  """Multi-head attention with q/k/v/out projections (biases), as CLIPAttention."""
-
-  config: TowerConfig
-
-  @nn.compact
-  def __call__(self, x: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
-    b, l, d = x.shape
-    h = self.config.num_heads
-    split = lambda t: t.reshape(b, l, h, d // h)  # noqa: E731
-    q = split(nn.Dense(d, name="q_proj")(x)) * (d // h) ** -0.5
-    k = split(nn.Dense(d, name="k_proj")(x))
-    v = split(nn.Dense(d, name="v_proj")(x))
-    logits = jnp.einsum("bqhc,bkhc->bhqk", q, k)
-    if bias is not None:
-      logits = logits + bias
-    out = jnp.einsum("bhqk,bkhc->bqhc", jax.nn.softmax(logits, -1), v).reshape(b, l, d)
-    return nn.Dense(d, name="out_proj")(out)
-
-
-class EncoderLayer(nn.Module):
-  config: TowerConfig
-
-  @nn.compact
-  def __call__(self, x: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
-    c = self.config
-    x = x + Attention(c, name="self_attn")(nn.LayerNorm(c.eps, name="layer_norm1")(x), bias)
-    return x + MLP(c, name="mlp")(nn.LayerNorm(c.eps, name="layer_norm2")(x))
-
-
-class MLP(nn.Module):
-  config: TowerConfig
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.Dense(self.config.intermediate_size, name="fc1")(x)
-    return nn.Dense(self.config.hidden_size, name="fc2")(_ACTS[self.config.act](x))
-
-
-class Encoder(nn.Module):
-  config: TowerConfig
-
-  @nn.compact
-  def __call__(self, x, bias=None):
-    for i in range(self.config.num_layers):
-      x = EncoderLayer(self.config, name=f"layers_{i}")(x, bias)
-    return x
-
-
-class TextTower(nn.Module):
-  """token ids [B, L] int, mask [B, L] → pooled hidden state [B, D]."""
-
-  config: CLIPConfig
-
-  @nn.compact
-  def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
-    c, t = self.config, self.config.text
-    l = ids.shape[1]
-    tok = nn.Embed(c.vocab_size, t.hidden_size, name="token_embedding")
-    pos = nn.Embed(c.max_length, t.hidden_size, name="position_embedding")
-    x = tok(ids) + pos(jnp.arange(l))[None]
-    allowed = jnp.tril(jnp.ones((l, l), bool))[None] & (mask[:, None, :] > 0)  # [B, q, k]
-    bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)[:, None]  # [B, 1, q, k]
-    x = Encoder(t, name="encoder")(x, bias)
-    x = nn.LayerNorm(t.eps, name="final_layer_norm")(x)
-    if c.eos_token_id == 2:  # configs from before the eos fix: the highest id is the eos
-      pos_eos = jnp.argmax(ids, -1)
-    else:
-      pos_eos = jnp.argmax((ids == c.eos_token_id).astype(jnp.int32), -1)
-    return x[jnp.arange(x.shape[0]), pos_eos]
 
 
 class VisionTower(nn.Module):
@@ -192,7 +94,10 @@ class CLIP(nn.Module):
   config: CLIPConfig
 
   def setup(self):
-    self.text_model = TextTower(self.config)
+    c = self.config
+    self.text_model = TextTransformer(
+      CLIPTextConfig(c.text, c.vocab_size, c.max_length, c.eos_token_id)
+    )
     self.vision_model = VisionTower(self.config)
     self.text_projection = nn.Dense(self.config.projection_dim, use_bias=False)
     self.visual_projection = nn.Dense(self.config.projection_dim, use_bias=False)
@@ -202,7 +107,7 @@ class CLIP(nn.Module):
 
   def encode_text(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
     """ids int [B, L], mask [B, L] → text_embeds [B, E]."""
-    return self.text_projection(self.text_model(ids, mask))
+    return self.text_projection(self.text_model(ids, mask)[1])
 
   def encode_image(self, pixels: jax.Array) -> jax.Array:
     """normalized pixels [B, S, S, 3] → image_embeds [B, E]."""
@@ -254,21 +159,6 @@ class Preprocess:
 # Loading a Hugging Face folder.
 
 
-def _hf_name(path: tuple[str, ...]) -> tuple[str, str]:
-  """Flax param path → (transformers tensor name, transform)."""
-  *mods, leaf = path
-  mods = [m.replace("layers_", "layers.") for m in mods]
-  if leaf == "class_embedding":
-    return ".".join(mods + ["embeddings", leaf]), "none"
-  if mods[-1] in ("token_embedding", "position_embedding", "patch_embedding"):
-    mods = mods[:-1] + ["embeddings", mods[-1]]
-  torch_leaf = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)
-  kind = "none"
-  if leaf == "kernel":
-    kind = "conv" if "patch_embedding" in path else "dense"
-  return ".".join(mods + [torch_leaf]), kind
-
-
 def _read(
   reader: WeightsReader, names: set, name: str, kind: str, shape: tuple, path: str
 ) -> np.ndarray:
@@ -301,12 +191,13 @@ def load_params(path: str, config: CLIPConfig) -> dict:
     jnp.ones((1, config.max_length), jnp.int32),
     jnp.zeros((1, s, s, 3), jnp.float32),
   )["params"]
+  abstract = nn.unbox(abstract)
   params: dict = {}
   with WeightsReader(path, weights_name="model") as reader:
     names = reader.keys()
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
       keys = tuple(k.key for k in key_path)
-      name, kind = _hf_name(keys)
+      name, kind = hf_name(keys)
       node = params
       for k in keys[:-1]:
         node = node.setdefault(k, {})
