@@ -1,5 +1,8 @@
 """Reading a run: its config, its stages' EMA parameters and checkpoint steps.
 
+(Over 400 lines: every run format a sampler reads, trained or converted, is read
+here in one place below the cascade.)
+
 Below both the trainer (which writes runs) and the cascade (which samples
 them). A "run" is either
 
