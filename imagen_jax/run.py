@@ -1,5 +1,8 @@
 """Reading a run: its config, its stages' EMA parameters and checkpoint steps.
 
+(Over 400 lines: every run format a sampler reads, trained or converted, is read
+here in one place below the cascade.)
+
 Below both the trainer (which writes runs) and the cascade (which samples
 them). A "run" is either
 
@@ -13,7 +16,12 @@ them). A "run" is either
   comma-separated list of such folders, stage I first, or a folder holding
   them as sub-folders. Its stages use the same stage-config schema as a
   trained run (``diffusion.kind = 'discrete'``), and the cascade config gets
-  the T5 recorded at conversion.
+  the T5 recorded at conversion;
+
+* a converted Stable Diffusion pipeline (``python -m imagen_jax.convert
+  stable-diffusion``, format ``imagen_jax/stable_diffusion``): ``read_sd_stage``
+  gives its latent stage config (``diffusion.kind = 'latent'``) and the params of
+  its UNet, VAE and CLIP text encoder.
 
 Paths go through ``etils.epath`` (as orbax and TFDS do), so a workdir may be a
 bucket (``gs://bucket/run``) that every host of a pod shares; local paths are
@@ -36,12 +44,24 @@ from etils import epath
 
 from imagen_jax import config as config_lib
 from imagen_jax import parallel
+from imagen_jax import stages
 
 _log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
 CONVERTED_FORMAT = "imagen_jax/deepfloyd_if"
 CONVERTED_PARAMS = "params"
+CONVERTED_SD_FORMAT = "imagen_jax/stable_diffusion"
+# diffusers scheduler class → the sampler a converted SD stage uses by default
+# (PNDM, SD 1.x's default, has no sampler here: its DDIM neighbour is used).
+SD_SAMPLERS = dict(
+  DDIMScheduler="ddim",
+  PNDMScheduler="ddim",
+  DDPMScheduler="ddpm",
+  DPMSolverMultistepScheduler="dpmpp_2m",
+  EulerDiscreteScheduler="euler",
+  HeunDiscreteScheduler="heun",
+)
 
 
 def config_fingerprint(stage_config: Any) -> str:
@@ -328,3 +348,92 @@ def load_ema_params(
     + "; ".join(failures)
     + ")"
   )
+
+
+def is_converted_sd(path: Any) -> bool:
+  """Whether ``path`` is one converted Stable Diffusion folder."""
+  f = epath.Path(path) / CONFIG_FILE
+  return _is_file(f) and _read_json(f).get("format") == CONVERTED_SD_FORMAT
+
+
+def _scheduler_section(s: dict) -> dict:
+  keys = ("beta_start", "beta_end", "num_train_steps", "set_alpha_to_one")
+  return dict(beta_schedule=s["schedule"], **{k: s[k] for k in keys})
+
+
+def sd_stage_config(converted: dict, folder: str) -> ml_collections.ConfigDict:
+  """The latent stage config of a converted SD folder's ``config.json`` ``stage``.
+
+  Resolution: the UNet's ``sample_size`` × the VAE factor (the x4 upscaler:
+  ``lowres_resolution`` = sample_size, the resolution 4× that); sampling defaults as
+  the diffusers pipelines (50 steps, guidance 7.5; the upscaler 75 steps, guidance 9
+  and noise level 100, IF's setting, capped by ``max_noise_level``).
+  """
+  upscaler = converted["pipeline"] == "StableDiffusionUpscalePipeline"
+  sched = converted["sampling"]["scheduler"]
+  factor = 2 ** (len(converted["vae"]["block_out_channels"]) - 1)
+  size = int(converted["diffusers"]["unet"].get("sample_size") or 64)
+  diffusion = dict(kind="latent", prediction=sched["prediction"], cond_drop=0.1)
+  diffusion.update(_scheduler_section(sched))
+  sample = dict(
+    sampler=SD_SAMPLERS.get(sched["scheduler_class"], "ddim"),
+    steps=75 if upscaler else 50,
+    spacing=sched["spacing"],
+    steps_offset=sched["steps_offset"],
+    guidance=9.0 if upscaler else 7.5,
+    threshold="none",
+    eta=0.0,
+  )
+  stage = dict(
+    name="x4" if upscaler else "sd",
+    resolution=size * factor,
+    source=os.fspath(as_path(folder)),
+    model=converted["model"],
+    vae=converted["vae"],
+    text_encoder=dict(folder=os.fspath(as_path(folder)), penultimate=False),
+    diffusion=diffusion,
+    sample=sample,
+  )
+  if upscaler:
+    stage["lowres_resolution"] = size
+    diffusion["low_res"] = _scheduler_section(converted["sampling"]["low_res_scheduler"])
+    diffusion["max_noise_level"] = int(converted["sampling"]["max_noise_level"])
+    sample["noise_level"] = min(100, diffusion["max_noise_level"])
+  return ml_collections.ConfigDict(stage)
+
+
+def read_sd_stage(folder: str, mesh=None, rules=None) -> tuple[ml_collections.ConfigDict, dict]:
+  """(stage config, params) of a converted Stable Diffusion folder.
+
+  Args:
+    folder: the ``convert`` output (config.json + params/{unet,vae,text_encoder}).
+    mesh, rules: place the UNet and VAE params sharded (None: default device).
+
+  Returns:
+    (config, {'unet', 'vae', 'text_encoder'}): ``stages.build_stage(config)`` samples
+    with {'unet', 'vae'}; the text encoder's params (unsharded) are for the CLIP tower
+    its ``text_encoder`` section names.
+
+  Raises:
+    ValueError: not a converted SD folder, or a checkpoint that does not restore.
+  """
+  meta_file = as_path(folder) / CONFIG_FILE
+  meta = _read_json(meta_file) if _is_file(meta_file) else {}
+  if meta.get("format") != CONVERTED_SD_FORMAT:
+    raise ValueError(
+      f"{meta_file}: format {meta.get('format')!r}, expected {CONVERTED_SD_FORMAT!r} "
+      "(python -m imagen_jax.convert stable-diffusion --src ... --out ...)"
+    )
+  config = sd_stage_config(meta["stage"], folder)
+  target = abstract_params(stages.build_stage(config), mesh, rules)
+  checkpointer = ocp.StandardCheckpointer()
+  params = {}
+  for part in ("unet", "vae", "text_encoder"):
+    path = as_path(folder) / CONVERTED_PARAMS / part
+    try:
+      params[part] = checkpointer.restore(path, target.get(part))
+    except Exception as e:  # orbax/tensorstore raise many kinds for a damaged checkpoint
+      raise ValueError(f"{path}: cannot restore ({' '.join(str(e).split())})") from None
+  if mesh is None:
+    params = jax.tree.map(jnp.asarray, params)
+  return config, params

@@ -69,13 +69,16 @@ def uniform_point(logsnr_fn, num_steps) -> Point:
   return point
 
 
-def timestep_point(timesteps, logsnr_table, num_steps) -> Point:
-  """Discrete grid over given integer timesteps, +inf log-SNR from i = n on.
+def timestep_point(timesteps, logsnr_table, num_steps, final_logsnr=jnp.inf) -> Point:
+  """Discrete grid over given integer timesteps, final_logsnr from i = n on.
 
   Args:
     timesteps: [L] int32, highest first, padded past n (traced).
     logsnr_table: [N] float32 (traced), from `discrete_logsnr_table`.
     num_steps: n <= L, [] int32 (traced).
+    final_logsnr: [] float32 (traced), the log-SNR the last step lands on:
+      +inf (x0), or diffusers DDIM's alphas_cumprod[0] when set_alpha_to_one
+      is false (Stable Diffusion's schedulers).
 
   Returns:
     point(i [] int32) -> (timestep [] int32, logsnr [] float32).
@@ -84,7 +87,7 @@ def timestep_point(timesteps, logsnr_table, num_steps) -> Point:
 
   def point(i):
     t = ts[jnp.clip(i, 0, ts.shape[0] - 1)]
-    return t, jnp.where(i >= num_steps, jnp.inf, logsnr_table[t])
+    return t, jnp.where(i >= num_steps, final_logsnr, logsnr_table[t])
 
   return point
 

@@ -24,7 +24,8 @@ takes the known pixels exactly (x = mask x + (1 - mask) known). A mask of
 ones leaves every step untouched (text-to-image or plain image-to-image).
 
 Random keys: rng -> (rng_init, rng_steps) = split(rng), as the samplers
-have always done; eps = normal(rng_init) is the starting noise, step i's own
+have always done; eps = normal(rng_init) is the starting noise (or the
+caller's own ``Edit.noise``: a pipeline's fixed starting latents), step i's own
 noise key is fold_in(rng_steps, i), and the inpainting noise of grid point j
 is normal(fold_in(fold_in(rng_init, 1), j)), a stream no step uses.
 """
@@ -104,12 +105,15 @@ class Edit(NamedTuple):
   strength: [] float32 in [0, 1] (unused without x_init).
   known: None or [B, H, W, C] float32, the image whose mask-0 pixels stay.
   mask: None or [B, H, W, 1] float32, 1 = regenerate (None iff known is None).
+  noise: None or [B, H, W, C] float32, the starting noise eps to use instead of
+    normal(rng_init).
   """
 
   x_init: Optional[jax.Array]
   strength: jax.Array
   known: Optional[jax.Array]
   mask: Optional[jax.Array]
+  noise: Optional[jax.Array] = None
 
 
 class Context(NamedTuple):
@@ -138,7 +142,7 @@ class Context(NamedTuple):
   start: jax.Array
 
 
-def make_edit(shape, x_init=None, strength=1.0, known=None, mask=None) -> Edit:
+def make_edit(shape, x_init=None, strength=1.0, known=None, mask=None, noise=None) -> Edit:
   """Checks and packs a sampler's image-to-image / inpainting arguments.
 
   Args:
@@ -148,6 +152,7 @@ def make_edit(shape, x_init=None, strength=1.0, known=None, mask=None) -> Edit:
     known: None or [B, H, W, C] float, the image to inpaint.
     mask: [B, H, W, 1] (or [B, H, W, C]) float or bool, 1 = regenerate;
       required with known.
+    noise: None or [B, H, W, C] float, the starting noise (default: drawn).
 
   Returns:
     An Edit of float32 arrays.
@@ -178,7 +183,11 @@ def make_edit(shape, x_init=None, strength=1.0, known=None, mask=None) -> Edit:
     mask = jnp.asarray(mask, jnp.float32)
   if x_init is not None:
     x_init = jnp.asarray(x_init, jnp.float32)
-  return Edit(x_init, scalar(strength, 1.0), known, mask)
+  if noise is not None:
+    if tuple(noise.shape) != shape:
+      raise ValueError(f"noise has shape {tuple(noise.shape)}, want {shape}.")
+    noise = jnp.asarray(noise, jnp.float32)
+  return Edit(x_init, scalar(strength, 1.0), known, mask, noise)
 
 
 def start_index(num_steps, strength) -> jax.Array:
@@ -240,7 +249,7 @@ def run(
   """
   rng_init, rng_steps = jax.random.split(rng)
   rng_known = jax.random.fold_in(rng_init, 1)
-  noise = jax.random.normal(rng_init, shape, jnp.float32)
+  noise = jax.random.normal(rng_init, shape, jnp.float32) if edit.noise is None else edit.noise
   n = jnp.asarray(num_steps, jnp.int32)
   start = first_index(n, edit)
   x = noise

@@ -156,6 +156,8 @@ class SamplerOptions(NamedTuple):
   logsnr_table: [N] float32, log(abar / (1 - abar)) of the table.
   guidance_scale, quantile, max_value (+inf: no cap), eta, strength,
   sigma_min, sigma_max, rho: [] float32.
+  final_logsnr: [] float32, where a discrete grid's last step lands (+inf:
+    x0; see `make_options`' final_alpha_cumprod).
   """
 
   num_steps: jax.Array
@@ -170,6 +172,7 @@ class SamplerOptions(NamedTuple):
   sigma_min: jax.Array
   sigma_max: jax.Array
   rho: jax.Array
+  final_logsnr: jax.Array
 
 
 def _concrete(value):
@@ -225,6 +228,7 @@ def make_options(
   sigma_min=0.002,
   sigma_max=80.0,
   rho=7.0,
+  final_alpha_cumprod=None,
 ) -> SamplerOptions:
   """Checks a call's numbers against its spec and packs them as arrays.
 
@@ -242,6 +246,9 @@ def make_options(
     eta: DDIM's stochasticity (>= 0).
     strength: image-to-image strength in [0, 1] (with x_init).
     sigma_min, sigma_max, rho: EDM's grid (Euler, Heun).
+    final_alpha_cumprod: discrete grids: None (the last step lands on x0) or
+      the alpha_bar it lands on (diffusers DDIM with set_alpha_to_one=False:
+      alphas_cumprod[0]).
 
   Returns:
     SamplerOptions.
@@ -266,7 +273,15 @@ def make_options(
     sigma_min=loop.scalar(sigma_min, 0.002),
     sigma_max=loop.scalar(sigma_max, 80.0),
     rho=loop.scalar(rho, 7.0),
+    final_logsnr=_final_logsnr(final_alpha_cumprod),
   )
+
+
+def _final_logsnr(final_alpha_cumprod) -> jax.Array:
+  """log(a / (1 - a)) of the final alpha_bar a (float64), +inf for None."""
+  if final_alpha_cumprod is None:
+    return jnp.float32(jnp.inf)
+  return jnp.asarray(grids.discrete_logsnr_table([float(final_alpha_cumprod)])[0])
 
 
 def edit_kind(images: Optional[dict]) -> str:
@@ -284,7 +299,9 @@ def _point(spec, opts):
     table = dict(logsnr_table=opts.logsnr_table) if discrete else dict(logsnr_fn=spec.logsnr_fn)
     return grids.karras_point(opts.num_steps, opts.sigma_min, opts.sigma_max, opts.rho, **table)
   if discrete:
-    return grids.timestep_point(opts.timesteps, opts.logsnr_table, opts.num_steps)
+    return grids.timestep_point(
+      opts.timesteps, opts.logsnr_table, opts.num_steps, opts.final_logsnr
+    )
   return grids.uniform_point(spec.logsnr_fn, opts.num_steps)
 
 
@@ -343,7 +360,8 @@ def sample(
     images: the edit inputs spec.edit names: {} / None for 'none';
       {x_init [B, H, W, C]} for 'img2img'; {known [B, H, W, C], mask
       [B, H, W, 1] (1 = regenerate)[, x_init]} for 'inpaint'. Images are
-      float in [-1, 1]; strength lives in options.
+      float in [-1, 1]; strength lives in options. Any kind may add
+      noise [B, H, W, C]: the starting noise instead of a draw from rng.
 
   Returns:
     x0: [B, H, W, C] float32.
@@ -352,13 +370,18 @@ def sample(
     ValueError: images that do not match spec.edit or shape.
   """
   images = dict(images or {})
-  unknown = set(images) - {"x_init", "known", "mask"}
+  unknown = set(images) - {"x_init", "known", "mask", "noise"}
   if unknown:
-    raise ValueError(f"unknown edit inputs {sorted(unknown)}; valid: x_init, known, mask.")
+    raise ValueError(f"unknown edit inputs {sorted(unknown)}; valid: x_init, known, mask, noise.")
   if edit_kind(images) != spec.edit:
     raise ValueError(f"spec.edit={spec.edit!r} but the images make {edit_kind(images)!r}.")
   shape = tuple(int(d) for d in shape)
   edit = loop.make_edit(
-    shape, images.get("x_init"), options.strength, images.get("known"), images.get("mask")
+    shape,
+    images.get("x_init"),
+    options.strength,
+    images.get("known"),
+    images.get("mask"),
+    images.get("noise"),
   )
   return _sample_jit(rng, args, options, edit, spec=spec, model_fn=model_fn, shape=shape)

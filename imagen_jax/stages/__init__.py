@@ -2,9 +2,10 @@
 
 ``build_stage(config.stages.NAME)`` gives a ``ContinuousStage`` (Imagen's
 continuous-time log-SNR diffusion; ``diffusion.kind`` absent or 'continuous')
-or a ``DiscreteStage`` (DeepFloyd IF's discrete DDPM with learned-range
-variance; 'discrete'). Both expose the same methods to the train step
-(``loss``) and the cascade (``sample_settings``, ``lowres_inputs``,
+a ``DiscreteStage`` (DeepFloyd IF's discrete DDPM with learned-range
+variance; 'discrete') or a ``LatentStage`` (Stable Diffusion and the x4
+upscaler: a discrete schedule on VAE latents; 'latent'). All expose the
+same methods to the train step (``loss``) and the cascade (``sample_settings``, ``lowres_inputs``,
 ``sample``, ``model_fn``).
 """
 
@@ -23,22 +24,26 @@ from imagen_jax.stages.discrete import (  # noqa: F401
   noise_lowres,
   upscale_align_corners,
 )
+from imagen_jax.stages.latent import LatentStage  # noqa: F401
 from imagen_jax.stages import discrete as _discrete
+from imagen_jax.stages import latent as _latent
 
-KINDS = ("continuous",) + _discrete.KINDS
+KINDS = ("continuous",) + _discrete.KINDS + _latent.KINDS
 
 
 def stage_kind(stage_config: Any) -> str:
-  """'continuous' or 'discrete' from ``stage_config.diffusion.kind``."""
+  """'continuous', 'discrete' or 'latent' from ``stage_config.diffusion.kind``."""
   kind = str(stage_config.diffusion.get("kind", "continuous") or "continuous")
   if kind not in KINDS:
     raise ValueError(
       f"stage {stage_config.get('name')}: diffusion.kind={kind!r} is not one of {KINDS}"
     )
+  if kind in _latent.KINDS:
+    return "latent"
   return "continuous" if kind == "continuous" else "discrete"
 
 
 def build_stage(stage_config: Any, text_dim: Optional[int] = None) -> Stage:
   """The stage object of ``config.stages.NAME``, by its ``diffusion.kind``."""
-  cls = ContinuousStage if stage_kind(stage_config) == "continuous" else DiscreteStage
-  return cls(stage_config, text_dim)
+  classes = dict(continuous=ContinuousStage, discrete=DiscreteStage, latent=LatentStage)
+  return classes[stage_kind(stage_config)](stage_config, text_dim)

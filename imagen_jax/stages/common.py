@@ -205,9 +205,22 @@ class Stage:
     (``x_init`` + ``strength`` for image-to-image, ``known`` + ``mask`` for
     inpainting; see ``imagen_jax.diffusion.loop``).
     """
+    return self.run_sampler(args, settings, (batch,) + self.image_shape, rng, edit)
+
+  def run_sampler(
+    self,
+    args: dict,
+    settings: SampleSettings,
+    shape: tuple,
+    rng: jax.Array,
+    edit: Optional[dict] = None,
+    **option_fields: Any,
+  ) -> jax.Array:
+    """``sample``'s loop on samples of ``shape`` [B, H, W, C] (a latent stage's
+    latents); ``option_fields``: extra ``make_options`` fields of the stage."""
     images = dict(edit or {})
     strength = images.pop("strength", 1.0)
-    spec_fields, option_fields = self.sampler_schedule()
+    spec_fields, schedule_options = self.sampler_schedule()
     spec = sampling.SamplerSpec(
       settings.sampler,
       prediction=self.prediction,
@@ -225,7 +238,7 @@ class Stage:
       max_value=settings.max_value,
       eta=settings.eta,
       strength=strength,
+      **schedule_options,
       **option_fields,
     )
-    shape = (batch,) + self.image_shape
-    return sampling.sample(spec, self.model_fn, shape, rng, args, options, images)
+    return sampling.sample(spec, self.model_fn, tuple(shape), rng, args, options, images)
