@@ -125,3 +125,9 @@ def test_no_decodable_example(tmp_path):
   with pytest.raises(ValueError, match="No decodable example") as e:
     next(it)
   assert "\n" not in str(e.value)
+
+
+def test_train_captions_of_a_streamed_corpus(tmp_path):
+  exp = td.make_parquet(str(tmp_path))
+  got = list(pipeline.train_captions(_data(str(tmp_path / "*.parquet"), "parquet")))
+  assert got == [exp.captions[k] for k in exp.all_good]
