@@ -40,7 +40,8 @@ import logging  # noqa: E402
 from typing import Optional, Sequence  # noqa: E402
 
 from imagen_jax import cli, lockfile  # noqa: E402
-from imagen_jax.train import checkpoint, distributed, guard, signals, trainer  # noqa: E402
+from imagen_jax.parallel import distributed  # noqa: E402
+from imagen_jax.train import checkpoint, guard, signals, trainer  # noqa: E402
 from imagen_jax.train import validate  # noqa: E402
 
 # Errors reported in one line, and their exit status.
@@ -64,15 +65,7 @@ def parse_args(argv: Optional[Sequence[str]]):
     default=None,
     help="stage to train (repeatable; default: all, cascade order)",
   )
-  p.add_argument("--coordinator_address", help="HOST:PORT of process 0 (multi-process runs)")
-  p.add_argument("--num_processes", type=int, help="number of processes (multi-process runs)")
-  p.add_argument("--process_id", type=int, help="this process, in [0, num_processes)")
-  p.add_argument(
-    "--distributed_timeout",
-    type=float,
-    default=300.0,
-    help="seconds to wait for the coordinator and every process",
-  )
+  distributed.add_flags(p)
   args, rest = p.parse_known_args(argv)
   return args, cli.config_from_args(args, rest)
 
@@ -83,12 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     args, config = parse_args(argv)
     # Before our signal handler: the runtime may install its own, which ours replaces.
-    distributed.initialize(
-      args.coordinator_address,
-      args.num_processes,
-      args.process_id,
-      timeout_s=args.distributed_timeout,
-    )
+    distributed.initialize_from_args(args)
   except (cli.UsageError, distributed.LaunchError) as e:
     print(f"train.py: error: {e}", file=sys.stderr, flush=True)
     return 2
