@@ -7,6 +7,7 @@
       [--init_image PATH [--strength S] [--mask PATH]]       # image-to-image, inpainting
       [--lowres_image PATH --start_stage sr]                 # super-resolve an image
   python sample.py --workdir if_I,if_II --prompt "..."   # converted DeepFloyd IF
+  python sample.py ... --coordinator_address HOST:PORT --num_processes N --process_id I
 
 --workdir is a training run, a converted DeepFloyd IF stage folder, a
 comma-separated list of them (stage I first) or a folder holding them
@@ -17,6 +18,12 @@ final image, ``grid.png`` (captioned), ``grid_{stage}.png`` per stage and
 order ('off' disables guidance for a stage). Bad input (no checkpoint, no
 prompts, an unreadable prompts file, lists of the wrong length, an unusable
 --out) exits with status 2 and a one-line reason before any model is loaded.
+
+Several processes (one per host, flags as train.py's; or detected as JAX
+does): each samples its share of the batches on its own devices, process 0
+writes every image. The images are those one process makes with the same
+--batch_size, a multiple of each process's device count (batch c always
+samples with the same key).
 """
 
 import argparse
@@ -33,6 +40,7 @@ from PIL import Image
 from imagen_jax import cascade as cascade_lib
 from imagen_jax import run as run_lib
 from imagen_jax.cascade import edits as edits_lib
+from imagen_jax.parallel import distributed
 from imagen_jax.stages import build_stage
 
 
@@ -94,6 +102,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   )
   p.add_argument("--start_stage", help="the first stage to run (default: the cascade's first)")
   p.add_argument("--out", help="output directory (default: WORKDIR/samples_<timestamp>)")
+  distributed.add_flags(p)
   return p.parse_args(argv)
 
 
@@ -274,12 +283,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices
   try:
+    distributed.initialize_from_args(args)  # before any device work
     workdir, prompts, config, request = check_inputs(args)
     cascade = cascade_lib.Cascade.from_workdir(workdir, config=config)
   except (UsageError, FileNotFoundError, ValueError) as e:
     print(f"sample.py: error: {e}", file=sys.stderr)
     return 2
   out = cascade.sample(prompts, jax.random.key(args.seed), request)
+  if not distributed.is_primary():
+    return 0  # every process sampled its share; process 0 writes them all
   base_dir = (
     workdir
     if os.path.isdir(workdir) and "," not in workdir

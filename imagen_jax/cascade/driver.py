@@ -36,23 +36,26 @@ _log = logging.getLogger(__name__)
 
 
 def sampling_mesh(config: Any) -> tuple[Optional[jax.sharding.Mesh], tuple]:
-  """(mesh, rules) for sampling on this host's devices.
+  """(mesh, rules) for sampling on this process's devices.
 
   One device: no mesh. Otherwise the run's ``config.mesh`` when it fits the
-  devices present, else every device on ``data`` with the 'dp' rules.
+  devices present, else every device on ``data`` with the 'dp' rules. With
+  several processes each samples its own batches on its own devices, so the
+  mesh holds this process's devices only.
   """
-  if jax.device_count() == 1:
+  devices = jax.local_devices()
+  if len(devices) == 1:
     return None, ()
   try:
-    return parallel.make_mesh(config.mesh), parallel.config_rules(config.mesh)
+    return parallel.make_mesh(config.mesh, devices), parallel.config_rules(config.mesh)
   except (ValueError, AttributeError, KeyError) as e:
     _log.warning(
       "config.mesh does not fit the %d devices present (%s); sampling "
       "data-parallel over all of them",
-      jax.device_count(),
+      len(devices),
       e,
     )
-    return parallel.make_mesh(None), parallel.logical_rules("dp")
+    return parallel.make_mesh(None, devices), parallel.logical_rules("dp")
 
 
 class Cascade:
@@ -67,6 +70,9 @@ class Cascade:
     text_len: L, tokens per prompt (``config.text.max_length``).
     num_shards: how many ways the batch splits (1 without a mesh).
     checkpoint_steps: name → checkpoint step (``from_workdir`` only).
+    shared: every process of a multi-process run samples its share of each
+      call's batches on its own devices (``from_workdir``, the processes all
+      calling ``sample`` alike); False: this process samples them all.
   """
 
   def __init__(
@@ -118,6 +124,7 @@ class Cascade:
     self._param_shardings = {}
     self.params = {n: self._place_params(self.stages[n], params[n]) for n in self.stage_names}
     self.checkpoint_steps = {}
+    self.shared = False
     self._uncond = None
     self._lowres_fns = {}
 
@@ -141,7 +148,8 @@ class Cascade:
         message names them and the command that trains them).
     """
     config = run_lib.read_config(workdir) if config is None else config
-    if mesh == "auto":
+    auto = isinstance(mesh, str) and mesh == "auto"
+    if auto:
       mesh, rules = sampling_mesh(config)
     stages = {
       n: build_stage(config.stages[n], text_dim=config.text.get("dim")) for n in config.stage_order
@@ -157,6 +165,8 @@ class Cascade:
     encoder = TextEncoder.from_config(config.text, mesh, rules)
     cascade = cls(config, params, encoder, mesh, rules, stages=stages)
     cascade.checkpoint_steps = steps
+    # Every process of the run loads it on its own devices: they share each call's batches.
+    cascade.shared = auto and jax.process_count() > 1
     return cascade
 
   def _place_params(self, stage: Stage, params: Any) -> Any:
@@ -286,7 +296,8 @@ class Cascade:
       request.lowres_image,
     )
     rows = self._encode(prompts, request.negative_prompt, request.num_per_prompt)
-    batches = Batches.of(len(rows["text"]["text_mask"]), request.batch_size, self.num_shards)
+    n = len(rows["text"]["text_mask"])
+    batches = Batches.of(n, request.batch_size, self.num_shards, self.shared)
     images, timings = self._run_stages(rows, batches, settings, plan, rng, progress)
     return CascadeOutput(
       prompts=list(prompts),
@@ -297,25 +308,30 @@ class Cascade:
     )
 
   def _run_stages(self, rows, batches, settings, plan, rng, progress) -> tuple[dict, dict]:
-    """Every stage from the plan's start, batch by batch: (name → uint8 images, name → timing)."""
+    """Every stage from the plan's start on this process's batches.
+
+    Returns:
+      (name → every batch's uint8 images, gathered from all processes;
+       name → this process's timing).
+    """
     images, timings, prev = {}, {}, None
-    chunks = range(len(batches.starts))
+    mine = batches.mine()
     if plan.lowres is not None:
-      prev = [jnp.broadcast_to(plan.lowres, (batches.size,) + plan.lowres.shape)] * len(chunks)
+      prev = dict.fromkeys(mine, jnp.broadcast_to(plan.lowres, (batches.size,) + plan.lowres.shape))
     for k, name in enumerate(self.stage_names):
       if k < plan.start:
         continue
       stage, s = self.stages[name], settings[name]
-      timing, outs = StageTiming(), []
+      timing, outs = StageTiming(), {}
       edit = plan.stage_edit(stage, batches.size, first=k == plan.start)
       desc = f"stage {k + 1}/{len(self.stage_names)} {name} ({stage.resolution}px, {s.steps} steps)"
-      for c in tqdm(chunks, desc=desc, unit="batch", disable=not progress):
+      for c in tqdm(mine, desc=desc, unit="batch", disable=not progress):
         text = {f: batches.rows(v, c) for f, v in rows["text"].items()}
         uncond = {f: batches.rows(v, c) for f, v in rows["uncond"].items()}
         key = jax.random.fold_in(jax.random.fold_in(rng, k), c)
         before = None if prev is None else prev[c]
-        outs.append(self._run_stage(stage, s, text, uncond, before, key, timing, edit))
-      images[name], timings[name], prev = batches.cut(outs), timing, outs
+        outs[c] = self._run_stage(stage, s, text, uncond, before, key, timing, edit)
+      images[name], timings[name], prev = batches.gather(outs, stage.image_shape), timing, outs
     return images, timings
 
   def _run_stage(

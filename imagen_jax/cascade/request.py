@@ -10,6 +10,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from imagen_jax import parallel
 from imagen_jax.stages import to_uint8
@@ -96,27 +97,55 @@ def per_stage(value: Any, names: Sequence[str], what: str) -> list:
 
 @dataclasses.dataclass(frozen=True)
 class Batches:
-  """N rows cut into calls of ``size`` rows (the last one padded)."""
+  """N rows cut into calls of ``size`` rows (the last one padded), maybe shared among processes.
+
+  Shared (``processes`` > 1), process ``process`` samples every processes-th
+  batch from its own index, on its own devices; ``gather`` gives every process
+  all of them, in order.
+  """
 
   n: int
   size: int
+  process: int = 0
+  processes: int = 1
 
   @classmethod
-  def of(cls, n: int, batch_size: Optional[int], multiple: int) -> "Batches":
+  def of(cls, n: int, batch_size: Optional[int], multiple: int, shared: bool) -> "Batches":
+    """Batches of ``batch_size`` rows (default all N) rounded up to ``multiple``;
+    ``shared``: among every process of the run (``jax.process_count()``)."""
     size = min(batch_size or n, n)
-    return cls(n, -(-size // multiple) * multiple)
+    size = -(-size // multiple) * multiple
+    if shared:
+      return cls(n, size, jax.process_index(), jax.process_count())
+    return cls(n, size)
 
   @property
-  def starts(self) -> list[int]:
-    return list(range(0, self.n, self.size))
+  def count(self) -> int:
+    return -(-self.n // self.size)
+
+  def mine(self) -> list[int]:
+    """The indices of the batches this process samples."""
+    return list(range(self.process, self.count, self.processes))
 
   def rows(self, x: np.ndarray, c: int) -> np.ndarray:
     """Batch c of x [N, ...], padded to [size, ...]."""
     start = c * self.size
     return parallel.pad_rows(x[start : start + self.size], self.size)
 
-  def cut(self, outs: Sequence[jax.Array]) -> np.ndarray:
-    """The per-batch images → uint8 [N, R, R, 3] without the padding."""
+  def gather(self, outs: Mapping[int, jax.Array], image_shape: Sequence[int]) -> np.ndarray:
+    """This process's batches {c: x0 [size, R, R, C]} → every batch's uint8 [N, R, R, C].
+
+    Alone, a concatenation; with several processes a collective (every
+    process calls it at the same point, even one without batches).
+    """
+    local = {c: np.asarray(to_uint8(x)) for c, x in outs.items()}
+    num = self.processes
+    if num > 1:
+      stack = np.zeros((-(-self.count // num), self.size, *image_shape), np.uint8)
+      for j, c in enumerate(self.mine()):
+        stack[j] = local[c]
+      every = multihost_utils.process_allgather(stack)  # [processes, per process, size, ...]
+      local = {c: every[c % num, c // num] for c in range(self.count)}
     return np.concatenate(
-      [np.asarray(to_uint8(x))[: min(self.size, self.n - s)] for x, s in zip(outs, self.starts)]
+      [local[c][: min(self.size, self.n - c * self.size)] for c in range(self.count)]
     )
