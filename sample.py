@@ -7,6 +7,7 @@
       [--init_image PATH [--strength S] [--mask PATH]]       # image-to-image, inpainting
       [--lowres_image PATH --start_stage sr]                 # super-resolve an image
   python sample.py --workdir if_I,if_II --prompt "..."   # converted DeepFloyd IF
+  python sample.py ... --coordinator_address HOST:PORT --num_processes N --process_id I
 
 --workdir is a training run, a converted DeepFloyd IF stage folder, a
 comma-separated list of them (stage I first) or a folder holding them
@@ -17,6 +18,12 @@ final image, ``grid.png`` (captioned), ``grid_{stage}.png`` per stage and
 order ('off' disables guidance for a stage). Bad input (no checkpoint, no
 prompts, an unreadable prompts file, lists of the wrong length, an unusable
 --out) exits with status 2 and a one-line reason before any model is loaded.
+
+Several processes (one per host, flags as train.py's; or detected as JAX
+does): each samples its share of the batches on its own devices, process 0
+writes every image. The images are those one process makes with the same
+--batch_size, a multiple of each process's device count (batch c always
+samples with the same key).
 """
 
 import argparse
@@ -32,6 +39,8 @@ from PIL import Image
 
 from imagen_jax import cascade as cascade_lib
 from imagen_jax import run as run_lib
+from imagen_jax.cascade import edits as edits_lib
+from imagen_jax.parallel import distributed
 from imagen_jax.stages import build_stage
 
 
@@ -93,6 +102,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   )
   p.add_argument("--start_stage", help="the first stage to run (default: the cascade's first)")
   p.add_argument("--out", help="output directory (default: WORKDIR/samples_<timestamp>)")
+  distributed.add_flags(p)
   return p.parse_args(argv)
 
 
@@ -186,7 +196,7 @@ def check_inputs(args: argparse.Namespace):
   """Validates everything cheap before loading any model.
 
   Returns:
-    (workdir, prompts, config, per-stage overrides {steps, guidance, sampler}).
+    (workdir, prompts, config, the ``cascade.SampleRequest`` of the flags).
   """
   if args.workdir and args.cascade:
     raise UsageError("give --workdir or its synonym --cascade, not both")
@@ -203,8 +213,11 @@ def check_inputs(args: argparse.Namespace):
       f"--negative_prompt given {len(args.negative_prompt)} times: give it "
       f"once (for every prompt) or once per prompt ({len(prompts)})"
     )
-  if args.strength is not None and not 0.0 <= args.strength <= 1.0:
-    raise UsageError(f"--strength must be in [0, 1], got {args.strength}")
+  if args.strength is not None:
+    try:
+      edits_lib.check_strength(args.strength, flag="--")
+    except ValueError as e:
+      raise UsageError(str(e)) from None
   if (args.strength is not None or args.mask) and not args.init_image:
     raise UsageError("--strength and --mask need --init_image")
   if args.t5_dtype not in (None, "float32", "bfloat16"):
@@ -217,24 +230,17 @@ def check_inputs(args: argparse.Namespace):
   if args.t5_dtype:
     config.text.dtype = args.t5_dtype
   names = list(config.stage_order)
-  if args.start_stage is not None and args.start_stage not in names:
-    raise UsageError(
-      f"--start_stage {args.start_stage!r} is not in the cascade ({', '.join(names)})"
+  try:
+    edits_lib.check_start(
+      names,
+      [bool(config.stages[n].get("lowres_resolution")) for n in names],
+      args.start_stage,
+      has_lowres=bool(args.lowres_image),
+      has_init=bool(args.init_image),
+      flag="--",
     )
-  start = names.index(args.start_stage) if args.start_stage else 0
-  if args.lowres_image and not config.stages[names[start]].get("lowres_resolution"):
-    raise UsageError(
-      f"--lowres_image needs a super-resolution --start_stage; "
-      f"{names[start]!r} generates from text alone"
-    )
-  if (
-    config.stages[names[start]].get("lowres_resolution")
-    and not args.lowres_image
-    and not args.init_image
-  ):
-    raise UsageError(
-      f"--start_stage {names[start]} is a super-resolution stage: give --lowres_image PATH"
-    )
+  except ValueError as e:
+    raise UsageError(str(e)) from None
   overrides = dict(
     steps=parse_per_stage(args.steps, "steps", int, names),
     guidance=parse_per_stage(args.guidance, "guidance", float, names),
@@ -262,7 +268,14 @@ def check_inputs(args: argparse.Namespace):
     )
   if args.init_image:
     edits["strength"] = args.strength if args.strength is not None else 1.0 if args.mask else 0.6
-  return workdir, prompts, config, dict(overrides, **edits)
+  request = cascade_lib.SampleRequest(
+    num_per_prompt=args.num_per_prompt,
+    batch_size=args.batch_size,
+    negative_prompt=args.negative_prompt or None,
+    **overrides,
+    **edits,
+  )
+  return workdir, prompts, config, request
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -270,20 +283,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices
   try:
-    workdir, prompts, config, overrides = check_inputs(args)
+    distributed.initialize_from_args(args)  # before any device work
+    workdir, prompts, config, request = check_inputs(args)
     cascade = cascade_lib.Cascade.from_workdir(workdir, config=config)
   except (UsageError, FileNotFoundError, ValueError) as e:
     print(f"sample.py: error: {e}", file=sys.stderr)
     return 2
-  negative = args.negative_prompt or None
-  out = cascade.sample(
-    prompts,
-    jax.random.key(args.seed),
-    num_per_prompt=args.num_per_prompt,
-    batch_size=args.batch_size,
-    negative_prompt=negative,
-    **overrides,
-  )
+  out = cascade.sample(prompts, jax.random.key(args.seed), request)
+  if not distributed.is_primary():
+    return 0  # every process sampled its share; process 0 writes them all
   base_dir = (
     workdir
     if os.path.isdir(workdir) and "," not in workdir

@@ -51,8 +51,8 @@ from typing import Optional, Sequence  # noqa: E402
 
 from imagen_jax import cli, lockfile  # noqa: E402
 from imagen_jax.data import corpus  # noqa: E402
-from imagen_jax.parallel import topology  # noqa: E402
-from imagen_jax.train import checkpoint, distributed, guard, signals, trainer  # noqa: E402
+from imagen_jax.parallel import distributed, topology  # noqa: E402
+from imagen_jax.train import checkpoint, guard, signals, trainer  # noqa: E402
 from imagen_jax.train import validate  # noqa: E402
 
 # Errors reported in one line, and their exit status.
@@ -77,15 +77,7 @@ def parse_args(argv: Optional[Sequence[str]]):
     default=None,
     help="stage to train (repeatable; default: all, cascade order)",
   )
-  p.add_argument("--coordinator_address", help="HOST:PORT of process 0 (multi-process runs)")
-  p.add_argument("--num_processes", type=int, help="number of processes (multi-process runs)")
-  p.add_argument("--process_id", type=int, help="this process, in [0, num_processes)")
-  p.add_argument(
-    "--distributed_timeout",
-    type=float,
-    default=300.0,
-    help="seconds to wait for the coordinator and every process",
-  )
+  distributed.add_flags(p)
   p.add_argument("--compile_only", action="store_true", help="compile for --topology, run nothing")
   p.add_argument("--topology", help="--compile_only: a TPU topology, e.g. v5p:4x4x4")
   p.add_argument("--num_slices", type=int, default=1, help="--compile_only: slices of --topology")
@@ -134,12 +126,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.compile_only:
       return compile_only(args, config)
     # Before our signal handler: the runtime may install its own, which ours replaces.
-    distributed.initialize(
-      args.coordinator_address,
-      args.num_processes,
-      args.process_id,
-      timeout_s=args.distributed_timeout,
-    )
+    distributed.initialize_from_args(args)
   except (cli.UsageError, distributed.LaunchError, topology.TopologyError) as e:
     print(f"train.py: error: {e}", file=sys.stderr, flush=True)
     return 2

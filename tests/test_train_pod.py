@@ -19,7 +19,8 @@ from imagen_jax.data import datasets
 from imagen_jax.stages import build_stage
 from imagen_jax.text import TextEncoder
 from imagen_jax.train import fingerprint
-from imagen_jax.train import embeddings, optim, state as state_lib, step as step_lib, trainer
+from imagen_jax.train import embeddings, optim, periodic, state as state_lib, step as step_lib
+from imagen_jax.train import trainer
 
 from test_train import ROOT, _max_abs_diff, _mesh, _tiny_config
 
@@ -161,7 +162,7 @@ def test_a_bucket_workdir_keeps_its_scheme(tmp_path):
     run_lib.write_config("gs://bucket/run", config)
     assert run_lib.read_config("gs://bucket/run").to_dict() == json.loads(config.to_json())
     fingerprint.check_workdir("gs://bucket/run", config, ["base"])
-    writer = trainer.MetricWriter("gs://bucket/run/base")
+    writer = periodic.MetricWriter("gs://bucket/run/base")
     writer.write(1, {"loss": 1.0})
     writer.write(2, {"loss": 0.5})
     writer.close()

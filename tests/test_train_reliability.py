@@ -78,11 +78,16 @@ def _tree(path):
   return out
 
 
-def _train_py(tmp_path, workdir, *flags, env=None, prefix=()):
+def _train_py(tmp_path, workdir, *flags, env=None, prefix=(), pause=None):
+  """train.py in a subprocess; ``pause=(point, seconds)`` runs it through
+  tests/paused_train.py, which pauses at that point (see there)."""
+  script = [os.path.join(ROOT, "train.py")]
+  if pause is not None:
+    script = [os.path.join(ROOT, "tests", "paused_train.py"), pause[0], str(pause[1])]
   cmd = [
     *prefix,
     sys.executable,
-    os.path.join(ROOT, "train.py"),
+    *script,
     "--config",
     os.path.join(ROOT, "configs/demo.py:tiny"),
     "--workdir",
@@ -423,12 +428,12 @@ def test_sigterm_while_compiling_then_signals_during_the_save(tmp_path):
     workdir,
     "--config.train.num_steps=100000",
     "--config.train.checkpoint_every=100000",
-    env={"IMAGEN_JAX_TEST_PAUSE": "stop_save:4"},
+    pause=("save", 4),
   )
   seen = []
   _wait_for(proc, "stage base: compiling the train step", seen)
   proc.send_signal(signal.SIGTERM)
-  _wait_for(proc, "[test pause] stop_save", seen)
+  _wait_for(proc, "[test pause] save", seen)
   # The save of the stop is in progress: more signals must not interrupt it.
   proc.send_signal(signal.SIGTERM)
   proc.send_signal(signal.SIGINT)
@@ -446,7 +451,7 @@ def test_sigterm_while_compiling_then_signals_during_the_save(tmp_path):
 
 def test_ctrl_c_before_training_exits_130(tmp_path):
   workdir = tmp_path / "run"
-  proc = _train_py(tmp_path, workdir, env={"IMAGEN_JAX_TEST_PAUSE": "setup:60"})
+  proc = _train_py(tmp_path, workdir, pause=("setup", 60))
   seen = []
   _wait_for(proc, "[test pause] setup", seen)
   proc.send_signal(signal.SIGINT)

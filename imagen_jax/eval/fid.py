@@ -10,6 +10,12 @@ turns images into ``metrics.FeatureStats``.
 
 prints (and writes to WORKDIR/eval_fid.json) the FID, optionally the CLIP
 score, and what produced them. Prompts are cycled until N images.
+
+Several processes (``--coordinator_address --num_processes --process_id``,
+as train.py): each samples its share of the batches on its own devices;
+process 0 gathers the images, scores them and writes the JSON. The images,
+hence the statistics, are those of one process at the same --batch (a
+multiple of each process's device count).
 """
 
 import argparse
@@ -186,6 +192,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   p.add_argument("--num", type=int, default=10_000, help="images to sample")
   p.add_argument("--guidance", help="guidance per stage, e.g. 3,1 (default: the config's)")
   p.add_argument("--out", help="JSON path (default: WORKDIR/eval_fid.json)")
+  from imagen_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
+
+  distributed.add_flags(p)
   return p.parse_args(argv)
 
 
@@ -195,11 +204,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   from imagen_jax import cascade as cascade_lib  # pylint: disable=g-import-not-at-top
   from imagen_jax.eval import clip as clip_lib  # pylint: disable=g-import-not-at-top
   from imagen_jax import run as run_lib  # pylint: disable=g-import-not-at-top
+  from imagen_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
 
   args = parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.ERROR)
   try:  # Everything that can be refused is refused before loading any weights.
+    distributed.initialize_from_args(args)
     if args.num < metrics.MIN_SAMPLES or args.batch < 1:
       raise ValueError(f"--num must be >= {metrics.MIN_SAMPLES} and --batch >= 1")
     if not args.inception:
@@ -236,6 +247,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   out = cascade.sample(
     prompts, jax.random.key(args.seed), steps=steps, guidance=guidance, batch_size=args.batch
   )
+  if not distributed.is_primary():
+    return 0  # every process sampled its share; process 0 scores them all
   result = evaluate_images(
     out.final,
     prompts,

@@ -1,6 +1,6 @@
 """What every cascade stage shares: image conventions, resizing, sampling settings.
 
-Conventions (one place, used by ``train/``, ``cascade.py`` and ``convert/``):
+Conventions (one place, used by ``train/``, ``cascade/`` and ``convert/``):
 
 * images are float in [-1, 1] (``to_float`` / ``to_uint8``);
 * a stage's model function has the sampler-facing signature

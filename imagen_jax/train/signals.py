@@ -13,24 +13,16 @@ depends on the phase the trainer is in:
 
 Exit codes (``exit_code``): 0 after SIGTERM (preemption is not a failure),
 130 after Ctrl-C (the shell convention, 128 + 2).
-
-``pause_for_test(point)`` sleeps at a named point when the environment
-variable IMAGEN_JAX_TEST_PAUSE says so (``save:3,compile:2``: seconds per
-point), printing ``[test pause] POINT`` first; tests use it to make a signal
-arrive at a known moment. Unset, it does nothing.
 """
 
 import contextlib
 import logging
-import os
 import signal
 import threading
-import time
 from typing import Optional
 
 _log = logging.getLogger(__name__)
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
-PAUSE_ENV = "IMAGEN_JAX_TEST_PAUSE"
 
 
 def exit_code(signum: Optional[int]) -> int:
@@ -97,15 +89,3 @@ class StopSignals:
     for s, previous in self._previous.items():
       signal.signal(s, previous)
     self._previous = {}
-
-
-def pause_for_test(point: str) -> None:
-  """Sleeps at ``point`` if IMAGEN_JAX_TEST_PAUSE names it (tests only)."""
-  spec = os.environ.get(PAUSE_ENV)
-  if not spec:
-    return
-  for item in spec.split(","):
-    name, _, seconds = item.partition(":")
-    if name.strip() == point:
-      print(f"[test pause] {point}", flush=True)
-      time.sleep(float(seconds or 1))

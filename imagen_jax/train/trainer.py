@@ -9,7 +9,6 @@ stage from its last checkpoint, with the data iterator where it was; SIGTERM
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import os
 import time
@@ -17,10 +16,7 @@ from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
-from etils import epath
-from tqdm.auto import tqdm
 
-from imagen_jax import cascade as cascade_lib
 from imagen_jax import config as config_lib
 from imagen_jax import lockfile
 from imagen_jax import parallel
@@ -30,65 +26,13 @@ from imagen_jax.eval import during_training
 from imagen_jax.stages import Stage, build_stage
 from imagen_jax.text import TextEncoder, words
 from imagen_jax.train import checkpoint as ckpt_lib
-from imagen_jax.train import distributed, optim, prefetch
+from imagen_jax.parallel import distributed
+from imagen_jax.train import optim, periodic, prefetch
 from imagen_jax.train import embeddings as embeddings_lib
-from imagen_jax.train import fingerprint, guard as guard_lib, signals, validate
+from imagen_jax.train import fingerprint, signals, validate
 from imagen_jax.train import state as state_lib, step as step_lib
 
 _log = logging.getLogger(__name__)
-
-# Multi-process runs agree on a SIGTERM every this many steps.
-_AGREE_EVERY = 5
-
-
-class MetricWriter:
-  """metrics.jsonl + TensorBoard event files, written by process 0 only.
-
-  A local metrics.jsonl is appended to; a remote one (``gs://...``, where files
-  cannot be appended to) is rewritten whole at every write, and TensorBoard
-  events are written for local directories only (tensorboardX's own bucket
-  writer needs cloud client libraries).
-  """
-
-  def __init__(self, directory: str):
-    self.enabled = jax.process_index() == 0
-    self._jsonl = self._tb = self._remote = None
-    if self.enabled:
-      path = epath.Path(directory)
-      path.mkdir(parents=True, exist_ok=True)
-      path = path / "metrics.jsonl"
-      if "://" in os.fspath(path):
-        self._remote = (path, path.read_text() if path.exists() else "")
-        _log.warning("remote workdir: metrics.jsonl only, no TensorBoard events")
-        return
-      self._jsonl = open(path, "a")  # pylint: disable=consider-using-with
-      try:
-        from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-
-        self._tb = SummaryWriter(directory)
-      except ImportError:  # optional: metrics.jsonl always exists
-        _log.warning("tensorboardX is not installed: no TensorBoard events")
-
-  def write(self, step: int, metrics: dict) -> None:
-    if not self.enabled:
-      return
-    line = json.dumps({"step": step, **metrics}) + "\n"
-    if self._remote is not None:
-      path, text = self._remote
-      self._remote = (path, text + line)
-      path.write_text(text + line)
-    else:
-      self._jsonl.write(line)
-      self._jsonl.flush()
-    if self._tb is not None:
-      for k, v in metrics.items():
-        self._tb.add_scalar(k, v, step)
-
-  def close(self) -> None:
-    if self._jsonl:
-      self._jsonl.close()
-    if self._tb:
-      self._tb.close()
 
 
 @dataclasses.dataclass
@@ -231,91 +175,64 @@ def _train_stage(
   step_fn = step_lib.jit_train_step(
     stage, tx, tc, shardings, mesh, rules, lr_fn, text_encoder=step_encoder
   )
-  writer = MetricWriter(run_lib.stage_dir(workdir, stage_name))
-  cleanup.callback(writer.close)
-  guard = guard_lib.NonFiniteGuard(stage_name, tc.get("max_nonfinite_steps", 10))
-  last, preempted, window_start, window_images = {}, False, time.perf_counter(), 0
-  bar = tqdm(
-    total=tc.num_steps,
-    initial=step,
-    desc=f"train {stage_name}",
-    unit="step",
-    disable=jax.process_index() != 0,
+  actions = periodic.make_actions(
+    workdir,
+    stage,
+    tc,
+    ckpt,
+    meta,
+    stop,
+    sample_fn,
+    eval_fn,
+    step,
+    input_metrics=lambda: streaming.input_metrics(it),  # streamed corpora: skips by reason
+    data_fields=lambda examples: streaming.checkpoint_fields(it, examples),
   )
+  cleanup.callback(actions.writer.close)
+  cleanup.callback(actions.bar.close)  # also on an error: its line ends before the message
   make_batch = functools.partial(
     _global_batch, text_encoder=text_encoder, text_len=text_len, mesh=mesh, cached=cached
   )
-  cleanup.callback(bar.close)  # also on an error: its line ends before the message
   # From here a signal means: save after this step, then stop.
   with stop.loop(), prefetch.DevicePrefetcher(it, make_batch) as batches:
     if jax.process_index() == 0:
       print(f"stage {stage_name}: compiling the train step", flush=True)
-    while step < tc.num_steps:
-      batch = next(batches)  # read, tokenized and on the devices during the last step
-      t0 = time.perf_counter()
-      state, metrics = step_fn(state, batch, rng, uncond, text_params)
-      step += 1
-      examples += tc.batch_size
-      guard.record(step, metrics["finite"])
-      window_images += tc.batch_size
-      bar.update(1)
-      if step % tc.log_every == 0 or step == tc.num_steps:
-        skipped = guard.check(_last_good(ckpt))
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        elapsed = time.perf_counter() - window_start
-        metrics.update(
-          images_per_sec=window_images / elapsed,
-          step_time=time.perf_counter() - t0,
-          nonfinite_steps=skipped,
-          **streaming.input_metrics(it),  # streamed corpora: skipped records by reason
-        )
-        window_start, window_images = time.perf_counter(), 0
-        writer.write(step, metrics)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-        last = metrics
-      if (
-        sample_fn is not None
-        and tc.sample_every
-        and (step % tc.sample_every == 0 or step == tc.num_steps)
-      ):
-        sample_fn(stage, state.ema_params, step)
-      if (
-        eval_fn is not None
-        and tc.get("eval_every")
-        and (step % tc.eval_every == 0 or step == tc.num_steps)
-      ):
-        scores = eval_fn(stage, state.ema_params, step)
-        if scores:
-          writer.write(step, scores)
-        # Evaluation time is not training time: restart the images/s window.
-        window_start, window_images = time.perf_counter(), 0
-      # Read the stop flag after the (slow) sampling: a SIGTERM that arrived
-      # during it must still be followed by a checkpoint.
-      # Read once, agreed by every process (every few steps: the agreement waits
-      # for the step): all save and stop on the same step.
-      stopping = (
-        distributed.any_process(stop.requested)
-        if jax.process_count() == 1 or step % _AGREE_EVERY == 0
-        else False
-      )
-      if step % tc.checkpoint_every == 0 or step == tc.num_steps or stopping:
-        _save_checked(
-          ckpt,
-          guard,
-          stop,
-          step,
-          state,
-          dict(meta, step=step),
-          {"examples": examples, "batch_size": tc.batch_size}
-          | streaming.checkpoint_fields(it, examples),
-          stopping,
-        )
-      if stopping:
-        preempted = True
-        break
-  bar.close()
+    step, preempted, last = _loop(
+      batches,
+      lambda state, batch: step_fn(state, batch, rng, uncond, text_params),
+      state,
+      step,
+      examples,
+      tc,
+      actions,
+    )
+  actions.bar.close()
   ckpt.close()
   return StageResult(stage_name, step, preempted, last, stop.signum if preempted else None)
+
+
+def _loop(batches, train_step, state, step: int, examples: int, tc, actions) -> tuple:
+  """Steps until ``tc.num_steps`` or an agreed stop: (step, preempted, last metrics).
+
+  After each step the periodic actions run in order: metrics, sample grids,
+  evaluation, the stop agreement, then the checkpoint (forced by a stop).
+  """
+  last, preempted = {}, False
+  while step < tc.num_steps:
+    batch = next(batches)  # read, tokenized and on the devices during the last step
+    step_start = time.perf_counter()
+    state, metrics = train_step(state, batch)
+    step += 1
+    examples += tc.batch_size
+    actions.guard.record(step, metrics["finite"])
+    last = actions.log.maybe(step, metrics, step_start) or last
+    actions.grids.maybe(step, state)
+    actions.evaluate.maybe(step, state)
+    preempted = actions.stop.maybe(step)
+    actions.checkpoint.maybe(step, state, examples, force=preempted)
+    if preempted:
+      break
+  return step, preempted, last
 
 
 def _close_on_error(ckpt: ckpt_lib.StageCheckpointer):
@@ -332,43 +249,6 @@ def _close_on_error(ckpt: ckpt_lib.StageCheckpointer):
     return False
 
   return on_exit
-
-
-def _last_good(ckpt: ckpt_lib.StageCheckpointer) -> Optional[str]:
-  step = ckpt.latest_step()
-  return None if step is None else ckpt.step_dir(step)
-
-
-def _save_checked(
-  ckpt, guard, stop, step: int, state, meta: dict, data_state: dict, stopping: bool
-) -> None:
-  """Saves ``state`` unless it is in a run of skipped steps; never a non-finite one.
-
-  Raises:
-    NonFiniteError: too many skipped steps, or non-finite params (not saved).
-    SaveError: the save (or the previous one) failed.
-  """
-  guard.check(_last_good(ckpt))
-  if guard.streak and not stopping:
-    _log.warning(
-      "stage %s: no checkpoint at step %d: its last %d steps were skipped (non-finite)",
-      guard.stage_name,
-      step,
-      guard.streak,
-    )
-    return
-  if not guard_lib.all_finite((state.params, state.ema_params)):
-    raise guard_lib.NonFiniteError(
-      f"stage {guard.stage_name}: non-finite parameters at step {step}; not saved; last "
-      f"good checkpoint: {_last_good(ckpt) or 'none'}"
-    )
-  if stopping and jax.process_index() == 0:
-    print(
-      f"stage {guard.stage_name}: {stop.signal_name}: saving checkpoint step {step}, then stopping",
-      flush=True,
-    )
-  ckpt.save(step, state, data_state, meta, force=True)
-  signals.pause_for_test("stop_save" if stopping else "save")
 
 
 def data_position(data_state: Optional[dict], step: int, batch_size: int) -> int:
@@ -413,45 +293,6 @@ def _global_batch(local: dict, text_encoder: TextEncoder, text_len: int, mesh, c
   return pipeline.make_global_batch(batch, mesh, parallel.batch_sharding(mesh).spec)
 
 
-def make_sample_grid_fn(
-  config: Any, workdir: str, text_encoder: TextEncoder, mesh=None, rules=None
-):
-  """A ``sample_fn(stage, ema_params, step)`` writing STAGE/samples/step_N.png.
-
-  It samples ``config.train.sample_prompts`` through the cascade up to the
-  stage being trained: earlier stages from their checkpoints, this one from the
-  given EMA params. A stage whose earlier stages have no checkpoint yet gets
-  no grids (one warning).
-  """
-  cascades = {}
-
-  def sample_fn(stage: Stage, ema_params: Any, step: int) -> None:
-    prompts = list(config.train.sample_prompts)
-    if not prompts or jax.process_index() != 0:
-      return
-    if jax.process_count() > 1:
-      # The cascade samples in one process; the EMA params span all of them.
-      _log.warning(
-        "no sample grids in a %d-process run (sample after training with sample.py)",
-        jax.process_count(),
-      )
-      return
-    if stage.name not in cascades:
-      cascades[stage.name] = cascade_lib.sub_cascade(
-        config, workdir, stage, ema_params, text_encoder, mesh, rules
-      )
-    cascade = cascades[stage.name]
-    if cascade is None:
-      return
-    cascade.set_params(stage.name, ema_params)
-    out = cascade.sample(prompts, jax.random.PRNGKey(config.train.seed), progress=False)
-    directory = epath.Path(run_lib.stage_dir(workdir, stage.name)) / "samples"
-    directory.mkdir(parents=True, exist_ok=True)
-    run_lib.write_png(directory / f"step_{step:07d}.png", cascade_lib.make_grid(out.final))
-
-  return sample_fn
-
-
 def train_and_evaluate(
   config: Any,
   workdir: str,
@@ -470,7 +311,7 @@ def train_and_evaluate(
     workdir: where checkpoints, metrics and samples go.
     stages: stage names; None trains every stage in ``config.stage_order``.
     sample_fn: ``(stage, ema_params, step) -> None`` called every
-      ``config.train.sample_every`` steps (default: ``make_sample_grid_fn``).
+      ``config.train.sample_every`` steps (default: ``periodic.make_sample_grid_fn``).
     stop: the signal handler (``signals.StopSignals``, entered); default: one
       installed for this call.
 
@@ -506,12 +347,11 @@ def train_and_evaluate(
       for name in names:
         stack.enter_context(_stage_lock(workdir, name))
       fingerprint.write_config_once(workdir, config)
-    signals.pause_for_test("setup")
     # The fitted tokenizer's folder is where the run is, not a setting: the config
     # that checkpoints and fingerprints see keeps `text.tokenizer` as written.
     text_encoder = TextEncoder.from_config(_fit_tokenizer(config, workdir).text, mesh, rules)
     if sample_fn is None and config.train.sample_every:
-      sample_fn = make_sample_grid_fn(config, workdir, text_encoder, mesh, rules)
+      sample_fn = periodic.make_sample_grid_fn(config, workdir, text_encoder, mesh, rules)
     eval_fn = None
     if config.train.get("eval_every"):
       eval_fn = during_training.make_eval_fn(config, workdir, text_encoder, mesh, rules)

@@ -5,14 +5,16 @@ worker, a SLURM task, or, to try it on one machine, several local processes
 over localhost). Every process runs the same program on its share of the
 devices; ``jax.distributed.initialize`` connects them.
 
-``initialize`` takes the coordinator explicitly (``train.py
---coordinator_address --num_processes --process_id``) or detects it as JAX
-does (Cloud TPU pods, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS). Bad launches
+``initialize`` takes the coordinator explicitly (``--coordinator_address
+--num_processes --process_id``, the same flags on train.py, sample.py and
+``python -m imagen_jax.eval.fid``: ``add_flags`` / ``initialize_from_args``)
+or detects it as JAX does (Cloud TPU pods, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS). Bad launches
 fail with one line naming the flag instead of hanging: the runtime itself
 aborts the process with a C++ stack trace when its deadline passes, so a
 watchdog thread reports first.
 """
 
+import argparse
 import os
 import re
 import socket
@@ -138,6 +140,29 @@ def initialize(
     _check_agreement(num_processes, process_id)
   finally:
     timer.cancel()
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+  """The multi-process flags of every entry point (train.py, sample.py, eval.fid)."""
+  parser.add_argument("--coordinator_address", help="HOST:PORT of process 0 (multi-process runs)")
+  parser.add_argument("--num_processes", type=int, help="number of processes (multi-process runs)")
+  parser.add_argument("--process_id", type=int, help="this process, in [0, num_processes)")
+  parser.add_argument(
+    "--distributed_timeout",
+    type=float,
+    default=300.0,
+    help="seconds to wait for the coordinator and every process",
+  )
+
+
+def initialize_from_args(args: argparse.Namespace) -> None:
+  """``initialize`` with the flags of ``add_flags`` (LaunchError naming a bad one)."""
+  initialize(
+    args.coordinator_address,
+    args.num_processes,
+    args.process_id,
+    timeout_s=args.distributed_timeout,
+  )
 
 
 def maybe_auto_initialize() -> None:
