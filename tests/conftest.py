@@ -68,7 +68,7 @@ def copy_shapes(shapes_data_dir, tmp_path):
 
 @pytest.fixture(scope="session")
 def tiny_run(shapes_data_dir, tmp_path_factory):
-  """A workdir: train.py on configs/demo.py:tiny (two-level base), both stages, 2 steps.
+  """A workdir: train.py on configs/demo.py:tiny (two-level base), both stages (4 and 2 steps).
 
   Trained in process through train.py's main, exactly as the command line does. Read
   only: tests that train it further or damage it take `copy_run`.

@@ -8,6 +8,7 @@ Settings a test changes on purpose (a learning rate, an optimizer) are its own.
 """
 
 import os
+import shutil
 
 from imagen_jax import config as config_lib
 
@@ -41,3 +42,16 @@ def tiny_config(data_dir, **train):
   config.train.update(train)
   config.stages.base.model.update(BASE_MODEL)
   return config
+
+
+def if_pipeline(name, path, text=True):
+  """A DeepFloyd IF pipeline folder at `path`: the parity fixture `name` (if_stage1 or
+  if_stage2) plus, with `text`, the tiny T5 fixture as text_encoder/ and tokenizer/."""
+  fixtures = os.path.join(ROOT, "tests", "fixtures")
+  shutil.copytree(
+    os.path.join(fixtures, name), path, ignore=shutil.ignore_patterns("reference.npz")
+  )
+  if text:
+    shutil.copytree(os.path.join(fixtures, "t5_v1_1"), os.path.join(path, "text_encoder"))
+    shutil.copytree(os.path.join(fixtures, "t5_v1_1"), os.path.join(path, "tokenizer"))
+  return path
