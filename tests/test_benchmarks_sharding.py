@@ -73,6 +73,7 @@ def tiny_config():
   return config_lib.load_config("configs/demo.py:tiny")
 
 
+@pytest.mark.slow
 def test_fsdp_row_splits_state_and_runs(tiny_config):
   devices = jax.devices()[:8]
   flops = bench.model_flops(tiny_config, "base", 8)

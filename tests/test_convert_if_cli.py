@@ -29,6 +29,7 @@ def run_cli(src, out, *extra):
   return cli.main(["deepfloyd-if", "--src", str(src), "--out", str(out), *extra])
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(tmp_path):
   src1 = make_src("if_stage1", str(tmp_path / "IF-I"))
   src2 = make_src("if_stage2", str(tmp_path / "IF-II"))
