@@ -165,7 +165,7 @@ COMMANDS = (
   Command("python -m benchmarks.sharding --config configs/demo.py --stage base --devices 8 "
           "--strategies fsdp --grad_accum 1,2,4", "benchmarks.sharding",
           "--config {demo} {model_flags} --stage base --devices 8 --strategies fsdp "
-          "--grad_accum 1,2 --steps 1 --warmup 0"),
+          "--batch 16 --grad_accum 1,2 --steps 1 --warmup 0"),
   Command("python -m benchmarks.sharding --config configs/demo.py --stage base --devices 1 "
           "--strategies dp --remat", "benchmarks.sharding",
           "--config {demo} {model_flags} --stage base --devices 1 --strategies dp "
@@ -364,10 +364,10 @@ def reference(inception, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def captioned_images(tmp_path_factory):
-  """Your own data: six 40px PNGs with same-stem .txt captions."""
+  """Your own data: sixteen 40px PNGs with same-stem .txt captions (two batches of 8)."""
   root = tmp_path_factory.mktemp("my_images")
   rng = np.random.default_rng(0)
-  for i in range(6):
+  for i in range(16):
     Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(root / f"{i}.png")
     (root / f"{i}.txt").write_text(f"picture number {i}\n")
   return root
