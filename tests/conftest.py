@@ -42,7 +42,8 @@ import tiny  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-# The session's tiny run: train.py's flags beyond --config/--workdir/--data_dir.
+# The session's tiny run: train.py's flags beyond --config/--workdir/--data_dir: the
+# shared base model, 2 steps (the SR stage 1: its steps_scale is 0.5).
 TINY_RUN_FLAGS = (
   *tiny.MODEL_FLAGS,
   "--config.train.num_steps=2",
@@ -68,7 +69,7 @@ def copy_shapes(shapes_data_dir, tmp_path):
 
 @pytest.fixture(scope="session")
 def tiny_run(shapes_data_dir, tmp_path_factory):
-  """A workdir: train.py on configs/demo.py:tiny (two-level base), both stages (4 and 2 steps).
+  """A workdir: train.py on configs/demo.py:tiny (two-level base), both stages (2 and 1 steps).
 
   Trained in process through train.py's main, exactly as the command line does. Read
   only: tests that train it further or damage it take `copy_run`.
