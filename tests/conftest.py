@@ -1,21 +1,89 @@
-"""Test setup: eight fake CPU devices for sharding tests, float32 matmuls."""
+"""Test setup: eight fake CPU devices, float32 matmuls, a persistent compile cache, and
+the session's shared data: one prepared shapes dataset and one trained tiny run.
+
+The compile cache lives outside the repository and survives test runs, so a second
+run compiles almost nothing: `$IMAGEN_JAX_TEST_CACHE`, else
+`$XDG_CACHE_HOME/imagen_jax/jax_tests`, else `~/.cache/imagen_jax/jax_tests` (an explicit
+`JAX_COMPILATION_CACHE_DIR` wins). The environment variables set here are inherited by
+the train.py / sample.py subprocesses the tests start, so they share the cache.
+
+Fixtures that tests may not change in place (copy them first: `copy_run`,
+`copy_shapes`): `shapes_data_dir` (the tiny demo's shapes, prepared once) and
+`tiny_run` (train.py on the tiny demo config, both stages, a few steps).
+"""
 
 import os
+import shutil
 
 # Must be set before jax is imported anywhere.
 _flag = "--xla_force_host_platform_device_count=8"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# A persistent compilation cache shared by the test session and the train.py
-# subprocesses it starts: identical programs (resume tests) compile once.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  import tempfile  # noqa: E402
 
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="imagen_jax_jit_")
+
+def compile_cache_dir() -> str:
+  """The persistent compile cache directory of the tests (see the module docstring)."""
+  if os.environ.get("IMAGEN_JAX_TEST_CACHE"):
+    return os.environ["IMAGEN_JAX_TEST_CACHE"]
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "imagen_jax", "jax_tests")
+
+
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", compile_cache_dir())
+os.makedirs(os.environ["JAX_COMPILATION_CACHE_DIR"], exist_ok=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
+
+import tiny  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# The session's tiny run: train.py's flags beyond --config/--workdir/--data_dir: the
+# shared base model, 2 steps (the SR stage 1: its steps_scale is 0.5).
+TINY_RUN_FLAGS = (
+  *tiny.MODEL_FLAGS,
+  "--config.train.num_steps=2",
+  "--config.train.checkpoint_every=2",
+)
+
+
+@pytest.fixture(scope="session")
+def shapes_data_dir(tmp_path_factory):
+  """A TFDS data dir holding the tiny demo's shapes (`tiny.SHAPES_KWARGS`); read only."""
+  from imagen_jax.data import datasets  # pylint: disable=import-outside-toplevel
+
+  data_dir = tmp_path_factory.mktemp("shapes_data")
+  datasets.prepare("shapes", data_dir, **tiny.SHAPES_KWARGS)
+  return data_dir
+
+
+@pytest.fixture
+def copy_shapes(shapes_data_dir, tmp_path):
+  """A writable copy of `shapes_data_dir` (for tests that add to the data dir)."""
+  return shutil.copytree(shapes_data_dir, tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(shapes_data_dir, tmp_path_factory):
+  """A workdir: train.py on configs/demo.py:tiny (two-level base), both stages (2 and 1 steps).
+
+  Trained in process through train.py's main, exactly as the command line does. Read
+  only: tests that train it further or damage it take `copy_run`.
+  """
+  import train  # pylint: disable=import-outside-toplevel
+
+  workdir = tmp_path_factory.mktemp("tiny_run") / "run"
+  argv = ["--config", tiny.DEMO_TINY, "--workdir", str(workdir)]
+  argv += [f"--config.data.data_dir={shapes_data_dir}", *TINY_RUN_FLAGS]
+  assert train.main(argv) == 0
+  return workdir
+
+
+@pytest.fixture
+def copy_run(tiny_run, tmp_path):
+  """A writable copy of `tiny_run`."""
+  return shutil.copytree(tiny_run, tmp_path / "run")

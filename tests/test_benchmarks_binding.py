@@ -3,19 +3,22 @@
 import json
 import os
 
+import pytest
+
 from benchmarks import demo_binding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_trains_scores_and_rescores(tmp_path, capsys):
+@pytest.mark.slow
+def test_trains_scores_and_rescores(tmp_path, capsys, shapes_data_dir):
   workdir = str(tmp_path / "run")
   common = [
     "--config",
     os.path.join(ROOT, "configs/demo.py:tiny"),
     "--workdir",
     workdir,
-    f"--config.data.data_dir={tmp_path / 'data'}",
+    f"--config.data.data_dir={shapes_data_dir}",
     "--config.text.fit_tokenizer=words",
     "--config.text.max_length=20",
     "--num",
@@ -38,6 +41,7 @@ def test_trains_scores_and_rescores(tmp_path, capsys):
   assert not os.path.isdir(os.path.join(workdir, "sr"))  # the base stage alone
 
 
+@pytest.mark.slow
 def test_binding_probe_labels_and_run(tmp_path):
   import numpy as np  # pylint: disable=g-import-not-at-top
 

@@ -6,6 +6,7 @@ from benchmarks import sampling as bench
 from imagen_jax import config as config_lib
 
 
+@pytest.mark.slow
 def test_measure_recompiles_each_step_count():
   config = config_lib.load_config("configs/demo.py:tiny")
   rows = bench.measure(config, [2, 3], batch=2)

@@ -16,26 +16,20 @@ from imagen_jax.convert import deepfloyd_if
 from imagen_jax.safetensors_dir import WeightsReader
 
 import sample as sample_cli  # noqa: E402  (the repo-root script)
+import tiny
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 T5 = os.path.join(FIXTURES, "t5_v1_1")
 
 
-def make_src(name, path, text=True):
-  """A full IF pipeline folder: the fixture UNet plus the tiny T5 as text_encoder/tokenizer."""
-  shutil.copytree(
-    os.path.join(FIXTURES, name), path, ignore=shutil.ignore_patterns("reference.npz")
-  )
-  if text:
-    shutil.copytree(T5, os.path.join(path, "text_encoder"))
-    shutil.copytree(T5, os.path.join(path, "tokenizer"))
-  return path
+make_src = tiny.if_pipeline  # the parity fixture as a pipeline folder, with the tiny T5
 
 
 def run_cli(src, out, *extra):
   return cli.main(["deepfloyd-if", "--src", str(src), "--out", str(out), *extra])
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(tmp_path):
   src1 = make_src("if_stage1", str(tmp_path / "IF-I"))
   src2 = make_src("if_stage2", str(tmp_path / "IF-II"))

@@ -75,6 +75,7 @@ def _common(files):
   ]
 
 
+@pytest.mark.slow
 def test_sweep_end_to_end(files, capsys):
   out = files["root"] / "sweep"
   rc = sweep.main(
@@ -107,6 +108,7 @@ def test_sweep_end_to_end(files, capsys):
   assert '"fid"' in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_fid_cli(files, tmp_path):
   prompts = tmp_path / "p.txt"
   prompts.write_text("a red circle in the top left\n\na blue square in the center\n")
@@ -158,6 +160,7 @@ def test_sweep_guidance_must_be_numbers(files, capsys):
   assert "--guidance must be comma-separated numbers" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_eval_during_training(files):
   config = run_lib.read_config(files["run"])
   # FID during training runs the 299px network: too slow for this test (the

@@ -6,6 +6,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from imagen_jax import config as config_lib
 from imagen_jax import run as run_lib
@@ -13,7 +14,8 @@ from imagen_jax.cascade import Cascade
 from imagen_jax.convert import deepfloyd_if, if_export
 from imagen_jax.stages import build_stage
 from imagen_jax.train import trainer
-from test_convert_if_cli import make_src
+import tiny
+from tiny import if_pipeline as make_src
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def finetune_config(converted, data_dir, steps):
   config = config_lib.load_config(os.path.join(REPO, f"configs/deepfloyd_if.py:{converted}"))
   config.data.update(dict(name="shapes", data_dir=str(data_dir)))
-  config.data.builder_kwargs = dict(resolution=32, num_train=64, num_test=16, num_holdout=16)
+  config.data.builder_kwargs = dict(tiny.SHAPES_KWARGS)
   config.mesh.shape = {"fsdp": -1}
   config.train.update(
     dict(
@@ -41,11 +43,12 @@ def final_params(workdir, stage_config):
   return run_lib.load_ema_params(str(workdir), build_stage(stage_config))[0]
 
 
-def test_finetune_resume_sample_export(tmp_path):
+@pytest.mark.slow
+def test_finetune_resume_sample_export(tmp_path, shapes_data_dir):
   converted = str(tmp_path / "if_I")
   deepfloyd_if.convert(make_src("if_stage1", str(tmp_path / "IF-I")), converted)
   start = deepfloyd_if.load_converted(converted)[1]
-  data = tmp_path / "data"
+  data = shapes_data_dir
 
   # Two steps, then a third in a second call (a resume), against three straight.
   trainer.train_and_evaluate(finetune_config(converted, data, 2), str(tmp_path / "a"))

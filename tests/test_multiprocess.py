@@ -17,13 +17,15 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from imagen_jax import config as config_lib
 from imagen_jax import run as run_lib
 from imagen_jax.stages import build_stage
 from imagen_jax.train import trainer
+import tiny
+from tiny import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _CONFIG_FILE = """
 from imagen_jax import config as config_lib
@@ -46,13 +48,9 @@ def get_config(strategy="fsdp"):
 """
 
 
-def _write_config(tmp_path):
+def _write_config(tmp_path, data_dir):
   path = tmp_path / "pod_config.py"
-  path.write_text(
-    _CONFIG_FILE.format(
-      demo=os.path.join(ROOT, "configs/demo.py:tiny"), data=str(tmp_path / "data")
-    )
-  )
+  path.write_text(_CONFIG_FILE.format(demo=tiny.DEMO_TINY, data=str(data_dir)))
   return str(path)
 
 
@@ -123,8 +121,10 @@ def _ema(workdir):
   return jax.device_get(params), step
 
 
-def test_two_processes_train_as_one_stop_together_and_resume_elastically(tmp_path):
-  config_file = _write_config(tmp_path)
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_train_as_one_stop_together_and_resume_elastically(tmp_path, shapes_data_dir):
+  config_file = _write_config(tmp_path, shapes_data_dir)
   # The reference: this test process, one process with 8 devices.
   ref = str(tmp_path / "ref")
   trainer.train_and_evaluate(config_lib.load_config(config_file), ref, ["base"])
@@ -177,8 +177,9 @@ def test_two_processes_train_as_one_stop_together_and_resume_elastically(tmp_pat
   assert _ema(pod)[1] == stopped + 2
 
 
+@pytest.mark.multiprocess
 def test_bad_launches_fail_in_one_line_naming_the_flag(tmp_path):
-  config_file = _write_config(tmp_path)
+  config_file = _write_config(tmp_path, tmp_path / "data")
   workdir = str(tmp_path / "bad")
   base = [
     sys.executable,

@@ -14,30 +14,18 @@ import ml_collections
 import numpy as np
 import pytest
 
-from imagen_jax import config as config_lib
 from imagen_jax import parallel
 from imagen_jax import run as run_lib
 from imagen_jax.stages import build_stage
 from imagen_jax.train import optim, state as state_lib, step as step_lib, trainer
+from tiny import MODEL_FLAGS, ROOT, tiny_config as _tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = {
   "dp": {"data": -1},
   "fsdp": {"fsdp": -1},
   "tp": {"data": 2, "tensor": 4},
   "fsdp_tp": {"data": 2, "fsdp": 2, "tensor": 2},
 }
-
-
-def _tiny_config(data_dir, **train):
-  config = config_lib.load_config(os.path.join(ROOT, "configs/demo.py:tiny"))
-  config.data.data_dir = str(data_dir)
-  config.train.update(train)
-  # Two levels instead of three: the train step compiles several times faster.
-  config.stages.base.model.update(
-    dict(channels=(16, 32), num_res_blocks=(1, 1), attention=("none", "self_cross"))
-  )
-  return config
 
 
 def _mesh(strategy):
@@ -130,8 +118,9 @@ def _final_params(workdir, stage="base"):
   return jax.device_get(params), step
 
 
-def test_resume_is_exact(tmp_path):
-  config = _tiny_config(tmp_path / "data", num_steps=6, checkpoint_every=3, async_checkpoint=False)
+@pytest.mark.slow
+def test_resume_is_exact(tmp_path, shapes_data_dir):
+  config = _tiny_config(shapes_data_dir, num_steps=6, checkpoint_every=3, async_checkpoint=False)
   straight = str(tmp_path / "straight")
   trainer.train_and_evaluate(config, straight, ["base"])
   resumed = str(tmp_path / "resumed")
@@ -147,7 +136,8 @@ def test_resume_is_exact(tmp_path):
   assert len(lines) == 9  # 6 logged steps, then 3 more after the restart
 
 
-def test_sigterm_saves_and_exits_zero(tmp_path):
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_zero(tmp_path, shapes_data_dir):
   workdir = tmp_path / "run"
   cmd = [
     sys.executable,
@@ -158,7 +148,8 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     str(workdir),
     "--stage",
     "base",
-    f"--config.data.data_dir={tmp_path / 'data'}",
+    f"--config.data.data_dir={shapes_data_dir}",
+    *MODEL_FLAGS,
     "--config.train.num_steps=100000",
     "--config.train.checkpoint_every=100000",
     "--config.train.sample_every=1",
@@ -180,8 +171,8 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
   assert np.isfinite(np.concatenate([np.ravel(x) for x in jax.tree.leaves(params)])).all()
 
 
-def test_bad_settings(tmp_path):
-  config = _tiny_config(tmp_path / "data", batch_size=12)
+def test_bad_settings(tmp_path, shapes_data_dir):
+  config = _tiny_config(shapes_data_dir, batch_size=12)
   with pytest.raises(
     ValueError,
     match=r"batch_size=12 is not divisible by the data-parallel "
@@ -194,12 +185,13 @@ def test_bad_settings(tmp_path):
     parallel.logical_rules("zero3")
 
 
-def test_workdir_of_another_config_is_refused(tmp_path):
-  config = _tiny_config(tmp_path / "data", num_steps=1)
+@pytest.mark.slow
+def test_workdir_of_another_config_is_refused(tmp_path, shapes_data_dir):
+  config = _tiny_config(shapes_data_dir, num_steps=2)  # test_train_reliability's program
   workdir = str(tmp_path / "run")
   trainer.train_and_evaluate(config, workdir, ["base"])
   before = sorted(os.listdir(os.path.join(workdir, "base", "checkpoints")))
-  other = _tiny_config(tmp_path / "data", num_steps=2)
+  other = _tiny_config(shapes_data_dir, num_steps=2)
   other.stages.base.model.channels = (16, 48)
   with pytest.raises(ValueError, match="different model for stage 'base'"):
     trainer.train_and_evaluate(other, workdir, ["base"])

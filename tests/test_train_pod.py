@@ -15,14 +15,14 @@ from etils.epath import testing as epath_testing
 from imagen_jax import config as config_lib
 from imagen_jax import parallel
 from imagen_jax import run as run_lib
-from imagen_jax.data import datasets
 from imagen_jax.stages import build_stage
 from imagen_jax.text import TextEncoder
 from imagen_jax.train import fingerprint
 from imagen_jax.train import embeddings, optim, periodic, state as state_lib, step as step_lib
 from imagen_jax.train import trainer
 
-from test_train import ROOT, _max_abs_diff, _mesh, _tiny_config
+from test_train import _max_abs_diff, _mesh
+from tiny import ROOT, tiny_config as _tiny_config
 
 
 def _step(config, strategy, batch, uncond, text_encoder=None):
@@ -180,11 +180,10 @@ def test_a_bucket_workdir_keeps_its_scheme(tmp_path):
   } <= set(seen)
 
 
-def test_precomputed_embeddings_train_as_the_encoder_in_the_step(tmp_path):
-  config = _tiny_config(
-    tmp_path / "data", num_steps=2, checkpoint_every=100, async_checkpoint=False
-  )
-  datasets.prepare(config.data.name, config.data.data_dir, **dict(config.data.builder_kwargs))
+@pytest.mark.slow
+def test_precomputed_embeddings_train_as_the_encoder_in_the_step(tmp_path, copy_shapes):
+  # A copy of the session's shapes: the embeddings are written into its data dir.
+  config = _tiny_config(copy_shapes, num_steps=2, checkpoint_every=100, async_checkpoint=False)
   with pytest.raises(FileNotFoundError, match="python -m imagen_jax.train.embeddings"):
     config.text.precomputed = True
     trainer.train_and_evaluate(config, str(tmp_path / "none"), ["base"])

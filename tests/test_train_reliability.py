@@ -16,7 +16,6 @@ import jax
 import numpy as np
 import pytest
 
-from imagen_jax import config as config_lib
 from imagen_jax import lockfile
 from imagen_jax import run as run_lib
 from imagen_jax.stages import build_stage
@@ -24,29 +23,16 @@ from imagen_jax.train import checkpoint as ckpt_lib
 from imagen_jax.train import fingerprint, guard, trainer, validate
 
 import sample
+import tiny
 import train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-# _tiny_config's model on train.py's command line.
-MODEL_FLAGS = (
-  "--config.stages.base.model.channels=(16, 32)",
-  "--config.stages.base.model.num_res_blocks=(1, 1)",
-  "--config.stages.base.model.attention=('none', 'self_cross')",
-)
+from tiny import MODEL_FLAGS, ROOT
 
 
 def _tiny_config(data_dir, **train_settings):
-  """The tiny demo, base stage only (the same program as tests/test_train.py)."""
-  config = config_lib.load_config(os.path.join(ROOT, "configs/demo.py:tiny"))
-  config.data.data_dir = str(data_dir)
+  """The tests' tiny config (tests/tiny.py), base stage only, synchronous checkpoints."""
+  config = tiny.tiny_config(data_dir, async_checkpoint=False)
   config.stage_order = ("base",)
-  config.train.update(dict(async_checkpoint=False))
   config.train.update(train_settings)
-  config.stages.base.model.update(
-    dict(channels=(16, 32), num_res_blocks=(1, 1), attention=("none", "self_cross"))
-  )
   return config
 
 
@@ -78,7 +64,7 @@ def _tree(path):
   return out
 
 
-def _train_py(tmp_path, workdir, *flags, env=None, prefix=(), pause=None):
+def _train_py(data_dir, workdir, *flags, env=None, prefix=(), pause=None):
   """train.py in a subprocess; ``pause=(point, seconds)`` runs it through
   tests/paused_train.py, which pauses at that point (see there)."""
   script = [os.path.join(ROOT, "train.py")]
@@ -94,7 +80,7 @@ def _train_py(tmp_path, workdir, *flags, env=None, prefix=(), pause=None):
     str(workdir),
     "--stage",
     "base",
-    f"--config.data.data_dir={tmp_path / 'data'}",
+    f"--config.data.data_dir={data_dir}",
     *MODEL_FLAGS,
     *flags,
   ]
@@ -125,7 +111,8 @@ def _wait_for(proc, marker, seen, timeout=240):
 # 1. Non-finite guard ---------------------------------------------------------------
 
 
-def test_blowup_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+@pytest.mark.slow
+def test_blowup_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, shapes_data_dir):
   workdir = tmp_path / "run"
   # Warmup: step 1 runs at lr 0 (finite), step 2 on at lr 1e30 (update norm inf).
   flags = [
@@ -139,7 +126,7 @@ def test_blowup_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, monkeypat
     *MODEL_FLAGS,
   ]
   with pytest.raises(SystemExit) as exit_info:
-    _main(tmp_path, workdir, flags, monkeypatch)
+    _main(shapes_data_dir, workdir, flags)
   assert exit_info.value.code == 1
   err = capsys.readouterr().err.strip().splitlines()[-1]  # after progress bars
   assert err.startswith("train.py: error: stage base: 3 consecutive non-finite steps (2-4"), err
@@ -152,15 +139,14 @@ def test_blowup_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, monkeypat
   assert lines[1]["nonfinite_steps"] == 1
 
 
-def _main(tmp_path, workdir, flags, monkeypatch):
+def _main(data_dir, workdir, flags):
   """train.py's main in this process; exits (SystemExit) with its status, as the script."""
-  del monkeypatch
   argv = [
     "--config",
     os.path.join(ROOT, "configs/demo.py:tiny"),
     "--workdir",
     str(workdir),
-    f"--config.data.data_dir={tmp_path / 'data'}",
+    f"--config.data.data_dir={data_dir}",
     *flags,
   ]
   sys.exit(train.main(argv))
@@ -215,9 +201,10 @@ def _truncate_latest_ema(workdir):
   return step
 
 
-def test_damaged_latest_step_falls_back(tmp_path, capsys, caplog):
+@pytest.mark.slow
+def test_damaged_latest_step_falls_back(tmp_path, capsys, caplog, shapes_data_dir):
   workdir = tmp_path / "run"
-  config = _tiny_config(tmp_path / "data", num_steps=4, checkpoint_every=2, keep_checkpoints=3)
+  config = _tiny_config(shapes_data_dir, num_steps=4, checkpoint_every=2, keep_checkpoints=3)
   trainer.train_and_evaluate(config, str(workdir))
   assert _steps(workdir) == [2, 4]
   good, _ = _ema(workdir, step=2)
@@ -256,12 +243,12 @@ def test_damaged_latest_step_falls_back(tmp_path, capsys, caplog):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, shapes_data_dir):
   """(workdir, data_dir): the tiny base stage trained 2 steps (checkpoint at 2)."""
   root = tmp_path_factory.mktemp("trained")
-  config = _tiny_config(root / "data", num_steps=2, checkpoint_every=2)
+  config = _tiny_config(shapes_data_dir, num_steps=2, checkpoint_every=2)
   trainer.train_and_evaluate(config, str(root / "run"))
-  return root / "run", root / "data"
+  return root / "run", shapes_data_dir
 
 
 def _lock_path(workdir):
@@ -407,24 +394,27 @@ def test_bad_settings_fail_before_anything(tmp_path, setting, value, message):
   assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "data")
 
 
-def test_train_py_bad_setting_exits_2(tmp_path):
-  proc = _train_py(tmp_path, tmp_path / "run", "--config.train.keep_checkpoints=0")
-  out, _ = proc.communicate(timeout=120)
-  assert proc.returncode == 2, out
-  assert out.strip().splitlines()[-1] == (
+def test_train_py_bad_setting_exits_2(tmp_path, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    _main(tmp_path / "data", tmp_path / "run", ["--config.train.keep_checkpoints=0"])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert err.strip().splitlines()[-1] == (
     "train.py: error: config.train.keep_checkpoints=0 must be >= 1: the checkpoints kept; "
     "0 would delete the one just written"
   )
-  assert "Traceback" not in out and not os.path.exists(tmp_path / "run")
+  assert "Traceback" not in err
+  assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "data")
 
 
 # 6. Signals --------------------------------------------------------------------------
 
 
-def test_sigterm_while_compiling_then_signals_during_the_save(tmp_path):
+@pytest.mark.slow
+def test_sigterm_while_compiling_then_signals_during_the_save(tmp_path, shapes_data_dir):
   workdir = tmp_path / "run"
   proc = _train_py(
-    tmp_path,
+    shapes_data_dir,
     workdir,
     "--config.train.num_steps=100000",
     "--config.train.checkpoint_every=100000",
@@ -449,9 +439,10 @@ def test_sigterm_while_compiling_then_signals_during_the_save(tmp_path):
   assert not os.path.exists(_lock_path(workdir))
 
 
-def test_ctrl_c_before_training_exits_130(tmp_path):
+@pytest.mark.slow
+def test_ctrl_c_before_training_exits_130(tmp_path, shapes_data_dir):
   workdir = tmp_path / "run"
-  proc = _train_py(tmp_path, workdir, pause=("setup", 60))
+  proc = _train_py(shapes_data_dir, workdir, pause=("setup", 60))
   seen = []
   _wait_for(proc, "[test pause] setup", seen)
   proc.send_signal(signal.SIGINT)
@@ -468,9 +459,10 @@ def test_ctrl_c_before_training_exits_130(tmp_path):
 # 7. A failed save (disk full) --------------------------------------------------------
 
 
-def test_failed_save_keeps_earlier_checkpoints(tmp_path):
+@pytest.mark.slow
+def test_failed_save_keeps_earlier_checkpoints(tmp_path, shapes_data_dir):
   workdir = tmp_path / "run"
-  config = _tiny_config(tmp_path / "data", num_steps=2, checkpoint_every=2)
+  config = _tiny_config(shapes_data_dir, num_steps=2, checkpoint_every=2)
   trainer.train_and_evaluate(config, str(workdir))
   biggest = max(
     os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(_ckpt_dir(workdir)) for f in fs
@@ -481,7 +473,7 @@ def test_failed_save_keeps_earlier_checkpoints(tmp_path):
   limit_kib = max(1, biggest // 2 // 1024)
   shell = ["bash", "-c", f"ulimit -f {limit_kib} && trap '' XFSZ && exec \"$@\"", "bash"]
   proc = _train_py(
-    tmp_path,
+    shapes_data_dir,
     workdir,
     "--config.train.num_steps=4",
     "--config.train.checkpoint_every=2",

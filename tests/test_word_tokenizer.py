@@ -163,12 +163,13 @@ def test_unet_text_layers_config():
     )
 
 
-def test_train_fits_once_and_sampling_reads_it(tmp_path):
+@pytest.mark.slow
+def test_train_fits_once_and_sampling_reads_it(tmp_path, shapes_data_dir):
   from imagen_jax import cascade as cascade_lib  # pylint: disable=g-import-not-at-top
   from imagen_jax.train import trainer  # pylint: disable=g-import-not-at-top
 
   config = config_lib.load_config(os.path.join(ROOT, "configs/demo.py:tiny"))
-  config.data.data_dir = str(tmp_path / "data")
+  config.data.data_dir = str(shapes_data_dir)
   config.text.update(dict(fit_tokenizer="words", max_length=20))
   config.stages.base.model.update(
     dict(channels=(16, 32), num_res_blocks=(1, 1), attention=("none", "self_cross"), text_layers=1)
