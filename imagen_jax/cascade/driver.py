@@ -8,6 +8,9 @@ stage k-1's output. Batch c of stage k samples with the key
 ``fold_in(fold_in(rng, k), c)``, so a batch's images depend on its rows, not on
 which call or process ran it. Editing inputs are planned by ``edits``; timings
 come from ``timing``; the output and its files are in ``images``.
+
+(Slightly over 400 lines: ``Cascade`` keeps its loading, parameter placement and
+sampling loop in one class; the rest of the cascade lives in its sibling modules.)
 """
 
 import contextlib
