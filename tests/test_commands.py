@@ -30,10 +30,6 @@ import tiny
 
 README = os.path.join(tiny.ROOT, "README.md")
 FIXTURES = os.path.join(tiny.ROOT, "tests", "fixtures")
-IF_SAMPLING_BROKEN = (
-  "benchmarks.if_sampling imports imagen_jax.convert.if_sampling, which no longer exists "
-  "(fixed on the hygiene branch)"
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,8 +177,18 @@ COMMANDS = (
   Command("python -m benchmarks.kernels --only attention --no-torch",
           "benchmarks.kernels", "--only attention --no-torch --repeats 1"),
   Command("python -m benchmarks.if_sampling --width 64 --batch 4 --steps 25",
-          "benchmarks.if_sampling", "--width 32 --batch 1 --steps 2 --repeats 1",
-          marks=(pytest.mark.xfail(strict=True, reason=IF_SAMPLING_BROKEN),)),
+          "benchmarks.if_sampling", "--width 32 --batch 1 --steps 2 --repeats 1"),
+  Command("python -m benchmarks.input_pipeline --config configs/own_data.py",
+          "benchmarks.input_pipeline", "--config {own_data} --examples 8 --workers 2 --steps 0 "
+          "--json {tmp_path}/ip.json", ("{tmp_path}/ip.json",)),
+  # Streamed corpora (a tiny webdataset written by tests/corpus_testdata.py).
+  Command("python -m imagen_jax.data.inspect --config configs/own_data.py:webdataset",
+          "imagen_jax.data.inspect", "--config {own_data_wds} --config.data.src={wds_shards} "
+          "--num all --grid {tmp_path}/g.png --json {tmp_path}/i.json",
+          ("{tmp_path}/g.png", "{tmp_path}/i.json")),
+  Command("python -m imagen_jax.data.prepare --dataset webdataset --src",
+          "imagen_jax.data.prepare", "--dataset webdataset --src {wds_shards} "
+          "--data_dir {tmp_path}/data --max_resolution 16", ("{tmp_path}/data/corpus_shards",)),
 )
 # fmt: on
 
@@ -197,6 +203,9 @@ COVERED_BY = {
   # on 2 cores; its pieces (op kinds, per-op time, the kernel table) are tested there.
   "benchmarks.op_profile": "tests/test_benchmarks_profile.py::"
   "test_profile_attributes_time_to_the_ops",
+  # Beam preparation with --embed (the DirectRunner on 2 workers, embeddings compared).
+  "imagen_jax.train.prepare": "tests/test_beam_prepare.py::"
+  "test_beam_embeddings_equal_the_in_process_ones",
 }
 
 # README commands that are not run here, and why.
@@ -292,6 +301,21 @@ def demo():
 @pytest.fixture
 def own_data():
   return os.path.join(tiny.ROOT, "configs/own_data.py:tiny")
+
+
+@pytest.fixture
+def own_data_wds():
+  return os.path.join(tiny.ROOT, "configs/own_data.py:webdataset,tiny")
+
+
+@pytest.fixture(scope="module")
+def wds_shards(tmp_path_factory):
+  """A brace pattern over a tiny webdataset corpus (good and damaged records)."""
+  import corpus_testdata  # pylint: disable=import-outside-toplevel
+
+  root = tmp_path_factory.mktemp("wds")
+  corpus_testdata.make_webdataset(str(root), num_shards=2, per_shard=3)
+  return f"{root}/{{00000..00001}}.tar"
 
 
 @pytest.fixture
