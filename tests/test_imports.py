@@ -16,11 +16,6 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGES = ("imagen_jax", "benchmarks", "tools")
 # What the tools' own venv brings (tools/requirements.txt), and nothing here needs.
 TORCH_STACK = frozenset({"torch", "torchvision", "diffusers", "pytorch_fid"})
-# Known breakage, fixed on another branch: the test fails the day it imports again.
-BROKEN = {
-  "benchmarks.if_sampling": "imports imagen_jax.convert.if_sampling, which no longer "
-  "exists (fixed on the hygiene branch)",
-}
 
 
 def module_names(packages=PACKAGES, root=ROOT) -> list[str]:
@@ -37,8 +32,7 @@ def module_names(packages=PACKAGES, root=ROOT) -> list[str]:
 
 def _params():
   for name in module_names():
-    marks = [pytest.mark.xfail(strict=True, reason=BROKEN[name])] if name in BROKEN else []
-    yield pytest.param(name, id=name, marks=marks)
+    yield pytest.param(name, id=name)
 
 
 def test_every_package_is_listed():
