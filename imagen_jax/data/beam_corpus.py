@@ -6,7 +6,7 @@
 
 Reading is parallel over shards, converting over records (the Reshuffle spreads
 one shard's records over the workers). The per-record rule and the counting are
-`corpus_builder.convert` and `corpus_builder.Tally`, shared with the in-process
+`corpus_records.convert` and `corpus_records.Tally`, shared with the in-process
 preparation, so both write the same examples under the same keys. Progress:
 Beam counters `corpus_shards/{shards_read, records_read, written, skipped_*}`
 (the runner's UI, e.g. Dataflow's), and a log line per shard read.
@@ -20,9 +20,9 @@ import logging
 import apache_beam as beam
 from etils import epath
 
-from imagen_jax.data import corpus_builder
+from imagen_jax.data import corpus_records
 
-_NAMESPACE = corpus_builder.NAME
+_NAMESPACE = corpus_records.NAME
 _log = logging.getLogger(__name__)
 
 
@@ -44,7 +44,7 @@ def make_runner(name: str | None):
 def _read(shard: str, options):
   """Yields (shard, index, record) for every record of a shard."""
   n = 0
-  for index, record in corpus_builder.read_records(shard, options):
+  for index, record in corpus_records.read_records(shard, options):
     n += 1
     yield shard, index, record
   beam.metrics.Metrics.counter(_NAMESPACE, "shards_read").inc()
@@ -52,9 +52,9 @@ def _read(shard: str, options):
   _log.info("read %d records from %s", n, shard)
 
 
-def _convert(item, max_resolution) -> corpus_builder.Outcome:
+def _convert(item, max_resolution) -> corpus_records.Outcome:
   shard, index, record = item
-  outcome = corpus_builder.convert(shard, index, record, max_resolution)
+  outcome = corpus_records.convert(shard, index, record, max_resolution)
   name = "written" if outcome[0] == "written" else f"skipped_{outcome[0]}"
   beam.metrics.Metrics.counter(_NAMESPACE, name).inc()
   return outcome
@@ -64,7 +64,7 @@ class _TallyFn(beam.CombineFn):
   """Combines outcomes' (status, side) into `Tally.as_dict()`."""
 
   def create_accumulator(self):
-    return corpus_builder.Tally()
+    return corpus_records.Tally()
 
   def add_input(self, tally, status_side):
     return tally.add(*status_side)
@@ -90,7 +90,7 @@ class PrepareExamples(beam.PTransform):
   Also writes the counts (`Tally.as_dict()`) as JSON to `counts_path`.
   """
 
-  def __init__(self, source: corpus_builder.Source, counts_path: str):
+  def __init__(self, source: corpus_records.Source, counts_path: str):
     super().__init__()
     self._source, self._counts_path = source, counts_path
 

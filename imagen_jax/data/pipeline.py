@@ -34,9 +34,9 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import grain
 import numpy as np
-from PIL import Image
 
 from imagen_jax.data import corpus, datasets, streaming
+from imagen_jax.data.images import default_read_threads, resize_and_crop  # noqa: F401
 
 Batch = dict[str, np.ndarray]
 
@@ -54,35 +54,6 @@ def decode_image(image: Any) -> np.ndarray:
   if image.shape[-1] == 1:
     image = np.repeat(image, 3, axis=-1)
   return image[..., :3]
-
-
-def resize_and_crop(
-  image: np.ndarray, resolution: int, rng: np.random.Generator | None = None
-) -> np.ndarray:
-  """Resizes the shorter side to `resolution`, then crops a square.
-
-  Args:
-    image: uint8 [H, W, 3].
-    resolution: output side R.
-    rng: random crop offset along the longer side; None: center crop.
-
-  Returns:
-    uint8 [R, R, 3].
-  """
-  h, w = image.shape[:2]
-  if min(h, w) != resolution:
-    scale = resolution / min(h, w)
-    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-    image = np.asarray(
-      Image.fromarray(image).resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-    )
-    h, w = image.shape[:2]
-  dy, dx = h - resolution, w - resolution
-  if rng is None:
-    top, left = dy // 2, dx // 2
-  else:
-    top, left = int(rng.integers(dy + 1)), int(rng.integers(dx + 1))
-  return image[top : top + resolution, left : left + resolution]
 
 
 def _caption(value: Any) -> str:
@@ -107,11 +78,6 @@ def _batch_fn(examples: Sequence[dict]) -> Batch:
   captions = np.empty((len(examples),), dtype=object)
   captions[:] = [e["caption"] for e in examples]
   return {"image": np.stack([e["image"] for e in examples]), "caption": captions}
-
-
-def default_read_threads() -> int:
-  """Threads decoding images when not set: min(4, CPUs)."""
-  return min(4, os.cpu_count() or 1)
 
 
 def shard(source: Sequence[Any], process_index: int, process_count: int) -> grain.MapDataset:

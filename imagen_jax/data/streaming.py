@@ -32,7 +32,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from imagen_jax.data import corpus
+from imagen_jax.data import corpus, images
 
 _log = logging.getLogger(__name__)
 _HISTORY = 256  # batch positions remembered: more than any read-ahead
@@ -175,9 +175,7 @@ class StreamIterator:
     start_example: int = 0,
     workers: int = 0,
   ):
-    from imagen_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (cycle)
-
-    self._crop = pipeline.resize_and_crop
+    self._crop = images.resize_and_crop
     self.spec, self.resolution, self.batch_size = spec, resolution, batch_size
     self.epoch, self.slot = epoch, slot
     self.skipped: collections.Counter = collections.Counter()
@@ -185,7 +183,7 @@ class StreamIterator:
     self._global = batch_size * spec.process_count
     self._history: collections.deque = collections.deque(maxlen=_HISTORY)
     self._history.append((start_example, epoch, slot))
-    self.workers = workers or pipeline.default_read_threads()
+    self.workers = workers or images.default_read_threads()
     self._pool = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="decode")
     self._window = 4 * self.workers
     self._decoded = self._decode_stream()
