@@ -12,7 +12,11 @@
 * ``cudnn``: cuDNN's fused flash attention (``jax.nn.dot_product_attention``,
   GPU, bf16/fp16, head dim ≤ 128 and a multiple of 8).
 * ``splash``: the Pallas splash-attention kernel (TPU); the mask becomes
-  segment ids, queries and keys are padded to its 128 blocks.
+  segment ids, queries and keys are padded to its 128 blocks. The compiler
+  cannot partition a Mosaic kernel, so on a mesh (``jax.set_mesh``) the call
+  runs under ``jax.shard_map``: the batch split over the mesh's batch axes
+  (``parallel.batch_axes`` under the ``nn.logical_axis_rules`` in scope), the
+  heads over their rule's remaining axes (``tensor`` under tp/fsdp_tp).
 * ``auto``: the fused kernel of the platform when the call qualifies, else
   ``chunked`` for long sequences (on a CPU T·S ≥ ``CHUNKED_MIN_TS``; on an
   accelerator logits over ``CHUNKED_MIN_LOGIT_BYTES``), else ``xla``.
@@ -27,9 +31,14 @@ import contextlib
 import threading
 from typing import Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from imagen_jax import axes, parallel
 
 IMPLS = ("auto", "xla", "cudnn", "splash", "chunked")
 _PLATFORM_OF = {"cudnn": "gpu", "splash": "tpu"}
@@ -147,7 +156,7 @@ def attention(q, k, v, mask=None, *, impl: str = "auto"):
   if which == "cudnn":
     return _cudnn_attention(q, k, v, mask)
   if which == "splash":
-    return _splash_attention(q, k, v, mask)
+    return _splash_on_mesh(q, k, v, mask)
   raise ValueError(f"unknown attention_impl {impl!r}; expected one of {IMPLS}")
 
 
@@ -166,6 +175,42 @@ def _cudnn_attention(q, k, v, mask):
       mask = jnp.pad(mask, ((0, 0), (0, 1)))
     mask = jnp.broadcast_to(mask[:, None, None, :], (b, 1, t, mask.shape[1]))
   return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0, implementation="cudnn")
+
+
+def _names(entry) -> tuple:
+  return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
+def _shard_specs(mesh, rules, b: int, n: int) -> tuple:
+  """(spec of q/k/v [B, L, N, D], spec of the mask [B, S]) on ``mesh``: the batch over
+  its batch axes, the heads over their rule's other axes; an axis that does not
+  divide its dimension is left out (that dimension replicates)."""
+  size = lambda names: int(np.prod([mesh.shape[a] for a in names]))
+  batch, _ = parallel.batch_axes(mesh, rules)
+  batch = batch if b % size(batch) == 0 else ()
+  heads = _names(nn.logical_to_mesh_axes((axes.HEADS,), tuple(rules))[0])
+  heads = tuple(a for a in heads if a in mesh.shape and a not in batch)
+  heads = heads if n % size(heads) == 0 else ()
+  entry = lambda names: names or None
+  return P(entry(batch), None, entry(heads), None), P(entry(batch), None)
+
+
+def _splash_on_mesh(q, k, v, mask):
+  """``_splash_attention``, under ``jax.shard_map`` when a mesh of several devices is
+  set (``jax.set_mesh``): each device runs the kernel on its examples and heads."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return _splash_attention(q, k, v, mask)
+  spec, mask_spec = _shard_specs(mesh, nn.get_logical_axis_rules(), q.shape[0], q.shape[2])
+  mask = jnp.ones(k.shape[:2], bool) if mask is None else mask.astype(bool)
+  # check_vma off: the Pallas call has no replication rule; the outputs follow the specs.
+  return jax.shard_map(
+    _splash_attention,
+    mesh=mesh,
+    in_specs=(spec, spec, spec, mask_spec),
+    out_specs=spec,
+    check_vma=False,
+  )(q, k, v, mask)
 
 
 def _splash_attention(q, k, v, mask, block: int = 128, interpret: bool = False):
