@@ -118,10 +118,20 @@ def devices(topology: Topology) -> list:
   Raises TopologyError where libtpu is absent or the TPU runtime refuses the shape.
   """
   require_libtpu()
+  # Set only for this call: a TPU_WORKER_HOSTNAMES left in the environment reads as a
+  # Cloud TPU pod to parallel.distributed (and to every train.py this process starts).
+  added = [k for k in _QUIET_ENV if k not in os.environ]
+  os.environ.update({k: _QUIET_ENV[k] for k in added})
+  try:
+    return _devices(topology)
+  finally:
+    for k in added:
+      os.environ.pop(k, None)
+
+
+def _devices(topology: Topology) -> list:
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
 
-  for key, value in _QUIET_ENV.items():
-    os.environ.setdefault(key, value)
   kwargs = {"chip_config_name": topology.chip.chip_config}
   bounds = tuple(min(d, b) for d, b in zip(topology.dims, topology.chip.host_bounds))
   if bounds != topology.chip.host_bounds:
