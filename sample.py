@@ -7,11 +7,16 @@
       [--init_image PATH [--strength S] [--mask PATH]]       # image-to-image, inpainting
       [--lowres_image PATH --start_stage sr]                 # super-resolve an image
   python sample.py --workdir if_I,if_II --prompt "..."   # converted DeepFloyd IF
+  python sample.py --workdir if_I,if_II,x4 --prompt "..."   # IF + the x4 upscaler: 1024 px
+  python sample.py --workdir sd15 --prompt "..."         # converted Stable Diffusion
   python sample.py ... --coordinator_address HOST:PORT --num_processes N --process_id I
 
---workdir is a training run, a converted DeepFloyd IF stage folder, a
-comma-separated list of them (stage I first) or a folder holding them
-(``--cascade`` is a synonym). Writes ``{prompt:03d}_{sample:02d}.png`` per
+--workdir is a training run, a converted DeepFloyd IF stage folder or
+Stable Diffusion folder (``python -m imagen_jax.convert stable-diffusion``), a
+comma-separated list of them in cascade order ('if_I,if_II,x4', 'sd15,x4') or a
+folder holding them (``--cascade`` is a synonym). Each stage encodes the prompts
+with its own text encoder: the T5 of IF stages (``--t5`` replaces it; Stable
+Diffusion stages keep their CLIP tower and tokenizer). Writes ``{prompt:03d}_{sample:02d}.png`` per
 final image, ``grid.png`` (captioned), ``grid_{stage}.png`` per stage and
 ``prompts.json`` (default directory: WORKDIR/samples_<timestamp>). --steps,
 --guidance and --sampler take one value per stage, comma-separated, in cascade
@@ -41,7 +46,7 @@ from imagen_jax import cascade as cascade_lib
 from imagen_jax import run as run_lib
 from imagen_jax.cascade import edits as edits_lib
 from imagen_jax.parallel import distributed
-from imagen_jax.stages import build_stage
+from imagen_jax.stages import build_stage, stage_text_dim
 
 
 class UsageError(Exception):
@@ -52,14 +57,15 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument(
     "--workdir",
-    help="the run: a train.py workdir, or converted DeepFloyd IF "
-    "stage folders (comma-separated, stage I first)",
+    help="the run: a train.py workdir, or converted DeepFloyd IF / Stable Diffusion "
+    "folders (comma-separated in cascade order, e.g. if_I,if_II,x4), or a folder holding them",
   )
-  p.add_argument("--cascade", help="synonym of --workdir (converted IF stages)")
+  p.add_argument("--cascade", help="synonym of --workdir (converted stages)")
   p.add_argument(
     "--t5",
-    help="a local T5 directory replacing the run's text encoder "
-    "(for converted IF stages: default the text_encoder/ recorded at conversion)",
+    help="a local T5 directory replacing the T5 stages' text encoder "
+    "(for converted IF stages: default the text_encoder/ recorded at conversion; "
+    "Stable Diffusion stages keep their CLIP encoder)",
   )
   p.add_argument("--t5_dtype", default=None, help="float32 or bfloat16 (default: the run's)")
   p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
@@ -202,7 +208,9 @@ def check_inputs(args: argparse.Namespace):
     raise UsageError("give --workdir or its synonym --cascade, not both")
   workdir = args.workdir or args.cascade
   if not workdir:
-    raise UsageError("give --workdir: a trained run or converted DeepFloyd IF stages")
+    raise UsageError(
+      "give --workdir: a trained run or converted DeepFloyd IF / Stable Diffusion stages"
+    )
   prompts = read_prompts(args.prompt, args.prompts_file)
   if args.num_per_prompt < 1:
     raise UsageError(f"--num_per_prompt must be >= 1, got {args.num_per_prompt}")
@@ -248,7 +256,9 @@ def check_inputs(args: argparse.Namespace):
   )
   per = {k: cascade_lib.per_stage(v, names, k) for k, v in overrides.items()}
   for i, name in enumerate(names):
-    stage = build_stage(config.stages[name], text_dim=config.text.get("dim"))
+    stage = build_stage(config.stages[name], text_dim=stage_text_dim(config, name))
+    if stage.kind == "latent":
+      run_lib.sd_tokenizer_dir(stage.text_encoder_spec["folder"])  # one line if absent
     stage.sample_settings(
       config.stages[name].sample, per["steps"][i], per["guidance"][i], per["sampler"][i]
     )

@@ -114,32 +114,48 @@ def _is_file(path: Any) -> bool:
   return p.exists() and not p.is_dir()
 
 
+def converted_format(path: Any) -> Optional[str]:
+  """``CONVERTED_FORMAT`` (IF) or ``CONVERTED_SD_FORMAT`` for a converted folder, else None."""
+  f = epath.Path(path) / CONFIG_FILE
+  if not _is_file(f):
+    return None
+  found = _read_json(f).get("format")
+  return found if found in (CONVERTED_FORMAT, CONVERTED_SD_FORMAT) else None
+
+
 def is_converted(path: str) -> bool:
   """Whether ``path`` is one converted DeepFloyd IF stage folder."""
-  f = epath.Path(path) / CONFIG_FILE
-  return _is_file(f) and _read_json(f).get("format") == CONVERTED_FORMAT
+  return converted_format(path) == CONVERTED_FORMAT
+
+
+def _cascade_position(folder: Any) -> tuple:
+  """Sort key of a converted folder in a parent folder: the text-to-image stage first,
+  then the pixel super-resolution stages by resolution, then latent upscalers (the x4
+  upscaler takes whatever resolution precedes it, so it ends the chain)."""
+  meta = _read_json(epath.Path(folder) / CONFIG_FILE)
+  stage = meta["stage"]
+  if meta.get("format") == CONVERTED_SD_FORMAT:
+    upscaler = stage.get("pipeline") == "StableDiffusionUpscalePipeline"
+    return upscaler, upscaler, 0
+  return bool(stage.get("lowres_resolution")), False, stage["resolution"]
 
 
 def converted_stage_dirs(path: str) -> Optional[list]:
   """The converted stage folders that ``path`` names, cascade order; None if none.
 
-  ``path``: one converted folder, 'A,B' (stage I first), or a folder whose
-  sub-folders are converted stages (base stage first, then by resolution).
+  ``path``: one converted folder (DeepFloyd IF or Stable Diffusion), 'A,B,C' (in
+  cascade order: 'if_I,if_II,x4', 'sd15,x4'), or a folder whose sub-folders are
+  converted stages (ordered by ``_cascade_position``).
   """
   if "," in path:
     return [p for p in path.split(",") if p]
-  if is_converted(path):
+  if converted_format(path):
     return [path]
   root = epath.Path(path)
   if root.is_dir() and not _is_file(root / CONFIG_FILE):
-    subs = [os.fspath(d) for d in sorted(root.iterdir()) if d.is_dir() and is_converted(d)]
+    subs = [os.fspath(d) for d in sorted(root.iterdir()) if d.is_dir() and converted_format(d)]
     if subs:
-
-      def order(d):  # stage I (no low-res input) first, then by resolution
-        stage = _read_json(epath.Path(d) / CONFIG_FILE)["stage"]
-        return bool(stage.get("lowres_resolution")), stage["resolution"]
-
-      return sorted(subs, key=order)
+      return sorted(subs, key=_cascade_position)
   return None
 
 
@@ -160,7 +176,13 @@ def normalize_converted_stage(stage: dict) -> dict:
 
 
 def _converted_config(dirs: Sequence[str]) -> ml_collections.ConfigDict:
-  """A cascade config for converted stage folders (T5 from the first one)."""
+  """A cascade config for converted stage folders, in the given order.
+
+  IF stages share the T5 recorded at conversion of the first one (``config.text``);
+  Stable Diffusion stages bring their CLIP tower (``text_encoder`` of their stage
+  config). A latent upscaler after another stage takes that stage's resolution as
+  its input (``lowres_resolution``) and upsamples it by its own factor.
+  """
   config = config_lib.base_config()
   config.mesh.shape = {"data": -1}
   config.mesh.strategy = "dp"
@@ -169,18 +191,27 @@ def _converted_config(dirs: Sequence[str]) -> ml_collections.ConfigDict:
     meta_file = epath.Path(d) / CONFIG_FILE
     if not _is_file(meta_file):
       raise FileNotFoundError(
-        f"{meta_file} not found: {d!r} is not a converted IF stage "
-        "(python -m imagen_jax.convert deepfloyd-if --src ... --out ...)"
+        f"{meta_file} not found: {d!r} is not a converted IF or Stable Diffusion stage "
+        "(python -m imagen_jax.convert deepfloyd-if|stable-diffusion --src ... --out ...)"
       )
     meta = _read_json(meta_file)
-    if meta.get("format") != CONVERTED_FORMAT:
-      raise ValueError(f"{meta_file}: format {meta.get('format')!r}, expected {CONVERTED_FORMAT!r}")
-    text = text or meta["stage"].get("text") or meta.get("text") or {}
-    stage = ml_collections.ConfigDict(normalize_converted_stage(meta["stage"]))
-    stage.source = os.fspath(as_path(d))  # where its params are read from
+    if meta.get("format") == CONVERTED_SD_FORMAT:
+      stage = sd_stage_config(meta["stage"], d)
+    elif meta.get("format") == CONVERTED_FORMAT:
+      text = text or meta["stage"].get("text") or meta.get("text") or {}
+      stage = ml_collections.ConfigDict(normalize_converted_stage(meta["stage"]))
+      stage.source = os.fspath(as_path(d))  # where its params are read from
+    else:
+      raise ValueError(
+        f"{meta_file}: format {meta.get('format')!r}, expected {CONVERTED_FORMAT!r} or "
+        f"{CONVERTED_SD_FORMAT!r}"
+      )
     if stage.name in config.stages:
       raise ValueError(f"two converted folders hold stage {stage.name!r}: {list(dirs)}")
+    if config.stage_order and stage.get("lowres_resolution") and stage.diffusion.kind == "latent":
+      _chain_upscaler(stage, config.stages[config.stage_order[-1]])
     config_lib.add_stage(config, stage)
+  text = text or {}
   config.text.update(
     dict(
       path=text.get("encoder", ""),
@@ -191,6 +222,13 @@ def _converted_config(dirs: Sequence[str]) -> ml_collections.ConfigDict:
     )
   )
   return config
+
+
+def _chain_upscaler(stage: ml_collections.ConfigDict, prev: ml_collections.ConfigDict) -> None:
+  """A latent upscaler's sizes after ``prev``: input prev's resolution, output × its factor."""
+  scale = int(stage.resolution) // int(stage.lowres_resolution)
+  stage.lowres_resolution = int(prev.resolution)
+  stage.resolution = scale * int(prev.resolution)
 
 
 def read_config(path: str, as_written: bool = False) -> ml_collections.ConfigDict:
@@ -306,6 +344,8 @@ def load_ema_params(
     (params, step); step is 0 for converted stages.
   """
   source = stage.config.get("source")
+  if source and stage.kind == "latent":
+    return load_sd_params(source, stage, mesh, rules), 0
   if source:
     return load_converted_params(source, stage, mesh, rules), 0
   target = abstract_params(stage, mesh, rules)
@@ -390,7 +430,12 @@ def sd_stage_config(converted: dict, folder: str) -> ml_collections.ConfigDict:
     source=os.fspath(as_path(folder)),
     model=converted["model"],
     vae=converted["vae"],
-    text_encoder=dict(folder=os.fspath(as_path(folder)), penultimate=False),
+    text_encoder=dict(
+      kind="clip",
+      folder=os.fspath(as_path(folder)),
+      penultimate=False,
+      dim=int(converted["text"]["dim"]),
+    ),
     diffusion=diffusion,
     sample=sample,
   )
@@ -425,15 +470,54 @@ def read_sd_stage(folder: str, mesh=None, rules=None) -> tuple[ml_collections.Co
       "(python -m imagen_jax.convert stable-diffusion --src ... --out ...)"
     )
   config = sd_stage_config(meta["stage"], folder)
-  target = abstract_params(stages.build_stage(config), mesh, rules)
-  checkpointer = ocp.StandardCheckpointer()
-  params = {}
-  for part in ("unet", "vae", "text_encoder"):
-    path = as_path(folder) / CONVERTED_PARAMS / part
-    try:
-      params[part] = checkpointer.restore(path, target.get(part))
-    except Exception as e:  # orbax/tensorstore raise many kinds for a damaged checkpoint
-      raise ValueError(f"{path}: cannot restore ({' '.join(str(e).split())})") from None
+  params = load_sd_params(folder, stages.build_stage(config), mesh, rules)
+  params["text_encoder"] = _restore_sd_part(folder, "text_encoder", None)
   if mesh is None:
-    params = jax.tree.map(jnp.asarray, params)
+    params["text_encoder"] = jax.tree.map(jnp.asarray, params["text_encoder"])
   return config, params
+
+
+def _restore_sd_part(folder: str, part: str, target: Any) -> Any:
+  path = as_path(folder) / CONVERTED_PARAMS / part
+  try:
+    return ocp.StandardCheckpointer().restore(path, target)
+  except Exception as e:  # orbax/tensorstore raise many kinds for a damaged checkpoint
+    raise ValueError(f"{path}: cannot restore ({' '.join(str(e).split())})") from None
+
+
+def load_sd_params(folder: str, stage: Any, mesh=None, rules=None) -> dict:
+  """A latent stage's {'unet', 'vae'} params from a converted Stable Diffusion folder,
+  placed sharded under a mesh (default device otherwise)."""
+  target = abstract_params(stage, mesh, rules)
+  params = {part: _restore_sd_part(folder, part, target[part]) for part in ("unet", "vae")}
+  return jax.tree.map(jnp.asarray, params) if mesh is None else params
+
+
+def sd_tokenizer_dir(folder: str) -> str:
+  """The CLIP tokenizer folder of a converted Stable Diffusion folder (sampling needs it).
+
+  Raises:
+    FileNotFoundError: the folder has none (one line: what to copy where).
+  """
+  path = as_path(folder) / "tokenizer"
+  if not path.is_dir():
+    raise FileNotFoundError(
+      f"{folder} has no tokenizer/ (the pipeline it was converted from had none): copy the "
+      f"pipeline's CLIPTokenizer folder (vocab.json, merges.txt, tokenizer_config.json) to {path}"
+    )
+  return os.fspath(path)
+
+
+def read_sd_text_encoder(folder: str) -> tuple[dict, Any, str]:
+  """(CLIP text config dict, params, tokenizer folder) of a converted SD folder: what
+  ``text.clip_encoder.CLIPEncoder`` is built from (``CLIPTextConfig.from_dict``).
+
+  Raises:
+    FileNotFoundError: no tokenizer folder (``sd_tokenizer_dir``).
+    ValueError: not a converted SD folder, or a checkpoint that does not restore.
+  """
+  tokenizer = sd_tokenizer_dir(folder)
+  meta = _read_json(as_path(folder) / CONFIG_FILE)
+  if meta.get("format") != CONVERTED_SD_FORMAT:
+    raise ValueError(f"{folder}: format {meta.get('format')!r}, expected {CONVERTED_SD_FORMAT!r}")
+  return meta["stage"]["text"], _restore_sd_part(folder, "text_encoder", None), tokenizer

@@ -9,7 +9,9 @@ the train.py / sample.py subprocesses the tests start, so they share the cache.
 
 Fixtures that tests may not change in place (copy them first: `copy_run`,
 `copy_shapes`): `shapes_data_dir` (the tiny demo's shapes, prepared once) and
-`tiny_run` (train.py on the tiny demo config, both stages, a few steps).
+`tiny_run` (train.py on the tiny demo config, both stages, a few steps), `if_pipelines`
+and `if_converted` (the tiny IF fixtures as pipelines, converted as the README does),
+`sd_converted` (the tiny Stable Diffusion fixtures with a tiny CLIP tokenizer, converted).
 """
 
 import os
@@ -87,3 +89,40 @@ def tiny_run(shapes_data_dir, tmp_path_factory):
 def copy_run(tiny_run, tmp_path):
   """A writable copy of `tiny_run`."""
   return shutil.copytree(tiny_run, tmp_path / "run")
+
+
+@pytest.fixture(scope="session")
+def if_pipelines(tmp_path_factory):
+  """IF-I and IF-II: the parity fixtures as diffusers pipeline folders with the tiny T5."""
+  root = tmp_path_factory.mktemp("if_src")
+  tiny.if_pipeline("if_stage1", root / "IF-I")
+  tiny.if_pipeline("if_stage2", root / "IF-II")
+  return root
+
+
+@pytest.fixture(scope="session")
+def if_converted(if_pipelines, tmp_path_factory):
+  """A folder `if` holding the converted if_I (16px) and if_II (8 → 16px), as the README
+  converts them; read only."""
+  from imagen_jax.convert import __main__ as convert  # pylint: disable=import-outside-toplevel
+
+  root = tmp_path_factory.mktemp("if")
+  assert (
+    convert.main(["deepfloyd-if", "--src", str(if_pipelines / "IF-I"), "--out", str(root / "if_I")])
+    == 0
+  )
+  argv = ["deepfloyd-if", "--src", str(if_pipelines / "IF-II"), "--out", str(root / "if_II")]
+  assert convert.main(argv + ["--lowres-resolution", "8"]) == 0
+  return root
+
+
+@pytest.fixture(scope="session")
+def sd_converted(tmp_path_factory):
+  """A folder holding sd_v1_tiny, sd_v2_tiny and sd_x4_tiny, each converted once (float32)
+  from its fixture plus the tiny CLIP tokenizer (`tiny.sd_pipeline`); read only."""
+  from imagen_jax.convert import stable_diffusion  # pylint: disable=import-outside-toplevel
+
+  src, root = tmp_path_factory.mktemp("sd_src"), tmp_path_factory.mktemp("sd")
+  for name in ("sd_v1_tiny", "sd_v2_tiny", "sd_x4_tiny"):
+    stable_diffusion.convert(tiny.sd_pipeline(name, src / name), str(root / name))
+  return root

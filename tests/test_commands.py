@@ -426,30 +426,6 @@ def small_png(edit_images):
 
 
 @pytest.fixture(scope="module")
-def if_pipelines(tmp_path_factory):
-  """IF-I and IF-II: the parity fixtures as diffusers pipeline folders with the tiny T5."""
-  root = tmp_path_factory.mktemp("if_src")
-  tiny.if_pipeline("if_stage1", root / "IF-I")
-  tiny.if_pipeline("if_stage2", root / "IF-II")
-  return root
-
-
-@pytest.fixture(scope="module")
-def if_converted(if_pipelines, tmp_path_factory):
-  """A folder `if` holding the converted if_I and if_II (as the README converts them)."""
-  from imagen_jax.convert import __main__ as convert  # pylint: disable=import-outside-toplevel
-
-  root = tmp_path_factory.mktemp("if")
-  assert (
-    convert.main(["deepfloyd-if", "--src", str(if_pipelines / "IF-I"), "--out", str(root / "if_I")])
-    == 0
-  )
-  argv = ["deepfloyd-if", "--src", str(if_pipelines / "IF-II"), "--out", str(root / "if_II")]
-  assert convert.main(argv + ["--lowres-resolution", "8"]) == 0
-  return root
-
-
-@pytest.fixture(scope="module")
 def if_ft_run(if_converted, captioned_images, tmp_path_factory):
   """if_I fine-tuned one step by train.py (the README's fine-tuning command)."""
   import train  # pylint: disable=import-outside-toplevel

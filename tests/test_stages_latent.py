@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from imagen_jax import run
-from imagen_jax.convert import stable_diffusion as sd
 from imagen_jax.diffusion import sampling
 from imagen_jax.stages import LatentStage, build_stage
 
@@ -31,10 +30,9 @@ def close(actual, expected):
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-  """name → the converted folder (converted once per module)."""
-  root = tmp_path_factory.mktemp("sd_converted")
-  return {name: sd.convert(os.path.join(FIXTURES, name), str(root / name)) for name in NAMES}
+def converted(sd_converted):
+  """name → the converted folder (the session's, converted once)."""
+  return {name: str(sd_converted / name) for name in NAMES}
 
 
 def loaded(converted, name):

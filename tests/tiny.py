@@ -55,3 +55,46 @@ def if_pipeline(name, path, text=True):
     shutil.copytree(os.path.join(fixtures, "t5_v1_1"), os.path.join(path, "text_encoder"))
     shutil.copytree(os.path.join(fixtures, "t5_v1_1"), os.path.join(path, "tokenizer"))
   return path
+
+
+def clip_tokenizer(path, vocab_size=64, max_length=7):
+  """A tiny CLIPTokenizer folder at `path` for the SD fixtures' text towers (64 tokens,
+  BOS 62 and EOS 63, 7 positions): clip_tiny's tokenizer.json (CLIP's normalizer,
+  pre-tokenizer and post-processor) with a vocabulary of the letters (word-inner and
+  word-final) and digits, no merges; other characters are the unknown (= EOS) token."""
+  import json  # pylint: disable=import-outside-toplevel
+  import string  # pylint: disable=import-outside-toplevel
+
+  fixtures = os.path.join(ROOT, "tests", "fixtures")
+  with open(os.path.join(fixtures, "clip_tiny", "tokenizer.json")) as f:
+    tok = json.load(f)
+  letters = string.ascii_lowercase
+  tokens = list(letters) + [c + "</w>" for c in letters] + list(string.digits)
+  tokens = tokens[: vocab_size - 2] + ["<|startoftext|>", "<|endoftext|>"]
+  tok["model"]["vocab"] = {t: i for i, t in enumerate(tokens)}
+  tok["model"]["merges"] = []
+  bos, eos = len(tokens) - 2, len(tokens) - 1
+  tok["added_tokens"][0]["id"], tok["added_tokens"][1]["id"] = bos, eos
+  tok["post_processor"]["cls"][1], tok["post_processor"]["sep"][1] = bos, eos
+  with open(os.path.join(fixtures, "clip_tiny", "tokenizer_config.json")) as f:
+    config = json.load(f)
+  config["model_max_length"] = max_length
+  os.makedirs(path)
+  with open(os.path.join(path, "tokenizer.json"), "w") as f:
+    json.dump(tok, f)
+  with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+    json.dump(config, f)
+  return path
+
+
+def sd_pipeline(name, path, tokenizer=True):
+  """A Stable Diffusion pipeline folder at `path`: the parity fixture `name` (sd_v1_tiny,
+  sd_v2_tiny, sd_x4_tiny) plus, with `tokenizer`, the tiny CLIP tokenizer as tokenizer/."""
+  shutil.copytree(
+    os.path.join(ROOT, "tests", "fixtures", name),
+    path,
+    ignore=shutil.ignore_patterns("reference.npz"),
+  )
+  if tokenizer:
+    clip_tokenizer(os.path.join(path, "tokenizer"))
+  return path

@@ -1,16 +1,14 @@
 """The sampling driver: prompts → text embeddings → stage 1 → ... → last stage.
 
 ``Cascade.sample(prompts, rng, request)`` encodes the prompts (and the empty
-or negative prompts of guidance) once, cuts the N = P · num_per_prompt rows
+or negative prompts of guidance) once per distinct text encoder (T5 for IF and
+Imagen stages, a CLIP tower per Stable Diffusion stage: ``text``), cuts the N = P · num_per_prompt rows
 into equal batches (padded to a multiple of the data-parallel size), and runs
 each stage's jitted sampling loop on every batch, stage k > 1 conditioned on
 stage k-1's output. Batch c of stage k samples with the key
 ``fold_in(fold_in(rng, k), c)``, so a batch's images depend on its rows, not on
 which call or process ran it. Editing inputs are planned by ``edits``; timings
 come from ``timing``; the output and its files are in ``images``.
-
-(Slightly over 400 lines: ``Cascade`` keeps its loading, parameter placement and
-sampling loop in one class; the rest of the cascade lives in its sibling modules.)
 """
 
 import contextlib
@@ -30,10 +28,10 @@ from imagen_jax import run as run_lib
 from imagen_jax.cascade import edits as edits_lib
 from imagen_jax.cascade.images import CascadeOutput
 from imagen_jax.cascade.request import Batches, SampleRequest, per_stage
+from imagen_jax.cascade.text import TextRows, load_encoders, text_length
 from imagen_jax.cascade.timing import CompileTimer, StageTiming
 from imagen_jax.diffusion import guidance as guidance_lib
-from imagen_jax.stages import SampleSettings, Stage, build_stage
-from imagen_jax.text import TextEncoder
+from imagen_jax.stages import SampleSettings, Stage, build_stage, stage_text_dim
 
 _log = logging.getLogger(__name__)
 
@@ -69,8 +67,10 @@ class Cascade:
     stage_names: stage names, generation order.
     stages: name → ``Stage`` (one object per stage: the jitted loops key on it).
     params: name → the stage's (EMA) params, placed on the mesh.
-    text_encoder: the frozen ``TextEncoder``.
-    text_len: L, tokens per prompt (``config.text.max_length``).
+    text_encoders: name → the stage's frozen text encoder (T5 ``TextEncoder`` or
+      ``CLIPEncoder``; one object per distinct tower, ``cascade.text``).
+    text_encoder: the first stage's encoder.
+    text_len: L of the first stage's encoder (``config.text.max_length`` for T5).
     num_shards: how many ways the batch splits (1 without a mesh).
     checkpoint_steps: name → checkpoint step (``from_workdir`` only).
     shared: every process of a multi-process run samples its share of each
@@ -82,7 +82,7 @@ class Cascade:
     self,
     config: Any,
     params: Mapping[str, Any],
-    text_encoder: TextEncoder,
+    text_encoder: Any,
     mesh: Optional[jax.sharding.Mesh] = None,
     rules: Optional[Sequence] = None,
     *,
@@ -93,7 +93,9 @@ class Cascade:
     Args:
       config: the cascade config (``imagen_jax.config`` layout).
       params: stage name → params (boxed or plain); every stage needs an entry.
-      text_encoder: encodes prompts; its width must match the stages' text_dim.
+      text_encoder: encodes prompts (``encode(prompts, L) -> (emb, mask)``,
+        ``embed_dim``): one for every stage, or a mapping stage name → encoder
+        (``cascade.text.load_encoders``); widths must match the stages' text_dim.
       mesh: optional mesh; the batch splits over its data-parallel axes and
         each stage's params are placed by their logical names.
       rules: logical-axis rules for the mesh (``parallel.config_rules``).
@@ -106,11 +108,16 @@ class Cascade:
     missing = [n for n in self.stage_names if n not in params]
     if missing:
       raise ValueError(f"no params for stages {missing}")
+    if isinstance(text_encoder, Mapping):
+      self.text_encoders = {n: text_encoder[n] for n in self.stage_names}
+    else:
+      self.text_encoders = dict.fromkeys(self.stage_names, text_encoder)
     self.stages = (
       dict(stages)
       if stages is not None
       else {
-        n: build_stage(config.stages[n], text_dim=text_encoder.embed_dim) for n in self.stage_names
+        n: build_stage(config.stages[n], text_dim=self.text_encoders[n].embed_dim)
+        for n in self.stage_names
       }
     )
     first = self.stages[self.stage_names[0]]
@@ -119,8 +126,10 @@ class Cascade:
         f"the first stage {first.name!r} is a super-resolution stage; "
         "it needs a lower-resolution stage before it"
       )
-    self.text_encoder = text_encoder
-    self.text_len = int(config.text.max_length)
+    lengths = {n: text_length(e, config) for n, e in self.text_encoders.items()}
+    self._text = TextRows(self.text_encoders, lengths)
+    self.text_encoder = self.text_encoders[self.stage_names[0]]
+    self.text_len = lengths[self.stage_names[0]]
     self.mesh = mesh
     self.rules = tuple(rules or ()) if mesh is not None else ()
     self._batch_axes, self.num_shards = parallel.batch_axes(mesh, self.rules)
@@ -128,19 +137,18 @@ class Cascade:
     self.params = {n: self._place_params(self.stages[n], params[n]) for n in self.stage_names}
     self.checkpoint_steps = {}
     self.shared = False
-    self._uncond = None
     self._lowres_fns = {}
 
   @classmethod
   def from_workdir(
     cls, workdir: str, *, config: Any = None, mesh: Any = "auto", rules=None
   ) -> "Cascade":
-    """The cascade of a run: a training workdir or converted DeepFloyd IF stages.
+    """The cascade of a run: a training workdir or converted IF / Stable Diffusion stages.
 
     Args:
-      workdir: the run's workdir (``train.py --workdir``), a converted IF
-        stage folder, 'if_I,if_II', or a folder holding converted stages
-        (``imagen_jax.run``).
+      workdir: the run's workdir (``train.py --workdir``), a converted IF or
+        Stable Diffusion folder, a comma list ('if_I,if_II,x4', 'sd15,x4'), or a
+        folder holding converted stages (``imagen_jax.run``).
       config: the run's config as ``run.read_config`` gives it, possibly edited
         (e.g. another text encoder); default: read it.
       mesh: "auto" (``sampling_mesh``), None (one device) or a mesh.
@@ -155,7 +163,8 @@ class Cascade:
     if auto:
       mesh, rules = sampling_mesh(config)
     stages = {
-      n: build_stage(config.stages[n], text_dim=config.text.get("dim")) for n in config.stage_order
+      n: build_stage(config.stages[n], text_dim=stage_text_dim(config, n))
+      for n in config.stage_order
     }
     params, steps, missing = {}, {}, []
     for name, stage in stages.items():
@@ -165,8 +174,8 @@ class Cascade:
         missing.append(str(e))
     if missing:
       raise FileNotFoundError("\n".join(missing))
-    encoder = TextEncoder.from_config(config.text, mesh, rules)
-    cascade = cls(config, params, encoder, mesh, rules, stages=stages)
+    encoders = load_encoders(config, mesh, rules)
+    cascade = cls(config, params, encoders, mesh, rules, stages=stages)
     cascade.checkpoint_steps = steps
     # Every process of the run loads it on its own devices: they share each call's batches.
     cascade.shared = auto and jax.process_count() > 1
@@ -220,41 +229,8 @@ class Cascade:
     }
 
   def uncond_text(self) -> tuple[np.ndarray, np.ndarray]:
-    """The empty prompt's (emb [L, D], mask [L]), encoded once per cascade."""
-    if self._uncond is None:
-      emb, mask = self.text_encoder.encode([""], self.text_len)
-      self._uncond = (np.asarray(emb)[0], np.asarray(mask)[0])
-    return self._uncond
-
-  def _encode(self, prompts: Sequence[str], negative: Any, num_per_prompt: int) -> dict:
-    """The text rows of a call: {'text': ..., 'uncond': ...}.
-
-    Each is {'text_emb' [N, L, D], 'text_mask' [N, L]}, N = P · num_per_prompt;
-    the unconditional rows are the negative prompts' (one for all prompts, or
-    one per prompt) or the empty prompt's.
-    """
-    emb, mask = self.text_encoder.encode(list(prompts), self.text_len)
-    emb = np.repeat(np.asarray(emb), num_per_prompt, axis=0)
-    mask = np.repeat(np.asarray(mask), num_per_prompt, axis=0)
-    if negative is None or negative == "" or negative == []:
-      u_emb, u_mask = self.uncond_text()
-      u_emb = np.broadcast_to(u_emb, emb.shape).astype(emb.dtype)
-      u_mask = np.broadcast_to(u_mask, mask.shape)
-    else:
-      negative = [negative] if isinstance(negative, str) else list(negative)
-      if len(negative) not in (1, len(prompts)):
-        raise ValueError(
-          f"negative prompts: give one for all prompts or one per prompt "
-          f"({len(prompts)}), got {len(negative)}"
-        )
-      negative = negative * (len(prompts) // len(negative))
-      u_emb, u_mask = self.text_encoder.encode(negative, self.text_len)
-      u_emb = np.repeat(np.asarray(u_emb), num_per_prompt, axis=0)
-      u_mask = np.repeat(np.asarray(u_mask), num_per_prompt, axis=0)
-    return {
-      "text": {"text_emb": emb, "text_mask": mask},
-      "uncond": {"text_emb": u_emb, "text_mask": u_mask},
-    }
+    """The empty prompt's (emb [L, D], mask [L]) of the first stage's encoder (once)."""
+    return self._text.uncond(self.text_encoder, self.text_len)
 
   def sample(
     self,
@@ -298,8 +274,8 @@ class Cascade:
       request.mask,
       request.lowres_image,
     )
-    rows = self._encode(prompts, request.negative_prompt, request.num_per_prompt)
-    n = len(rows["text"]["text_mask"])
+    rows = self._text.rows(prompts, request.negative_prompt, request.num_per_prompt)
+    n = len(prompts) * request.num_per_prompt
     batches = Batches.of(n, request.batch_size, self.num_shards, self.shared)
     images, timings = self._run_stages(rows, batches, settings, plan, rng, progress)
     return CascadeOutput(
@@ -329,8 +305,8 @@ class Cascade:
       edit = plan.stage_edit(stage, batches.size, first=k == plan.start)
       desc = f"stage {k + 1}/{len(self.stage_names)} {name} ({stage.resolution}px, {s.steps} steps)"
       for c in tqdm(mine, desc=desc, unit="batch", disable=not progress):
-        text = {f: batches.rows(v, c) for f, v in rows["text"].items()}
-        uncond = {f: batches.rows(v, c) for f, v in rows["uncond"].items()}
+        text = {f: batches.rows(v, c) for f, v in rows[name]["text"].items()}
+        uncond = {f: batches.rows(v, c) for f, v in rows[name]["uncond"].items()}
         key = jax.random.fold_in(jax.random.fold_in(rng, k), c)
         before = None if prev is None else prev[c]
         outs[c] = self._run_stage(stage, s, text, uncond, before, key, timing, edit)

@@ -21,13 +21,15 @@ tensor is absent, or a shape that does not fit is an error before anything is wr
 
 The converted folder (``FORMAT``): ``config.json`` (the stage: our model configs, the
 schedulers' settings, and the diffusers component configs for the export) and one
-orbax checkpoint per component under ``params/``. The latent stage that samples with
-it is not part of the package yet: these are the components.
+orbax checkpoint per component under ``params/``, plus the pipeline's ``tokenizer/``
+copied as is (sampling needs it; a pipeline without one still converts). ``sample.py``
+and the cascade sample converted folders through ``stages.LatentStage`` (``run``).
 """
 
 import dataclasses
 import json
 import os
+import shutil
 from typing import Any, Iterator, Optional
 
 import flax.linen as nn
@@ -41,9 +43,10 @@ from imagen_jax.convert import deepfloyd_if, if_export, if_weights, sd_config
 from imagen_jax.models.sd_unet import SDUNet, SDUNetConfig, dummy_inputs
 from imagen_jax.models.vae import AutoencoderKL, VAEConfig
 from imagen_jax.safetensors_dir import WeightsReader, write_safetensors
-from imagen_jax.text.clip import CLIPTextConfig, CLIPTextModel, TowerConfig, hf_name
+from imagen_jax.text.clip import CLIPTextConfig, CLIPTextModel, hf_name
 
 FORMAT = "imagen_jax/stable_diffusion"
+TOKENIZER = "tokenizer"  # the pipeline's tokenizer folder, copied as is
 COMPONENTS = ("unet", "vae", "text_encoder")
 WEIGHTS_NAME = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}
 WEIGHTS_NAME["text_encoder"] = "model"
@@ -263,9 +266,26 @@ def convert(src: str, out: str, *, dtype: str = "float32", variant: Optional[str
         deepfloyd_if._set(params, path, array)  # pylint: disable=protected-access
       checkpointer.save(os.path.join(tmp, "params", component), params)
       checkpointer.wait_until_finished()
+    copy_tokenizer(src, tmp)
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(dict(format=FORMAT, version=1, stage=stage), f, indent=2)
   return out
+
+
+def copy_tokenizer(src: str, out: str) -> bool:
+  """Copies ``src/tokenizer/`` (the pipeline's CLIPTokenizer files) to ``out/tokenizer/``.
+
+  A pipeline without one converts all the same (the UNet, VAE and text tower are
+  complete); sampling refuses the converted folder in one line (``run.sd_tokenizer_dir``).
+
+  Returns:
+    Whether there was a tokenizer to copy.
+  """
+  folder = os.path.join(src, TOKENIZER)
+  if not os.path.isdir(folder):
+    return False
+  shutil.copytree(folder, os.path.join(out, TOKENIZER))
+  return True
 
 
 def read_converted_config(out_dir: str) -> ml_collections.ConfigDict:
@@ -281,11 +301,8 @@ def converted_modules(stage: ml_collections.ConfigDict) -> dict:
   d = stage.to_dict()
   unet = {k: tuple(v) if isinstance(v, list) else v for k, v in d["model"].items()}
   vae = {k: tuple(v) if isinstance(v, list) else v for k, v in d["vae"].items()}
-  text = d["text"]
   dtype = jnp.dtype(unet["dtype"])
-  clip = CLIPTextConfig(
-    TowerConfig(**text["tower"]), text["vocab_size"], text["max_length"], text["eos_token_id"]
-  )
+  clip = CLIPTextConfig.from_dict(d["text"])
   return dict(
     unet=SDUNet(SDUNetConfig(**unet)),
     vae=AutoencoderKL(VAEConfig(**vae)),
@@ -358,6 +375,7 @@ def export(src: str, out: str, *, dtype: str = "float32") -> str:
       _export_component(
         os.path.join(tmp, component), component, cfg, params[component], target, prefix
       )
+    copy_tokenizer(src, tmp)
     files = {"model_index.json": "model_index"}
     files.update({f"{n}/scheduler_config.json": n for n in _SCHEDULERS if n in stage.diffusers})
     for file, key in files.items():

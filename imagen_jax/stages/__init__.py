@@ -47,3 +47,12 @@ def build_stage(stage_config: Any, text_dim: Optional[int] = None) -> Stage:
   """The stage object of ``config.stages.NAME``, by its ``diffusion.kind``."""
   classes = dict(continuous=ContinuousStage, discrete=DiscreteStage, latent=LatentStage)
   return classes[stage_kind(stage_config)](stage_config, text_dim)
+
+
+def stage_text_dim(config: Any, name: str) -> Optional[int]:
+  """The text width stage ``name`` of a cascade config takes: a latent stage's own CLIP
+  tower's (``text_encoder.dim``), every other stage's the cascade's T5 (``text.dim``)."""
+  stage_config = config.stages[name]
+  if stage_kind(stage_config) == "latent":
+    return (stage_config.get("text_encoder") or {}).get("dim")
+  return config.text.get("dim")

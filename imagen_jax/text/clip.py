@@ -81,6 +81,12 @@ class CLIPTextConfig:
       c.get("eos_token_id", 2),
     )
 
+  @classmethod
+  def from_dict(cls, d: dict) -> "CLIPTextConfig":
+    """From ``dataclasses.asdict`` of one (as a converted folder's config.json stores it;
+    extra keys such as ``kind`` and ``dim`` are ignored)."""
+    return cls(TowerConfig(**d["tower"]), d["vocab_size"], d["max_length"], d["eos_token_id"])
+
 
 def _dense(features: int, names: tuple, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Dense:
   return nn.Dense(
