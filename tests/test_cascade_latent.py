@@ -149,8 +149,9 @@ def test_sample_py_every_sampler_on_latent_stages(sd_converted, tmp_path, sample
 
 
 def test_sample_py_inpaints_with_a_latent_stage(sd_converted, tmp_path):
-  """--init_image with --mask on SD: the pixels the mask keeps come back (after the
-  VAE's round trip, not exactly) and the run writes its image."""
+  """--init_image with --mask on SD runs the edit plan through the latent stage (its VAE
+  encodes the image, the mask is pooled to the latent grid; the stage's inpainting
+  itself is checked in test_stages_latent.py) and writes the image."""
   rng = np.random.default_rng(2)
   Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "in.png")
   mask = np.zeros((16, 16), np.uint8)

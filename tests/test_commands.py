@@ -143,6 +143,20 @@ COMMANDS = (
   Command("python sample.py --workdir runs/if_ft --prompt \"a photo of a corgi\"",
           "sample", "--workdir {if_ft_run} --steps 2 --prompt 'a photo of a corgi' "
           "--out {tmp_path}/o", ("{tmp_path}/o/grid.png",)),
+  # Stable Diffusion (the tiny parity fixtures with a tiny CLIP tokenizer).
+  Command("python -m imagen_jax.convert stable-diffusion --src stable-diffusion-v1-5 --out sd/sd15",
+          "imagen_jax.convert", "stable-diffusion --src {sd_pipelines}/sd_v1_tiny "
+          "--out {tmp_path}/sd15", ("{tmp_path}/sd15/tokenizer/tokenizer.json",)),
+  Command("python -m imagen_jax.convert stable-diffusion --src stable-diffusion-x4-upscaler "
+          "--out x4", "imagen_jax.convert", "stable-diffusion --src {sd_pipelines}/sd_x4_tiny "
+          "--out {tmp_path}/x4", ("{tmp_path}/x4/params/unet",)),
+  Command("python sample.py --workdir if/if_I,if/if_II,x4 --steps 50,25,75",
+          "sample", "--workdir {if_converted}/if_I,{if_converted}/if_II,{sd_converted}/sd_x4_tiny "
+          "--steps 2,2,2 --prompt 'a photo of a corgi' --out {tmp_path}/o",
+          ("{tmp_path}/o/grid_x4.png",)),
+  Command("python sample.py --workdir sd/sd15 --steps 50 --guidance 7.5",
+          "sample", "--workdir {sd_converted}/sd_v1_tiny --steps 2 --guidance 7.5 "
+          "--prompt 'a photo of a corgi' --out {tmp_path}/o", ("{tmp_path}/o/000_00.png",)),
   Command("python -m imagen_jax.convert export-diffusers --src runs/if_ft --stage if_I",
           "imagen_jax.convert", "export-diffusers --src {if_ft_run} --stage if_I "
           "--out {tmp_path}/u", ("{tmp_path}/u/config.json",)),
@@ -423,6 +437,15 @@ def mask_png(edit_images):
 @pytest.fixture
 def small_png(edit_images):
   return edit_images / "small.png"
+
+
+@pytest.fixture(scope="module")
+def sd_pipelines(tmp_path_factory):
+  """The tiny SD fixtures as pipeline folders with the tiny CLIP tokenizer."""
+  root = tmp_path_factory.mktemp("sd_src")
+  for name in ("sd_v1_tiny", "sd_x4_tiny"):
+    tiny.sd_pipeline(name, root / name)
+  return root
 
 
 @pytest.fixture(scope="module")

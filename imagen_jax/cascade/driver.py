@@ -2,10 +2,10 @@
 
 ``Cascade.sample(prompts, rng, request)`` encodes the prompts (and the empty
 or negative prompts of guidance) once per distinct text encoder (T5 for IF and
-Imagen stages, a CLIP tower per Stable Diffusion stage: ``text``), cuts the N = P · num_per_prompt rows
-into equal batches (padded to a multiple of the data-parallel size), and runs
-each stage's jitted sampling loop on every batch, stage k > 1 conditioned on
-stage k-1's output. Batch c of stage k samples with the key
+Imagen stages, a CLIP tower per Stable Diffusion stage: ``text``), cuts the
+N = P · num_per_prompt rows into equal batches (padded to a multiple of the
+data-parallel size), and runs each stage's jitted sampling loop on every batch,
+stage k > 1 conditioned on stage k-1's output. Batch c of stage k samples with the key
 ``fold_in(fold_in(rng, k), c)``, so a batch's images depend on its rows, not on
 which call or process ran it. Editing inputs are planned by ``edits``; timings
 come from ``timing``; the output and its files are in ``images``.
