@@ -45,6 +45,8 @@ from PIL import Image
 from imagen_jax import cascade as cascade_lib
 from imagen_jax import run as run_lib
 from imagen_jax.cascade import edits as edits_lib
+from imagen_jax.cascade.text import T5 as T5_KEY
+from imagen_jax.cascade.text import encoder_key
 from imagen_jax.parallel import distributed
 from imagen_jax.stages import build_stage, stage_text_dim
 
@@ -233,6 +235,13 @@ def check_inputs(args: argparse.Namespace):
   if args.out:
     check_out_dir(args.out)
   config = run_lib.read_config(workdir)
+  if (args.t5 or args.t5_dtype) and all(
+    encoder_key(config.stages[n]) != T5_KEY for n in config.stage_order
+  ):
+    raise UsageError(
+      "--t5/--t5_dtype: no stage of this cascade takes T5 (Stable Diffusion stages use "
+      "their own CLIP encoder)"
+    )
   if args.t5:
     config.text.path, config.text.tokenizer = args.t5, ""
   if args.t5_dtype:

@@ -19,9 +19,13 @@ them). A "run" is either
   the T5 recorded at conversion;
 
 * a converted Stable Diffusion pipeline (``python -m imagen_jax.convert
-  stable-diffusion``, format ``imagen_jax/stable_diffusion``): ``read_sd_stage``
-  gives its latent stage config (``diffusion.kind = 'latent'``) and the params of
-  its UNet, VAE and CLIP text encoder.
+  stable-diffusion``, format ``imagen_jax/stable_diffusion``): ``DIR/config.json`` +
+  ``DIR/params/{unet,vae,text_encoder}`` + ``DIR/tokenizer/``. It is read wherever a
+  converted IF folder is (alone, in a comma list 'if_I,if_II,x4', in a parent
+  folder); ``read_sd_stage`` gives its latent stage config (``diffusion.kind =
+  'latent'``, its CLIP tower named by ``text_encoder``) and the params of its UNet,
+  VAE and CLIP text encoder. An x4 upscaler after another stage takes that stage's
+  resolution as its input (``_chain_upscaler``).
 
 Paths go through ``etils.epath`` (as orbax and TFDS do), so a workdir may be a
 bucket (``gs://bucket/run``) that every host of a pod shares; local paths are
@@ -232,7 +236,7 @@ def _chain_upscaler(stage: ml_collections.ConfigDict, prev: ml_collections.Confi
 
 
 def read_config(path: str, as_written: bool = False) -> ml_collections.ConfigDict:
-  """The cascade config of a run: a training workdir or converted IF stage folders.
+  """The cascade config of a run: a training workdir or converted IF / SD folders.
 
   A run with a fitted tokenizer gets ``text.tokenizer`` pointing at it, unless
   ``as_written`` (the file's settings exactly, as the trainer's checks compare).

@@ -27,6 +27,8 @@ from imagen_jax.stages import stage_text_dim, to_uint8
 from imagen_jax.text import TextEncoder
 from imagen_jax.text.clip_encoder import CLIPEncoder, load_tokenizer
 
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
 
 def if_x4(if_converted, sd_converted) -> str:
   return f"{if_converted}/if_I,{if_converted}/if_II,{sd_converted}/sd_x4_tiny"
@@ -46,6 +48,26 @@ def test_read_config_orders_and_chains_the_stages(if_converted, sd_converted, tm
   assert run.read_config(str(root)).stage_order == ("if_I", "if_II", "x4")
   alone = run.read_config(str(sd_converted / "sd_v1_tiny"))
   assert alone.stage_order == ("sd",) and alone.stages.sd.resolution == 16
+
+
+def test_clip_encoder_penultimate_layer_and_one_trace(sd_converted):
+  """A stage whose text_encoder.penultimate is set gets the tower's penultimate layer
+  (transformers' final_layer_norm(hidden_states[-2]) in the fixture's reference); the
+  encoder's jitted function traces once per shape."""
+  from imagen_jax.cascade import text as text_lib  # pylint: disable=import-outside-toplevel
+
+  folder = str(sd_converted / "sd_v2_tiny")
+  config = run.read_config(folder)
+  config.stages.sd.text_encoder.penultimate = True
+  encoder = text_lib.load_encoders(config)["sd"]
+  ref = np.load(os.path.join(FIXTURES, "sd_v2_tiny", "reference.npz"))
+  got = np.asarray(encoder.encode_tokens(ref["text_ids"]))
+  err = np.abs(got - ref["text_hidden_skip1"]).max() / np.abs(ref["text_hidden_skip1"]).max()
+  assert err < 1e-4, err
+  emb, mask = encoder.encode(["a cat", ""], encoder.max_length)
+  encoder.encode(["dog", "b"], encoder.max_length)
+  assert emb.shape == (2, 7, 16) and mask.tolist()[1] == [True, True] + [False] * 5
+  assert encoder.trace_count == 1
 
 
 def reference_clip_states(folder, prompts):
@@ -173,3 +195,7 @@ def test_sd_folder_without_tokenizer_is_one_line_exit_2(sd_converted, tmp_path, 
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and "has no tokenizer/" in err, err
   assert not os.path.exists(tmp_path / "o")
+  argv = ["--workdir", str(sd_converted / "sd_v1_tiny"), "--t5", "t5_dir", "--prompt", "a dog"]
+  assert sample.main(argv) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "no stage of this cascade takes T5" in err, err

@@ -139,8 +139,12 @@ class CLIPEncoder:
     with nn.logical_axis_rules(self.rules):
       return self.module.apply(params, ids)
 
+  def encode_tokens(self, ids: np.ndarray) -> jax.Array:
+    """The jitted tower on token ids [B, L] int → text states [B, L, D]."""
+    return self._encode_fn(self.params, jnp.asarray(ids, jnp.int32))
+
   def encode(self, prompts: Sequence[str], max_length: int) -> tuple[jax.Array, jax.Array]:
     """Encodes prompts: (emb [B, L, D] float, mask [B, L] bool); ``[""]`` is the
     unconditional row of guidance (BOS, EOS, padding: diffusers' empty prompt)."""
     ids, mask = self.tokenize(prompts, max_length)
-    return self._encode_fn(self.params, jnp.asarray(ids)), jnp.asarray(mask)
+    return self.encode_tokens(ids), jnp.asarray(mask)
