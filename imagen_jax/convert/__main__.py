@@ -20,8 +20,8 @@ training run's stage (its latest EMA params) whose UNet is IF-layout.
 StableDiffusionUpscalePipeline folder (UNet, VAE, CLIP text encoder, schedulers) and
 writes ``--out/config.json``, ``--out/params/{unet,vae,text_encoder}`` and the
 pipeline's ``tokenizer/`` (sampling needs it; ``imagen_jax.convert.stable_diffusion``);
-``export-diffusers`` of such a folder writes the diffusers pipeline folder back. Warnings (e.g. a VAE without a plausible
-scaling_factor) are one line each on stderr.
+``export-diffusers`` of such a folder writes the diffusers pipeline folder back.
+Warnings (e.g. a VAE without a plausible scaling_factor) are one line each on stderr.
 
 ``--out`` appears only when the whole command succeeded. On failure: one line
 naming the file or stage and the problem, exit status 2.
