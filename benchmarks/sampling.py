@@ -41,8 +41,8 @@ from benchmarks.common import cpu_model, markdown_table
 from imagen_jax import cascade as cascade_lib
 from imagen_jax import config as config_lib
 from imagen_jax import run as run_lib
-from imagen_jax.stages import build_stage
-from imagen_jax.text import TextEncoder
+from imagen_jax.cascade.text import load_encoders
+from imagen_jax.stages import build_stage, stage_text_dim
 
 
 def random_params(config: Any, seed: int = 0) -> dict:
@@ -51,7 +51,7 @@ def random_params(config: Any, seed: int = 0) -> dict:
 
   out = {}
   for k, name in enumerate(config.stage_order):
-    stage = build_stage(config.stages[name], text_dim=config.text.get("dim"))
+    stage = build_stage(config.stages[name], text_dim=stage_text_dim(config, name))
     init = jax.jit(lambda r, s=stage: nn.unbox(s.init(r, int(config.text.max_length))))
     out[name] = init(jax.random.PRNGKey(seed + k))
   return out
@@ -71,13 +71,13 @@ def measure(
   if workdir:
     params = {
       n: run_lib.load_ema_params(
-        workdir, build_stage(config.stages[n], text_dim=config.text.get("dim"))
+        workdir, build_stage(config.stages[n], text_dim=stage_text_dim(config, n))
       )[0]
       for n in config.stage_order
     }
   else:
     params = random_params(config)
-  encoder = TextEncoder.from_config(config.text)
+  encoder = load_encoders(config)  # stage name → its text encoder (T5, or an SD stage's CLIP)
   rows = []
   for steps in steps_list:
     cascade = cascade_lib.Cascade(config, params, encoder)
