@@ -14,7 +14,9 @@ and `if_converted` (the tiny IF fixtures as pipelines, converted as the README d
 `sd_converted` (the tiny Stable Diffusion fixtures with a tiny CLIP tokenizer, converted).
 """
 
+import gc
 import os
+import resource
 import shutil
 
 # Must be set before jax is imported anywhere.
@@ -51,6 +53,25 @@ TINY_RUN_FLAGS = (
   "--config.train.num_steps=2",
   "--config.train.checkpoint_every=2",
 )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_compiled_programs():
+  """Drops the module's compiled programs when it ends (they stay in the disk cache).
+
+  One pytest process runs every module; without this its memory only grows (each
+  module's jitted functions keep their executables and the stages they close over)
+  until a late module cannot allocate on a 2-core, 24 GiB CI machine.
+  """
+  yield
+  jax.clear_caches()
+  gc.collect()
+
+
+def pytest_terminal_summary(terminalreporter):
+  """One line: the test process's peak memory (what the memory guard above bounds)."""
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  terminalreporter.write_line(f"peak RSS of the test process: {peak:.1f} GiB")
 
 
 @pytest.fixture(scope="session")
