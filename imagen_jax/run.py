@@ -46,6 +46,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
+from imagen_jax import jsonfile
 from imagen_jax import config as config_lib
 from imagen_jax import parallel
 from imagen_jax import stages
@@ -89,13 +90,6 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   tmp.replace(root / CONFIG_FILE)
 
 
-def _read_json(path: Any) -> dict:
-  try:
-    return json.loads(epath.Path(path).read_text(encoding="utf-8"))
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not valid JSON ({e})") from None
-
-
 def write_png(path: Any, image: Any) -> None:
   """Writes a uint8 [H, W, 3] array as a PNG file at ``path`` (local or remote)."""
   from PIL import Image  # pylint: disable=import-outside-toplevel
@@ -123,7 +117,7 @@ def converted_format(path: Any) -> Optional[str]:
   f = epath.Path(path) / CONFIG_FILE
   if not _is_file(f):
     return None
-  found = _read_json(f).get("format")
+  found = jsonfile.read_json(f).get("format")
   return found if found in (CONVERTED_FORMAT, CONVERTED_SD_FORMAT) else None
 
 
@@ -136,7 +130,7 @@ def _cascade_position(folder: Any) -> tuple:
   """Sort key of a converted folder in a parent folder: the text-to-image stage first,
   then the pixel super-resolution stages by resolution, then latent upscalers (the x4
   upscaler takes whatever resolution precedes it, so it ends the chain)."""
-  meta = _read_json(epath.Path(folder) / CONFIG_FILE)
+  meta = jsonfile.read_json(epath.Path(folder) / CONFIG_FILE)
   stage = meta["stage"]
   if meta.get("format") == CONVERTED_SD_FORMAT:
     upscaler = stage.get("pipeline") == "StableDiffusionUpscalePipeline"
@@ -198,7 +192,7 @@ def _converted_config(dirs: Sequence[str]) -> ml_collections.ConfigDict:
         f"{meta_file} not found: {d!r} is not a converted IF or Stable Diffusion stage "
         "(python -m imagen_jax.convert deepfloyd-if|stable-diffusion --src ... --out ...)"
       )
-    meta = _read_json(meta_file)
+    meta = jsonfile.read_json(meta_file)
     if meta.get("format") == CONVERTED_SD_FORMAT:
       stage = sd_stage_config(meta["stage"], d)
     elif meta.get("format") == CONVERTED_FORMAT:
@@ -256,7 +250,7 @@ def read_config(path: str, as_written: bool = False) -> ml_collections.ConfigDic
       f"(train one with: python train.py --config configs/demo.py "
       f"--workdir {path})"
     )
-  config = ml_collections.ConfigDict(_read_json(file))
+  config = ml_collections.ConfigDict(jsonfile.read_json(file))
   return config if as_written else with_fitted_tokenizer(config, path)
 
 
@@ -397,7 +391,7 @@ def load_ema_params(
 def is_converted_sd(path: Any) -> bool:
   """Whether ``path`` is one converted Stable Diffusion folder."""
   f = epath.Path(path) / CONFIG_FILE
-  return _is_file(f) and _read_json(f).get("format") == CONVERTED_SD_FORMAT
+  return _is_file(f) and jsonfile.read_json(f).get("format") == CONVERTED_SD_FORMAT
 
 
 def _scheduler_section(s: dict) -> dict:
@@ -467,7 +461,7 @@ def read_sd_stage(folder: str, mesh=None, rules=None) -> tuple[ml_collections.Co
     ValueError: not a converted SD folder, or a checkpoint that does not restore.
   """
   meta_file = as_path(folder) / CONFIG_FILE
-  meta = _read_json(meta_file) if _is_file(meta_file) else {}
+  meta = jsonfile.read_json(meta_file) if _is_file(meta_file) else {}
   if meta.get("format") != CONVERTED_SD_FORMAT:
     raise ValueError(
       f"{meta_file}: format {meta.get('format')!r}, expected {CONVERTED_SD_FORMAT!r} "
@@ -521,7 +515,7 @@ def read_sd_text_encoder(folder: str) -> tuple[dict, Any, str]:
     ValueError: not a converted SD folder, or a checkpoint that does not restore.
   """
   tokenizer = sd_tokenizer_dir(folder)
-  meta = _read_json(as_path(folder) / CONFIG_FILE)
+  meta = jsonfile.read_json(as_path(folder) / CONFIG_FILE)
   if meta.get("format") != CONVERTED_SD_FORMAT:
     raise ValueError(f"{folder}: format {meta.get('format')!r}, expected {CONVERTED_SD_FORMAT!r}")
   return meta["stage"]["text"], _restore_sd_part(folder, "text_encoder", None), tokenizer

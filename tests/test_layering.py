@@ -3,7 +3,7 @@
 Reads every module's imports (module level and inside functions) and checks
 them against the dependency order that the README's layout section states:
 
-  axes, config, safetensors_dir, lockfile, cli        (leaves)
+  axes, config, safetensors_dir, lockfile, cli, jsonfile   (leaves)
   diffusion (no flax, no models)   parallel
   models   text   data
   stages
@@ -19,7 +19,7 @@ import pytest
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "imagen_jax")
 
-LEAVES = {"axes", "config", "safetensors_dir", "lockfile", "cli"}
+LEAVES = {"axes", "config", "safetensors_dir", "lockfile", "cli", "jsonfile"}
 # component → the imagen_jax components it may import (besides itself and the leaves).
 ALLOWED = {
   "diffusion": set(),

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from imagen_jax import jsonfile
 from imagen_jax import parallel
 from imagen_jax.convert import if_config, if_weights
 from imagen_jax.safetensors_dir import WeightsReader
@@ -167,33 +168,22 @@ def build_stage_config(
   return stage
 
 
-def _read_json(path: str) -> dict:
-  try:
-    with open(path) as f:
-      d = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path} is not valid JSON: {' '.join(str(e).split())}") from None
-  if not isinstance(d, dict):
-    raise ValueError(f"{path} holds a JSON {type(d).__name__}, not an object")
-  return d
-
-
 def _read_schedulers(path: str) -> tuple[dict, Optional[dict]]:
   """(scheduler config, image-noising scheduler config or None) from a folder."""
   if os.path.isfile(os.path.join(path, SCHEDULER_FILE)):
-    return _read_json(os.path.join(path, SCHEDULER_FILE)), None
+    return jsonfile.read_json(os.path.join(path, SCHEDULER_FILE)), None
   main = os.path.join(path, "scheduler", SCHEDULER_FILE)
   if not os.path.isfile(main):
     raise FileNotFoundError(
       f"scheduler folder {path!r} holds neither {SCHEDULER_FILE} nor scheduler/{SCHEDULER_FILE}"
     )
   noising = os.path.join(path, "image_noising_scheduler", SCHEDULER_FILE)
-  return _read_json(main), _read_json(noising) if os.path.isfile(noising) else None
+  return jsonfile.read_json(main), jsonfile.read_json(noising) if os.path.isfile(noising) else None
 
 
 def _read_bare_unet(path: str) -> if_config.IFFolder:
   """A folder with only a diffusers UNet (config.json + weights)."""
-  cfg = _read_json(os.path.join(path, "config.json"))
+  cfg = jsonfile.read_json(os.path.join(path, "config.json"))
   if cfg.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
     raise ValueError(
       f"{path}/config.json is a {cfg['_class_name']}, not a "
@@ -429,7 +419,7 @@ def read_converted_config(out_dir: str) -> ml_collections.ConfigDict:
   config_file = os.path.join(out_dir, CONFIG_FILE)
   if not os.path.isfile(config_file):
     raise FileNotFoundError(f"{config_file} not found: not a converted IF stage")
-  meta = _read_json(config_file)
+  meta = jsonfile.read_json(config_file)
   if meta.get("format") != FORMAT or not isinstance(meta.get("stage"), dict):
     raise ValueError(f"{config_file}: format {meta.get('format')!r}, expected {FORMAT!r}")
   return ml_collections.ConfigDict(meta["stage"])

@@ -13,9 +13,10 @@ Imports neither jax nor flax: tools/ (run in a PyTorch venv) import it too.
 """
 
 import dataclasses
-import json
 import os
 from typing import Any, Optional
+
+from imagen_jax import jsonfile
 
 DOWN_BLOCKS = {"ResnetDownsampleBlock2D": False, "SimpleCrossAttnDownBlock2D": True}
 UP_BLOCKS = {"ResnetUpsampleBlock2D": False, "SimpleCrossAttnUpBlock2D": True}
@@ -93,16 +94,6 @@ class IFFolder:
     return self.unet_config.get("class_embed_type") == "timestep"
 
 
-def _read_json(path: str, what: str) -> dict:
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} not found: {what}")
-  with open(path) as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path} is not valid JSON: {e}") from e
-
-
 def read_if_folder(path: str) -> IFFolder:
   """Reads and validates a diffusers DeepFloyd IF pipeline folder.
 
@@ -113,21 +104,21 @@ def read_if_folder(path: str) -> IFFolder:
   if not os.path.isdir(path):
     raise FileNotFoundError(f"DeepFloyd IF folder {path!r} does not exist")
   hint = "a diffusers DeepFloyd IF folder has model_index.json, unet/, scheduler/"
-  index = _read_json(os.path.join(path, "model_index.json"), hint)
+  index = jsonfile.read_json(os.path.join(path, "model_index.json"), hint)
   pipeline = str(index.get("_class_name", ""))
   if not pipeline.startswith("IF"):
     raise ValueError(
       f"{path}/model_index.json describes {pipeline or 'no pipeline'!r}, "
       "not a DeepFloyd IF pipeline (IFPipeline, IFSuperResolutionPipeline, ...)"
     )
-  unet = _read_json(os.path.join(path, "unet", "config.json"), hint)
+  unet = jsonfile.read_json(os.path.join(path, "unet", "config.json"), hint)
   if unet.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
     raise ValueError(
       f"{path}/unet/config.json is a {unet['_class_name']}, not a UNet2DConditionModel"
     )
-  sched = _read_json(os.path.join(path, "scheduler", "scheduler_config.json"), hint)
+  sched = jsonfile.read_json(os.path.join(path, "scheduler", "scheduler_config.json"), hint)
   noising_file = os.path.join(path, "image_noising_scheduler", "scheduler_config.json")
-  noising = _read_json(noising_file, "") if os.path.isfile(noising_file) else None
+  noising = jsonfile.read_json(noising_file, "") if os.path.isfile(noising_file) else None
   te = os.path.join(path, "text_encoder")
   tok = os.path.join(path, "tokenizer")
   return IFFolder(
@@ -227,7 +218,7 @@ def diffusers_config_to_model(unet_config: Any) -> dict:
   Raises:
     ValueError: block types or settings that our UNet cannot express (named).
   """
-  cfg = _read_json(unet_config, "") if isinstance(unet_config, str) else dict(unet_config)
+  cfg = jsonfile.read_json(unet_config, "") if isinstance(unet_config, str) else dict(unet_config)
   _check_supported(cfg)
   channels = tuple(int(c) for c in cfg["block_out_channels"])
   n = len(channels)

@@ -28,6 +28,7 @@ import ml_collections
 import ml_dtypes
 import numpy as np
 
+from imagen_jax import jsonfile
 from imagen_jax.convert import deepfloyd_if, if_config, if_weights
 from imagen_jax.models import UNetConfig
 from imagen_jax.safetensors_dir import write_safetensors
@@ -216,7 +217,7 @@ def read_stage(
     raise FileNotFoundError(
       f"{config_file} not found: --src must be a converted IF folder or a training run's workdir"
     )
-  if deepfloyd_if._read_json(config_file).get("format") == deepfloyd_if.FORMAT:
+  if jsonfile.read_json(config_file).get("format") == deepfloyd_if.FORMAT:
     stage = deepfloyd_if.read_converted_config(src)
     if stage_name not in (None, stage.name):
       raise ValueError(f"{src} holds the converted stage {stage.name!r}, not {stage_name!r}")

@@ -7,12 +7,12 @@ A folder is either a pipeline (``model_index.json`` naming one of ``PIPELINES``,
 the value found and what is supported.
 """
 
-import json
 import math
 import os
 import warnings
 from typing import Any
 
+from imagen_jax import jsonfile
 from imagen_jax.models.sd_unet import DOWN_BLOCKS, UP_BLOCKS, SDUNetConfig
 from imagen_jax.models.vae import VAEConfig
 from imagen_jax.text.clip import CLIPTextConfig
@@ -59,20 +59,11 @@ class ConversionWarning(UserWarning):
   """A doubtful input the conversion went on with (the value used is named)."""
 
 
-def read_json(path: str, what: str) -> dict:
-  """Parsed JSON of ``path``; FileNotFoundError / ValueError naming it and ``what``."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} not found: {what}")
-  with open(path) as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path} is not valid JSON ({e})") from None
-
-
 def pipeline_class(src: str) -> str:
   """model_index.json's ``_class_name``, checked against ``PIPELINES``."""
-  index = read_json(os.path.join(src, "model_index.json"), "not a diffusers pipeline folder")
+  index = jsonfile.read_json(
+    os.path.join(src, "model_index.json"), "not a diffusers pipeline folder"
+  )
   found = str(index.get("_class_name", ""))
   if found not in PIPELINES:
     raise ValueError(
@@ -89,9 +80,9 @@ def component_dir(src: str, component: str) -> str:
   if os.path.isfile(os.path.join(src, "model_index.json")):
     pipeline_class(src)
     path = os.path.join(src, component)
-    read_json(os.path.join(path, "config.json"), f"the pipeline has no {component}")
+    jsonfile.read_json(os.path.join(path, "config.json"), f"the pipeline has no {component}")
     return path
-  config = read_json(
+  config = jsonfile.read_json(
     os.path.join(src, "config.json"),
     f"expected a Stable Diffusion pipeline folder or a {COMPONENTS[component]} folder",
   )
@@ -241,12 +232,12 @@ def pipeline_settings(src: str) -> dict:
   """The sampling settings of a pipeline folder: ``scheduler`` and, for the upscaler,
   ``low_res_scheduler`` and ``max_noise_level``."""
   kind = pipeline_class(src)
-  index = read_json(os.path.join(src, "model_index.json"), "")
+  index = jsonfile.read_json(os.path.join(src, "model_index.json"), "")
   out = dict(pipeline=kind)
   names = ["scheduler"] + (["low_res_scheduler"] if kind == PIPELINES[1] else [])
   for name in names:
     file = os.path.join(src, name, "scheduler_config.json")
-    out[name] = scheduler_settings(read_json(file, f"the pipeline has no {name}"), file)
+    out[name] = scheduler_settings(jsonfile.read_json(file, f"the pipeline has no {name}"), file)
   if kind == PIPELINES[1]:
     out["max_noise_level"] = int(index.get("max_noise_level", 350))
   return out

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from imagen_jax import jsonfile
 from imagen_jax import parallel
 from imagen_jax.convert import deepfloyd_if, if_export, if_weights, sd_config
 from imagen_jax.models.sd_unet import SDUNet, SDUNetConfig, dummy_inputs
@@ -149,7 +150,7 @@ def _stream(component: str, folder: str, model: nn.Module, boxed: Any, variant: 
 
 def _prepare(component: str, src: str, dtype: str, attention_impl: str, variant: Optional[str]):
   folder = sd_config.component_dir(src, component)
-  cfg = sd_config.read_json(os.path.join(folder, "config.json"), "")
+  cfg = jsonfile.read_json(os.path.join(folder, "config.json"), "")
   model = build(component, cfg, deepfloyd_if._check_dtype(dtype), attention_impl, folder)  # pylint: disable=protected-access
   boxed = abstract_params(model)
   with WeightsReader(folder, variant, WEIGHTS_NAME[component]) as reader:
@@ -251,12 +252,12 @@ def convert(src: str, out: str, *, dtype: str = "float32", variant: Optional[str
   settings = sd_config.pipeline_settings(src)
   parts = {c: _prepare(c, src, dtype, "auto", variant) for c in COMPONENTS}
   configs = {c: p[1] for c, p in parts.items()}
-  configs["model_index"] = sd_config.read_json(os.path.join(src, "model_index.json"), "")
+  configs["model_index"] = jsonfile.read_json(os.path.join(src, "model_index.json"), "")
   with WeightsReader(parts["text_encoder"][0], variant, WEIGHTS_NAME["text_encoder"]) as reader:
     configs["text_encoder_prefix"] = _clip_prefix(reader.keys())  # written back as found
   for name in _SCHEDULERS:
     if name in settings:
-      configs[name] = sd_config.read_json(os.path.join(src, name, "scheduler_config.json"), "")
+      configs[name] = jsonfile.read_json(os.path.join(src, name, "scheduler_config.json"), "")
   stage = _stage(src, settings, {c: p[2] for c, p in parts.items()}, configs)
   with deepfloyd_if.staged_output(out) as tmp:
     checkpointer = ocp.StandardCheckpointer()
@@ -290,7 +291,7 @@ def copy_tokenizer(src: str, out: str) -> bool:
 
 def read_converted_config(out_dir: str) -> ml_collections.ConfigDict:
   """The stage config of a ``convert`` output, validated (ValueError if not ours)."""
-  meta = sd_config.read_json(os.path.join(out_dir, "config.json"), "not a converted folder")
+  meta = jsonfile.read_json(os.path.join(out_dir, "config.json"), "not a converted folder")
   if meta.get("format") != FORMAT or not isinstance(meta.get("stage"), dict):
     raise ValueError(f"{out_dir}/config.json: format {meta.get('format')!r}, expected {FORMAT!r}")
   return ml_collections.ConfigDict(meta["stage"])
