@@ -219,23 +219,15 @@ class DiscreteStage(common.Stage):
       s["steps"], s["timesteps"] = int(steps), ""
     if name != "ddpm" and s.get("spacing", "leading") == "leading":
       s["spacing"], s["steps_offset"] = _SOLVER_SPACING, 0
-    if int(s.get("steps", 1)) < 1:
-      raise ValueError(f"stage {self.name}: steps must be >= 1, got {s['steps']}")
-    timesteps = stage_timesteps(s, None, self.num_train_steps)
-    if not all(0 <= t < self.num_train_steps for t in timesteps):
-      raise ValueError(f"stage {self.name}: timesteps must lie in [0, {self.num_train_steps})")
-    settings = common.SampleSettings(
-      sampler=name,
-      steps=len(timesteps),
-      guidance=guidance_lib.parse_guidance(s.get("guidance") if guidance is None else guidance),
-      threshold=str(s.get("threshold", "dynamic")),
-      quantile=float(s.get("quantile", 0.95)),
-      max_value=s.get("max_value"),
-      eta=float(s.get("eta", 0.0)),
+    settings = table_settings(
+      self,
+      s,
+      name,
+      guidance,
+      threshold="dynamic",
+      quantile=0.95,
       aug_level=int(s.get("noise_level", s.get("aug_level", 0)) or 0),
-      timesteps=timesteps,
     )
-    common.check_settings(settings, self.samplers, self.name)
     if self.is_sr and not 0 <= settings.aug_level < self.aug_num_train_steps:
       raise ValueError(
         f"stage {self.name}: noise_level must be in "
@@ -250,3 +242,38 @@ class DiscreteStage(common.Stage):
   def sampler_schedule(self) -> tuple[dict, dict]:
     spec = dict(schedule="discrete", variance=self.variance)
     return spec, dict(alphas_cumprod=self.alphas_cumprod)
+
+
+def table_settings(
+  stage: Any, s: dict, name: str, guidance: Any, *, threshold: str, quantile: float, aug_level: int
+) -> common.SampleSettings:
+  """The settings of a stage that samples on a discrete table (IF's and the latent stages).
+
+  Args:
+    stage: the stage (``name``, ``num_train_steps``, ``samplers``).
+    s: its ``sample`` config with the caller's step and spacing overrides applied.
+    name: the sampler; guidance: the override (None: the config's).
+    threshold, quantile: the stage kind's defaults; aug_level: the low-res noise level.
+
+  Raises:
+    ValueError: a step count below 1, timesteps off the table, a sampler or setting the
+      stage cannot run (naming the stage).
+  """
+  if int(s.get("steps", 1)) < 1:
+    raise ValueError(f"stage {stage.name}: steps must be >= 1, got {s['steps']}")
+  timesteps = stage_timesteps(s, None, stage.num_train_steps)
+  if not all(0 <= t < stage.num_train_steps for t in timesteps):
+    raise ValueError(f"stage {stage.name}: timesteps must lie in [0, {stage.num_train_steps})")
+  settings = common.SampleSettings(
+    sampler=name,
+    steps=len(timesteps),
+    guidance=guidance_lib.parse_guidance(s.get("guidance") if guidance is None else guidance),
+    threshold=str(s.get("threshold", threshold)),
+    quantile=float(s.get("quantile", quantile)),
+    max_value=s.get("max_value"),
+    eta=float(s.get("eta", 0.0)),
+    aug_level=aug_level,
+    timesteps=timesteps,
+  )
+  common.check_settings(settings, stage.samplers, stage.name)
+  return settings

@@ -37,7 +37,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imagen_jax.diffusion import guidance as guidance_lib
 from imagen_jax.diffusion import grids, losses, sampling, schedules
 from imagen_jax.models.sd_unet import SDUNet, SDUNetConfig, dummy_inputs
 from imagen_jax.models.vae import AutoencoderKL, VAEConfig
@@ -253,23 +252,15 @@ class LatentStage(common.Stage):
       s["steps"], s["timesteps"] = int(steps), ""
     if name not in _SCHEDULER_SAMPLERS:
       s["spacing"], s["steps_offset"] = "trailing", 0
-    if int(s.get("steps", 1)) < 1:
-      raise ValueError(f"stage {self.name}: steps must be >= 1, got {s['steps']}")
-    timesteps = discrete_lib.stage_timesteps(s, None, self.num_train_steps)
-    if not all(0 <= t < self.num_train_steps for t in timesteps):
-      raise ValueError(f"stage {self.name}: timesteps must lie in [0, {self.num_train_steps})")
-    settings = common.SampleSettings(
-      sampler=name,
-      steps=len(timesteps),
-      guidance=guidance_lib.parse_guidance(s.get("guidance") if guidance is None else guidance),
-      threshold=str(s.get("threshold", "none")),
-      quantile=float(s.get("quantile", 0.995)),
-      max_value=s.get("max_value"),
-      eta=float(s.get("eta", 0.0)),
+    settings = discrete_lib.table_settings(
+      self,
+      s,
+      name,
+      guidance,
+      threshold="none",
+      quantile=0.995,
       aug_level=int(s.get("noise_level", DEFAULT_NOISE_LEVEL) if self.is_sr else 0),
-      timesteps=timesteps,
     )
-    common.check_settings(settings, self.samplers, self.name)
     if self.is_sr and not 0 <= settings.aug_level <= self.max_noise_level:
       raise ValueError(
         f"stage {self.name}: noise_level must be in [0, {self.max_noise_level}], "
