@@ -176,11 +176,6 @@ def _train_stage(
     print(f"stage {stage_name}: already trained ({step}/{tc.num_steps} steps)")
     return StageResult(stage_name, step, False, {})
 
-  if config.text.get("precomputed") and stage.kind == "latent":
-    raise validate.ConfigError(
-      f"config.text.precomputed: the cached embeddings are the T5's; stage {stage_name} "
-      "encodes its captions with its own CLIP tower inside the step (set it to '')"
-    )
   cached = embeddings_lib.CaptionEmbeddings(config) if config.text.get("precomputed") else None
   uncond = _uncond(text_encoder, cached, text_len)
   step_encoder = None if cached else text_encoder  # None: the batch holds embeddings
