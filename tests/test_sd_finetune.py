@@ -63,8 +63,10 @@ def test_finetune_resume_sample_export(sd_converted, tmp_path):
   assert _bits(tuned["unet"]) != _bits(start["unet"])  # trained
 
   # A second call continues from the checkpoint (step 1 → 2), the VAE still untouched.
+  # (With a sample grid at step 2: the trainer's grids take each stage's own encoder.)
   flags[flags.index("--config.train.num_steps=1")] = "--config.train.num_steps=2"
-  assert train.main(argv + flags) == 0
+  assert train.main(argv + flags + ["--config.train.sample_every=2"]) == 0
+  assert os.path.isfile(os.path.join(workdir, "sd", "samples", "step_0000002.png"))
   tuned2, step = run_lib.load_ema_params(workdir, stage)
   assert step == 2 and _bits(tuned2["vae"]) == _bits(start["vae"])
   assert _bits(tuned2["unet"]) != _bits(tuned["unet"])

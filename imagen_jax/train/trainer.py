@@ -5,9 +5,8 @@ checkpoints.
 them, in cascade order, by default). Re-running the same command resumes every
 stage from its last checkpoint, with the data iterator where it was; SIGTERM
 (preemption) saves a checkpoint and returns ``preempted=True``. Each stage trains
-with its own frozen text encoder, as the cascade samples it (``cascade.text``):
-the config's T5 for Imagen and IF stages, the CLIP tower of its converted folder
-for a latent (Stable Diffusion, x4 upscaler) stage.
+with its own frozen text encoder as the cascade samples it (``cascade.text``: T5,
+or a latent stage's CLIP tower).
 """
 
 import contextlib
@@ -114,8 +113,7 @@ def train_stage(
 ) -> StageResult:
   """Trains one stage to its step count, resuming from its last readable checkpoint.
 
-  ``text_encoder`` is the stage's frozen encoder (``cascade.text.load_encoders``: a
-  T5 ``TextEncoder`` or a ``CLIPEncoder``; the step runs its ``apply_fn``).
+  ``text_encoder``: the stage's frozen ``TextEncoder`` or ``CLIPEncoder``.
 
   ``stop`` (installed by ``train_and_evaluate``) turns SIGTERM/SIGINT into a
   checkpoint and a clean stop; without it signals keep their default action.
@@ -357,7 +355,6 @@ def train_and_evaluate(
       fingerprint.write_config_once(workdir, config)
     # The fitted tokenizer's folder is where the run is, not a setting: the config
     # that checkpoints and fingerprints see keeps `text.tokenizer` as written.
-    # One encoder per distinct tower (stage name → encoder), as the cascade samples.
     encoders = text_lib.load_encoders(_fit_tokenizer(config, workdir), mesh, rules)
     if sample_fn is None and config.train.sample_every:
       sample_fn = periodic.make_sample_grid_fn(config, workdir, encoders, mesh, rules)
