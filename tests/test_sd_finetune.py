@@ -12,10 +12,12 @@ from PIL import Image
 
 import sample
 import train
+from imagen_jax import config as config_lib
 from imagen_jax import run as run_lib
 from imagen_jax.convert import sd_export, stable_diffusion
 from imagen_jax.stages import build_stage
 from imagen_jax.train import state as state_lib
+from imagen_jax.train import validate
 import tiny
 
 
@@ -65,7 +67,8 @@ def test_finetune_resume_sample_export(sd_converted, tmp_path):
   # A second call continues from the checkpoint (step 1 → 2), the VAE still untouched.
   # (With a sample grid at step 2: the trainer's grids take each stage's own encoder.)
   flags[flags.index("--config.train.num_steps=1")] = "--config.train.num_steps=2"
-  assert train.main(argv + flags + ["--config.train.sample_every=2"]) == 0
+  grids = ["--config.train.sample_every=2", "--config.train.sample_prompts=('red',)"]
+  assert train.main(argv + flags + grids) == 0
   assert os.path.isfile(os.path.join(workdir, "sd", "samples", "step_0000002.png"))
   tuned2, step = run_lib.load_ema_params(workdir, stage)
   assert step == 2 and _bits(tuned2["vae"]) == _bits(start["vae"])
@@ -90,3 +93,11 @@ def test_finetune_resume_sample_export(sd_converted, tmp_path):
   ]
   _, unet = stable_diffusion.load_unet(exported)
   assert _bits(unet) == _bits(tuned2["unet"])
+
+
+def test_precomputed_t5_embeddings_are_refused(sd_converted):
+  folder = sd_converted / "sd_v1_tiny"
+  config = config_lib.load_config(os.path.join(tiny.ROOT, f"configs/stable_diffusion.py:{folder}"))
+  config.text.precomputed = True
+  with pytest.raises(validate.ConfigError, match="own CLIP tower"):
+    validate.check_train_settings(config)

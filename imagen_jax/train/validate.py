@@ -74,7 +74,7 @@ def check_train_settings(config: Any, stage_names: Optional[Sequence[str]] = Non
     if text.get("precomputed") and kind == "latent":
       raise ConfigError(
         f"config.text.precomputed: the cached embeddings are the T5's; stage {name} encodes "
-        "its captions with its own CLIP tower inside the step (set it to '')"
+        "its captions with its own CLIP tower inside the step (set it to False)"
       )
   for name in order:
     scale = config.stages[name].get("steps_scale", 1.0)
