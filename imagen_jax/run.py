@@ -317,9 +317,12 @@ def load_converted_params(folder: str, stage: Any, mesh=None, rules=None) -> Any
 
   Args:
     folder: the converted folder (config.json + params/).
-    stage: the ``Stage`` whose parameter tree the params fill.
+    stage: the ``Stage`` whose parameter tree the params fill (a latent stage: its
+      {'unet', 'vae'} from a converted Stable Diffusion folder).
     mesh, rules: place the params sharded (None: default device).
   """
+  if stage.kind == "latent":
+    return load_sd_params(folder, stage, mesh, rules)
   target = abstract_params(stage, mesh, rules)
   params = ocp.StandardCheckpointer().restore(as_path(folder) / CONVERTED_PARAMS, target)
   return jax.tree.map(jnp.asarray, params) if mesh is None else params
@@ -342,8 +345,6 @@ def load_ema_params(
     (params, step); step is 0 for converted stages.
   """
   source = stage.config.get("source")
-  if source and stage.kind == "latent":
-    return load_sd_params(source, stage, mesh, rules), 0
   if source:
     return load_converted_params(source, stage, mesh, rules), 0
   target = abstract_params(stage, mesh, rules)

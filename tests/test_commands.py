@@ -160,6 +160,17 @@ COMMANDS = (
   Command("python -m imagen_jax.convert export-diffusers --src runs/if_ft --stage if_I",
           "imagen_jax.convert", "export-diffusers --src {if_ft_run} --stage if_I "
           "--out {tmp_path}/u", ("{tmp_path}/u/config.json",)),
+  Command("python train.py --config configs/stable_diffusion.py:sd/sd15 --workdir runs/sd_ft",
+          "train", "--config {stable_diffusion}:{sd_converted}/sd_v1_tiny --workdir "
+          "{tmp_path}/sd_ft --config.data.src={captioned_images} "
+          "--config.data.data_dir={tmp_path}/data {sd_ft_flags}",
+          ("{tmp_path}/sd_ft/sd/checkpoints/1",)),
+  Command("python sample.py --workdir runs/sd_ft --prompt \"a photo of a corgi\"",
+          "sample", "--workdir {sd_ft_run} --steps 2 --prompt 'a photo of a corgi' "
+          "--out {tmp_path}/o", ("{tmp_path}/o/000_00.png",)),
+  Command("python -m imagen_jax.convert export-diffusers --src runs/sd_ft --stage sd",
+          "imagen_jax.convert", "export-diffusers --src {sd_ft_run} --stage sd "
+          "--out {tmp_path}/p", ("{tmp_path}/p/unet/diffusion_pytorch_model.safetensors",)),
   # Models: the paper configs' parameter counts (shapes only, nothing allocated).
   Command("python -m imagen_jax.models --config configs/base64.py",
           "imagen_jax.models", "--config {configs}/base64.py"),
@@ -458,6 +469,30 @@ def if_ft_run(if_converted, captioned_images, tmp_path_factory):
   argv += ["--workdir", str(root / "run"), f"--config.data.src={captioned_images}"]
   argv += [f"--config.data.data_dir={root / 'data'}", "--config.train.num_steps=1"]
   assert train.main(argv + ["--config.train.batch_size=8"]) == 0
+  return root / "run"
+
+
+@pytest.fixture
+def stable_diffusion():
+  return os.path.join(tiny.ROOT, "configs/stable_diffusion.py")
+
+
+@pytest.fixture
+def sd_ft_flags():
+  return " ".join(tiny.SD_FINETUNE_FLAGS)
+
+
+@pytest.fixture(scope="module")
+def sd_ft_run(sd_converted, captioned_images, tmp_path_factory):
+  """sd_v1_tiny fine-tuned one step by train.py (the README's fine-tuning command)."""
+  import train  # pylint: disable=import-outside-toplevel
+
+  root = tmp_path_factory.mktemp("sd_ft")
+  folder = sd_converted / "sd_v1_tiny"
+  argv = ["--config", os.path.join(tiny.ROOT, f"configs/stable_diffusion.py:{folder}")]
+  argv += ["--workdir", str(root / "run"), f"--config.data.src={captioned_images}"]
+  argv += [f"--config.data.data_dir={root / 'data'}", *tiny.SD_FINETUNE_FLAGS]
+  assert train.main(argv) == 0
   return root / "run"
 
 

@@ -18,6 +18,14 @@ DEMO_TINY = os.path.join(ROOT, "configs/demo.py:tiny")
 # The tiny demo's own data settings: the session's prepared shapes (conftest.py).
 SHAPES_KWARGS = dict(resolution=32, num_train=64, num_test=16, num_holdout=16)
 
+# One fine-tuning step of a tiny converted SD stage (train.py flags). The README rows and
+# tests/test_sd_finetune.py share them, so they share one compiled train step (the cache).
+SD_FINETUNE_FLAGS = (
+  "--config.train.num_steps=1",
+  "--config.train.batch_size=8",
+  "--config.train.lr=1e-5",
+)
+
 # The base model of every tiny training run, as config values and as train.py flags.
 BASE_MODEL = dict(channels=(16, 32), num_res_blocks=(1, 1), attention=("none", "self_cross"))
 MODEL_FLAGS = (

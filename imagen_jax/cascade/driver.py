@@ -376,7 +376,9 @@ def sub_cascade(
 ) -> Optional["Cascade"]:
   """The cascade up to `stage`: earlier stages from their checkpoints, `stage` from ema_params.
 
-  Returns None (one warning) when an earlier stage has no checkpoint yet.
+  ``text_encoder``: one encoder for every stage, or stage name → its encoder
+  (``cascade.text.load_encoders``). Returns None (one warning) when an earlier stage
+  has no checkpoint yet.
   """
   order = list(config.stage_order)
   upto = order[: order.index(stage.name) + 1]
@@ -384,7 +386,8 @@ def sub_cascade(
   sub.stage_order = tuple(upto)
   stages, params = {stage.name: stage}, {}
   for name in upto[:-1]:
-    stages[name] = build_stage(config.stages[name], text_dim=text_encoder.embed_dim)
+    encoder = text_encoder[name] if isinstance(text_encoder, Mapping) else text_encoder
+    stages[name] = build_stage(config.stages[name], text_dim=encoder.embed_dim)
     try:
       params[name], _ = run_lib.load_ema_params(workdir, stages[name], mesh, rules)
     except FileNotFoundError:

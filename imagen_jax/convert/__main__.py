@@ -20,7 +20,8 @@ training run's stage (its latest EMA params) whose UNet is IF-layout.
 StableDiffusionUpscalePipeline folder (UNet, VAE, CLIP text encoder, schedulers) and
 writes ``--out/config.json``, ``--out/params/{unet,vae,text_encoder}`` and the
 pipeline's ``tokenizer/`` (sampling needs it; ``imagen_jax.convert.stable_diffusion``);
-``export-diffusers`` of such a folder writes the diffusers pipeline folder back.
+``export-diffusers`` of such a folder, or of a run fine-tuned from one
+(``configs/stable_diffusion.py``, ``--stage``), writes the diffusers pipeline folder back.
 Warnings (e.g. a VAE without a plausible scaling_factor) are one line each on stderr.
 
 ``--out`` appears only when the whole command succeeded. On failure: one line
@@ -36,7 +37,7 @@ import json
 import os
 import warnings
 
-from imagen_jax.convert import deepfloyd_if, if_export, sd_config, stable_diffusion
+from imagen_jax.convert import deepfloyd_if, if_export, sd_config, sd_export, stable_diffusion
 
 EXIT_ERROR = 2
 
@@ -122,6 +123,10 @@ def _run(args: argparse.Namespace) -> str:
   if _is_converted_sd(args.src):
     out = stable_diffusion.export(args.src, args.out, dtype=args.dtype)
     return f"exported {args.src} -> {out} (diffusers pipeline, {args.dtype})"
+  if args.command == "export-diffusers" and sd_export.is_latent_run(args.src, args.stage):
+    out = sd_export.export_run(args.src, args.out, stage_name=args.stage, dtype=args.dtype)
+    stage = f" stage {args.stage}" if args.stage else ""
+    return f"exported {args.src}{stage} -> {out} (diffusers pipeline, {args.dtype})"
   if args.command == "deepfloyd-if":
     out = deepfloyd_if.convert(
       args.src,

@@ -368,6 +368,15 @@ def export(src: str, out: str, *, dtype: str = "float32") -> str:
   if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
     raise FileExistsError(f"output {out} exists and is not an empty directory")
   stage, params = load_converted(src)
+  return write_pipeline(stage, params, src, out, dtype)
+
+
+def write_pipeline(
+  stage: ml_collections.ConfigDict, params: dict, tokenizer_src: str, out: str, dtype: str
+) -> str:
+  """Writes ``params`` ({component: params}) as the diffusers pipeline folder ``out`` with
+  the component and scheduler configs of a converted ``stage`` and the tokenizer of
+  ``tokenizer_src`` (a converted folder); nothing is written unless all of it is."""
   with deepfloyd_if.staged_output(out) as tmp:
     target = np.dtype(if_export.OUT_DTYPES[dtype])
     for component in COMPONENTS:
@@ -376,7 +385,7 @@ def export(src: str, out: str, *, dtype: str = "float32") -> str:
       _export_component(
         os.path.join(tmp, component), component, cfg, params[component], target, prefix
       )
-    copy_tokenizer(src, tmp)
+    copy_tokenizer(tokenizer_src, tmp)
     files = {"model_index.json": "model_index"}
     files.update({f"{n}/scheduler_config.json": n for n in _SCHEDULERS if n in stage.diffusers})
     for file, key in files.items():

@@ -88,10 +88,13 @@ class Stage:
     unet_config, model: the UNet.
     use_text_mask: whether the UNet sees the text mask (IF's UNets do not).
     samplers: the sampler names this stage runs.
+    frozen: top-level groups of the stage's params that training never updates (no
+      gradient, no optimizer state: ``train.state.trainable``), e.g. a latent stage's VAE.
   """
 
   kind = ""
   samplers: tuple = ()
+  frozen: tuple = ()
 
   def __init__(self, stage_config: Any, text_dim: Optional[int] = None):
     self.config = stage_config

@@ -78,6 +78,7 @@ class LatentStage(common.Stage):
 
   kind = "latent"
   samplers = sampling.SAMPLERS
+  frozen = ("vae",)  # the trainer updates the UNet only
 
   def __init__(self, stage_config: Any, text_dim: Optional[int] = None):  # pylint: disable=super-init-not-called
     # Stage.__init__ builds Imagen's UNet; a latent stage has its own modules.

@@ -134,6 +134,13 @@ class CLIPEncoder:
       )
     return tok["input_ids"].astype(np.int32), tok["attention_mask"].astype(bool)
 
+  def apply_fn(self, params: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """The pure tower, ``(params, ids [B, L], mask [B, L]) -> states [B, L, D]``, as
+    ``TextEncoder.apply_fn``: for the train step, which passes ``self.params`` in and
+    runs under the mesh and the rules. ``mask`` is unused (the pipelines pass none)."""
+    del mask
+    return self.module.apply(params, ids)
+
   def _apply(self, params: Any, ids: jax.Array) -> jax.Array:
     self.trace_count += 1  # runs at trace time only
     with nn.logical_axis_rules(self.rules):

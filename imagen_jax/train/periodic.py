@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 from imagen_jax import cascade as cascade_lib
 from imagen_jax import run as run_lib
 from imagen_jax.stages import Stage
-from imagen_jax.text import TextEncoder
 from imagen_jax.train import checkpoint as ckpt_lib
 from imagen_jax.parallel import distributed
 from imagen_jax.train import guard as guard_lib, signals
@@ -307,10 +306,10 @@ def make_actions(
   )
 
 
-def make_sample_grid_fn(
-  config: Any, workdir: str, text_encoder: TextEncoder, mesh=None, rules=None
-):
+def make_sample_grid_fn(config: Any, workdir: str, text_encoder: Any, mesh=None, rules=None):
   """A ``sample_fn(stage, ema_params, step)`` writing STAGE/samples/step_N.png.
+
+  ``text_encoder``: one ``TextEncoder`` for every stage, or stage name → its encoder.
 
   It samples ``config.train.sample_prompts`` through the cascade up to the
   stage being trained: earlier stages from their checkpoints, this one from the

@@ -17,9 +17,27 @@ class TrainState(struct.PyTreeNode):
   """Everything a train step reads and writes; a plain pytree of arrays."""
 
   step: jax.Array  # [] int32, number of updates applied
-  params: Any  # the UNet's parameters (param_dtype)
+  params: Any  # the stage's parameters (param_dtype), frozen groups included
   ema_params: Any  # exponential moving average of params (sampled from)
-  opt_state: Any  # optax state
+  opt_state: Any  # optax state of ``trainable(stage, params)`` only
+
+
+def trainable(stage: Stage, params: Any) -> Any:
+  """The params the optimizer updates: all but the stage's ``frozen`` top-level groups.
+
+  A latent stage's VAE (``frozen = ('vae',)``) stays in ``params`` and ``ema_params``
+  (sampling decodes with it) but gets no gradient and no optimizer state.
+  """
+  if not stage.frozen:
+    return params
+  return {k: v for k, v in params.items() if k not in stage.frozen}
+
+
+def with_trainable(stage: Stage, params: Any, new: Any) -> Any:
+  """``params`` with its trainable groups replaced by ``new`` (the frozen ones as they are)."""
+  if not stage.frozen:
+    return new
+  return dict(params, **new)
 
 
 def _init_state(
@@ -28,9 +46,9 @@ def _init_state(
   """Boxed TrainState (logical names kept), for eval_shape and the sharded init."""
   params = stage.init(rng, text_len)
   plain = nn.unbox(params)
-  opt_state = tx.init(plain)
+  opt_state = tx.init(trainable(stage, plain))
   # Re-box the optimizer moments so they inherit the parameters' logical names.
-  opt_state = _rebox_like(opt_state, plain, params)
+  opt_state = _rebox_like(opt_state, trainable(stage, plain), trainable(stage, params))
   return TrainState(
     step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=opt_state
   )

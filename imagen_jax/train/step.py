@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from imagen_jax import axes, parallel
 from imagen_jax.stages import Stage, to_float
-from imagen_jax.train.state import TrainState
+from imagen_jax.train.state import TrainState, trainable, with_trainable
 
 # (text_params, ids [B, L] int32, mask [B, L] bool) -> embeddings [B, L, D].
 TextApply = Callable[[Any, jax.Array, jax.Array], jax.Array]
@@ -72,18 +72,22 @@ def _split_rows(x: jax.Array, leading: int) -> jax.Array:
   return nn.with_logical_constraint(x, names)
 
 
-def _loss_and_grads(stage: Stage, params: Any, inputs: dict, accum: int):
+def _loss_and_grads(stage: Stage, all_params: Any, inputs: dict, accum: int):
   """Mean loss and its gradient (float32) over ``accum`` microbatches.
 
   ``inputs`` holds [B, ...] rows (x0, text_emb, text_mask and the loss's
   noise, drawn for the whole batch); microbatch k is rows k, k + K, ... so
   each one splits evenly over the data-parallel devices without moving data.
+  The gradient is of ``trainable(stage, params)`` only: frozen groups (a latent
+  stage's VAE) are constants of the loss.
   """
 
   def loss_fn(p, rows):
     noise = {k[len("noise/") :]: v for k, v in rows.items() if k.startswith("noise/")}
-    return stage.loss(p, rows["x0"], rows["text_emb"], rows["text_mask"], noise=noise).mean()
+    full = with_trainable(stage, all_params, p)
+    return stage.loss(full, rows["x0"], rows["text_emb"], rows["text_mask"], noise=noise).mean()
 
+  params = trainable(stage, all_params)
   if accum == 1:
     return jax.value_and_grad(loss_fn)(params, inputs)
   # Without the constraints XLA may run each microbatch replicated on every device.
@@ -151,12 +155,19 @@ def train_step(
   inputs = {"x0": x0, "text_emb": text_emb, "text_mask": text_mask}
   inputs.update({f"noise/{k}": v for k, v in stage.loss_noise(r_loss, x0).items()})
   loss, grads = _loss_and_grads(stage, state.params, inputs, int(train_config.get("grad_accum", 1)))
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  # Frozen groups (``stage.frozen``) take no part in the update or the EMA: they
+  # come back bit for bit.
+  old = trainable(stage, state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, old)
+  params = optax.apply_updates(old, updates)
   k = ema_decay(state.step, train_config.ema_decay)
   ema = jax.tree.map(
-    lambda e, p: (e + (1.0 - k) * (p - e)).astype(e.dtype), state.ema_params, params
+    lambda e, p: (e + (1.0 - k) * (p - e)).astype(e.dtype),
+    trainable(stage, state.ema_params),
+    params,
   )
+  params = with_trainable(stage, state.params, params)
+  ema = with_trainable(stage, state.ema_params, ema)
   grad_norm = optax.tree.norm(grads)
   # The update norm overflows to inf long before a float32 parameter does: a
   # blow-up (lr 1e30) is caught on the step that would apply it.

@@ -1,9 +1,12 @@
-"""The training loop: data → frozen T5 → sharded train step → metrics, samples, checkpoints.
+"""The training loop: data → frozen text encoder → sharded train step → metrics, samples,
+checkpoints.
 
 ``train_and_evaluate(config, workdir, stages)`` trains the named stages (all of
 them, in cascade order, by default). Re-running the same command resumes every
 stage from its last checkpoint, with the data iterator where it was; SIGTERM
-(preemption) saves a checkpoint and returns ``preempted=True``.
+(preemption) saves a checkpoint and returns ``preempted=True``. Each stage trains
+with its own frozen text encoder as the cascade samples it (``cascade.text``: T5,
+or a latent stage's CLIP tower).
 """
 
 import contextlib
@@ -21,6 +24,7 @@ from imagen_jax import config as config_lib
 from imagen_jax import lockfile
 from imagen_jax import parallel
 from imagen_jax import run as run_lib
+from imagen_jax.cascade import text as text_lib
 from imagen_jax.data import datasets, pipeline, streaming
 from imagen_jax.eval import during_training
 from imagen_jax.stages import Stage, build_stage
@@ -109,6 +113,8 @@ def train_stage(
 ) -> StageResult:
   """Trains one stage to its step count, resuming from its last readable checkpoint.
 
+  ``text_encoder``: the stage's frozen ``TextEncoder`` or ``CLIPEncoder``.
+
   ``stop`` (installed by ``train_and_evaluate``) turns SIGTERM/SIGINT into a
   checkpoint and a clean stop; without it signals keep their default action.
   ``eval_fn(stage, ema_params, step) -> {metric: value}`` runs every
@@ -139,7 +145,7 @@ def _train_stage(
   step_lib.check_batch(tc.batch_size, tc.get("grad_accum", 1), mesh)
   per_process = validate.per_process_batch(tc.batch_size, mesh)
   tx, lr_fn = optim.make_optimizer(tc), optim.lr_schedule(tc)
-  text_len = config.text.max_length
+  text_len = text_lib.text_length(text_encoder, config)
   stage_rng = jax.random.fold_in(
     jax.random.PRNGKey(tc.seed), list(config.stage_order).index(stage_name)
   )
@@ -349,16 +355,16 @@ def train_and_evaluate(
       fingerprint.write_config_once(workdir, config)
     # The fitted tokenizer's folder is where the run is, not a setting: the config
     # that checkpoints and fingerprints see keeps `text.tokenizer` as written.
-    text_encoder = TextEncoder.from_config(_fit_tokenizer(config, workdir).text, mesh, rules)
+    encoders = text_lib.load_encoders(_fit_tokenizer(config, workdir), mesh, rules)
     if sample_fn is None and config.train.sample_every:
-      sample_fn = periodic.make_sample_grid_fn(config, workdir, text_encoder, mesh, rules)
+      sample_fn = periodic.make_sample_grid_fn(config, workdir, encoders, mesh, rules)
     eval_fn = None
     if config.train.get("eval_every"):
-      eval_fn = during_training.make_eval_fn(config, workdir, text_encoder, mesh, rules)
+      eval_fn = during_training.make_eval_fn(config, workdir, encoders, mesh, rules)
     results = []
     for name in names:
       result = train_stage(
-        config, workdir, name, text_encoder, mesh, rules, sample_fn, stop, eval_fn
+        config, workdir, name, encoders[name], mesh, rules, sample_fn, stop, eval_fn
       )
       results.append(result)
       if result.preempted:

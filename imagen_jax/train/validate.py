@@ -69,6 +69,13 @@ def check_train_settings(config: Any, stage_names: Optional[Sequence[str]] = Non
       "config.text.fit_tokenizer is for a randomly initialized encoder; "
       f"config.text.path={text.path!r} brings its own tokenizer"
     )
+  for name in stage_names or order:
+    kind = (config.stages[name].get("diffusion") or {}).get("kind")
+    if text.get("precomputed") and kind == "latent":
+      raise ConfigError(
+        f"config.text.precomputed: the cached embeddings are the T5's; stage {name} encodes "
+        "its captions with its own CLIP tower inside the step (set it to False)"
+      )
   for name in order:
     scale = config.stages[name].get("steps_scale", 1.0)
     if not scale or float(scale) <= 0:
