@@ -391,8 +391,7 @@ def load_ema_params(
 
 def is_converted_sd(path: Any) -> bool:
   """Whether ``path`` is one converted Stable Diffusion folder."""
-  f = epath.Path(path) / CONFIG_FILE
-  return _is_file(f) and jsonfile.read_json(f).get("format") == CONVERTED_SD_FORMAT
+  return converted_format(path) == CONVERTED_SD_FORMAT
 
 
 def _scheduler_section(s: dict) -> dict:
