@@ -43,9 +43,11 @@ def _run(src, workdir, steps):
     procs.append(
       subprocess.Popen(cmd, cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     )
-  for p in procs:
-    out, _ = p.communicate(timeout=1800)
-    assert p.returncode == 0, out.decode()[-3000:]
+  outs = [p.communicate(timeout=1800)[0].decode() for p in procs]
+  for p in procs:  # on a failure, every process's last lines
+    assert p.returncode == 0, "\n".join(
+      f"--- process {j}:\n{o[-2500:]}" for j, o in enumerate(outs)
+    )
 
 
 def _data_item(workdir, step):

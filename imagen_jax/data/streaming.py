@@ -320,9 +320,9 @@ def _gather(values: Sequence[int]) -> np.ndarray:
   local = np.asarray(values, dtype=np.int64)
   if jax.process_count() == 1:
     return local[None]
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from imagen_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
 
-  return np.asarray(multihost_utils.process_allgather(local)).reshape(jax.process_count(), -1)
+  return distributed.host_allgather(local, "stream positions").reshape(jax.process_count(), -1)
 
 
 def checkpoint_fields(iterator: Any, examples: int) -> dict[str, Any]:

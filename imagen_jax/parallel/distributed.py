@@ -12,9 +12,18 @@ or detects it as JAX does (Cloud TPU pods, SLURM, Open MPI, JAX_COORDINATOR_ADDR
 fail with one line naming the flag instead of hanging: the runtime itself
 aborts the process with a C++ stack trace when its deadline passes, so a
 watchdog thread reports first.
+
+Agreement between processes (``barrier``, ``host_allgather``, ``any_process``)
+goes through the coordinator's key-value store, not through device collectives:
+XLA:CPU's cross-process collectives (gloo) give up after 30 s, a constant of the
+runtime, and a process that reaches one while another still compiles, prepares
+data or writes a grid fails the run on a busy machine. The same reason makes
+``compile_together`` compile a program on every process before any of them runs
+it (the train step's first call).
 """
 
 import argparse
+import io
 import os
 import re
 import socket
@@ -90,7 +99,7 @@ def _watchdog(message_fn, timeout_s: float) -> threading.Timer:
 
 def _check_agreement(num_processes: int, process_id: int) -> None:
   """Every process must have been launched with the same count, ids distinct."""
-  seen = multihost_utils.process_allgather(np.asarray([num_processes, process_id]))
+  seen = host_allgather(np.asarray([num_processes, process_id]), "launch flags")
   counts, ids = seen[:, 0].tolist(), sorted(seen[:, 1].tolist())
   if set(counts) != {jax.process_count()} or ids != list(range(jax.process_count())):
     raise LaunchError(
@@ -193,6 +202,57 @@ def is_primary() -> bool:
   return jax.process_index() == 0
 
 
+# How long a process waits for the others at an agreement: long, since one of
+# them may be preparing a dataset; a process that dies fails the wait sooner
+# (the coordinator's heartbeat).
+WAIT_S = 4 * 3600.0
+
+_rounds: dict[str, int] = {}
+
+
+def _client():
+  """The runtime's coordination client (None: not started through jax.distributed)."""
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+
+  return jax_distributed.global_state.client
+
+
+def _next_round(tag: str) -> int:
+  """Every process counts its agreements of each tag: the same count names the same one."""
+  _rounds[tag] = _rounds.get(tag, -1) + 1
+  return _rounds[tag]
+
+
+def host_allgather(values, tag: str, timeout_s: float = WAIT_S) -> np.ndarray:
+  """Every process's small host array, stacked: [process_count, *values.shape].
+
+  Each process calls it at the same point with arrays of one shape and dtype;
+  ``tag`` names the agreement (any string, the same on every process).
+  """
+  local = np.asarray(values)
+  if jax.process_count() == 1:
+    return local[None]
+  client = _client()
+  if client is None:  # started by another runtime: device collectives it is
+    return np.asarray(multihost_utils.process_allgather(local))
+  n = _next_round(tag)
+
+  def key(process: int, round_: int) -> str:
+    return f"imagen_jax/gather/{tag}/{round_}/{process}"
+
+  buf = io.BytesIO()
+  np.save(buf, local, allow_pickle=False)
+  client.key_value_set_bytes(key(jax.process_index(), n), buf.getvalue())
+  ms = int(timeout_s * 1000)
+  rows = [
+    np.load(io.BytesIO(client.blocking_key_value_get_bytes(key(p, n), ms)), allow_pickle=False)
+    for p in range(jax.process_count())
+  ]
+  if n:  # every process has posted round n, so all of them have read round n - 1
+    client.key_value_delete(key(jax.process_index(), n - 1))
+  return np.stack(rows)
+
+
 def any_process(flag: bool) -> bool:
   """True on every process when ``flag`` is True on at least one (a collective).
 
@@ -201,10 +261,26 @@ def any_process(flag: bool) -> bool:
   """
   if jax.process_count() == 1:
     return bool(flag)
-  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.bool_))))
+  return bool(np.any(host_allgather(np.asarray(flag, np.bool_), "any process")))
 
 
-def barrier(name: str) -> None:
+def barrier(name: str, timeout_s: float = WAIT_S) -> None:
   """Waits until every process reaches the barrier of this name (no-op alone)."""
-  if jax.process_count() > 1:
+  if jax.process_count() == 1:
+    return
+  client = _client()
+  if client is None:
     multihost_utils.sync_global_devices(name)
+    return
+  client.wait_at_barrier(f"imagen_jax/barrier/{name}/{_next_round(name)}", int(timeout_s * 1000))
+
+
+def compile_together(lower, *args, name: str) -> None:
+  """Compiles ``lower(*args)`` here, then waits until every process has.
+
+  Call it before a multi-process program's first run: the jitted function's
+  next call with the same arguments reuses the executable. Alone it does nothing.
+  """
+  if jax.process_count() > 1:
+    lower(*args).compile()
+    barrier(f"compiled {name}")

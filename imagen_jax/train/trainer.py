@@ -206,6 +206,9 @@ def _train_stage(
     step, preempted, last = _loop(
       batches,
       lambda state, batch: step_fn(state, batch, rng, uncond, text_params),
+      lambda state, batch: distributed.compile_together(
+        step_fn.lower, state, batch, rng, uncond, text_params, name="train step"
+      ),
       state,
       step,
       examples,
@@ -217,15 +220,20 @@ def _train_stage(
   return StageResult(stage_name, step, preempted, last, stop.signum if preempted else None)
 
 
-def _loop(batches, train_step, state, step: int, examples: int, tc, actions) -> tuple:
+def _loop(batches, train_step, compile_step, state, step: int, examples: int, tc, actions) -> tuple:
   """Steps until ``tc.num_steps`` or an agreed stop: (step, preempted, last metrics).
 
-  After each step the periodic actions run in order: metrics, sample grids,
-  evaluation, the stop agreement, then the checkpoint (forced by a stop).
+  ``compile_step(state, batch)`` runs before the first step (every process
+  compiles before any runs). After each step the periodic actions run in order:
+  metrics, sample grids, evaluation, the stop agreement, then the checkpoint
+  (forced by a stop).
   """
-  last, preempted = {}, False
+  last, preempted, first = {}, False, True
   while step < tc.num_steps:
     batch = next(batches)  # read, tokenized and on the devices during the last step
+    if first:
+      compile_step(state, batch)
+      first = False
     step_start = time.perf_counter()
     state, metrics = train_step(state, batch)
     step += 1
