@@ -31,12 +31,10 @@ naming the file or stage and the problem, exit status 2.
 import argparse
 import sys
 import time
+import warnings
 from typing import Optional, Sequence
 
-import json
-import os
-import warnings
-
+from imagen_jax import run as run_lib
 from imagen_jax.convert import deepfloyd_if, if_export, sd_config, sd_export, stable_diffusion
 
 EXIT_ERROR = 2
@@ -108,19 +106,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
-def _is_converted_sd(src: str) -> bool:
-  try:
-    with open(os.path.join(src, "config.json")) as f:
-      return json.load(f).get("format") == stable_diffusion.FORMAT
-  except (OSError, ValueError, AttributeError):
-    return False
-
-
 def _run(args: argparse.Namespace) -> str:
   if args.command == "stable-diffusion":
     out = stable_diffusion.convert(args.src, args.out, dtype=args.dtype, variant=args.variant)
     return f"converted {args.src} -> {out} ({args.dtype})"
-  if _is_converted_sd(args.src):
+  if run_lib.is_converted_sd(args.src):  # a converted SD folder: export it
     out = stable_diffusion.export(args.src, args.out, dtype=args.dtype)
     return f"exported {args.src} -> {out} (diffusers pipeline, {args.dtype})"
   if args.command == "export-diffusers" and sd_export.is_latent_run(args.src, args.stage):
