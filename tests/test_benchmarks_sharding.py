@@ -1,5 +1,7 @@
 """benchmarks/sharding.py: HLO collective accounting, memory figures, the CLI."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -112,3 +114,21 @@ def test_cli_rejects_unknown_strategy(capsys):
   argv = ["--config", tiny.DEMO_TINY, "--devices", "2", "--strategies", "dp,zero3"]
   assert bench.main(argv) == 2
   assert "unknown strategies ['zero3']" in capsys.readouterr().err
+
+
+def test_cli_runs_every_strategy_remat_and_microbatch_count(monkeypatch, tmp_path):
+  """The lists of the README's commands become one row each (the rows' own compile and
+  run are tested above; each README command runs one value of each list)."""
+  calls = []
+
+  def fake_row(config, stage_name, strategy, devices, **kw):
+    calls.append((strategy, kw["remat"], kw["grad_accum"]))
+    return bench.Row(strategy=strategy, mesh={}, remat=kw["remat"], grad_accum=kw["grad_accum"])
+
+  monkeypatch.setattr(bench, "bench_strategy", fake_row)
+  monkeypatch.setattr(bench, "model_flops", lambda *a: 1.0)
+  argv = ["--config", tiny.DEMO_TINY, "--devices", "8", "--strategies", "dp,fsdp_tp"]
+  argv += ["--remat", "none,full", "--grad_accum", "1,2", "--json", str(tmp_path / "r.json")]
+  assert bench.main(argv) == 0
+  assert calls == [(s, r, k) for r in ("none", "full") for s in ("dp", "fsdp_tp") for k in (1, 2)]
+  assert len(json.load(open(tmp_path / "r.json"))["rows"]) == 8

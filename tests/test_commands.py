@@ -178,19 +178,20 @@ COMMANDS = (
           "imagen_jax.models", "--config {configs}/sr256.py"),
   Command("python -m imagen_jax.models --config configs/sr1024.py",
           "imagen_jax.models", "--config {configs}/sr1024.py"),
-  # Benchmarks, on the tiny demo.
+  # Benchmarks, on the tiny demo (one strategy, accumulation or remat value each: a compile
+  # per value; the lists themselves are parsed by tests/test_benchmarks_sharding.py).
   Command("python -m benchmarks.sharding --config configs/demo.py --stage base --devices 8 "
           "--strategies dp,fsdp,tp,fsdp_tp", "benchmarks.sharding",
-          "--config {demo} {model_flags} --stage base --devices 8 --strategies dp,fsdp_tp "
+          "--config {demo} {model_flags} --stage base --devices 8 --strategies fsdp_tp "
           "--steps 1 --warmup 0 --json {tmp_path}/s.json", ("{tmp_path}/s.json",)),
   Command("python -m benchmarks.sharding --config configs/demo.py --stage base --devices 8 "
           "--strategies fsdp --grad_accum 1,2,4", "benchmarks.sharding",
           "--config {demo} {model_flags} --stage base --devices 8 --strategies fsdp "
-          "--batch 16 --grad_accum 1,2 --steps 1 --warmup 0"),
+          "--batch 16 --grad_accum 2 --steps 1 --warmup 0"),
   Command("python -m benchmarks.sharding --config configs/demo.py --stage base --devices 1 "
           "--strategies dp --remat", "benchmarks.sharding",
           "--config {demo} {model_flags} --stage base --devices 1 --strategies dp "
-          "--remat none,full --steps 1 --warmup 0"),
+          "--remat full --steps 1 --warmup 0"),
   Command("python -m benchmarks.train_loop --config configs/demo.py --stage base",
           "benchmarks.train_loop", "--config {demo} {model_flags} "
           "--config.data.data_dir={shapes_data_dir} --stage base --steps 2 "
