@@ -31,6 +31,8 @@ from imagen_jax.cascade.request import Batches, SampleRequest, per_stage
 from imagen_jax.cascade.text import TextRows, load_encoders, text_length
 from imagen_jax.cascade.timing import CompileTimer, StageTiming
 from imagen_jax.diffusion import guidance as guidance_lib
+from imagen_jax.diffusion import sampling
+from imagen_jax.parallel import distributed
 from imagen_jax.stages import SampleSettings, Stage, build_stage, stage_text_dim
 
 _log = logging.getLogger(__name__)
@@ -210,6 +212,15 @@ class Cascade:
     stack.enter_context(nn.logical_axis_rules(self.rules))
     return stack
 
+  def _together(self):
+    """On a mesh that spans processes (every one of them runs each call): the
+    sampling loop is compiled everywhere before any process runs it."""
+    if self.mesh is None or jax.process_count() == 1:
+      return contextlib.nullcontext()
+    if all(d.process_index == jax.process_index() for d in self.mesh.devices.flat):
+      return contextlib.nullcontext()
+    return sampling.compiled_first(lambda: distributed.barrier("sampling loop compiled"))
+
   def settings(self, steps: Any = None, guidance: Any = None, sampler: Any = None) -> dict:
     """name → SampleSettings: the config's settings with per-stage overrides.
 
@@ -344,7 +355,7 @@ class Cascade:
         args.update(self._lowres_fn(stage, s)(prev, rng_aug))
       if edit:
         edit = {k: (self._put(v) if getattr(v, "ndim", 0) else v) for k, v in edit.items()}
-      with self._context():
+      with self._context(), self._together():
         x0 = stage.sample(args, s, batch, rng_sample, edit)
       x0 = jnp.clip(x0, -1.0, 1.0).block_until_ready()
       timing.add_call(time.perf_counter() - start, timer)

@@ -49,8 +49,15 @@ stages do: a discrete spec with its own table and prediction,
 
 and decodes the latents itself; the upscaler passes its noised low-res
 latent in `args` like any super-resolution stage.
+
+Inside `compiled_first(callback)` every `sample` call compiles its loop ahead
+and calls `callback()` before running it: the processes of a multi-process
+run wait there for each other, so none enters the loop's collectives while
+another still compiles it.
 """
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple, Optional, Union
@@ -305,6 +312,21 @@ def _point(spec, opts):
   return grids.uniform_point(spec.logsnr_fn, opts.num_steps)
 
 
+_BEFORE_RUN: contextvars.ContextVar[Optional[Callable[[], None]]] = contextvars.ContextVar(
+  "sampling_before_run", default=None
+)
+
+
+@contextlib.contextmanager
+def compiled_first(callback: Callable[[], None]):
+  """Within it, `sample` compiles each loop, calls ``callback()``, then runs it."""
+  token = _BEFORE_RUN.set(callback)
+  try:
+    yield
+  finally:
+    _BEFORE_RUN.reset(token)
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "model_fn", "shape"))
 def _sample_jit(rng, args, options, edit, *, spec, model_fn, shape):
   """The one jitted loop: spec's rule on spec's grid through `loop.run`."""
@@ -384,4 +406,8 @@ def sample(
     images.get("mask"),
     images.get("noise"),
   )
+  before_run = _BEFORE_RUN.get()
+  if before_run is not None:
+    _sample_jit.lower(rng, args, options, edit, spec=spec, model_fn=model_fn, shape=shape).compile()
+    before_run()
   return _sample_jit(rng, args, options, edit, spec=spec, model_fn=model_fn, shape=shape)
