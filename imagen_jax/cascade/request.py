@@ -13,6 +13,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from imagen_jax import parallel
+from imagen_jax.parallel import distributed
 from imagen_jax.stages import to_uint8
 
 
@@ -144,6 +145,9 @@ class Batches:
       stack = np.zeros((-(-self.count // num), self.size, *image_shape), np.uint8)
       for j, c in enumerate(self.mine()):
         stack[j] = local[c]
+      # The processes sampled apart: they meet at the coordinator first, since the
+      # gather's collective gives up after 30 s (see parallel.distributed).
+      distributed.barrier("sampled")
       every = multihost_utils.process_allgather(stack)  # [processes, per process, size, ...]
       local = {c: every[c % num, c // num] for c in range(self.count)}
     return np.concatenate(
