@@ -68,10 +68,34 @@ def _free_compiled_programs():
   gc.collect()
 
 
+_WORKER_PEAKS = []  # GiB, one per pytest-xdist worker that finished
+
+
+def _peak_rss_gib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def pytest_sessionfinish(session):
+  worker_output = getattr(session.config, "workeroutput", None)  # set in an xdist worker
+  if worker_output is not None:
+    worker_output["peak_rss_gib"] = _peak_rss_gib()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+  """pytest-xdist: a worker ended; keep its peak memory for the summary."""
+  del error
+  _WORKER_PEAKS.append(getattr(node, "workeroutput", {}).get("peak_rss_gib", 0.0))
+
+
 def pytest_terminal_summary(terminalreporter):
-  """One line: the test process's peak memory (what the memory guard above bounds)."""
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-  terminalreporter.write_line(f"peak RSS of the test process: {peak:.1f} GiB")
+  """One line: the peak memory of the process(es) running the tests (what the memory
+  guard above bounds), per worker when pytest-xdist ran them."""
+  if _WORKER_PEAKS:
+    each = ", ".join(f"{p:.1f}" for p in sorted(_WORKER_PEAKS, reverse=True))
+    terminalreporter.write_line(f"peak RSS of the test workers: {each} GiB")
+  else:
+    terminalreporter.write_line(f"peak RSS of the test process: {_peak_rss_gib():.1f} GiB")
 
 
 @pytest.fixture(scope="session")
