@@ -36,7 +36,7 @@ import logging
 import os
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
@@ -84,6 +84,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   p.add_argument("--steps", help="steps per stage, e.g. 64,32 (default: the config's)")
   p.add_argument("--guidance", help="guidance per stage, e.g. 5,3 (default: the config's)")
   p.add_argument("--sampler", help="sampler per stage, e.g. ddim,ddpm (default: the config's)")
+  p.add_argument(
+    "--noise_level",
+    help="the low-res input's noise level of the super-resolution stages: one value for "
+    "all of them (e.g. 20) or one per stage, 'none' for the others (e.g. none,0.1); "
+    "Imagen's stages take t in [0, 1], IF-II and the x4 upscaler an integer level "
+    "(default: the config's)",
+  )
   p.add_argument(
     "--batch_size", type=int, default=None, help="images per jitted call (default: all at once)"
   )
@@ -189,6 +196,17 @@ def parse_per_stage(text: Optional[str], name: str, kind, stage_names) -> Option
   return values
 
 
+def parse_noise_level(text: Optional[str], stage_names) -> Any:
+  """'20' → 20.0 (every super-resolution stage); 'none,0.1' → [None, 0.1]; None → None."""
+  if text is None:
+    return None
+  if "," not in text:
+    value = parse_per_stage(text, "noise_level", float, ["one"])[0]
+    return None if isinstance(value, str) else value
+  values = parse_per_stage(text, "noise_level", float, stage_names)
+  return [None if isinstance(v, str) else v for v in values]
+
+
 def check_out_dir(out: str) -> None:
   """Refuses an --out that is a file or cannot be created/written, before sampling."""
   if os.path.exists(out) and not os.path.isdir(out):
@@ -264,12 +282,22 @@ def check_inputs(args: argparse.Namespace):
     sampler=parse_per_stage(args.sampler, "sampler", str, names),
   )
   per = {k: cascade_lib.per_stage(v, names, k) for k, v in overrides.items()}
+  overrides["noise_level"] = parse_noise_level(args.noise_level, names)
+  stages = {n: build_stage(config.stages[n], text_dim=stage_text_dim(config, n)) for n in names}
+  try:
+    sample_configs = cascade_lib.noise_level_configs(
+      {n: config.stages[n].sample for n in names},
+      {n: stages[n].is_sr for n in names},
+      overrides["noise_level"],
+    )
+  except ValueError as e:
+    raise UsageError(f"--{e}") from None
   for i, name in enumerate(names):
-    stage = build_stage(config.stages[name], text_dim=stage_text_dim(config, name))
+    stage = stages[name]
     if stage.kind == "latent":
       run_lib.sd_tokenizer_dir(stage.text_encoder_spec["folder"])  # one line if absent
     stage.sample_settings(
-      config.stages[name].sample, per["steps"][i], per["guidance"][i], per["sampler"][i]
+      sample_configs[name], per["steps"][i], per["guidance"][i], per["sampler"][i]
     )
   edits = dict(
     init_image=read_image(args.init_image, "--init_image"),

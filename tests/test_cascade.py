@@ -148,6 +148,17 @@ def test_batches_compile_once(cascade):
   assert [t.compiles for t in out.timings.values()] == [0, 0]
 
 
+def test_noise_level_reaches_the_super_resolution_stage(cascade):
+  a = cascade.sample(PROMPTS, jax.random.key(6), progress=False)
+  b = cascade.sample(PROMPTS, jax.random.key(6), noise_level=0.6, progress=False)
+  c = cascade.sample(PROMPTS, jax.random.key(6), noise_level=[None, 0.6], progress=False)
+  assert a.settings["sr"].aug_level != 0.6
+  assert b.settings["sr"].aug_level == c.settings["sr"].aug_level == 0.6
+  np.testing.assert_array_equal(a.images["base"], b.images["base"])
+  assert not np.array_equal(a.images["sr"], b.images["sr"])
+  np.testing.assert_array_equal(b.images["sr"], c.images["sr"])
+
+
 @pytest.mark.parametrize("strategy, shape", [("dp", {"data": 8}), ("fsdp", {"data": 2, "fsdp": 4})])
 def test_sharded_matches_unsharded(parts, cascade, strategy, shape):
   assert jax.device_count() == 8
@@ -172,6 +183,8 @@ def test_sharded_matches_unsharded(parts, cascade, strategy, shape):
     (dict(guidance=[1.0, 2.0, 3.0]), "guidance has 3 values"),
     (dict(steps={"nope": 3}), "unknown stages"),
     (dict(steps=[0, 3]), "steps must be >= 1"),
+    (dict(noise_level=[0.1, 0.2]), "stage 'base' takes no low-resolution input"),
+    (dict(noise_level=1.5), r"aug_level must be in \[0, 1\]"),
   ],
 )
 def test_bad_overrides(cascade, kwargs, match):

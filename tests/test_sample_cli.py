@@ -101,6 +101,9 @@ def test_end_to_end(run_dir, tmp_path, capsys, caplog):
     (["--prompt", "x", "--guidance", "inf,1"], "guidance must be a finite number"),
     (["--prompt", "x", "--guidance=-1,1"], "guidance must be a finite number >= 0"),
     (["--prompt", "x", "--batch_size", "0"], "--batch_size must be >= 1"),
+    (["--prompt", "x", "--noise_level", "0.3,0.2"], "stage 'base' takes no low-resolution"),
+    (["--prompt", "x", "--noise_level", "none,abc"], "'abc' is not a number"),
+    (["--prompt", "x", "--noise_level", "2"], "aug_level must be in [0, 1]"),
   ],
 )
 def test_bad_input(run_dir, capsys, extra, message):

@@ -58,6 +58,16 @@ def test_kinds_from_one_schema():
   assert isinstance(build_stage(legacy), DiscreteStage)
 
 
+def test_if_sr_noise_level_is_an_integer_level_in_range():
+  stage = build_stage(if_stage_config("if_stage2"))
+  assert stage.is_sr
+  assert stage.sample_settings(dict(stage.config.sample, noise_level=20.0)).aug_level == 20
+  with pytest.raises(ValueError, match="noise_level must be an integer level, got 0.5"):
+    stage.sample_settings(dict(stage.config.sample, noise_level=0.5))
+  with pytest.raises(ValueError, match="noise_level must be in"):
+    stage.sample_settings(dict(stage.config.sample, noise_level=-1))
+
+
 @pytest.mark.parametrize(
   "override, message",
   [

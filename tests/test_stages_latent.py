@@ -88,6 +88,9 @@ def test_upscaler_lowres_inputs_and_noise_level(converted):
   np.testing.assert_array_equal(inputs["noise_level"], [100, 100])
   with pytest.raises(ValueError, match="noise_level"):
     stage.sample_settings(dict(stage.config.sample, noise_level=351))
+  with pytest.raises(ValueError, match="noise_level must be an integer level, got 20.5"):
+    stage.sample_settings(dict(stage.config.sample, noise_level=20.5))
+  assert stage.sample_settings(dict(stage.config.sample, noise_level=20.0)).aug_level == 20
 
 
 def test_one_compile_across_step_counts(converted):

@@ -42,5 +42,5 @@ from imagen_jax.cascade.images import (  # noqa: F401
   make_grid,
   save_outputs,
 )
-from imagen_jax.cascade.request import SampleRequest, per_stage  # noqa: F401
+from imagen_jax.cascade.request import SampleRequest, noise_level_configs, per_stage  # noqa: F401
 from imagen_jax.cascade.timing import CompileTimer, StageTiming, timings_table  # noqa: F401

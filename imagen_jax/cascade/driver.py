@@ -27,7 +27,7 @@ from imagen_jax import parallel
 from imagen_jax import run as run_lib
 from imagen_jax.cascade import edits as edits_lib
 from imagen_jax.cascade.images import CascadeOutput
-from imagen_jax.cascade.request import Batches, SampleRequest, per_stage
+from imagen_jax.cascade.request import Batches, SampleRequest, noise_level_configs, per_stage
 from imagen_jax.cascade.text import TextRows, load_encoders, text_length
 from imagen_jax.cascade.timing import CompileTimer, StageTiming
 from imagen_jax.diffusion import guidance as guidance_lib
@@ -221,22 +221,32 @@ class Cascade:
       return contextlib.nullcontext()
     return sampling.compiled_first(lambda: distributed.barrier("sampling loop compiled"))
 
-  def settings(self, steps: Any = None, guidance: Any = None, sampler: Any = None) -> dict:
+  def settings(
+    self, steps: Any = None, guidance: Any = None, sampler: Any = None, noise_level: Any = None
+  ) -> dict:
     """name → SampleSettings: the config's settings with per-stage overrides.
 
     Args:
       steps, guidance, sampler: None, one value for every stage, one per
         stage, or a mapping {stage name: value} (see ``per_stage``).
+      noise_level: the same for the super-resolution stages' low-res noise
+        level (one value: every super-resolution stage; see ``SampleRequest``).
 
     Raises:
       ValueError: a setting no stage can run (names the stage).
     """
-    steps = per_stage(steps, self.stage_names, "steps")
-    guidance = per_stage(guidance, self.stage_names, "guidance")
-    sampler = per_stage(sampler, self.stage_names, "sampler")
+    names = self.stage_names
+    steps = per_stage(steps, names, "steps")
+    guidance = per_stage(guidance, names, "guidance")
+    sampler = per_stage(sampler, names, "sampler")
+    sample_configs = noise_level_configs(
+      {n: self.config.stages[n].sample for n in names},
+      {n: self.stages[n].is_sr for n in names},
+      noise_level,
+    )
     return {
-      n: self.stages[n].sample_settings(self.config.stages[n].sample, st, g, sa)
-      for n, st, g, sa in zip(self.stage_names, steps, guidance, sampler)
+      n: self.stages[n].sample_settings(sample_configs[n], st, g, sa)
+      for n, st, g, sa in zip(names, steps, guidance, sampler)
     }
 
   def uncond_text(self) -> tuple[np.ndarray, np.ndarray]:
@@ -276,7 +286,7 @@ class Cascade:
     if isinstance(prompts, str) or not prompts:
       raise ValueError("prompts must be a non-empty list of strings")
     request.check()
-    settings = self.settings(request.steps, request.guidance, request.sampler)
+    settings = self.settings(request.steps, request.guidance, request.sampler, request.noise_level)
     plan = edits_lib.make_plan(
       [self.stages[n] for n in self.stage_names],
       request.start_stage,

@@ -28,6 +28,10 @@ class SampleRequest:
       shape, so the stage compiles once.
     steps, guidance, sampler: per-stage overrides of the config's settings:
       None, one value for every stage, one per stage, or {stage name: value}.
+    noise_level: the low-resolution input's noise level of the super-resolution
+      stages (Imagen's ``aug_level`` t in [0, 1]; IF-II's and the x4 upscaler's
+      integer level): one value for every super-resolution stage, one per stage
+      (None for the others) or {stage name: value}.
     negative_prompt: one string for every prompt, or P strings: replaces the
       empty prompt as the unconditional branch of guidance.
     init_image: uint8 [H, W, 3] (square, any size): image-to-image. The start
@@ -49,6 +53,7 @@ class SampleRequest:
   steps: Any = None
   guidance: Any = None
   sampler: Any = None
+  noise_level: Any = None
   negative_prompt: Any = None
   init_image: Optional[np.ndarray] = None
   strength: float = 1.0
@@ -94,6 +99,37 @@ def per_stage(value: Any, names: Sequence[str], what: str) -> list:
       "value per stage"
     )
   return value
+
+
+def noise_level_configs(
+  sample_configs: Mapping[str, Any], is_sr: Mapping[str, bool], noise_level: Any
+) -> dict:
+  """Each stage's ``sample`` config with a ``noise_level`` override (see ``SampleRequest``).
+
+  The level is written under both names the stages read (``aug_level``: Imagen's
+  continuous stages, ``noise_level``: IF-II and the latent upscaler); the stage
+  checks its range. A scalar goes to every super-resolution stage.
+
+  Raises:
+    ValueError: a level for a stage that takes no low-resolution input.
+  """
+  names = list(sample_configs)
+  if noise_level is None:
+    return dict(sample_configs)
+  if isinstance(noise_level, (int, float)):
+    noise_level = {n: noise_level for n in names if is_sr[n]}
+  levels = per_stage(noise_level, names, "noise_level")
+  out = {}
+  for name, level in zip(names, levels):
+    out[name] = sample_configs[name]
+    if level is None:
+      continue
+    if not is_sr[name]:
+      raise ValueError(
+        f"noise_level: stage {name!r} takes no low-resolution input (give None for it)"
+      )
+    out[name] = {**dict(sample_configs[name]), "aug_level": level, "noise_level": level}
+  return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -72,6 +72,13 @@ def upscale_align_corners(images: jax.Array, size: int) -> jax.Array:
   )
 
 
+def integer_level(stage_name: str, level: Any) -> int:
+  """A discrete stage's noise level (a timestep of its table): an integer, or ValueError."""
+  if float(level) != int(float(level)):
+    raise ValueError(f"stage {stage_name}: noise_level must be an integer level, got {level}")
+  return int(float(level))
+
+
 def noise_lowres(
   upscaled: jax.Array,
   noise_level: Union[int, jax.Array],
@@ -226,7 +233,7 @@ class DiscreteStage(common.Stage):
       guidance,
       threshold="dynamic",
       quantile=0.95,
-      aug_level=int(s.get("noise_level", s.get("aug_level", 0)) or 0),
+      aug_level=integer_level(self.name, s.get("noise_level", s.get("aug_level", 0)) or 0),
     )
     if self.is_sr and not 0 <= settings.aug_level < self.aug_num_train_steps:
       raise ValueError(

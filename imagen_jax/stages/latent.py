@@ -260,7 +260,11 @@ class LatentStage(common.Stage):
       guidance,
       threshold="none",
       quantile=0.995,
-      aug_level=int(s.get("noise_level", DEFAULT_NOISE_LEVEL) if self.is_sr else 0),
+      aug_level=(
+        discrete_lib.integer_level(self.name, s.get("noise_level", DEFAULT_NOISE_LEVEL))
+        if self.is_sr
+        else 0
+      ),
     )
     if self.is_sr and not 0 <= settings.aug_level <= self.max_noise_level:
       raise ValueError(
