@@ -506,6 +506,20 @@ def sd_tokenizer_dir(folder: str) -> str:
   return os.fspath(path)
 
 
+def read_sd_text_config(folder: str) -> tuple[dict, str]:
+  """(CLIP text config dict, tokenizer folder) of a converted SD folder, no weights read.
+
+  Raises:
+    FileNotFoundError: no tokenizer folder (``sd_tokenizer_dir``).
+    ValueError: not a converted SD folder.
+  """
+  tokenizer = sd_tokenizer_dir(folder)
+  meta = jsonfile.read_json(as_path(folder) / CONFIG_FILE)
+  if meta.get("format") != CONVERTED_SD_FORMAT:
+    raise ValueError(f"{folder}: format {meta.get('format')!r}, expected {CONVERTED_SD_FORMAT!r}")
+  return meta["stage"]["text"], tokenizer
+
+
 def read_sd_text_encoder(folder: str) -> tuple[dict, Any, str]:
   """(CLIP text config dict, params, tokenizer folder) of a converted SD folder: what
   ``text.clip_encoder.CLIPEncoder`` is built from (``CLIPTextConfig.from_dict``).
@@ -514,8 +528,5 @@ def read_sd_text_encoder(folder: str) -> tuple[dict, Any, str]:
     FileNotFoundError: no tokenizer folder (``sd_tokenizer_dir``).
     ValueError: not a converted SD folder, or a checkpoint that does not restore.
   """
-  tokenizer = sd_tokenizer_dir(folder)
-  meta = jsonfile.read_json(as_path(folder) / CONFIG_FILE)
-  if meta.get("format") != CONVERTED_SD_FORMAT:
-    raise ValueError(f"{folder}: format {meta.get('format')!r}, expected {CONVERTED_SD_FORMAT!r}")
-  return meta["stage"]["text"], _restore_sd_part(folder, "text_encoder", None), tokenizer
+  text, tokenizer = read_sd_text_config(folder)
+  return text, _restore_sd_part(folder, "text_encoder", None), tokenizer

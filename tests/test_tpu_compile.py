@@ -13,6 +13,7 @@ import pytest
 from imagen_jax import config as config_lib
 from imagen_jax import parallel
 from imagen_jax.parallel import topology as topo_lib
+import tiny
 
 needs_libtpu = pytest.mark.skipif(
   not topo_lib.libtpu_available(),
@@ -250,3 +251,34 @@ def test_collectives_read_from_the_module_structure():
   out = hlo.collective_bytes(f.lower(x, w).compile())
   assert set(out) == set(hlo.COLLECTIVES)
   assert out["all-reduce"] == 4 and out["all-gather"] == 32 * 32 * 4 // 8  # a scalar; w's shard
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_compile_only_latent_stages_with_their_clip_tower(sd_converted, capsys):
+  """Converted SD and x4 folders: the stage's own CLIP tower is read from the folder's
+  config and tokenizer (no weights) and the step with it and the frozen VAE compiles for
+  a topology."""
+  import jax
+  import train
+
+  from imagen_jax.cascade import text as text_lib
+  from imagen_jax.train import aot
+
+  folders = f"{sd_converted}/sd_v1_tiny,{sd_converted}/sd_x4_tiny"
+  config_arg = os.path.join(tiny.ROOT, "configs", f"stable_diffusion.py:{folders}")
+  config = config_lib.load_config(config_arg)
+  for name in config.stage_order:  # the abstract tower is the real one's shapes
+    stage_config = config.stages[name]
+    abstract = aot.abstract_clip_encoder(stage_config, None, ())
+    real = text_lib.load_clip(*text_lib.encoder_key(stage_config)[1:])
+    assert (abstract.max_length, abstract.embed_dim) == (real.max_length, real.embed_dim)
+    shapes = lambda tree: jax.tree.map(lambda a: (a.shape, a.dtype), tree)
+    assert shapes(abstract.params) == shapes(real.params)
+  # The step of the SD stage (the x4 upscaler's compiles the same way; minutes on 2 cores).
+  sd_arg = os.path.join(tiny.ROOT, "configs", f"stable_diffusion.py:{sd_converted}/sd_v1_tiny")
+  argv = ["--config", sd_arg, "--compile_only", "--topology", "v5e:1x1",
+          "--config.train.batch_size=8"]  # fmt: skip
+  code, out, err = _run(train.main, argv, capsys)
+  assert code == 0, err
+  assert out.startswith("stage sd: train step for v5e:1x1") and "fits" in out, out

@@ -48,6 +48,24 @@ def load_tokenizer(path: str):
   return import_transformers().AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
+def text_length(config: CLIPTextConfig, tokenizer: Any) -> int:
+  """L: the tokenizer's ``model_max_length``, capped by the tower's positions."""
+  limit = int(getattr(tokenizer, "model_max_length", 0) or 0)
+  return min(limit, config.max_length) if 0 < limit < _NO_LIMIT else config.max_length
+
+
+def abstract_params(module: CLIPTextModel, mesh: Any = None, rules: Any = None) -> Any:
+  """The tower's ``{'params': ...}`` as ShapeDtypeStructs, sharded by logical names under
+  a mesh (ahead-of-time compiles: nothing allocated)."""
+  boxed = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
+  if mesh is None:
+    return nn.unbox(boxed)
+  shardings = parallel.logical_shardings(boxed, mesh, tuple(rules or ()))
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings
+  )
+
+
 class CLIPEncoder:
   """A frozen CLIP text tower with its tokenizer, params on device.
 
@@ -85,8 +103,7 @@ class CLIPEncoder:
         f"the CLIP tokenizer has {len(tokenizer)} tokens but the text encoder's vocab_size "
         f"is {config.vocab_size}"
       )
-    limit = int(getattr(tokenizer, "model_max_length", 0) or 0)
-    self.max_length = min(limit, config.max_length) if 0 < limit < _NO_LIMIT else config.max_length
+    self.max_length = text_length(config, tokenizer)
     params = nn.unbox(params)
     params = params if set(params) == {"params"} else {"params": params}
     self.mesh = mesh

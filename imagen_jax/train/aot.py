@@ -31,10 +31,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from imagen_jax import config as config_lib
 from imagen_jax import parallel
+from imagen_jax import run as run_lib
+from imagen_jax.cascade import text as text_lib
 from imagen_jax.diffusion import guidance as guidance_lib
 from imagen_jax.models import attention
 from imagen_jax.parallel import hlo, topology as topo_lib
-from imagen_jax.stages import build_stage
+from imagen_jax.stages import build_stage, stage_kind
+from imagen_jax.text import clip_encoder
+from imagen_jax.text.clip import CLIPTextConfig, CLIPTextModel
 from imagen_jax.text import loading as text_loading
 from imagen_jax.text.encoder import TextEncoder, resolve_dtype
 from imagen_jax.text.t5 import T5Config, T5Encoder
@@ -121,15 +125,41 @@ def abstract_text_encoder(text_config: Any, mesh, rules) -> types.SimpleNamespac
   return types.SimpleNamespace(apply_fn=module.apply, params=params, embed_dim=t5.d_model)
 
 
+def abstract_clip_encoder(stage_config: Any, mesh, rules) -> types.SimpleNamespace:
+  """A latent stage's frozen CLIP tower as the train step takes it: ``apply_fn``, sharded
+  ShapeDtypeStruct ``params``, ``embed_dim`` and ``max_length`` (from the converted
+  folder's config.json and tokenizer; no weights read)."""
+  _, folder, penultimate = text_lib.encoder_key(stage_config)
+  text, tokenizer_dir = run_lib.read_sd_text_config(folder)
+  clip = CLIPTextConfig.from_dict(text)
+  module = CLIPTextModel(clip, skip_layers=1 if penultimate else 0)
+  return types.SimpleNamespace(
+    apply_fn=lambda params, ids, mask: module.apply(params, ids),
+    params=clip_encoder.abstract_params(module, mesh, rules),
+    embed_dim=clip.tower.hidden_size,
+    max_length=clip_encoder.text_length(clip, clip_encoder.load_tokenizer(tokenizer_dir)),
+  )
+
+
 def train_program(config: Any, stage_name: str, mesh, rules, batch: int):
   """(jitted step, abstract args for its ``lower``, state shardings, abstract state)."""
-  stage = build_stage(config.stages[stage_name], text_dim=config.text.get("dim"))
+  stage_config = config.stages[stage_name]
+  tokens = not config.text.get("precomputed")
+  if stage_kind(stage_config) == "latent":  # its own CLIP tower, in the step
+    if not tokens:
+      raise ValueError(
+        f"stage {stage_name}: a latent stage encodes captions with its own CLIP tower; "
+        "precomputed T5 embeddings (config.text.precomputed) do not apply"
+      )
+    encoder = abstract_clip_encoder(stage_config, mesh, rules)
+    text_dim, text_len, tokens = encoder.embed_dim, encoder.max_length, True
+  else:
+    encoder = abstract_text_encoder(config.text, mesh, rules) if tokens else None
+    text_dim, text_len = config.text.get("dim"), int(config.text.max_length)
+  stage = build_stage(stage_config, text_dim=text_dim)
   tc = config_lib.stage_train_config(config, stage_name)
   tx = optim.make_optimizer(tc)
-  text_len = int(config.text.max_length)
   shardings, abstract = state_lib.state_shardings(stage, tx, mesh, rules, text_len)
-  tokens = not config.text.get("precomputed")
-  encoder = abstract_text_encoder(config.text, mesh, rules) if tokens else None
   step_fn = step_lib.jit_train_step(
     stage, tx, tc, shardings, mesh, rules, optim.lr_schedule(tc), text_encoder=encoder
   )
@@ -137,7 +167,7 @@ def train_program(config: Any, stage_name: str, mesh, rules, batch: int):
   split = step_lib.batch_shardings(mesh, tokens) or dict.fromkeys(
     ("image", "text_ids" if tokens else "text_emb", "text_mask")
   )
-  r, d = stage.resolution, int(config.text.dim)
+  r, d = stage.resolution, int(text_dim or 0)
   data = {"image": _sds((batch, r, r, 3), jnp.uint8, split["image"])}
   data["text_mask"] = _sds((batch, text_len), jnp.bool_, split["text_mask"])
   if tokens:
