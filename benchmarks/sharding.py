@@ -16,8 +16,9 @@ with ``--remat``: the stage's ``model.remat`` set to each policy in turn):
   estimate (XLA's memory analysis);
 * collective bytes per step and device: the operand sizes of every all-gather,
   reduce-scatter, all-reduce, all-to-all and collective-permute in the compiled
-  HLO (each instruction counted once: ops inside a loop body are not multiplied
-  by the trip count);
+  HLO module, found by opcode in its instructions (``imagen_jax.parallel.hlo``;
+  each instruction counted once: ops inside a loop body are not multiplied by
+  the trip count);
 * compile time (lowering + XLA);
 * model FLOPs per step (XLA's cost analysis of the unpartitioned step with
   rematerialization off, so recomputation is not counted) → achieved TFLOP/s,
@@ -82,10 +83,11 @@ import numpy as np  # noqa: E402
 import tqdm  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from benchmarks.common import cpu_model, hlo_instructions, markdown_table  # noqa: E402
+from benchmarks.common import cpu_model, markdown_table  # noqa: E402
 from imagen_jax import cli  # noqa: E402
 from imagen_jax import config as config_lib  # noqa: E402
 from imagen_jax import parallel  # noqa: E402
+from imagen_jax.parallel import hlo  # noqa: E402
 from imagen_jax.models.unet import REMAT_POLICIES  # noqa: E402
 from imagen_jax.stages import Stage, build_stage  # noqa: E402
 from imagen_jax.train import optim, state as state_lib, step as step_lib  # noqa: E402
@@ -110,29 +112,6 @@ PEAK_FLOPS = (
   ("TPU v6e", 918e12),
 )
 
-COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
-
-_DTYPE_BYTES = {
-  "pred": 1,
-  "s8": 1,
-  "u8": 1,
-  "s16": 2,
-  "u16": 2,
-  "f16": 2,
-  "bf16": 2,
-  "s32": 4,
-  "u32": 4,
-  "f32": 4,
-  "s64": 8,
-  "u64": 8,
-  "f64": 8,
-  "c64": 8,
-  "c128": 16,
-  "f8e4m3fn": 1,
-  "f8e5m2": 1,
-}
-_ARRAY_RE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
-
 
 def peak_flops(device_kind: str) -> Optional[float]:
   """The known dense bf16 peak of one chip, or None (CPUs, unknown chips)."""
@@ -140,51 +119,6 @@ def peak_flops(device_kind: str) -> Optional[float]:
     if name.lower() in device_kind.lower():
       return flops
   return None
-
-
-def shape_bytes(shape_text: str) -> int:
-  """Bytes of an HLO shape such as ``f32[8,16]{1,0}`` or ``(f32[4], bf16[2,2])``."""
-  total = 0
-  for dtype, dims in _ARRAY_RE.findall(shape_text):
-    if dtype not in _DTYPE_BYTES:
-      continue
-    n = 1
-    for d in filter(None, dims.split(",")):
-      n *= int(d)
-    total += n * _DTYPE_BYTES[dtype]
-  return total
-
-
-def _operand_names(rest: str) -> list[str]:
-  """The %names inside an instruction's top-level operand parentheses."""
-  depth, end = 1, len(rest)
-  for i, ch in enumerate(rest):
-    if ch in "([{":
-      depth += 1
-    elif ch in ")]}":
-      depth -= 1
-      if depth == 0:
-        end = i
-        break
-  return re.findall(r"%([\w.\-]+)", rest[:end])
-
-
-def collective_bytes(hlo_text: str) -> dict[str, int]:
-  """Operand bytes of each collective kind in a compiled (per-device) HLO module.
-
-  Async pairs count once (the ``-start``; ``-done`` is skipped). Operands are
-  looked up by name, since optimized HLO prints them without their shapes.
-  """
-  shapes, found = {}, []
-  for _, name, shape, opcode, rest in hlo_instructions(hlo_text):
-    shapes[name] = shape
-    kind = opcode[: -len("-start")] if opcode.endswith("-start") else opcode
-    if kind in COLLECTIVES:
-      found.append((kind, _operand_names(rest)))
-  out = {k: 0 for k in COLLECTIVES}
-  for kind, operands in found:
-    out[kind] += sum(shape_bytes(shapes.get(op, "")) for op in operands)
-  return out
 
 
 def mesh_shape(strategy: str, num_devices: int, tensor: int) -> dict[str, int]:
@@ -399,7 +333,7 @@ def bench_strategy(
       - mem.alias_size_in_bytes
       + mem.temp_size_in_bytes
     )
-  row.collective_bytes = collective_bytes(compiled.as_text())
+  row.collective_bytes = hlo.collective_bytes(compiled)
   limit = _memory_limit(devices[0], n)
   if limit and row.peak_bytes and row.peak_bytes > limit:
     row.status = (
