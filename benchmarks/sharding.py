@@ -135,22 +135,6 @@ def mesh_shape(strategy: str, num_devices: int, tensor: int) -> dict[str, int]:
   return {outer: num_devices // tensor, "tensor": tensor}
 
 
-def _tree_bytes(abstract: Any, shardings: Any = None) -> int:
-  """Bytes of a tree of arrays, whole or (with shardings) one device's shard."""
-  total = 0
-  leaves = jax.tree.leaves(abstract)
-  shards = jax.tree.leaves(shardings) if shardings is not None else [None] * len(leaves)
-  for a, s in zip(leaves, shards):
-    shape = s.shard_shape(a.shape) if s is not None else a.shape
-    total += int(np.prod(shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize
-  return total
-
-
-def _is_oom(err: Exception) -> bool:
-  text = str(err)
-  return any(s in text for s in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OOM"))
-
-
 @dataclasses.dataclass
 class Row:
   """One strategy's measurements (bytes per device unless named total)."""
@@ -311,28 +295,21 @@ def bench_strategy(
       config.train.grad_accum = grad_accum
   rules = parallel.logical_rules(strategy)
   setup = _step_setup(config, stage_name, batch, mesh, rules, seed)
-  row.state_bytes = _tree_bytes(setup.abstract, setup.shardings)
-  row.state_bytes_total = _tree_bytes(setup.abstract)
+  row.state_bytes = hlo.tree_bytes(setup.abstract, setup.shardings)
+  row.state_bytes_total = hlo.tree_bytes(setup.abstract)
   row.state_ratio = row.state_bytes / (row.state_bytes_total / n)
   try:
     t0 = time.perf_counter()
     compiled = setup.step_fn.lower(*setup.args).compile()
     row.compile_s = time.perf_counter() - t0
   except Exception as err:  # pylint: disable=broad-except
-    row.status = ("OOM at compile: " if _is_oom(err) else "error at compile: ") + str(
+    row.status = ("OOM at compile: " if hlo.is_oom(err) else "error at compile: ") + str(
       err
     ).splitlines()[0][:200]
     return row
-  mem = compiled.memory_analysis()
+  mem = hlo.memory(compiled)
   if mem is not None:
-    row.argument_bytes = int(mem.argument_size_in_bytes)
-    row.temp_bytes = int(mem.temp_size_in_bytes)
-    row.peak_bytes = int(
-      mem.argument_size_in_bytes
-      + mem.output_size_in_bytes
-      - mem.alias_size_in_bytes
-      + mem.temp_size_in_bytes
-    )
+    row.argument_bytes, row.temp_bytes, row.peak_bytes = mem["argument"], mem["temp"], mem["peak"]
   row.collective_bytes = hlo.collective_bytes(compiled)
   limit = _memory_limit(devices[0], n)
   if limit and row.peak_bytes and row.peak_bytes > limit:
@@ -357,7 +334,7 @@ def bench_strategy(
       row.status = "error: non-finite loss"
     del state
   except Exception as err:  # pylint: disable=broad-except
-    if not _is_oom(err):
+    if not hlo.is_oom(err):
       raise
     row.status = "OOM at run: " + str(err).splitlines()[0][:200]
     return row

@@ -1,4 +1,6 @@
-"""Collective bytes of a compiled program, read from its HLO module's structure.
+"""What a compiled program costs: its memory, its collectives, an OOM's error.
+
+Collective bytes are read from the HLO module's structure.
 
 ``compiled.runtime_executable().hlo_modules()`` gives the optimized modules;
 their computations' instructions carry an opcode and operands, so collectives
@@ -8,10 +10,41 @@ instruction's shape, so each operand's shape is read from its one-line print
 """
 
 import re
+from typing import Optional
 
+import jax
 import numpy as np
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_OOM_MARKS = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OOM")
+
+
+def tree_bytes(abstract, shardings=None) -> int:
+  """Bytes of a tree of arrays: whole, or with shardings one device's shard."""
+  leaves = jax.tree.leaves(abstract)
+  shards = jax.tree.leaves(shardings) if shardings is not None else [None] * len(leaves)
+  total = 0
+  for a, s in zip(leaves, shards):
+    shape = s.shard_shape(a.shape) if s is not None else a.shape
+    total += int(np.prod(shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize
+  return total
+
+
+def is_oom(err: Exception) -> bool:
+  """Whether a compile or run error is the device running out of memory."""
+  return any(s in str(err) for s in _OOM_MARKS)
+
+
+def memory(compiled) -> Optional[dict]:
+  """Per-device bytes of a compiled program (``memory_analysis()``): argument,
+  output, temp and peak (arguments + outputs - aliased + temporaries); None where
+  the backend gives no analysis."""
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return None
+  arg, out = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
+  temp, alias = int(mem.temp_size_in_bytes), int(mem.alias_size_in_bytes)
+  return {"argument": arg, "output": out, "temp": temp, "peak": arg + out - alias + temp}
 
 
 def collective_bytes(compiled) -> dict:

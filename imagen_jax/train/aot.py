@@ -77,17 +77,6 @@ class Report:
   steps: Optional[int] = None  # sample: denoising steps
 
 
-def tree_bytes(abstract: Any, shardings: Any = None) -> int:
-  """Bytes of a tree of arrays: whole, or with shardings one device's shard."""
-  leaves = jax.tree.leaves(abstract)
-  shards = jax.tree.leaves(shardings) if shardings is not None else [None] * len(leaves)
-  total = 0
-  for a, s in zip(leaves, shards):
-    shape = s.shard_shape(a.shape) if s is not None else a.shape
-    total += int(np.prod(shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize
-  return total
-
-
 def _sds(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
 
@@ -198,11 +187,6 @@ def model_flops(config: Any, stage_name: str, batch: int) -> Optional[float]:
   return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def _is_oom(err: Exception) -> bool:
-  text = str(err)
-  return any(s in text for s in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OOM"))
-
-
 def _compile(report: Report, lower_fn) -> Any:
   """Lowers and compiles; a failure becomes the report's status (never raises)."""
   t0 = time.perf_counter()
@@ -212,7 +196,7 @@ def _compile(report: Report, lower_fn) -> Any:
     compiled = lowered.compile()
   except Exception as err:  # pylint: disable=broad-except
     first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-    if _is_oom(err):
+    if hlo.is_oom(err):
       report.status, report.fits = f"does not fit: the TPU compiler says: {first}", False
     else:
       report.status = f"error at compile: {first}"
@@ -226,17 +210,10 @@ def analyze(report: Report, compiled: Any, images: int) -> Report:
 
   ``images``: images one execution makes or trains on (all chips together).
   """
-  mem = compiled.memory_analysis()
+  mem = hlo.memory(compiled)
   if mem is not None:
-    report.argument_bytes = int(mem.argument_size_in_bytes)
-    report.output_bytes = int(mem.output_size_in_bytes)
-    report.temp_bytes = int(mem.temp_size_in_bytes)
-    report.peak_bytes = int(
-      mem.argument_size_in_bytes
-      + mem.output_size_in_bytes
-      - mem.alias_size_in_bytes
-      + mem.temp_size_in_bytes
-    )
+    report.argument_bytes, report.output_bytes = mem["argument"], mem["output"]
+    report.temp_bytes, report.peak_bytes = mem["temp"], mem["peak"]
     report.fits = report.peak_bytes <= report.hbm_bytes
     if not report.fits:
       over = (report.peak_bytes - report.hbm_bytes) / 2**30
@@ -299,8 +276,8 @@ def compile_train(
   mesh = topo_lib.make_mesh(mesh_shape, devices)
   with attention.target_platform("tpu"):
     step_fn, args, shardings, abstract = train_program(cfg, stage_name, mesh, rules, batch)
-  report.state_bytes = tree_bytes(abstract, shardings)
-  report.state_bytes_total = tree_bytes(abstract)
+  report.state_bytes = hlo.tree_bytes(abstract, shardings)
+  report.state_bytes_total = hlo.tree_bytes(abstract)
   compiled = _compile(report, lambda: step_fn.lower(*args))
   if compiled is not None:
     analyze(report, compiled, batch)
@@ -377,8 +354,8 @@ def compile_sample(
     hbm_bytes=topology.chip.hbm_bytes,
     loop_trips=settings.steps,
     steps=settings.steps,
-    state_bytes=tree_bytes(abstract, shardings),
-    state_bytes_total=tree_bytes(abstract),
+    state_bytes=hlo.tree_bytes(abstract, shardings),
+    state_bytes_total=hlo.tree_bytes(abstract),
   )
   compiled = _compile(report, lambda: lower(*args))
   if compiled is not None:
