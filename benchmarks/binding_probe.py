@@ -34,7 +34,7 @@ import optax
 from imagen_jax import cli
 from imagen_jax.data import shapes
 from imagen_jax.models import attention as attention_lib
-from imagen_jax.models import layers
+from imagen_jax.models import text_layers
 from imagen_jax.text import words
 from imagen_jax.text.encoder import TextEncoder
 
@@ -84,7 +84,7 @@ class QuadrantProbe(nn.Module):
   @nn.compact
   def __call__(self, text, mask):
     if self.text_layers or self.conv_kernel:
-      text = layers.TextTransformer(
+      text = text_layers.TextTransformer(
         self.text_layers,
         self.text_layer_heads,
         max_offset=self.max_offset,

@@ -1,5 +1,8 @@
 """Sharding strategies compared on one cascade stage's real, jitted train step.
 
+(Over 400 lines: one benchmark: its row, the per-strategy compile-and-run, the table
+and the CLI; the TPU-topology mode goes through ``imagen_jax.train.aot``.)
+
   python -m benchmarks.sharding --config configs/demo.py --stage base --devices 8 \\
       --strategies dp,fsdp,tp,fsdp_tp [--batch 32] [--grad_accum 1,2,4] [--json out.json] \\
       [--remat none,full,dots_saveable,save_attention_out] \\

@@ -11,7 +11,7 @@ import pytest
 
 from imagen_jax import config as config_lib
 from imagen_jax import run as run_lib
-from imagen_jax.models import layers
+from imagen_jax.models import layers, text_layers
 from imagen_jax.models.unet import UNet, UNetConfig, dummy_inputs
 from imagen_jax.text import TextEncoder, words
 from imagen_jax.text.encoder import _load_tokenizer
@@ -99,7 +99,7 @@ def test_read_config_points_at_the_runs_tokenizer(tmp_path):
 def test_text_adapter_layers():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, 16)), jnp.float32)
   mask = jnp.asarray([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], bool)
-  module = layers.TextTransformer(num_layers=2, num_heads=4)
+  module = text_layers.TextTransformer(num_layers=2, num_heads=4)
   params = module.init(jax.random.key(0), x, mask)
   y = module.apply(params, x, mask)
   assert y.shape == x.shape
@@ -116,7 +116,7 @@ def test_text_adapter_layers():
 def test_text_adapter_conv_is_local_and_masked():
   x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 9, 16)), jnp.float32)
   mask = jnp.asarray([[1] * 6 + [0] * 3, [1] * 9], bool)
-  module = layers.TextTransformer(num_layers=0, num_heads=4, conv_kernel=3)
+  module = text_layers.TextTransformer(num_layers=0, num_heads=4, conv_kernel=3)
   params = module.init(jax.random.key(0), x, mask)
   y = module.apply(params, x, mask)
   # Token 4 reaches its neighbours 3 and 5 only.

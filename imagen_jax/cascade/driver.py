@@ -1,5 +1,9 @@
 """The sampling driver: prompts → text embeddings → stage 1 → ... → last stage.
 
+(Over 400 lines: the ``Cascade`` class, whose methods (placement, batching, the per-
+stage calls) share its state; edits, output and timing are already in their own
+modules.)
+
 ``Cascade.sample(prompts, rng, request)`` encodes the prompts (and the empty
 or negative prompts of guidance) once per distinct text encoder (T5 for IF and
 Imagen stages, a CLIP tower per Stable Diffusion stage: ``text``), cuts the

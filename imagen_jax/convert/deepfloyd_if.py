@@ -1,5 +1,9 @@
 """DeepFloyd IF (diffusers format) → imagen_jax: load, convert, read back.
 
+(Over 400 lines: the IF converter's load, convert, read-back and streaming of
+tensors share the folder checks and abstract shapes; the config mapping, weights and
+export are in ``if_config``, ``if_weights`` and ``if_export``.)
+
   model, params = load_unet("IF-I-XL-v1.0")                 # in memory
   model.apply({'params': params}, x, t, text_emb)          # stage I
   model.apply({'params': params}, x, t, text_emb, lowres=lowres,

@@ -1,5 +1,9 @@
 """Shard readers for the formats text-image corpora ship in: webdataset tars and parquet.
 
+(Over 400 lines: both shard formats read here, webdataset tars and parquet, beside
+the source expansion and the damage handling they share; each reader on its own is
+short.)
+
 Local paths and object storage (`gs://`, `s3://`) alike, through `etils.epath`
 (fsspec or tf.io.gfile underneath). No image is decoded while reading: a
 `Record` carries the encoded bytes; `decode_image` turns them into RGB.

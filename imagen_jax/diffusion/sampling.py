@@ -1,5 +1,9 @@
 """One sampler interface: a static spec, a traced options pytree, one jitted loop.
 
+(Over 400 lines: the one sampler interface, its static spec, traced options and
+jitted loop, is kept in one file so that no caller needs to know more than this
+module; the update rules live in ``rules_ancestral`` and ``rules_ode``.)
+
     spec = sampling.SamplerSpec("dpmpp_2m", prediction="v", threshold="dynamic",
                                 logsnr_fn=stage_logsnr_fn, guided=True)
     options = sampling.make_options(spec, steps=25, guidance_scale=5.0,

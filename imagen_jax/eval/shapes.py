@@ -1,5 +1,9 @@
 """A deterministic pixel checker for the shapes demo, and its evaluation CLI.
 
+(Over 400 lines: the pixel checker (color map, blobs, shape classes, matching) and
+the evaluation that drives it are one scorer with one set of thresholds; about half
+the file is the checker's docstrings.)
+
 ``score_image(image, caption)`` says whether an image shows what a shapes
 caption describes (``imagen_jax.data.shapes``: colored, filled, upright circles,
 squares and triangles on black, in a quadrant or the center):

@@ -1,5 +1,9 @@
 """The UNet family: Imagen's base UNet, the Efficient UNet, and DeepFloyd IF's UNets.
 
+(Over 400 lines: one module for the whole UNet family (its config and validation,
+embedding, the down/mid/up walk), so that Imagen's and IF's UNets stay one code
+path; the blocks are in ``layers`` and ``text_layers``.)
+
 One module, configured by ``UNetConfig`` (built from ``config.model``):
 
 * Imagen base 64×64: ``efficient=False``, ResBlocks with scale-shift time
@@ -32,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from imagen_jax import axes
-from imagen_jax.models import attention, layers
+from imagen_jax.models import attention, layers, text_layers
 
 ATTENTION_KINDS = ("none", "self", "cross", "self_cross")
 
@@ -266,7 +270,7 @@ class UNet(nn.Module):
     if c.aug_embed:
       emb = emb + layers.TimestepMLP(c.emb_dim, act=c.act, name="aug_embed", **kw)(sin(noise_level))
     if c.text_dim is not None and c.text_pool == "attention":
-      emb = emb + layers.AttentionPool(c.emb_dim, c.text_pool_heads, name="text_pool", **kw)(
+      emb = emb + text_layers.AttentionPool(c.emb_dim, c.text_pool_heads, name="text_pool", **kw)(
         text_emb, text_mask
       )
     elif c.text_dim is not None and c.text_pool == "mean":
@@ -312,7 +316,7 @@ class UNet(nn.Module):
       t = jnp.broadcast_to(t, (x.shape[0],))
     self._check_inputs(x, t, text_emb, lowres, noise_level)
     if (c.text_layers or c.text_conv_kernel) and text_emb is not None:
-      text_emb = layers.TextTransformer(
+      text_emb = text_layers.TextTransformer(
         c.text_layers,
         c.text_layer_heads,
         max_offset=c.text_layer_max_offset,

@@ -1,5 +1,9 @@
 """Compile a stage's train step or sampling loop for a TPU topology, ahead of time.
 
+(Over 400 lines: the abstract train and sampling programs for a topology and the
+report they fill are one unit: both share the report, its analysis and the abstract
+text encoders.)
+
 ``compile_train(config, stage, topology, strategy, batch=...)`` lowers the
 train step that ``train.py`` runs (``train.step.jit_train_step``, the frozen T5
 inside it unless the config trains on precomputed embeddings, at the config's

@@ -1,6 +1,10 @@
 """The training loop: data → frozen text encoder → sharded train step → metrics, samples,
 checkpoints.
 
+(Over 400 lines: one stage's loop, its resume (checkpoint or converted init), the
+data iterator and the process-level setup around it; the periodic actions are in
+``periodic``.)
+
 ``train_and_evaluate(config, workdir, stages)`` trains the named stages (all of
 them, in cascade order, by default). Re-running the same command resumes every
 stage from its last checkpoint, with the data iterator where it was; SIGTERM
