@@ -282,3 +282,21 @@ def test_compile_only_latent_stages_with_their_clip_tower(sd_converted, capsys):
   code, out, err = _run(train.main, argv, capsys)
   assert code == 0, err
   assert out.startswith("stage sd: train step for v5e:1x1") and "fits" in out, out
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_sampling_loop_of_latent_stages_compiles(sd_converted):
+  """SD → x4 from converted folders: each latent stage's loop (its own CLIP width and
+  length, the VAE decode inside) compiles for a topology, not at T5's width."""
+  from imagen_jax import run as run_lib
+  from imagen_jax.train import aot
+
+  config = run_lib.read_config(f"{sd_converted}/sd_v1_tiny,{sd_converted}/sd_x4_tiny")
+  topo = topo_lib.parse("v5e:1x1")
+  for name in config.stage_order:
+    report, compiled = aot.compile_sample(
+      config, name, topo, topo_lib.devices(topo), batch=1, steps=2
+    )
+    assert compiled is not None and report.status == "ok", (name, report.status)
+    assert report.fits and report.peak_bytes > report.state_bytes > 0

@@ -40,7 +40,7 @@ from imagen_jax.cascade import text as text_lib
 from imagen_jax.diffusion import guidance as guidance_lib
 from imagen_jax.models import attention
 from imagen_jax.parallel import hlo, topology as topo_lib
-from imagen_jax.stages import build_stage, stage_kind
+from imagen_jax.stages import build_stage, stage_kind, stage_text_dim
 from imagen_jax.text import clip_encoder
 from imagen_jax.text.clip import CLIPTextConfig, CLIPTextModel
 from imagen_jax.text import loading as text_loading
@@ -292,15 +292,20 @@ def sample_program(config: Any, stage_name: str, mesh, rules, batch: int, steps=
   """(jitted sampling of one image batch through the stage, abstract args, params'
   shardings, abstract params): the cascade's per-stage call (guidance doubling,
   low-res inputs from the previous stage's x0, ``Stage.sample``'s whole loop)."""
-  stage = build_stage(config.stages[stage_name], text_dim=config.text.get("dim"))
-  settings = stage.sample_settings(config.stages[stage_name].sample, steps=steps)
-  text_len, d = int(config.text.max_length), int(config.text.dim)
+  stage_config = config.stages[stage_name]
+  stage = build_stage(stage_config, text_dim=stage_text_dim(config, stage_name))
+  settings = stage.sample_settings(stage_config.sample, steps=steps)
+  if stage_kind(stage_config) == "latent":  # its own CLIP tower's width and length
+    clip = abstract_clip_encoder(stage_config, None, ())
+    text_len, d, emb_dtype = int(clip.max_length), int(clip.embed_dim), jnp.float32
+  else:
+    text_len, d = int(config.text.max_length), int(config.text.dim)
+    emb_dtype = resolve_dtype(config.text.dtype)
   boxed = stage.abstract_params(text_len)
   shardings = parallel.logical_shardings(boxed, mesh, rules)
   abstract = nn.unbox(boxed)
   split = parallel.batch_sharding(mesh, rules)
   rep = NamedSharding(mesh, P())
-  emb_dtype = resolve_dtype(config.text.dtype)
   text = {
     "text_emb": _sds((batch, text_len, d), emb_dtype, split),
     "text_mask": _sds((batch, text_len), jnp.bool_, split),
