@@ -131,18 +131,52 @@ def topology_main(args) -> int:
   topo_lib.check_batch(args.batch, aot.dp_size(mesh))
   devices = topo_lib.devices(topo)
   rows = []
-  plans = [(n, k) for k in steps for n in config.stage_order]
-  for name, k in tqdm.tqdm(plans, desc=f"compile for {topo.name}", unit="stage"):
-    row, _ = aot.compile_sample(
-      config, name, topo, devices, batch=args.batch, strategy=args.strategy, steps=k
-    )
-    tqdm.tqdm.write(f"  {name} steps={row.steps}: {row.status}")
+  encoders = list(aot.text_encoders(config)) if args.text else []
+  plans = [(e, None) for e in encoders] + [(n, k) for k in steps for n in config.stage_order]
+  for name, k in tqdm.tqdm(plans, desc=f"compile for {topo.name}", unit="program"):
+    if name in encoders:
+      row, _ = aot.compile_text(
+        config, name, topo, devices, batch=args.batch, strategy=args.strategy
+      )
+    else:
+      row, _ = aot.compile_sample(
+        config, name, topo, devices, batch=args.batch, strategy=args.strategy, steps=k
+      )
+    tqdm.tqdm.write(f"  {row.kind} {name} steps={row.steps}: {row.status}")
     rows.append(row)
   extra = {"batch": args.batch, "source": args.workdir or args.config}
   topology_rows.report(
     topology_rows.meta("benchmarks.sampling", args.topology, extra), rows, args.json
   )
+  print(one_chip(rows))
   return 0
+
+
+def one_chip(rows: Sequence[Any]) -> str:
+  """Whether the programs fit the chip all resident (every encoder's and stage's params
+  at once, plus the largest program's temporaries) or only one at a time (each
+  program's params loaded for its turn, the others offloaded to the host)."""
+  done = [r for r in rows if r.peak_bytes is not None]
+  if not done or len(done) < len(rows):
+    return "one chip: not answered (a program did not compile)"
+  hbm = done[0].hbm_bytes
+  resident = sum(r.state_bytes for r in done) + max(r.peak_bytes - r.state_bytes for r in done)
+  largest = max(done, key=lambda r: r.peak_bytes)
+
+  def gib(b):
+    return f"{b / 2**30:.1f} GiB"
+
+  if resident <= hbm:
+    how = "all programs resident at once"
+  elif largest.peak_bytes <= hbm:
+    how = "only one program at a time (the others' params offloaded to the host)"
+  else:
+    how = f"no: {largest.kind} {largest.stage} alone needs {gib(largest.peak_bytes)}"
+  return (
+    f"one chip of {gib(hbm)}: {how}; all resident would need {gib(resident)}, "
+    f"the largest single program ({largest.kind} {largest.stage}) {gib(largest.peak_bytes)} "
+    "(compiler's memory analysis)"
+  )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -152,6 +186,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--config", help="cascade config, path.py[:variant]")
   parser.add_argument(
     "--topology", help="compile for this TPU topology (e.g. v5e:1x1), run nothing"
+  )
+  parser.add_argument(
+    "--text",
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help="--topology: also compile each text encoder (T5, a latent stage's CLIP)",
   )
   parser.add_argument("--num_slices", type=int, default=1, help="--topology: number of slices")
   parser.add_argument("--strategy", default="dp", help="--topology: params sharding preset")

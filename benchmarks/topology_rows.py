@@ -28,7 +28,7 @@ def _est(x: Optional[float], fmt: str) -> str:
 
 def format_table(rows: Sequence[aot.Report]) -> str:
   """One markdown row per report; per-chip GiB; est = the compiler's estimate."""
-  sample = any(r.kind == "sample" for r in rows)
+  sample = any(r.kind in ("sample", "text") for r in rows)
   head = ["stage", "strategy", "mesh"]
   head += ["steps"] if sample else ["accum", "remat"]
   head += [
@@ -51,7 +51,7 @@ def format_table(rows: Sequence[aot.Report]) -> str:
     coll = sum(r.collective_bytes.values()) if r.collective_bytes else None
     kinds = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in r.collective_bytes.items() if v)
     cells = [r.stage, r.strategy, "×".join(f"{k} {v}" for k, v in r.mesh.items())]
-    cells += [str(r.steps)] if sample else [str(r.grad_accum), r.remat or "config"]
+    cells += [str(r.steps or "—")] if sample else [str(r.grad_accum), r.remat or "config"]
     cells += [
       _gib(r.state_bytes),
       _gib(r.argument_bytes),

@@ -228,8 +228,11 @@ def test_benchmark_clis_write_rows(config_path, tmp_path, capsys):
   argv = ["--config", config_path, "--topology", "v5e:1x1", "--batch", "2", "--json", path]
   code, out, err = _run(sampling.main, argv, capsys)
   assert code == 0, err
-  (row,) = json.load(open(path))["rows"]
+  text, row = json.load(open(path))["rows"]  # the T5 encoder's program, then the stage's
   assert row["kind"] == "sample" and row["fits"] and row["steps"] == 2 and row["est_step_s"] > 0
+  assert text["kind"] == "text" and text["stage"] == "t5" and text["fits"]
+  assert 0 < text["state_bytes"] < text["peak_bytes"]
+  assert "one chip of 16.0 GiB: all programs resident at once" in out, out
 
 
 def test_collectives_read_from_the_module_structure():
@@ -294,6 +297,12 @@ def test_sampling_loop_of_latent_stages_compiles(sd_converted):
 
   config = run_lib.read_config(f"{sd_converted}/sd_v1_tiny,{sd_converted}/sd_x4_tiny")
   topo = topo_lib.parse("v5e:1x1")
+  encoders = aot.text_encoders(config)
+  assert encoders == {f"{n}/clip": [n] for n in config.stage_order}, encoders
+  for name in encoders:  # each stage's own tower, at its width
+    report, _ = aot.compile_text(config, name, topo, topo_lib.devices(topo), batch=2)
+    assert report.kind == "text" and report.status == "ok" and report.fits, report.status
+    assert report.peak_bytes > report.state_bytes > 0
   for name in config.stage_order:
     report, compiled = aot.compile_sample(
       config, name, topo, topo_lib.devices(topo), batch=1, steps=2

@@ -372,6 +372,62 @@ def compile_sample(
   return report, compiled
 
 
+def text_encoders(config: Any) -> dict:
+  """Encoder name → the stages it encodes for: ``'t5'`` (``config.text``) for the
+  pixel stages, ``'STAGE/clip'`` for each latent stage's own CLIP tower."""
+  names: dict = {}
+  for name in config.stage_order:
+    key = f"{name}/clip" if stage_kind(config.stages[name]) == "latent" else "t5"
+    names.setdefault(key, []).append(name)
+  return names
+
+
+def compile_text(
+  config: Any,
+  encoder: str,
+  topology: topo_lib.Topology,
+  devices: list,
+  *,
+  batch: int,
+  strategy: str = "dp",
+) -> tuple[Report, Any]:
+  """Compiles one prompt batch through a frozen text encoder (a key of
+  ``text_encoders``): ids [batch, L] → embeddings, params sharded by ``strategy``."""
+  mesh_shape = topo_lib.strategy_mesh(strategy, topology.chips)
+  rules = parallel.logical_rules(strategy)
+  mesh = topo_lib.make_mesh(mesh_shape, devices)
+  if encoder == "t5":
+    enc = abstract_text_encoder(config.text, mesh, rules)
+    length = int(config.text.max_length)
+  else:
+    enc = abstract_clip_encoder(config.stages[encoder.split("/")[0]], mesh, rules)
+    length = int(enc.max_length)
+  split = parallel.batch_sharding(mesh, rules)
+  ids = _sds((batch, length), jnp.int32, split)
+  mask = _sds((batch, length), jnp.bool_, split)
+  report = Report(
+    kind="text",
+    stage=encoder,
+    strategy=strategy,
+    topology=topology.name,
+    chips=topology.chips,
+    mesh=mesh_shape,
+    batch=batch,
+    hbm_bytes=topology.chip.hbm_bytes,
+    state_bytes=hlo.tree_bytes(enc.params, jax.tree.map(lambda a: a.sharding, enc.params)),
+    state_bytes_total=hlo.tree_bytes(enc.params),
+  )
+
+  def lower():
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return jax.jit(enc.apply_fn).lower(enc.params, ids, mask)
+
+  compiled = _compile(report, lower)
+  if compiled is not None:
+    analyze(report, compiled, batch)
+  return report, compiled
+
+
 def check_config(config: Any, stage_name: str, topology: topo_lib.Topology) -> tuple:
   """(the stage's train config, the mesh on the topology); TopologyError (one line)
   for a mesh that does not divide the chips or a batch that does not divide dp × K."""
