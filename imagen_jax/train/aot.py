@@ -352,21 +352,32 @@ def compile_sample(
     lower, args, settings, shardings, abstract = sample_program(
       config, stage_name, mesh, rules, batch, steps
     )
+  return _compile_inference(
+    "sample", stage_name, strategy, topology, mesh_shape, batch, lambda: lower(*args),
+    (abstract, shardings), steps=settings.steps,
+  )  # fmt: skip
+
+
+def _compile_inference(
+  kind, name, strategy, topology, mesh_shape, batch, lower, state, steps=None
+) -> tuple[Report, Any]:
+  """The report of a sampling or text-encoding program (``state``: its abstract params
+  and their shardings); compiled and analyzed for ``batch`` images (None if it failed)."""
   report = Report(
-    kind="sample",
-    stage=stage_name,
+    kind=kind,
+    stage=name,
     strategy=strategy,
     topology=topology.name,
     chips=topology.chips,
     mesh=mesh_shape,
     batch=batch,
     hbm_bytes=topology.chip.hbm_bytes,
-    loop_trips=settings.steps,
-    steps=settings.steps,
-    state_bytes=hlo.tree_bytes(abstract, shardings),
-    state_bytes_total=hlo.tree_bytes(abstract),
+    loop_trips=steps or 1,
+    steps=steps,
+    state_bytes=hlo.tree_bytes(*state),
+    state_bytes_total=hlo.tree_bytes(state[0]),
   )
-  compiled = _compile(report, lambda: lower(*args))
+  compiled = _compile(report, lower)
   if compiled is not None:
     analyze(report, compiled, batch)
   return report, compiled
@@ -405,27 +416,13 @@ def compile_text(
   split = parallel.batch_sharding(mesh, rules)
   ids = _sds((batch, length), jnp.int32, split)
   mask = _sds((batch, length), jnp.bool_, split)
-  report = Report(
-    kind="text",
-    stage=encoder,
-    strategy=strategy,
-    topology=topology.name,
-    chips=topology.chips,
-    mesh=mesh_shape,
-    batch=batch,
-    hbm_bytes=topology.chip.hbm_bytes,
-    state_bytes=hlo.tree_bytes(enc.params, jax.tree.map(lambda a: a.sharding, enc.params)),
-    state_bytes_total=hlo.tree_bytes(enc.params),
-  )
 
   def lower():
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       return jax.jit(enc.apply_fn).lower(enc.params, ids, mask)
 
-  compiled = _compile(report, lower)
-  if compiled is not None:
-    analyze(report, compiled, batch)
-  return report, compiled
+  state = (enc.params, jax.tree.map(lambda a: a.sharding, enc.params))
+  return _compile_inference("text", encoder, strategy, topology, mesh_shape, batch, lower, state)
 
 
 def check_config(config: Any, stage_name: str, topology: topo_lib.Topology) -> tuple:
