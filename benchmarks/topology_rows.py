@@ -63,7 +63,8 @@ def format_table(rows: Sequence[aot.Report]) -> str:
     ]
     if not sample:
       cells.append(_est(r.model_flops and r.model_flops / 1e12, ".1f"))
-    cells += [_est(r.est_step_s, ".3f"), _est(r.est_images_per_s_per_chip, ".2f")]
+    roof = " (roofline)" if r.est_source == "roofline" else ""
+    cells += [_est(r.est_step_s, ".3f") + roof, _est(r.est_images_per_s_per_chip, ".2f")]
     if not sample:
       cells.append("—" if r.est_mfu is None else f"{100 * r.est_mfu:.1f}%")
     cells += [_est(r.compile_s, ".0f"), r.status]
@@ -91,7 +92,8 @@ def report(meta_: dict, rows: Sequence[aot.Report], json_path: Optional[str]) ->
   print(
     f"\n{meta_['command']}\n{meta_['date']}, compiled for {meta_['topology']} on "
     f"{meta_['compiled_on']}, jax {meta_['jax']}, libtpu {meta_['libtpu']}\n"
-    "est = the TPU compiler's cost-model estimate, not a measurement\n"
+    "est = the TPU compiler's cost-model estimate, not a measurement ('roofline': the cost\n"
+    "model gave no time; max(its FLOPs / peak, its bytes accessed / HBM bandwidth))\n"
   )
   print(format_table(rows))
   if json_path:

@@ -309,3 +309,21 @@ def test_sampling_loop_of_latent_stages_compiles(sd_converted):
     )
     assert compiled is not None and report.status == "ok", (name, report.status)
     assert report.fits and report.peak_bytes > report.state_bytes > 0
+
+
+def test_estimate_falls_back_to_the_roofline_of_the_compiler_counts():
+  """The cost model's time when it gives one; its negative 'unknown' (as for T5-XXL)
+  becomes max(flops / peak, bytes / bandwidth) on the chip, labelled so."""
+  from imagen_jax.train import aot
+
+  chip = topo_lib.CHIPS["v5e"]
+  assert aot.estimated_seconds({"optimal_seconds": 0.5, "flops": 1e15}, chip) == (
+    0.5,
+    "cost model",
+  )
+  memory_bound = {"optimal_seconds": -48.0, "flops": 1.97e12, "bytes accessed": 8.19e11 * 3}
+  assert aot.estimated_seconds(memory_bound, chip) == pytest.approx((3.0, "roofline"))
+  compute_bound = {"optimal_seconds": -1.0, "flops": 1.97e14 * 2, "bytes accessed": 8.19e9}
+  assert aot.estimated_seconds(compute_bound, chip) == pytest.approx((2.0, "roofline"))
+  assert aot.estimated_seconds({}, chip) == (0.0, None)
+  assert aot.estimated_seconds({"optimal_seconds": -1.0}, chip) == (0.0, None)

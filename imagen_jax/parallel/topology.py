@@ -33,23 +33,24 @@ class Chip:
   name: str
   hbm_bytes: int  # HBM per chip
   peak_bf16_flops: float  # dense bf16 peak, FLOP/s per chip
+  hbm_bytes_per_s: float  # HBM bandwidth per chip
   host_bounds: tuple  # chips per host (the topology API's default)
   chip_config: str = "default"  # 'megacore': one device per two-core chip (v4)
 
 
 _GiB = 1 << 30
 # Sources (Google Cloud TPU documentation, system architecture pages, read 2026-12):
-# cloud.google.com/tpu/docs/v4 (32 GiB HBM2, 275 bf16 TFLOPs per chip),
-# cloud.google.com/tpu/docs/v5e (16 GB HBM2, 197 bf16 TFLOPs),
-# cloud.google.com/tpu/docs/v5p (95 GB HBM2e, 459 bf16 TFLOPs),
-# cloud.google.com/tpu/docs/v6e (32 GB HBM, 918 bf16 TFLOPs). The pages write GB
+# cloud.google.com/tpu/docs/v4 (32 GiB HBM2 at 1200 GB/s, 275 bf16 TFLOPs per chip),
+# cloud.google.com/tpu/docs/v5e (16 GB HBM2 at 819 GB/s, 197 bf16 TFLOPs),
+# cloud.google.com/tpu/docs/v5p (95 GB HBM2e at 2765 GB/s, 459 bf16 TFLOPs),
+# cloud.google.com/tpu/docs/v6e (32 GB HBM at 1640 GB/s, 918 bf16 TFLOPs). The pages write GB
 # for the HBM of v5e/v5p/v6e; the runtime reports it in GiB (16 GiB per v5e
 # chip), so GiB is used throughout.
 CHIPS = {
-  "v4": Chip("v4", 32 * _GiB, 275e12, (2, 2, 1), "megacore"),
-  "v5e": Chip("v5e", 16 * _GiB, 197e12, (2, 2, 1)),
-  "v5p": Chip("v5p", 95 * _GiB, 459e12, (2, 2, 1)),
-  "v6e": Chip("v6e", 32 * _GiB, 918e12, (2, 2, 1)),
+  "v4": Chip("v4", 32 * _GiB, 275e12, 1200e9, (2, 2, 1), "megacore"),
+  "v5e": Chip("v5e", 16 * _GiB, 197e12, 819e9, (2, 2, 1)),
+  "v5p": Chip("v5p", 95 * _GiB, 459e12, 2765e9, (2, 2, 1)),
+  "v6e": Chip("v6e", 32 * _GiB, 918e12, 1640e9, (2, 2, 1)),
 }
 
 _NAME_RE = re.compile(r"^(v[0-9a-z]+):([0-9]+(?:x[0-9]+){1,2})$")

@@ -13,7 +13,10 @@ stage's whole jitted sampling loop (``Stage.sample``). Each returns a
 ``Report`` (per chip) and the compiled executable (None when it failed).
 
 Estimates: ``est_step_s`` is the TPU compiler's cost-model time
-(``cost_analysis()['optimal_seconds']``). XLA's cost analysis counts a loop
+(``cost_analysis()['optimal_seconds']``); where the cost model gives none (it
+answers a negative time for some large programs, e.g. T5-XXL's encoder) it is
+the roofline of the compiler's own counts, max(flops / peak FLOP/s, bytes
+accessed / HBM bandwidth) per chip (``Report.est_source``). XLA's cost analysis counts a loop
 body once, whatever its trip count; the loops a program is known to run (the
 ``grad_accum`` microbatch scan, the sampler's steps) are multiplied back in
 (``Report.loop_trips``), which also counts what surrounds the loop that many
@@ -75,6 +78,7 @@ class Report:
   model_flops: Optional[float] = None  # whole batch, all chips
   loop_trips: int = 1  # the known loop's trip count the cost model counted once
   est_step_s: Optional[float] = None  # compiler's estimate (cost model), not measured
+  est_source: Optional[str] = None  # 'cost model' | 'roofline' (of the compiler's counts)
   est_images_per_s_per_chip: Optional[float] = None
   est_mfu: Optional[float] = None
   compile_s: Optional[float] = None
@@ -229,7 +233,7 @@ def analyze(report: Report, compiled: Any, images: int) -> Report:
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
-  seconds = float(cost.get("optimal_seconds", 0.0)) if cost else 0.0
+  seconds, report.est_source = estimated_seconds(cost, topo_lib.parse(report.topology).chip)
   if seconds > 0:
     report.est_step_s = seconds * report.loop_trips
     report.est_images_per_s_per_chip = images / report.est_step_s / report.chips
@@ -237,6 +241,21 @@ def analyze(report: Report, compiled: Any, images: int) -> Report:
       peak = topo_lib.parse(report.topology).chip.peak_bf16_flops
       report.est_mfu = report.model_flops / (report.est_step_s * report.chips * peak)
   return report
+
+
+def estimated_seconds(cost: Optional[dict], chip: topo_lib.Chip) -> tuple[float, Optional[str]]:
+  """(seconds, source) of one execution per chip from a compiled cost analysis: its
+  ``optimal_seconds`` when positive, else the roofline of its ``flops`` and ``bytes
+  accessed`` on ``chip``; (0.0, None) when it has neither."""
+  if not cost:
+    return 0.0, None
+  seconds = float(cost.get("optimal_seconds", 0.0))
+  if seconds > 0:
+    return seconds, "cost model"
+  flops, moved = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+  if flops <= 0 and moved <= 0:
+    return 0.0, None
+  return max(flops / chip.peak_bf16_flops, moved / chip.hbm_bytes_per_s), "roofline"
 
 
 def dp_size(mesh_shape: dict) -> int:
@@ -477,7 +496,7 @@ def one_line(report: Report) -> str:
   est = (
     ""
     if report.est_step_s is None
-    else f"; est. step {report.est_step_s:.3f} s (compiler's estimate)"
+    else f"; est. step {report.est_step_s:.3f} s (compiler's estimate, {report.est_source})"
   )
   return (
     f"{head}: peak {report.peak_bytes / 2**30:.2f} GiB of {report.hbm_bytes / 2**30:.0f} GiB "
