@@ -126,6 +126,10 @@ def topology_main(args) -> int:
   config = (
     run_lib.read_config(args.workdir) if args.workdir else config_lib.load_config(args.config)
   )
+  if args.param_dtype:  # params stored so, as `convert ... --dtype` writes them
+    with config.unlocked():
+      for name in config.stage_order:
+        config.stages[name].model.param_dtype = args.param_dtype
   steps = [int(s) for s in args.steps.split(",") if s.strip()] if args.steps else [None]
   mesh = topo_lib.strategy_mesh(args.strategy, topo.chips)
   topo_lib.check_batch(args.batch, aot.dp_size(mesh))
@@ -145,6 +149,7 @@ def topology_main(args) -> int:
     tqdm.tqdm.write(f"  {row.kind} {name} steps={row.steps}: {row.status}")
     rows.append(row)
   extra = {"batch": args.batch, "source": args.workdir or args.config}
+  extra["param_dtype"] = args.param_dtype or "the config's"
   topology_rows.report(
     topology_rows.meta("benchmarks.sampling", args.topology, extra), rows, args.json
   )
@@ -192,6 +197,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     action=argparse.BooleanOptionalAction,
     default=True,
     help="--topology: also compile each text encoder (T5, a latent stage's CLIP)",
+  )
+  parser.add_argument(
+    "--param_dtype",
+    choices=("float32", "bfloat16"),
+    help="--topology: every stage's params stored in this dtype (default: the config's)",
   )
   parser.add_argument("--num_slices", type=int, default=1, help="--topology: number of slices")
   parser.add_argument("--strategy", default="dp", help="--topology: params sharding preset")

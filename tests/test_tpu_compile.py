@@ -233,6 +233,11 @@ def test_benchmark_clis_write_rows(config_path, tmp_path, capsys):
   assert text["kind"] == "text" and text["stage"] == "t5" and text["fits"]
   assert 0 < text["state_bytes"] < text["peak_bytes"]
   assert "one chip of 16.0 GiB: all programs resident at once" in out, out
+  argv += ["--param_dtype", "bfloat16", "--no-text"]  # params stored in bf16: half the bytes
+  code, out, err = _run(sampling.main, argv, capsys)
+  assert code == 0, err
+  (half,) = json.load(open(path))["rows"]
+  assert half["kind"] == "sample" and 2 * half["state_bytes"] == row["state_bytes"]
 
 
 def test_collectives_read_from_the_module_structure():
