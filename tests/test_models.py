@@ -215,3 +215,11 @@ def test_group_norm_matches_flax(shape, groups):
     np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4)
   with pytest.raises(ValueError, match="do not split into"):
     GroupNorm(num_groups=3).init(jax.random.PRNGKey(0), x)
+
+
+def test_paper_cascade_config_composes_the_stage_files():
+  cascade = config_lib.load_config("configs/imagen.py")
+  assert cascade.stage_order == ("base64", "sr256", "sr1024")
+  for name in cascade.stage_order:
+    (alone,) = config_lib.load_config(f"configs/{name}.py").stages.values()
+    assert cascade.stages[name].to_dict() == alone.to_dict(), name
