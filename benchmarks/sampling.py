@@ -158,27 +158,34 @@ def topology_main(args) -> int:
 
 
 def one_chip(rows: Sequence[Any]) -> str:
-  """Whether the programs fit the chip all resident (every encoder's and stage's params
-  at once, plus the largest program's temporaries) or only one at a time (each
-  program's params loaded for its turn, the others offloaded to the host)."""
+  """Whether the programs fit the chip: all resident (every encoder's and stage's params
+  at once, plus the largest program's temporaries); else with the text encoders freed
+  once the prompts are encoded (the stages' params resident); else only one program at a
+  time (each program's params loaded for its turn, the others kept on the host)."""
   done = [r for r in rows if r.peak_bytes is not None]
   if not done or len(done) < len(rows):
     return "one chip: not answered (a program did not compile)"
   hbm = done[0].hbm_bytes
-  resident = sum(r.state_bytes for r in done) + max(r.peak_bytes - r.state_bytes for r in done)
-  largest = max(done, key=lambda r: r.peak_bytes)
+
+  def resident(group):
+    return sum(r.state_bytes for r in group) + max(r.peak_bytes - r.state_bytes for r in group)
 
   def gib(b):
     return f"{b / 2**30:.1f} GiB"
 
-  if resident <= hbm:
+  stages = [r for r in done if r.kind != "text"]
+  largest = max(done, key=lambda r: r.peak_bytes)
+  every, staged = resident(done), resident(stages) if stages else 0
+  if every <= hbm:
     how = "all programs resident at once"
+  elif stages and len(stages) < len(done) and staged <= hbm and largest.peak_bytes <= hbm:
+    how = f"with the text encoders freed after encoding (the stages together {gib(staged)})"
   elif largest.peak_bytes <= hbm:
     how = "only one program at a time (the others' params offloaded to the host)"
   else:
     how = f"no: {largest.kind} {largest.stage} alone needs {gib(largest.peak_bytes)}"
   return (
-    f"one chip of {gib(hbm)}: {how}; all resident would need {gib(resident)}, "
+    f"one chip of {gib(hbm)}: {how}; all resident would need {gib(every)}, "
     f"the largest single program ({largest.kind} {largest.stage}) {gib(largest.peak_bytes)} "
     "(compiler's memory analysis)"
   )
