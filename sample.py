@@ -6,6 +6,7 @@
       [--negative_prompt TEXT] [--batch_size B] [--out DIR]
       [--init_image PATH [--strength S] [--mask PATH]]       # image-to-image, inpainting
       [--lowres_image PATH --start_stage sr]                 # super-resolve an image
+      [--offload text|stages]              # encoders/stages in host memory between uses
   python sample.py --workdir if_I,if_II --prompt "..."   # converted DeepFloyd IF
   python sample.py --workdir if_I,if_II,x4 --prompt "..."   # IF + the x4 upscaler: 1024 px
   python sample.py --workdir sd15 --prompt "..."         # converted Stable Diffusion
@@ -117,6 +118,14 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   )
   p.add_argument("--start_stage", help="the first stage to run (default: the cascade's first)")
   p.add_argument("--out", help="output directory (default: WORKDIR/samples_<timestamp>)")
+  p.add_argument(
+    "--offload",
+    choices=cascade_lib.residency.MODES,
+    default="none",
+    help="keep params in host memory between their uses, for a cascade that does not fit "
+    "the accelerator at once: 'text' (the text encoders, on the devices only while they "
+    "encode), 'stages' (also each stage, on the devices only for its turn); default none",
+  )
   distributed.add_flags(p)
   return p.parse_args(argv)
 
@@ -332,7 +341,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     distributed.initialize_from_args(args)  # before any device work
     workdir, prompts, config, request = check_inputs(args)
-    cascade = cascade_lib.Cascade.from_workdir(workdir, config=config)
+    cascade = cascade_lib.Cascade.from_workdir(workdir, config=config, offload=args.offload)
   except (UsageError, FileNotFoundError, ValueError) as e:
     print(f"sample.py: error: {e}", file=sys.stderr)
     return 2

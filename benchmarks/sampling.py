@@ -161,7 +161,8 @@ def one_chip(rows: Sequence[Any]) -> str:
   """Whether the programs fit the chip: all resident (every encoder's and stage's params
   at once, plus the largest program's temporaries); else with the text encoders freed
   once the prompts are encoded (the stages' params resident); else only one program at a
-  time (each program's params loaded for its turn, the others kept on the host)."""
+  time (each program's params loaded for its turn, the others kept on the host). The
+  middle and last answers are ``sample.py --offload text`` and ``--offload stages``."""
   done = [r for r in rows if r.peak_bytes is not None]
   if not done or len(done) < len(rows):
     return "one chip: not answered (a program did not compile)"
@@ -179,9 +180,15 @@ def one_chip(rows: Sequence[Any]) -> str:
   if every <= hbm:
     how = "all programs resident at once"
   elif stages and len(stages) < len(done) and staged <= hbm and largest.peak_bytes <= hbm:
-    how = f"with the text encoders freed after encoding (the stages together {gib(staged)})"
+    how = (
+      f"with the text encoders freed after encoding (the stages together {gib(staged)}; "
+      "sample.py --offload text)"
+    )
   elif largest.peak_bytes <= hbm:
-    how = "only one program at a time (the others' params offloaded to the host)"
+    how = (
+      "only one program at a time (the others' params offloaded to the host; "
+      "sample.py --offload stages)"
+    )
   else:
     how = f"no: {largest.kind} {largest.stage} alone needs {gib(largest.peak_bytes)}"
   return (

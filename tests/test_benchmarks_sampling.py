@@ -52,8 +52,9 @@ def test_one_chip_answer_from_per_program_memory():
     return sampling.one_chip([row(*p, hbm) for p in programs])
 
   assert "all programs resident at once" in answer(24)  # 13.5 + 7 = 20.5
-  assert "text encoders freed after encoding (the stages together 12.0 GiB)" in answer(16)
+  assert "text encoders freed after encoding (the stages together 12.0 GiB;" in answer(16)
   assert "only one program at a time" in answer(10)  # stages alone 12 > 10
+  assert "sample.py --offload stages" in answer(10) and "--offload text" in answer(16)
   assert "no: text t5 alone needs 8.6 GiB" in answer(8)
   failed = row("sample", "base", 4, None, 16)
   assert "not answered" in sampling.one_chip([row("text", "t5", 8.5, 8.6, 16), failed])

@@ -23,7 +23,9 @@ from imagen_jax import run
 from imagen_jax.cascade import Cascade
 from imagen_jax.convert import stable_diffusion as sd
 from imagen_jax.diffusion import guidance as guidance_lib
+from imagen_jax.parallel import offload
 from imagen_jax.stages import stage_text_dim, to_uint8
+from imagen_jax.stages.latent import LatentStage
 from imagen_jax.text import TextEncoder
 from imagen_jax.text.clip_encoder import CLIPEncoder, load_tokenizer
 
@@ -134,21 +136,68 @@ def test_cascade_latent_stages_equal_the_stage_on_clip_states(sd_converted):
   assert np.abs(out.final.astype(int) - expected).max() <= 1
 
 
+def test_offloaded_cascade_samples_the_same_images(sd_converted, monkeypatch):
+  """offload "text" and "stages" (sample.py --offload) give the images of the resident
+  cascade; the encoders are on the devices only while they encode (the stages then in
+  host memory), a stage's params only for its turn with "stages"."""
+  workdir = f"{sd_converted}/sd_v1_tiny,{sd_converted}/sd_x4_tiny"
+  prompts, rng = ["a red cat", "blue"], jax.random.key(3)
+  expected = Cascade.from_workdir(workdir, mesh=None).sample(prompts, rng, steps=2, guidance=7.5)
+  for mode in ("text", "stages"):
+    cascade = Cascade.from_workdir(workdir, mesh=None, offload=mode)
+    encoders = list({id(e): e for e in cascade.text_encoders.values()}.values())
+    assert len(encoders) == 2 and all(offload.on_host(e.params) for e in encoders)
+    assert all(offload.on_host(p) for p in cascade.params.values())
+    seen = []
+
+    def encode(self, prompts, max_length, _orig=CLIPEncoder.encode, cascade=cascade, seen=seen):
+      stages = {n: offload.on_host(p) for n, p in cascade.params.items()}
+      seen.append(("encode", offload.on_host(self.params), stages))
+      return _orig(self, prompts, max_length)
+
+    def sample_fn(self, args, *a, _orig=LatentStage.sample, cascade=cascade, seen=seen,
+                  encoders=encoders):  # fmt: skip
+      stages = {n: offload.on_host(p) for n, p in cascade.params.items()}
+      seen.append((self.name, [offload.on_host(e.params) for e in encoders], stages))
+      assert not offload.on_host(args["params"])
+      return _orig(self, args, *a)
+
+    monkeypatch.setattr(CLIPEncoder, "encode", encode)
+    assert {type(s) for s in cascade.stages.values()} == {LatentStage}
+    monkeypatch.setattr(LatentStage, "sample", sample_fn)
+    out = cascade.sample(prompts, rng, steps=2, guidance=7.5)
+    monkeypatch.undo()
+    for name in ("sd", "x4"):
+      np.testing.assert_array_equal(out.images[name], expected.images[name])
+    host = {"sd": True, "x4": True}
+    assert [s for s in seen if s[0] == "encode"] == [("encode", False, host)] * 4
+    for name in ("sd", "x4"):
+      (row,) = [s for s in seen if s[0] == name]
+      assert row[1] == [True, True]  # both encoders back in host memory
+      assert row[2] == ({"sd": False, "x4": False} if mode == "text" else {**host, name: False})
+    assert all(offload.on_host(e.params) for e in encoders)
+    assert all(offload.on_host(p) == (mode == "stages") for p in cascade.params.values())
+  with pytest.raises(ValueError, match="offload must be one of none, text, stages"):
+    Cascade.from_workdir(workdir, mesh=None, offload="all")
+
+
 def test_sample_py_if_to_x4_encodes_once_per_encoder(
   if_converted, sd_converted, tmp_path, monkeypatch
 ):
-  """IF-I → IF-II → x4 through sample.py: 64px images; the T5 and the CLIP tower each
-  encode the prompts once and the empty prompt once, at their own lengths."""
+  """IF-I → IF-II → x4 through sample.py --offload text: 64px images; the T5 and the CLIP
+  tower each encode the prompts once and the empty prompt once, at their own lengths,
+  on the devices (in host memory otherwise: test_offloaded_cascade_samples_the_same_images)."""
   calls = collections.defaultdict(list)
   for cls in (TextEncoder, CLIPEncoder):
 
     def counted(self, prompts, max_length, _orig=cls.encode):
+      assert not offload.on_host(self.params)
       calls[type(self).__name__].append((tuple(prompts), max_length))
       return _orig(self, prompts, max_length)
 
     monkeypatch.setattr(cls, "encode", counted)
   out = tmp_path / "o"
-  argv = ["--workdir", if_x4(if_converted, sd_converted), "--steps", "2,2,2"]
+  argv = ["--workdir", if_x4(if_converted, sd_converted), "--steps", "2,2,2", "--offload", "text"]
   argv += ["--prompt", "a photo of a corgi", "--prompt", "a cat", "--out", str(out)]
   assert sample.main(argv) == 0
   image = np.asarray(Image.open(out / "001_00.png"))

@@ -152,7 +152,8 @@ COMMANDS = (
           "--out {tmp_path}/x4", ("{tmp_path}/x4/params/unet",)),
   Command("python sample.py --workdir if/if_I,if/if_II,x4 --steps 50,25,75",
           "sample", "--workdir {if_converted}/if_I,{if_converted}/if_II,{sd_converted}/sd_x4_tiny "
-          "--steps 2,2,2 --noise_level none,10,20 --prompt 'a photo of a corgi' --out {tmp_path}/o",
+          "--steps 2,2,2 --noise_level none,10,20 --prompt 'a photo of a corgi' --offload stages "
+          "--out {tmp_path}/o",
           ("{tmp_path}/o/grid_x4.png",)),
   Command("python sample.py --workdir sd/sd15 --steps 50 --guidance 7.5",
           "sample", "--workdir {sd_converted}/sd_v1_tiny --steps 2 --guidance 7.5 "

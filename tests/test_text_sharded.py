@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from imagen_jax import parallel
+from imagen_jax.parallel import offload
 from imagen_jax.text import TextEncoder
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -67,3 +68,15 @@ def test_sharded_random_init_matches_single_device():
   a, _ = single.encode(prompts, 24)
   b, _ = sharded.encode(prompts, 24)
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  # To host memory and back (sample.py --offload): the same shards, the same embeddings.
+  resident = offload.device_bytes(sharded.params)
+  host = offload.to_host(sharded.params)
+  assert resident > 0 and offload.on_host(host) and offload.device_bytes(host) == 0
+  assert not offload.on_host(sharded.params)
+  q_host = host["params"]["block_1"]["attn"]["q"]
+  assert q_host.sharding.memory_kind == offload.HOST
+  assert q_host.sharding.spec == q.sharding.spec and q_host.sharding.mesh == mesh
+  sharded.params = offload.to_device(host)
+  assert offload.device_bytes(sharded.params) == resident
+  c, _ = sharded.encode(prompts, 24)
+  np.testing.assert_array_equal(np.asarray(b), np.asarray(c))

@@ -31,7 +31,8 @@ recompile; switching guidance on or off does.
 Modules: ``driver`` (``Cascade``: prompts → text → stages), ``request`` (a
 call's options and batching), ``edits`` (image-to-image, inpainting, start
 stage: plans and checks), ``images`` (the output, grids, files), ``timing``
-(compile and run seconds per stage).
+(compile and run seconds per stage), ``residency`` (which params wait in host memory
+between their uses: ``Cascade(..., offload=...)``).
 """
 
 from imagen_jax.cascade.driver import Cascade, sampling_mesh, sub_cascade  # noqa: F401
@@ -42,5 +43,6 @@ from imagen_jax.cascade.images import (  # noqa: F401
   make_grid,
   save_outputs,
 )
+from imagen_jax.cascade import residency  # noqa: F401
 from imagen_jax.cascade.request import SampleRequest, noise_level_configs, per_stage  # noqa: F401
 from imagen_jax.cascade.timing import CompileTimer, StageTiming, timings_table  # noqa: F401

@@ -32,11 +32,13 @@ from imagen_jax import run as run_lib
 from imagen_jax.cascade import edits as edits_lib
 from imagen_jax.cascade.images import CascadeOutput
 from imagen_jax.cascade.request import Batches, SampleRequest, noise_level_configs, per_stage
+from imagen_jax.cascade.residency import Residency, check_mode
 from imagen_jax.cascade.text import TextRows, load_encoders, text_length
 from imagen_jax.cascade.timing import CompileTimer, StageTiming
 from imagen_jax.diffusion import guidance as guidance_lib
 from imagen_jax.diffusion import sampling
 from imagen_jax.parallel import distributed
+from imagen_jax.parallel import offload as offload_lib
 from imagen_jax.stages import SampleSettings, Stage, build_stage, stage_text_dim
 
 _log = logging.getLogger(__name__)
@@ -72,7 +74,9 @@ class Cascade:
     config: the cascade config.
     stage_names: stage names, generation order.
     stages: name → ``Stage`` (one object per stage: the jitted loops key on it).
-    params: name → the stage's (EMA) params, placed on the mesh.
+    params: name → the stage's (EMA) params, placed on the mesh (in host memory between
+      uses when ``offload`` is "stages", and while the prompts are encoded unless "none").
+    offload: which params wait in host memory between their uses (``residency``).
     text_encoders: name → the stage's frozen text encoder (T5 ``TextEncoder`` or
       ``CLIPEncoder``; one object per distinct tower, ``cascade.text``).
     text_encoder: the first stage's encoder.
@@ -93,6 +97,7 @@ class Cascade:
     rules: Optional[Sequence] = None,
     *,
     stages: Optional[Mapping[str, Stage]] = None,
+    offload: str = "none",
   ):
     """Builds the cascade.
 
@@ -106,7 +111,10 @@ class Cascade:
         each stage's params are placed by their logical names.
       rules: logical-axis rules for the mesh (``parallel.config_rules``).
       stages: optional prebuilt ``Stage`` objects (default: built from config).
+      offload: which params wait in host memory between their uses: "none", "text"
+        (the text encoders) or "stages" (the encoders and every stage; ``residency``).
     """
+    self.offload = check_mode(offload)
     self.config = config
     self.stage_names = tuple(config.stage_order)
     if not self.stage_names:
@@ -141,13 +149,14 @@ class Cascade:
     self._batch_axes, self.num_shards = parallel.batch_axes(mesh, self.rules)
     self._param_shardings = {}
     self.params = {n: self._place_params(self.stages[n], params[n]) for n in self.stage_names}
+    self._residency = Residency(self.offload, self.params, self.text_encoders)
     self.checkpoint_steps = {}
     self.shared = False
     self._lowres_fns = {}
 
   @classmethod
   def from_workdir(
-    cls, workdir: str, *, config: Any = None, mesh: Any = "auto", rules=None
+    cls, workdir: str, *, config: Any = None, mesh: Any = "auto", rules=None, offload="none"
   ) -> "Cascade":
     """The cascade of a run: a training workdir or converted IF / Stable Diffusion stages.
 
@@ -159,11 +168,14 @@ class Cascade:
         (e.g. another text encoder); default: read it.
       mesh: "auto" (``sampling_mesh``), None (one device) or a mesh.
       rules: logical-axis rules when a mesh is given.
+      offload: as in ``Cascade``; other than "none", each stage's params go to host
+        memory as soon as they are read (never all on the devices at once).
 
     Raises:
       FileNotFoundError: no config.json, or stages without a checkpoint (the
         message names them and the command that trains them).
     """
+    check_mode(offload)
     config = run_lib.read_config(workdir) if config is None else config
     auto = isinstance(mesh, str) and mesh == "auto"
     if auto:
@@ -176,12 +188,14 @@ class Cascade:
     for name, stage in stages.items():
       try:
         params[name], steps[name] = run_lib.load_ema_params(workdir, stage, mesh, rules)
+        if offload != "none":
+          params[name] = offload_lib.to_host(params[name])
       except FileNotFoundError as e:
         missing.append(str(e))
     if missing:
       raise FileNotFoundError("\n".join(missing))
     encoders = load_encoders(config, mesh, rules)
-    cascade = cls(config, params, encoders, mesh, rules, stages=stages)
+    cascade = cls(config, params, encoders, mesh, rules, stages=stages, offload=offload)
     cascade.checkpoint_steps = steps
     # Every process of the run loads it on its own devices: they share each call's batches.
     cascade.shared = auto and jax.process_count() > 1
@@ -192,14 +206,15 @@ class Cascade:
     if self.mesh is None:
       return params
     if stage.name not in self._param_shardings:  # traced once per stage, not per call
-      self._param_shardings[stage.name] = parallel.logical_shardings(
-        stage.abstract_params(), self.mesh, self.rules
-      )
+      shardings = parallel.logical_shardings(stage.abstract_params(), self.mesh, self.rules)
+      if self.offload != "none":  # kept in host memory between uses (``residency``)
+        shardings = jax.tree.map(lambda s: s.with_memory_kind(offload_lib.HOST), shardings)
+      self._param_shardings[stage.name] = shardings
     return jax.device_put(params, self._param_shardings[stage.name])
 
   def set_params(self, name: str, params: Any) -> None:
     """Replaces one stage's params (e.g. the EMA params during training)."""
-    self.params[name] = self._place_params(self.stages[name], params)
+    self.params[name] = self._residency.place(self._place_params(self.stages[name], params))
 
   def _put(self, x: Any) -> jax.Array:
     """Places a host array with its leading (batch) axis split over the mesh."""
@@ -255,7 +270,8 @@ class Cascade:
 
   def uncond_text(self) -> tuple[np.ndarray, np.ndarray]:
     """The empty prompt's (emb [L, D], mask [L]) of the first stage's encoder (once)."""
-    return self._text.uncond(self.text_encoder, self.text_len)
+    with self._residency.encoding():
+      return self._text.uncond(self.text_encoder, self.text_len)
 
   def sample(
     self,
@@ -299,7 +315,8 @@ class Cascade:
       request.mask,
       request.lowres_image,
     )
-    rows = self._text.rows(prompts, request.negative_prompt, request.num_per_prompt)
+    with self._residency.encoding():
+      rows = self._text.rows(prompts, request.negative_prompt, request.num_per_prompt)
     n = len(prompts) * request.num_per_prompt
     batches = Batches.of(n, request.batch_size, self.num_shards, self.shared)
     images, timings = self._run_stages(rows, batches, settings, plan, rng, progress)
@@ -329,12 +346,13 @@ class Cascade:
       timing, outs = StageTiming(), {}
       edit = plan.stage_edit(stage, batches.size, first=k == plan.start)
       desc = f"stage {k + 1}/{len(self.stage_names)} {name} ({stage.resolution}px, {s.steps} steps)"
-      for c in tqdm(mine, desc=desc, unit="batch", disable=not progress):
-        text = {f: batches.rows(v, c) for f, v in rows[name]["text"].items()}
-        uncond = {f: batches.rows(v, c) for f, v in rows[name]["uncond"].items()}
-        key = jax.random.fold_in(jax.random.fold_in(rng, k), c)
-        before = None if prev is None else prev[c]
-        outs[c] = self._run_stage(stage, s, text, uncond, before, key, timing, edit)
+      with self._residency.running(name):
+        for c in tqdm(mine, desc=desc, unit="batch", disable=not progress):
+          text = {f: batches.rows(v, c) for f, v in rows[name]["text"].items()}
+          uncond = {f: batches.rows(v, c) for f, v in rows[name]["uncond"].items()}
+          key = jax.random.fold_in(jax.random.fold_in(rng, k), c)
+          before = None if prev is None else prev[c]
+          outs[c] = self._run_stage(stage, s, text, uncond, before, key, timing, edit)
       images[name], timings[name], prev = batches.gather(outs, stage.image_shape), timing, outs
     return images, timings
 
