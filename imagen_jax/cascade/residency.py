@@ -53,8 +53,7 @@ class Residency:
     self._encoders = list({id(e): e for e in encoders.values()}.values())
     if self.offloads:
       self._move_encoders(offload.to_host)
-      for name in list(params):
-        params[name] = offload.to_host(params[name])
+      self._move_stages(offload.to_host)
 
   @property
   def offloads(self) -> bool:

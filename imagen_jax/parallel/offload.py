@@ -9,7 +9,7 @@ back. The device buffers are freed once nothing else refers to the old arrays.
 What it is for: a cascade whose text encoder and stages do not fit one chip together
 (T5-XXL beside the paper's three UNets on a 16 GiB v5e, benchmarks.sampling's
 ``one_chip`` line) keeps the encoder in host memory except while it encodes
-(``sample.py --offload_text``).
+(``sample.py --offload text``).
 """
 
 from typing import Any
