@@ -6,6 +6,7 @@ import os
 import pytest
 
 from benchmarks import demo_binding
+import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,6 +22,7 @@ def test_trains_scores_and_rescores(tmp_path, capsys, shapes_data_dir):
     f"--config.data.data_dir={shapes_data_dir}",
     "--config.text.fit_tokenizer=words",
     "--config.text.max_length=20",
+    *tiny.MODEL_FLAGS,  # the tests' shared base model (tests/tiny.py)
     "--num",
     "2",
     "--holdout",

@@ -5,11 +5,12 @@ import json
 import os
 
 from benchmarks import train_loop
+import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_rates_and_prediction(tmp_path, capsys):
+def test_rates_and_prediction(tmp_path, capsys, shapes_data_dir):
   out_file = tmp_path / "loop.json"
   argv = [
     "--config",
@@ -20,9 +21,10 @@ def test_rates_and_prediction(tmp_path, capsys):
     "2",
     "--json",
     str(out_file),
-    f"--config.data.data_dir={tmp_path / 'data'}",
+    f"--config.data.data_dir={shapes_data_dir}",
     "--config.text.fit_tokenizer=words",
     "--config.text.max_length=20",
+    *tiny.MODEL_FLAGS,  # the tests' shared base model (tests/tiny.py)
   ]
   assert train_loop.main(argv) == 0
   out = json.loads(out_file.read_text())

@@ -46,10 +46,10 @@ class Command:
 # fmt: off
 COMMANDS = (
   # First commands. The session's `tiny_run` fixture is this command (both stages);
-  # here the same command resumes it (base one step further, then nothing to do).
+  # here the same command resumes it (base from step 2 to 4, sr from 1 to 2).
   Command("python train.py --config configs/demo.py --workdir runs/demo",
-          "train", "--config {demo} --workdir {copy_run} {train_flags} --config.train.num_steps=6",
-          ("{copy_run}/base/checkpoints/6", "{copy_run}/sr/checkpoints/3")),
+          "train", "--config {demo} --workdir {copy_run} {train_flags} --config.train.num_steps=4",
+          ("{copy_run}/base/checkpoints/4", "{copy_run}/sr/checkpoints/2")),
   Command("python sample.py --workdir runs/demo --prompts_file configs/demo_prompts.txt",
           "sample", "--workdir {tiny_run} --prompts_file {demo_prompts} --out {tmp_path}/grid",
           ("{tmp_path}/grid/grid.png", "{tmp_path}/grid/prompts.json")),
@@ -81,8 +81,8 @@ COMMANDS = (
   # Training.
   Command("python train.py --config configs/demo.py --workdir runs/demo [--stage base]",
           "train", "--config {demo} --workdir {copy_run} --stage base {train_flags} "
-          "--config.train.num_steps=6 --config.train.checkpoint_every=1",
-          ("{copy_run}/base/checkpoints/5", "{copy_run}/base/checkpoints/6")),
+          "--config.train.num_steps=4 --config.train.checkpoint_every=1",
+          ("{copy_run}/base/checkpoints/3", "{copy_run}/base/checkpoints/4")),
   Command("python train.py --config configs/own_data.py --workdir runs/mine",
           "train", "--config {own_data} --workdir {tmp_path}/mine --stage base {train_flags} "
           "--config.data.src={captioned_images} --config.data.data_dir={tmp_path}/data",

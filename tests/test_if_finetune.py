@@ -3,6 +3,7 @@ sampling the result as a run and exporting it back to diffusers."""
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -50,11 +51,13 @@ def test_finetune_resume_sample_export(tmp_path, shapes_data_dir):
   start = deepfloyd_if.load_converted(converted)[1]
   data = shapes_data_dir
 
-  # Two steps, then a third in a second call (a resume), against three straight.
-  trainer.train_and_evaluate(finetune_config(converted, data, 2), str(tmp_path / "a"))
+  # Three steps straight; the same run without its step-3 checkpoint resumes from
+  # step 2 and takes the third step again.
   config = finetune_config(converted, data, 3)
+  straight = trainer.train_and_evaluate(config, str(tmp_path / "b"))
+  shutil.copytree(tmp_path / "b", tmp_path / "a")
+  shutil.rmtree(tmp_path / "a" / "if_I" / "checkpoints" / "3")
   resumed = trainer.train_and_evaluate(config, str(tmp_path / "a"))
-  straight = trainer.train_and_evaluate(finetune_config(converted, data, 3), str(tmp_path / "b"))
   assert resumed[0].step == straight[0].step == 3
   a = final_params(tmp_path / "a", config.stages.if_I)
   b = final_params(tmp_path / "b", config.stages.if_I)
@@ -66,9 +69,12 @@ def test_finetune_resume_sample_export(tmp_path, shapes_data_dir):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(start))
   ]
   assert 0 < max(diffs) < 0.05, max(diffs)
-  with open(tmp_path / "a" / "if_I" / "metrics.jsonl") as f:
-    losses = [json.loads(line)["loss"] for line in f]
-  assert len(losses) == 3 and np.isfinite(losses).all()
+  losses = {}
+  for run in ("a", "b"):
+    with open(tmp_path / run / "if_I" / "metrics.jsonl") as f:
+      losses[run] = [json.loads(line)["loss"] for line in f]
+  assert len(losses["b"]) == 3 and np.isfinite(losses["b"]).all()
+  assert losses["a"] == losses["b"] + losses["b"][-1:]  # step 3 again, the same loss
 
   # The fine-tuned run samples like any run, from its own checkpoints...
   saved = run_lib.read_config(str(tmp_path / "a"))

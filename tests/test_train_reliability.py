@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import shutil
 import subprocess
 import sys
 import time
@@ -460,10 +461,9 @@ def test_ctrl_c_before_training_exits_130(tmp_path, shapes_data_dir):
 
 
 @pytest.mark.slow
-def test_failed_save_keeps_earlier_checkpoints(tmp_path, shapes_data_dir):
-  workdir = tmp_path / "run"
-  config = _tiny_config(shapes_data_dir, num_steps=2, checkpoint_every=2)
-  trainer.train_and_evaluate(config, str(workdir))
+def test_failed_save_keeps_earlier_checkpoints(trained, tmp_path):
+  workdir = shutil.copytree(trained[0], tmp_path / "run")
+  shapes_data_dir = trained[1]
   biggest = max(
     os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(_ckpt_dir(workdir)) for f in fs
   )
@@ -478,7 +478,6 @@ def test_failed_save_keeps_earlier_checkpoints(tmp_path, shapes_data_dir):
     "--config.train.num_steps=4",
     "--config.train.checkpoint_every=2",
     prefix=shell,
-    env={"JAX_ENABLE_COMPILATION_CACHE": "false"},
   )
   out = proc.communicate(timeout=240)[0]
   assert proc.returncode == 1, out[-3000:]

@@ -91,6 +91,22 @@ def read_latest_meta(workdir: str, stage_name: str) -> Optional[tuple[int, dict]
   return None
 
 
+# orbax's replica-parallel save splits a replicated array among its replicas, one slice
+# (a dispatched op) per replica; for small arrays the ops cost more than the split
+# saves. Only slices of at least this many bytes are split: the big replicated weights
+# of a pod still are, the biases and norms of every model are not. (A tiny run on 8
+# CPU devices, two saves: 10.4 s with every array split, 4.7 s with this floor.)
+MIN_REPLICA_SLICE_BYTES = 2**20
+
+
+def _register_array_handler() -> None:
+  """Every jax.Array is saved through an ArrayHandler with the floor above."""
+  handler = ocp.type_handlers.ArrayHandler(
+    min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES
+  )
+  ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+
+
 class StageCheckpointer:
   """Saves and restores one stage's checkpoints (orbax CheckpointManager)."""
 
@@ -104,6 +120,8 @@ class StageCheckpointer:
   ):
     self.stage_name = stage_name
     self.directory = run_lib.checkpoint_dir(workdir, stage_name)
+    if not read_only:
+      _register_array_handler()
     self.manager = run_lib.checkpoint_manager(
       workdir, stage_name, keep=keep, async_save=async_save, read_only=read_only
     )
