@@ -6,9 +6,9 @@ import errno
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
-import shutil
 import subprocess
 import sys
 import time
