@@ -23,6 +23,9 @@ it (the train step's first call).
 """
 
 import argparse
+import glob
+import importlib.metadata
+import importlib.util
 import io
 import os
 import re
@@ -109,6 +112,77 @@ def _check_agreement(num_processes: int, process_id: int) -> None:
     )
 
 
+# Google's PCI vendor id: a TPU chip on this host's bus.
+_TPU_PCI_VENDOR = "0x1ae0"
+
+
+def cpu_only_platform(env, pci_vendors, accel_devices, plugins) -> Optional[str]:
+  """ "cpu" where JAX would start libtpu on a host with no TPU and run on the CPU anyway.
+
+  With the ``libtpu`` package installed (requirements-dev.txt: TPU-topology compiles on
+  any machine) and JAX_PLATFORMS unset, JAX starts its TPU backend at the first device
+  query even where there is no TPU, and libtpu prints its warnings (no accelerator type,
+  no worker hostnames) on the first screen of every command. Nothing changes where the
+  user chose the platforms (JAX_PLATFORMS, JAX_FORCE_TPU_INIT, TPU_ACCELERATOR_TYPE), a
+  TPU is attached (a PCI device of Google's vendor id, a /dev/accel* or /dev/vfio node)
+  or another accelerator plugin (a GPU) is installed: there JAX chooses, as always.
+
+  Args:
+    env: the environment (os.environ).
+    pci_vendors: the vendor ids of the host's PCI devices ("0x1ae0", ...).
+    accel_devices: the host's /dev/accel* and /dev/vfio/<n> device nodes.
+    plugins: the installed JAX PJRT plugins (entry points and jax_plugins modules).
+
+  Returns:
+    "cpu" to set as ``jax_platforms``, or None to leave JAX's choice alone.
+  """
+  if any(k in env for k in ("JAX_PLATFORMS", "JAX_FORCE_TPU_INIT", "TPU_ACCELERATOR_TYPE")):
+    return None
+  if _TPU_PCI_VENDOR in pci_vendors or accel_devices or plugins:
+    return None
+  return "cpu"
+
+
+def _installed_plugins() -> list[str]:
+  names = [e.name for e in importlib.metadata.entry_points(group="jax_plugins")]
+  spec = importlib.util.find_spec("jax_plugins")
+  if spec is not None and spec.submodule_search_locations:
+    names += [
+      os.path.basename(p)
+      for loc in spec.submodule_search_locations
+      for p in glob.glob(os.path.join(loc, "*"))
+      if not os.path.basename(p).startswith("_")
+    ]
+  return names
+
+
+def _host_accelerators() -> tuple[list[str], list[str]]:
+  """(PCI vendor ids, /dev/accel* and /dev/vfio/<n> nodes) of this host."""
+  vendors = []
+  for path in glob.glob("/sys/bus/pci/devices/*/vendor"):
+    try:
+      with open(path) as f:
+        vendors.append(f.read().strip())
+    except OSError:
+      continue
+  accel = glob.glob("/dev/accel*") + [p for p in glob.glob("/dev/vfio/*") if p[-1].isdigit()]
+  return vendors, accel
+
+
+def skip_absent_tpu(env=None) -> Optional[str]:
+  """Sets ``jax_platforms`` as ``cpu_only_platform`` says for this host; returns it.
+
+  Call before the first device query; a no-op (None) where libtpu is not installed.
+  """
+  if importlib.util.find_spec("libtpu") is None:
+    return None
+  env = os.environ if env is None else env
+  platform = cpu_only_platform(env, *_host_accelerators(), _installed_plugins())
+  if platform is not None:
+    jax.config.update("jax_platforms", platform)
+  return platform
+
+
 def initialize(
   coordinator_address: Optional[str] = None,
   num_processes: Optional[int] = None,
@@ -128,6 +202,7 @@ def initialize(
     LaunchError: inconsistent flags, named. A coordinator that does not answer
       within ``timeout_s`` ends the process with one line on stderr (exit 2).
   """
+  skip_absent_tpu()  # before the runtime's first device query
   if coordinator_address is None and num_processes is None and process_id is None:
     maybe_auto_initialize()
     return
