@@ -38,6 +38,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from imagen_jax.parallel import topology
+
 
 class LaunchError(ValueError):
   """A multi-process launch that cannot work; the message names the flag."""
@@ -169,15 +171,14 @@ def _host_accelerators() -> tuple[list[str], list[str]]:
   return vendors, accel
 
 
-def skip_absent_tpu(env=None) -> Optional[str]:
+def skip_absent_tpu() -> Optional[str]:
   """Sets ``jax_platforms`` as ``cpu_only_platform`` says for this host; returns it.
 
   Call before the first device query; a no-op (None) where libtpu is not installed.
   """
-  if importlib.util.find_spec("libtpu") is None:
+  if not topology.libtpu_available():
     return None
-  env = os.environ if env is None else env
-  platform = cpu_only_platform(env, *_host_accelerators(), _installed_plugins())
+  platform = cpu_only_platform(os.environ, *_host_accelerators(), _installed_plugins())
   if platform is not None:
     jax.config.update("jax_platforms", platform)
   return platform
